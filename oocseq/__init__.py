@@ -1,0 +1,58 @@
+"""oocseq: train on datasets larger than RAM.
+
+Ingest raw files into chunked Zarr v3 / HDF5 stores, then serve shuffled, chunk-aligned
+batches with :class:`ChunkedSequence` (a ``keras.utils.PyDataset`` when Keras is in use).
+Importing oocseq imports no ML framework.
+"""
+
+from __future__ import annotations
+
+from .errors import (
+    BatchIndexError,
+    CorruptStoreError,
+    CSVValueError,
+    FieldLengthError,
+    FieldNotFoundError,
+    ImageDecodeError,
+    InvalidSourceError,
+    NotAStoreError,
+    OocseqError,
+    SourceNotFoundError,
+    StoreExistsError,
+    StoreNotFoundError,
+)
+from .ingest.arrays import ingest_arrays
+# from .ingest.csv import ingest_csv  (added when the module lands)
+from .ingest.images import ingest_dataframe, ingest_image_folder
+# from .ingest.npy import ingest_npy
+from .plan import EpochPlan, epoch_order
+from .sequence import ChunkedSequence
+from .store import FieldInfo, FieldView, Store, open_store
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BatchIndexError",
+    "CSVValueError",
+    "ChunkedSequence",
+    "CorruptStoreError",
+    "EpochPlan",
+    "FieldInfo",
+    "FieldLengthError",
+    "FieldNotFoundError",
+    "FieldView",
+    "ImageDecodeError",
+    "InvalidSourceError",
+    "NotAStoreError",
+    "OocseqError",
+    "SourceNotFoundError",
+    "Store",
+    "StoreExistsError",
+    "StoreNotFoundError",
+    "__version__",
+    "epoch_order",
+    "ingest_arrays",
+    "ingest_dataframe",
+    "ingest_image_folder",
+    "open_store",
+]

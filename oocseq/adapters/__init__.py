@@ -1,0 +1,1 @@
+"""Glue for ML frameworks. Each module imports its framework; :mod:`oocseq` imports none."""

@@ -1,0 +1,1 @@
+"""Ingestion: sources (arrays, images, CSV, NPY, DataFrames) -> one streaming writer."""

@@ -1,0 +1,117 @@
+"""Ingest in-memory or memory-mapped arrays, or iterables of batches."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import numpy as np
+
+from ..errors import FieldLengthError, InvalidSourceError
+from ..manifest import Compression
+from ..store import Store
+from ._progress import progress_bar
+from ._writer import StoreWriter, choose_chunk_len, field_spec
+
+
+def _is_array(obj: Any) -> bool:
+    return hasattr(obj, "shape") and hasattr(obj, "dtype") and hasattr(obj, "__getitem__")
+
+
+def ingest_arrays(
+    dest: str | os.PathLike[str],
+    fields: Mapping[str, Any],
+    *,
+    chunk_len: int | None = None,
+    compression: str | Compression | None = "lz4",
+    overwrite: bool = False,
+    metadata: Mapping[str, Any] | None = None,
+    progress: bool = False,
+) -> Store:
+    """Write arrays (or iterables of batches) into a new store at ``dest``.
+
+    Args:
+        dest: ``*.zarr`` (Zarr v3 directory) or ``*.h5`` / ``*.hdf5`` (HDF5 file).
+        fields: field name -> data. Data is anything with ``shape``, ``dtype`` and slicing
+            (numpy arrays, ``np.memmap``, h5py / zarr arrays: read one chunk at a time), a list
+            or tuple (converted with ``np.asarray``), or any other iterable yielding batches of
+            shape ``(k, *sample_shape)`` (streamed; ``k`` may vary). All fields must have the
+            same number of samples. Dtypes: bool, (u)int8-64, float16/32/64, complex.
+        chunk_len: samples per chunk; ``None`` gives about 4 MiB per chunk of the widest field.
+        compression: ``None``, ``"lz4"`` (default), ``"zstd"`` or ``"zlib"`` (Blosc).
+        overwrite: replace an existing store at ``dest``.
+        metadata: JSON-serialisable user metadata kept in ``store.metadata``.
+        progress: show a progress bar.
+
+    Returns:
+        The opened :class:`~oocseq.Store`.
+
+    Raises:
+        FieldLengthError: fields differ in length. InvalidSourceError: unsupported dtype, an
+        empty batch iterable, or batches whose shape or dtype changes. StoreExistsError.
+    """
+    if not fields:
+        raise InvalidSourceError("ingest_arrays needs at least one field")
+    sources: dict[str, Any] = {}
+    first: dict[str, np.ndarray] = {}
+    for name, data in fields.items():
+        if isinstance(data, (list, tuple)):
+            data = np.asarray(data)
+        if _is_array(data):
+            if len(data.shape) == 0:
+                raise InvalidSourceError(f"field {name!r} is a scalar; give one entry per sample")
+            sources[name] = data
+            continue
+        if not isinstance(data, Iterable):
+            raise InvalidSourceError(f"field {name!r}: expected an array or an iterable of batches, got {type(data).__name__}")
+        it = iter(data)
+        try:
+            head = np.asarray(next(it))
+        except StopIteration:
+            raise InvalidSourceError(f"field {name!r}: the iterable of batches is empty") from None
+        if head.ndim == 0:
+            raise InvalidSourceError(f"field {name!r}: batches must have a sample axis, got a scalar")
+        first[name] = head
+        sources[name] = itertools.chain([head], it)
+
+    lengths = {k: int(v.shape[0]) for k, v in sources.items() if _is_array(v)}
+    if len(set(lengths.values())) > 1:
+        raise FieldLengthError(
+            "fields have different numbers of samples: "
+            + ", ".join(f"{k}={v}" for k, v in lengths.items())
+        )
+    specs = {
+        name: field_spec(name, tuple(first[name].shape[1:] if name in first else src.shape[1:]),
+                         first[name].dtype if name in first else src.dtype)
+        for name, src in sources.items()
+    }
+    if chunk_len is None:
+        chunk_len = choose_chunk_len(specs)
+    total = next(iter(lengths.values())) if lengths else None
+    with StoreWriter(dest, specs, chunk_len=chunk_len, compression=compression, overwrite=overwrite) as w:
+        w.attrs.update(dict(metadata or {}))
+        w.attrs.setdefault("source", {"kind": "arrays"})
+        with progress_bar(progress, total, f"ingest {os.fspath(dest)}") as bar:
+            if not first:  # all arrays: read chunk-sized slices, all fields in step
+                for start in range(0, total or 0, chunk_len):
+                    for name, src in sources.items():
+                        w.append(name, np.asarray(src[start : start + chunk_len]))
+                    bar.update(min(chunk_len, total - start))
+            else:
+                for name, src in sources.items():
+                    for batch in _batches(src, chunk_len):
+                        w.append(name, batch)
+                        if name == next(iter(sources)):
+                            bar.update(len(batch))
+    return w.close()  # already closed by the with block: returns the opened store
+
+
+def _batches(src: Any, chunk_len: int) -> Iterator[np.ndarray]:
+    if _is_array(src):
+        for start in range(0, src.shape[0], chunk_len):
+            yield np.asarray(src[start : start + chunk_len])
+    else:
+        for batch in src:
+            yield np.asarray(batch)

@@ -1,0 +1,183 @@
+"""The epoch plan: which sample each position of an epoch serves. Pure functions of integers.
+
+Algorithm (chunk-aligned shuffle, as in DESIGN.md):
+
+1. Permute the chunk ids ``0..num_chunks-1``.
+2. Group the permuted chunks into *windows* of ``window`` consecutive chunks.
+3. Shuffle the samples inside each window.
+
+The epoch order is the concatenation of the shuffled windows. A batch is ``batch_size``
+consecutive positions of it, so it touches at most ``2 * window + batch_size // chunk_len + 1``
+distinct chunks (two partial windows at its ends, whole windows between them, plus the short
+last chunk), against about ``batch_size`` for a global shuffle.
+
+Randomness comes from a counter-based hash (SplitMix64, Steele, Lea & Flood, "Fast splittable
+pseudorandom number generators", OOPSLA 2014) of ``(seed, epoch, stream, id)``: a permutation
+is ``argsort`` of hashed keys. Nothing depends on numpy's generator streams, so the order is the
+same across numpy versions, platforms and processes; ``tests/test_plan.py`` pins it.
+
+Nothing here materialises the whole order unless asked (:func:`epoch_order`): an
+:class:`EpochPlan` holds ``O(num_chunks)`` integers and shuffles one window on demand.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+import numpy as np
+
+__all__ = ["EpochPlan", "epoch_order", "permutation", "num_batches", "default_window", "DEFAULT_MIN_WINDOW"]
+
+_MASK = (1 << 64) - 1
+_STREAM_CHUNKS = 1
+_STREAM_SAMPLES = 2
+_STREAM_PRESHUFFLE = 3
+
+#: Chunks per window when none is given (at least; see :func:`default_window`).
+DEFAULT_MIN_WINDOW = 8
+
+
+def _mix_int(x: int) -> int:
+    """SplitMix64 finaliser on a Python int (no overflow warnings)."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK
+    return x ^ (x >> 31)
+
+
+def _mix_array(x: np.ndarray) -> np.ndarray:
+    """SplitMix64 finaliser on a uint64 array (wrapping arithmetic)."""
+    with np.errstate(over="ignore"):
+        x = x + np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+def _keys(seed: int, epoch: int, stream: int, ids: np.ndarray) -> np.ndarray:
+    base = _mix_int(_mix_int(_mix_int(seed & _MASK) ^ (epoch & _MASK)) ^ stream)
+    with np.errstate(over="ignore"):
+        return _mix_array(ids.astype(np.uint64) ^ np.uint64(base))
+
+
+def _permutation(seed: int, epoch: int, stream: int, ids: np.ndarray) -> np.ndarray:
+    """``ids`` reordered by their hashed keys (a uniform-looking random permutation)."""
+    return ids[np.argsort(_keys(seed, epoch, stream, ids), kind="stable")]
+
+
+def default_window(chunk_len: int, batch_size: int) -> int:
+    """Chunks per window when the user gives none: at least :data:`DEFAULT_MIN_WINDOW`, and
+    enough to hold two batches, so that a batch mixes samples from many chunks."""
+    return max(DEFAULT_MIN_WINDOW, math.ceil(2 * batch_size / chunk_len))
+
+
+def num_batches(n: int, batch_size: int, drop_remainder: bool) -> int:
+    """Batches in an epoch of ``n`` samples."""
+    return n // batch_size if drop_remainder else -(-n // batch_size)
+
+
+def _check(name: str, value: object, minimum: int) -> int:
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return int(value)
+
+
+class EpochPlan:
+    """The order of one epoch, computed lazily.
+
+    Args:
+        n: samples in the store (>= 0).
+        chunk_len: samples per chunk (>= 1).
+        window: chunks per window (>= 1).
+        seed: any int >= 0.
+        epoch: epoch number (>= 0).
+        shuffle: ``False`` serves ``0, 1, ..., n-1``.
+
+    ``plan.indices(start, stop)`` is ``epoch_order(...)[start:stop]`` as int64.
+    """
+
+    _CACHED_WINDOWS = 8
+
+    def __init__(
+        self, n: int, chunk_len: int, window: int, seed: int, epoch: int, shuffle: bool = True
+    ) -> None:
+        self.n = _check("n", n, 0)
+        self.chunk_len = _check("chunk_len", chunk_len, 1)
+        self.window = _check("window", window, 1)
+        self.seed = _check("seed", seed, 0)
+        self.epoch = _check("epoch", epoch, 0)
+        self.shuffle = bool(shuffle)
+        num_chunks = -(-self.n // self.chunk_len)
+        chunk_ids = np.arange(num_chunks, dtype=np.int64)
+        self.chunk_order = (
+            _permutation(self.seed, self.epoch, _STREAM_CHUNKS, chunk_ids) if self.shuffle else chunk_ids
+        )
+        sizes = np.full(num_chunks, self.chunk_len, dtype=np.int64)
+        if num_chunks:
+            sizes[-1] = self.n - (num_chunks - 1) * self.chunk_len
+        sizes = sizes[self.chunk_order]
+        # Sample offset of every window in the epoch order.
+        per_window = np.add.reduceat(sizes, np.arange(0, num_chunks, self.window)) if num_chunks else sizes
+        self.window_offsets = np.r_[0, np.cumsum(per_window)].astype(np.int64)
+        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
+
+    @property
+    def num_windows(self) -> int:
+        return len(self.window_offsets) - 1
+
+    def __len__(self) -> int:
+        return self.n
+
+    def window_chunks(self, w: int) -> np.ndarray:
+        """Chunk ids of window ``w``, in epoch order."""
+        return self.chunk_order[w * self.window : (w + 1) * self.window]
+
+    def window_indices(self, w: int) -> np.ndarray:
+        """Sample indices of window ``w`` in the order they are served (int64, read-only)."""
+        cached = self._cache.get(w)
+        if cached is not None:
+            self._cache.move_to_end(w)
+            return cached
+        chunks = self.window_chunks(w)
+        starts = chunks * self.chunk_len
+        stops = np.minimum(starts + self.chunk_len, self.n)
+        idx = np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in zip(starts, stops)])
+        if self.shuffle:
+            idx = _permutation(self.seed, self.epoch, _STREAM_SAMPLES, idx)
+        idx.flags.writeable = False
+        self._cache[w] = idx
+        if len(self._cache) > self._CACHED_WINDOWS:
+            self._cache.popitem(last=False)
+        return idx
+
+    def window_of(self, position: int) -> int:
+        """The window that serves epoch position ``position``."""
+        return int(np.searchsorted(self.window_offsets, position, side="right")) - 1
+
+    def indices(self, start: int, stop: int) -> np.ndarray:
+        """Sample indices at epoch positions ``[start, stop)`` (clipped to ``[0, n)``), int64."""
+        start, stop = max(0, start), min(stop, self.n)
+        if start >= stop:
+            return np.empty(0, dtype=np.int64)
+        first, last = self.window_of(start), self.window_of(stop - 1)
+        parts = []
+        for w in range(first, last + 1):
+            off = int(self.window_offsets[w])
+            parts.append(self.window_indices(w)[max(start - off, 0) : stop - off])
+        return np.concatenate(parts) if len(parts) > 1 else parts[0].copy()
+
+
+def epoch_order(
+    n: int, chunk_len: int, window: int, seed: int, epoch: int, shuffle: bool = True
+) -> np.ndarray:
+    """The whole order of an epoch (int64 array of shape ``(n,)``): a permutation of
+    ``range(n)``. Materialises ``n`` integers; :class:`EpochPlan` does not."""
+    return EpochPlan(n, chunk_len, window, seed, epoch, shuffle).indices(0, n)
+
+
+def permutation(n: int, seed: int) -> np.ndarray:
+    """A seeded permutation of ``range(n)`` (int64), independent of any epoch order; used for
+    the pre-shuffle at ingestion."""
+    ids = np.arange(_check("n", n, 0), dtype=np.int64)
+    return _permutation(_check("seed", seed, 0), 0, _STREAM_PRESHUFFLE, ids)

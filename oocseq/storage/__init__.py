@@ -1,0 +1,45 @@
+"""Storage backends behind one contract (:mod:`oocseq.storage._base`), chosen by path suffix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ._base import StorageReader, StorageWriter
+
+ZARR_SUFFIXES = (".zarr",)
+HDF5_SUFFIXES = (".h5", ".hdf5")
+
+__all__ = ["StorageReader", "StorageWriter", "store_format", "open_reader", "create_writer"]
+
+
+def store_format(path: str | Path) -> str:
+    """``"zarr"`` for ``*.zarr``, ``"hdf5"`` for ``*.h5`` / ``*.hdf5``; ValueError otherwise."""
+    suffix = Path(path).suffix.lower()
+    if suffix in ZARR_SUFFIXES:
+        return "zarr"
+    if suffix in HDF5_SUFFIXES:
+        return "hdf5"
+    raise ValueError(
+        f"cannot tell the store format of {str(path)!r}: name it *.zarr (Zarr v3 directory) "
+        "or *.h5 / *.hdf5 (HDF5 file)"
+    )
+
+
+def open_reader(path: Path, fmt: str) -> StorageReader:
+    if fmt == "zarr":
+        from ._zarr import ZarrReader
+
+        return ZarrReader(path)
+    from ._hdf5 import HDF5Reader
+
+    return HDF5Reader(path)
+
+
+def create_writer(path: Path, fmt: str) -> StorageWriter:
+    if fmt == "zarr":
+        from ._zarr import ZarrWriter
+
+        return ZarrWriter(path)
+    from ._hdf5 import HDF5Writer
+
+    return HDF5Writer(path)

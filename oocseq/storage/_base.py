@@ -1,0 +1,80 @@
+"""The storage contract: what every backend (Zarr v3, HDF5) provides.
+
+Read side: the manifest document, a layout check, ``read_chunk(field, c)`` and auxiliary
+arrays. Write side: create fields, write whole chunks, write auxiliary arrays, finalize.
+Backends hold open file handles; :class:`oocseq.store.Store` owns one per process and never
+pickles it.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..manifest import Compression, FieldSpec
+
+
+class StorageReader(ABC):
+    """Read-only access to one store on disk."""
+
+    format: str
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @abstractmethod
+    def manifest_doc(self) -> Any:
+        """The raw (untrusted) manifest document, or ``None`` if there is none."""
+
+    @abstractmethod
+    def check_layout(self, name: str, n: int, chunk_len: int, spec: FieldSpec) -> None:
+        """Raise :class:`~oocseq.errors.CorruptStoreError` unless field ``name`` is stored as
+        the manifest says: shape ``(n, *spec.shape)``, ``spec.dtype``, chunks of ``chunk_len``
+        along axis 0 only, and only codecs oocseq allows."""
+
+    @abstractmethod
+    def read_chunk(self, name: str, c: int, start: int, stop: int) -> np.ndarray:
+        """Samples ``[start, stop)`` of chunk ``c`` of field ``name``, decoded, C-contiguous.
+
+        Raises CorruptStoreError if the chunk is missing (never returns fill values)."""
+
+    @abstractmethod
+    def read_aux(self, name: str) -> np.ndarray:
+        """A whole auxiliary array (e.g. per-sample source paths, as ``str``)."""
+
+    @abstractmethod
+    def stored_nbytes(self, name: str) -> int:
+        """Bytes field ``name`` takes on disk (compressed chunks)."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+
+class StorageWriter(ABC):
+    """Writes a new store at ``path`` (a temporary path; the caller renames it when done)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @abstractmethod
+    def create_field(
+        self, name: str, spec: FieldSpec, chunk_len: int, compression: Compression | None
+    ) -> None: ...
+
+    @abstractmethod
+    def write_chunk(self, name: str, c: int, chunk_len: int, data: np.ndarray) -> None:
+        """Write chunk ``c`` (``len(data) <= chunk_len`` samples), growing the field as needed."""
+
+    @abstractmethod
+    def write_aux(self, name: str, values: np.ndarray) -> None:
+        """Write an auxiliary array (numbers, or ``str`` values)."""
+
+    @abstractmethod
+    def finalize(self, n: int, manifest_doc: dict[str, Any]) -> None:
+        """Trim every field to ``n`` samples, write the manifest last, and close."""
+
+    @abstractmethod
+    def close(self) -> None: ...

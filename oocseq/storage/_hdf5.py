@@ -1,0 +1,152 @@
+"""HDF5 files, through h5py (Blosc filters from hdf5plugin)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import h5py
+import hdf5plugin  # noqa: F401  (registers the Blosc filter in this process)
+import numpy as np
+
+from ..errors import CorruptStoreError
+from ..manifest import ATTR_KEY, AUX_GROUP, Compression, FieldSpec
+from ._base import StorageReader, StorageWriter
+
+_BLOSC_FILTER = 32001
+
+
+class HDF5Reader(StorageReader):
+    format = "hdf5"
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        try:
+            self._file = h5py.File(path, "r")
+        except OSError as e:
+            from ..errors import NotAStoreError
+
+            raise NotAStoreError(f"{path} is not an HDF5 file ({e})") from None
+        self._datasets: dict[str, Any] = {}
+
+    def manifest_doc(self) -> Any:
+        raw = self._file.attrs.get(ATTR_KEY)
+        if raw is None:
+            return None
+        try:
+            return json.loads(raw)
+        except (TypeError, ValueError) as e:
+            raise CorruptStoreError(f"{self.path}: manifest is not valid JSON ({e})") from None
+
+    def _dataset(self, name: str) -> Any:
+        ds = self._datasets.get(name)
+        if ds is None:
+            ds = self._file.get(name)
+            if not isinstance(ds, h5py.Dataset):
+                raise CorruptStoreError(f"{self.path}: dataset {name!r} is missing")
+            self._datasets[name] = ds
+        return ds
+
+    def check_layout(self, name: str, n: int, chunk_len: int, spec: FieldSpec) -> None:
+        ds = self._dataset(name)
+        where = f"{self.path}: field {name!r}"
+        if ds.shape != (n, *spec.shape) or ds.dtype != spec.dtype:
+            raise CorruptStoreError(
+                f"{where} is {ds.shape} {ds.dtype}, the manifest says {(n, *spec.shape)} {spec.dtype}"
+            )
+        if ds.chunks != (chunk_len, *spec.shape):
+            raise CorruptStoreError(f"{where}: chunks {ds.chunks}, expected {(chunk_len, *spec.shape)}")
+        filters = set(ds._filter_ids if hasattr(ds, "_filter_ids") else _filter_ids(ds))
+        if not filters <= {_BLOSC_FILTER}:
+            raise CorruptStoreError(f"{where}: HDF5 filters {sorted(filters)} are not allowed")
+
+    def read_chunk(self, name: str, c: int, start: int, stop: int) -> np.ndarray:
+        ds = self._dataset(name)
+        # HDF5 returns the fill value for an unallocated chunk; that is corruption here.
+        info = ds.id.get_chunk_info_by_coord((start,) + (0,) * (ds.ndim - 1))
+        if info.byte_offset is None:
+            raise CorruptStoreError(
+                f"{self.path}: chunk {c} of field {name!r} is missing; the store is incomplete "
+                "or damaged. Ingest it again."
+            )
+        out = np.empty((stop - start, *ds.shape[1:]), dtype=ds.dtype)
+        try:
+            if len(out):
+                ds.read_direct(out, np.s_[start:stop])
+        except Exception as e:
+            raise CorruptStoreError(f"{self.path}: cannot decode chunk {c} of field {name!r}: {e}") from e
+        return out
+
+    def read_aux(self, name: str) -> np.ndarray:
+        ds = self._dataset(f"{AUX_GROUP}/{name}")
+        if h5py.check_string_dtype(ds.dtype) is not None:
+            return np.asarray(ds.asstr()[...], dtype=str)
+        return np.asarray(ds[...])
+
+    def stored_nbytes(self, name: str) -> int:
+        return int(self._dataset(name).id.get_storage_size())
+
+    def close(self) -> None:
+        self._datasets.clear()
+        try:
+            self._file.close()
+        except Exception:  # closing after the interpreter started shutting down
+            pass
+
+
+def _filter_ids(ds: Any) -> list[int]:
+    plist = ds.id.get_create_plist()
+    return [plist.get_filter(i)[0] for i in range(plist.get_nfilters())]
+
+
+class HDF5Writer(StorageWriter):
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self._file = h5py.File(path, "w-")
+        self._datasets: dict[str, Any] = {}
+
+    def create_field(
+        self, name: str, spec: FieldSpec, chunk_len: int, compression: Compression | None
+    ) -> None:
+        kwargs: dict[str, Any] = {}
+        if compression is not None:
+            kwargs.update(
+                hdf5plugin.Blosc(
+                    cname=compression.cname, clevel=compression.clevel, shuffle=hdf5plugin.Blosc.SHUFFLE
+                )
+            )
+        self._datasets[name] = self._file.create_dataset(
+            name,
+            shape=(0, *spec.shape),
+            maxshape=(None, *spec.shape),
+            chunks=(chunk_len, *spec.shape),
+            dtype=spec.dtype,
+            **kwargs,
+        )
+
+    def write_chunk(self, name: str, c: int, chunk_len: int, data: np.ndarray) -> None:
+        ds = self._datasets[name]
+        start = c * chunk_len
+        stop = start + len(data)
+        if ds.shape[0] < stop:
+            ds.resize(max(stop, 2 * ds.shape[0]), axis=0)
+        ds[start:stop] = data
+
+    def write_aux(self, name: str, values: np.ndarray) -> None:
+        if values.dtype.kind in "US":
+            values = np.asarray(values, dtype=object)
+            self._file.create_dataset(f"{AUX_GROUP}/{name}", data=values, dtype=h5py.string_dtype())
+        else:
+            self._file.create_dataset(f"{AUX_GROUP}/{name}", data=values)
+
+    def finalize(self, n: int, manifest_doc: dict[str, Any]) -> None:
+        for ds in self._datasets.values():
+            if ds.shape[0] != n:
+                ds.resize(n, axis=0)
+        self._file.attrs[ATTR_KEY] = json.dumps(manifest_doc)
+        self._file.flush()
+
+    def close(self) -> None:
+        self._datasets.clear()
+        self._file.close()
