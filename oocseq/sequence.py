@@ -150,6 +150,7 @@ class ChunkedSequence:
         self.use_multiprocessing = use_multiprocessing
         self.max_queue_size = max_queue_size
         self._epoch = 0
+        self._served = False  # has a batch of the current epoch been served?
         self._init_runtime()
 
     def _check_targets(self) -> None:
@@ -195,10 +196,16 @@ class ChunkedSequence:
         with self._plan_lock:
             self._epoch = epoch
             self._plan = None
+            self._served = False
 
     def on_epoch_end(self) -> None:
-        """Move to the next epoch's order (Keras calls this after each epoch)."""
-        self.set_epoch(self._epoch + 1)
+        """Move to the next epoch's order, if any batch of this epoch has been served.
+
+        Keras also calls this when ``fit`` / ``evaluate`` start, before any batch is served
+        (``EpochIterator.reset``); skipping those calls keeps ``seq.epoch`` equal to Keras's
+        epoch number. Use :meth:`set_epoch` to change epochs explicitly."""
+        if self._served:
+            self.set_epoch(self._epoch + 1)
 
     def on_epoch_begin(self) -> None:
         """Nothing to do: the plan of an epoch is computed on first use."""
@@ -247,6 +254,7 @@ class ChunkedSequence:
     def __getitem__(self, i: int) -> tuple[Any, ...]:
         """Batch ``i``: ``(x, y)``, ``(x, y, sample_weight)`` or ``(x,)``."""
         idx = self.batch_indices(i)
+        self._served = True
         batch = self.read_batch(idx)
         if self.transform is not None:
             batch = self.transform(batch)
