@@ -22,8 +22,10 @@ from .errors import (
     StoreNotFoundError,
 )
 from .ingest.arrays import ingest_arrays
+
 # from .ingest.csv import ingest_csv  (added when the module lands)
 from .ingest.images import ingest_dataframe, ingest_image_folder
+
 # from .ingest.npy import ingest_npy
 from .plan import EpochPlan, epoch_order
 from .sequence import ChunkedSequence

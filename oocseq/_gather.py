@@ -19,7 +19,7 @@ def gather(
     sorted_chunks = chunk_of[order]
     starts = np.flatnonzero(np.r_[True, sorted_chunks[1:] != sorted_chunks[:-1]])
     ends = np.r_[starts[1:], len(order)]
-    for s, e in zip(starts.tolist(), ends.tolist()):
+    for s, e in zip(starts.tolist(), ends.tolist(), strict=True):
         c = int(sorted_chunks[s])
         pos = order[s:e]
         chunk = get_chunk(c)

@@ -142,7 +142,7 @@ class EpochPlan:
         chunks = self.window_chunks(w)
         starts = chunks * self.chunk_len
         stops = np.minimum(starts + self.chunk_len, self.n)
-        idx = np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in zip(starts, stops)])
+        idx = np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in zip(starts, stops, strict=True)])
         if self.shuffle:
             idx = _permutation(self.seed, self.epoch, _STREAM_SAMPLES, idx)
         idx.flags.writeable = False

@@ -11,7 +11,7 @@ import os
 import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 
@@ -25,7 +25,7 @@ __all__ = ["ChunkedSequence", "FieldSelection"]
 
 #: How ``x`` / ``y`` name fields: one name (an array), a list of names (a tuple of arrays, for
 #: multi-input models), or a dict ``{input_name: field}`` (a dict of arrays), or None (``y`` only).
-FieldSelection = Union[str, Sequence[str], Mapping[str, str], None]
+FieldSelection = str | Sequence[str] | Mapping[str, str] | None
 Batch = dict[str, np.ndarray]
 
 

@@ -135,7 +135,7 @@ def _write_images(
                 sel, futures = pending.popleft()
                 submit()
                 images, keep = [], []
-                for i, fut in zip(sel.tolist(), futures):
+                for i, fut in zip(sel.tolist(), futures, strict=True):
                     try:
                         images.append(fut.result())
                     except ImageDecodeError as e:
@@ -257,7 +257,7 @@ def ingest_image_folder(
     attrs = {
         "class_names": class_names,
         "source": {"kind": "image_folder", "root": str(root), "files": len(rel),
-                   "files_per_class": dict(zip(class_names, counts))},
+                   "files_per_class": dict(zip(class_names, counts, strict=True))},
     }
     return _write_images(
         paths, labels, rel, dest, options=options, attrs=attrs, preshuffle=preshuffle, seed=seed,

@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import h5py
-import hdf5plugin  # noqa: F401  (registers the Blosc filter in this process)
+import hdf5plugin
 import numpy as np
 
-from ..errors import CorruptStoreError
+from ..errors import CorruptStoreError, NotAStoreError
 from ..manifest import ATTR_KEY, AUX_GROUP, Compression, FieldSpec
 from ._base import StorageReader, StorageWriter
 
@@ -25,8 +25,6 @@ class HDF5Reader(StorageReader):
         try:
             self._file = h5py.File(path, "r")
         except OSError as e:
-            from ..errors import NotAStoreError
-
             raise NotAStoreError(f"{path} is not an HDF5 file ({e})") from None
         self._datasets: dict[str, Any] = {}
 
@@ -57,7 +55,7 @@ class HDF5Reader(StorageReader):
             )
         if ds.chunks != (chunk_len, *spec.shape):
             raise CorruptStoreError(f"{where}: chunks {ds.chunks}, expected {(chunk_len, *spec.shape)}")
-        filters = set(ds._filter_ids if hasattr(ds, "_filter_ids") else _filter_ids(ds))
+        filters = set(_filter_ids(ds))
         if not filters <= {_BLOSC_FILTER}:
             raise CorruptStoreError(f"{where}: HDF5 filters {sorted(filters)} are not allowed")
 
