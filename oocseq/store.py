@@ -39,14 +39,21 @@ class Store:
         format: ``"zarr"`` or ``"hdf5"``.
         manifest: the validated :class:`~oocseq.manifest.Manifest`.
 
+    Args:
+        path: a ``*.zarr`` directory or ``*.h5`` / ``*.hdf5`` file written by oocseq.
+        fast: read chunks through oocseq's own reader (chunk bytes + numcodecs, memory maps
+            for uncompressed chunks) where the layout allows; ``False`` always reads through
+            zarr-python / h5py. Both give equal arrays.
+
     Raises (when opening):
         StoreNotFoundError: ``path`` does not exist.
         NotAStoreError: ``path`` is not a complete oocseq store.
         CorruptStoreError: the store's metadata or layout is inconsistent.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, fast: bool = True) -> None:
         self.path = Path(path)
+        self.fast = fast
         self.format = store_format(self.path)
         if not self.path.exists():
             raise StoreNotFoundError(f"no store at {str(self.path)!r}")
@@ -66,7 +73,7 @@ class Store:
         with self._lock:
             if self._reader is None or self._pid != os.getpid():
                 try:
-                    self._reader = open_reader(self.path, self.format)
+                    self._reader = open_reader(self.path, self.format, self.fast)
                 except (NotAStoreError, CorruptStoreError):
                     raise
                 except Exception as e:
@@ -75,7 +82,7 @@ class Store:
             return self._reader
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"path": self.path, "format": self.format, "manifest": self.manifest}
+        return {"path": self.path, "format": self.format, "fast": self.fast, "manifest": self.manifest}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)

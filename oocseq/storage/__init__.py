@@ -25,14 +25,14 @@ def store_format(path: str | Path) -> str:
     )
 
 
-def open_reader(path: Path, fmt: str) -> StorageReader:
+def open_reader(path: Path, fmt: str, fast: bool = True) -> StorageReader:
     if fmt == "zarr":
         from ._zarr import ZarrReader
 
-        return ZarrReader(path)
+        return ZarrReader(path, fast)
     from ._hdf5 import HDF5Reader
 
-    return HDF5Reader(path)
+    return HDF5Reader(path, fast)
 
 
 def create_writer(path: Path, fmt: str) -> StorageWriter:

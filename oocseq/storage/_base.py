@@ -18,12 +18,17 @@ from ..manifest import Compression, FieldSpec
 
 
 class StorageReader(ABC):
-    """Read-only access to one store on disk."""
+    """Read-only access to one store on disk.
+
+    ``read_chunk`` takes the fast path (:mod:`oocseq.storage._raw`) where the field's layout
+    allows it and ``fast`` is true, else :meth:`read_chunk_library` (zarr / h5py's own read).
+    Both return equal arrays; tests check it for every codec and both formats."""
 
     format: str
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, fast: bool = True) -> None:
         self.path = path
+        self.fast = fast
 
     @abstractmethod
     def manifest_doc(self) -> Any:
@@ -35,11 +40,26 @@ class StorageReader(ABC):
         the manifest says: shape ``(n, *spec.shape)``, ``spec.dtype``, chunks of ``chunk_len``
         along axis 0 only, and only codecs oocseq allows."""
 
-    @abstractmethod
     def read_chunk(self, name: str, c: int, start: int, stop: int) -> np.ndarray:
-        """Samples ``[start, stop)`` of chunk ``c`` of field ``name``, decoded, C-contiguous.
+        """Samples ``[start, stop)`` of chunk ``c`` of field ``name``, decoded, C-contiguous
+        (possibly a read-only view of a memory map).
 
-        Raises CorruptStoreError if the chunk is missing (never returns fill values)."""
+        Raises CorruptStoreError if the chunk is missing (never returns fill values) or does
+        not decode to the expected size."""
+        if self.fast:
+            out = self.read_chunk_fast(name, c, start, stop)
+            if out is not None:
+                return out
+        return self.read_chunk_library(name, c, start, stop)
+
+    @abstractmethod
+    def read_chunk_fast(self, name: str, c: int, start: int, stop: int) -> np.ndarray | None:
+        """As :meth:`read_chunk` through the fast path, or ``None`` where the field's layout
+        has none (then the library's read is used)."""
+
+    @abstractmethod
+    def read_chunk_library(self, name: str, c: int, start: int, stop: int) -> np.ndarray:
+        """As :meth:`read_chunk`, through zarr-python / h5py."""
 
     @abstractmethod
     def read_aux(self, name: str) -> np.ndarray:

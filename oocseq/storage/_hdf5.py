@@ -13,6 +13,7 @@ import numpy as np
 from ..errors import CorruptStoreError, NotAStoreError
 from ..manifest import ATTR_KEY, AUX_GROUP, Compression, FieldSpec
 from ._base import StorageReader, StorageWriter
+from ._raw import MappedFile, blosc_decode_into
 
 _BLOSC_FILTER = 32001
 
@@ -20,13 +21,15 @@ _BLOSC_FILTER = 32001
 class HDF5Reader(StorageReader):
     format = "hdf5"
 
-    def __init__(self, path: Path) -> None:
-        super().__init__(path)
+    def __init__(self, path: Path, fast: bool = True) -> None:
+        super().__init__(path, fast)
         try:
             self._file = h5py.File(path, "r")
         except OSError as e:
             raise NotAStoreError(f"{path} is not an HDF5 file ({e})") from None
         self._datasets: dict[str, Any] = {}
+        self._chunk_tables: dict[str, _ChunkTable | None] = {}
+        self._mapped: MappedFile | None = None
 
     def manifest_doc(self) -> Any:
         raw = self._file.attrs.get(ATTR_KEY)
@@ -59,7 +62,36 @@ class HDF5Reader(StorageReader):
         if not filters <= {_BLOSC_FILTER}:
             raise CorruptStoreError(f"{where}: HDF5 filters {sorted(filters)} are not allowed")
 
-    def read_chunk(self, name: str, c: int, start: int, stop: int) -> np.ndarray:
+    def _table(self, name: str) -> _ChunkTable | None:
+        if name not in self._chunk_tables:
+            ds = self._dataset(name)
+            ok = ds.chunks is not None and ds.dtype.byteorder in "=|<" and np.little_endian
+            self._chunk_tables[name] = _ChunkTable(ds) if ok else None
+        return self._chunk_tables[name]
+
+    def read_chunk_fast(self, name: str, c: int, start: int, stop: int) -> np.ndarray | None:
+        table = self._table(name)
+        if table is None:
+            return None
+        if self._mapped is None:
+            self._mapped = MappedFile(self.path)
+        ds = self._dataset(name)
+        where = f"{self.path}: chunk {c} of field {name!r}"
+        offset, size, skipped_filter = table.lookup(start)
+        if offset < 0:
+            raise CorruptStoreError(f"{where} is missing; the store is incomplete or damaged. Ingest it again.")
+        shape = (ds.chunks[0], *ds.shape[1:])  # HDF5 stores whole chunks, the last one padded
+        nbytes = int(np.prod(shape)) * ds.dtype.itemsize
+        if table.blosc and not skipped_filter:
+            out = np.empty(shape, dtype=ds.dtype)
+            blosc_decode_into(self._mapped.pread(offset, size), out, where)
+        else:
+            if size != nbytes:
+                raise CorruptStoreError(f"{where}: stored chunk has {size} bytes, expected {nbytes}")
+            out = np.frombuffer(self._mapped.view(offset, size, where), dtype=ds.dtype).reshape(shape)
+        return out[: stop - start]
+
+    def read_chunk_library(self, name: str, c: int, start: int, stop: int) -> np.ndarray:
         ds = self._dataset(name)
         # HDF5 returns the fill value for an unallocated chunk; that is corruption here.
         info = ds.id.get_chunk_info_by_coord((start,) + (0,) * (ds.ndim - 1))
@@ -87,10 +119,39 @@ class HDF5Reader(StorageReader):
 
     def close(self) -> None:
         self._datasets.clear()
+        if self._mapped is not None:
+            self._mapped.close()
+            self._mapped = None
         try:
             self._file.close()
         except Exception:  # closing after the interpreter started shutting down
             pass
+
+
+class _ChunkTable:
+    """Byte offset, stored size and filter mask of every chunk of a dataset chunked along
+    axis 0 only, read once with ``H5Dchunk_iter`` (one pass over the chunk index)."""
+
+    def __init__(self, ds: Any) -> None:
+        num = -(-ds.shape[0] // ds.chunks[0]) if ds.shape[0] else 0
+        self.chunk_len = ds.chunks[0]
+        self.offsets = np.full(num, -1, dtype=np.int64)
+        self.sizes = np.zeros(num, dtype=np.int64)
+        self.masks = np.zeros(num, dtype=np.int64)
+        self.blosc = _BLOSC_FILTER in _filter_ids(ds)
+
+        def visit(info: Any) -> None:
+            c = info.chunk_offset[0] // self.chunk_len
+            if 0 <= c < num:
+                self.offsets[c], self.sizes[c], self.masks[c] = info.byte_offset, info.size, info.filter_mask
+
+        if num:
+            ds.id.chunk_iter(visit)
+
+    def lookup(self, start: int) -> tuple[int, int, bool]:
+        """``(offset, size, filter_skipped)`` of the chunk holding sample ``start``; offset -1 if missing."""
+        c = start // self.chunk_len
+        return int(self.offsets[c]), int(self.sizes[c]), bool(self.masks[c] & 1)
 
 
 def _filter_ids(ds: Any) -> list[int]:

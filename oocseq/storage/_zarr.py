@@ -11,6 +11,7 @@ import zarr
 from ..errors import CorruptStoreError
 from ..manifest import ATTR_KEY, AUX_GROUP, Compression, FieldSpec
 from ._base import StorageReader, StorageWriter
+from ._raw import blosc_decode_into, map_whole_file, read_whole_file
 
 # Codecs a store may use. Anything else (notably numcodecs.pickle, which runs arbitrary code
 # when decoding) is refused before zarr ever decodes a chunk.
@@ -20,10 +21,11 @@ _ALLOWED_CODECS = frozenset({"bytes", "blosc", "zstd", "gzip", "vlen-utf8"})
 class ZarrReader(StorageReader):
     format = "zarr"
 
-    def __init__(self, path: Path) -> None:
-        super().__init__(path)
+    def __init__(self, path: Path, fast: bool = True) -> None:
+        super().__init__(path, fast)
         self._group = zarr.open_group(str(path), mode="r")
         self._arrays: dict[str, Any] = {}
+        self._fast_kind: dict[str, str | None] = {}
 
     def manifest_doc(self) -> Any:
         return self._group.attrs.asdict().get(ATTR_KEY)
@@ -55,17 +57,52 @@ class ZarrReader(StorageReader):
         if getattr(enc, "name", None) != "default" or getattr(enc, "separator", None) != "/":
             raise CorruptStoreError(f"{where}: unsupported chunk key encoding {enc!r}")
 
-    def read_chunk(self, name: str, c: int, start: int, stop: int) -> np.ndarray:
-        arr = self._array(name)
+    def _chunk_file(self, name: str, c: int, ndim: int) -> Path:
         # zarr returns the fill value for a missing chunk file; a missing chunk is corruption.
         key = self.path / name / "c" / str(c)
-        for _ in range(arr.ndim - 1):
+        for _ in range(ndim - 1):
             key = key / "0"
         if not key.is_file():
             raise CorruptStoreError(
                 f"{self.path}: chunk {c} of field {name!r} is missing ({key}); the store is "
                 "incomplete or damaged. Ingest it again."
             )
+        return key
+
+    def _kind(self, name: str) -> str | None:
+        """``"blosc"`` or ``"raw"`` when the chunk files hold a Blosc frame or the plain
+        little-endian bytes of a whole chunk; ``None`` for anything else."""
+        if name not in self._fast_kind:
+            arr = self._array(name)
+            codecs = [c.to_dict() for c in arr.metadata.codecs]
+            kind: str | None = None
+            if codecs and codecs[0]["name"] == "bytes" and arr.dtype.byteorder in "=|<":
+                endian = (codecs[0].get("configuration") or {}).get("endian", "little")
+                rest = [c["name"] for c in codecs[1:]]
+                if endian == "little" and np.little_endian:
+                    kind = "raw" if not rest else "blosc" if rest == ["blosc"] else None
+            self._fast_kind[name] = kind
+        return self._fast_kind[name]
+
+    def read_chunk_fast(self, name: str, c: int, start: int, stop: int) -> np.ndarray | None:
+        kind = self._kind(name)
+        if kind is None:
+            return None
+        arr = self._array(name)
+        path = self._chunk_file(name, c, arr.ndim)
+        shape = (arr.chunks[0], *arr.shape[1:])  # files hold whole chunks, the last one padded
+        where = f"{self.path}: chunk {c} of field {name!r} ({path})"
+        if kind == "raw":
+            nbytes = int(np.prod(shape)) * arr.dtype.itemsize
+            out = np.frombuffer(map_whole_file(path, nbytes, where), dtype=arr.dtype).reshape(shape)
+        else:
+            out = np.empty(shape, dtype=arr.dtype)
+            blosc_decode_into(read_whole_file(path), out, where)
+        return out[: stop - start]
+
+    def read_chunk_library(self, name: str, c: int, start: int, stop: int) -> np.ndarray:
+        arr = self._array(name)
+        key = self._chunk_file(name, c, arr.ndim)
         try:
             return np.ascontiguousarray(arr[start:stop])
         except Exception as e:  # a decoding failure is a damaged chunk file
