@@ -10,23 +10,62 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from ._gather import gather
-from .cache import ChunkCache
+from .cache import ChunkCache, default_threads
 from .errors import BatchIndexError, FieldNotFoundError, InvalidSourceError
 from .plan import EpochPlan, default_window, num_batches
 from .store import Store
 
-__all__ = ["ChunkedSequence", "FieldSelection"]
+__all__ = ["ChunkedSequence", "FieldSelection", "ReadOptions"]
 
 #: How ``x`` / ``y`` name fields: one name (an array), a list of names (a tuple of arrays, for
 #: multi-input models), or a dict ``{input_name: field}`` (a dict of arrays), or None (``y`` only).
 FieldSelection = str | Sequence[str] | Mapping[str, str] | None
 Batch = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    """How a :class:`ChunkedSequence` reads ahead.
+
+    Attributes:
+        readahead: windows decoded in the background ahead of the one being served, when
+            batches are served in order (0: none).
+        threads: decoding threads (default: the cores, at most 4); 0 decodes in the calling
+            thread only. numcodecs releases the GIL, so threads decode in parallel.
+    """
+
+    readahead: int = 1
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.readahead, int) or self.readahead < 0:
+            raise ValueError(f"readahead must be an int >= 0, got {self.readahead!r}")
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 0):
+            raise ValueError(f"threads must be None or an int >= 0, got {self.threads!r}")
+
+
+class _Runtime:
+    """One process's serving state (never pickled; rebuilt after fork or unpickling)."""
+
+    def __init__(self, seq: ChunkedSequence) -> None:
+        store = seq.store
+        threads = seq.read.threads if seq.read.threads is not None else default_threads()
+        self.cache = ChunkCache(lambda key: store.read_chunk(*key), threads)
+        self.lock = threading.RLock()
+        self.plan: EpochPlan | None = None
+        self.position = 0  # next plan batch to serve in arrival order
+        self.requests = 0  # requests served this epoch
+        self.next_position = 0  # sample position right after the last batch read
+        self.warned = False
+        self.in_flight: dict[object, list[tuple[str, int]]] = {}
 
 
 def _names(sel: FieldSelection, what: str) -> list[str]:
@@ -80,13 +119,18 @@ class ChunkedSequence:
         sample_weight: a field of per-sample weights, served as the third element.
         class_weight: ``{class: weight}``: per-sample weights from the integer ``y``, served as
             the third element. Not together with ``sample_weight``.
+        serve: ``"arrival"`` (default): the n-th request of an epoch gets the plan's n-th batch,
+            whatever index it asks for, so Keras's shuffled calls keep chunk locality;
+            ``"index"``: ``seq[i]`` is always the plan's batch ``i``. See :meth:`__getitem__`.
+        read: :class:`ReadOptions` (read-ahead windows, decoding threads).
         workers, use_multiprocessing, max_queue_size: Keras ``PyDataset`` arguments.
 
-    ``seq[i]`` returns batch ``i`` of the current epoch's plan: a tuple ``(x, y)``,
-    ``(x, y, sample_weight)`` or ``(x,)``; arrays keep the store's dtypes (``uint8`` images
-    stay ``uint8`` unless ``transform`` converts them).
+    ``seq[i]`` returns a tuple ``(x, y)``, ``(x, y, sample_weight)`` or ``(x,)``; arrays keep
+    the store's dtypes (``uint8`` images stay ``uint8`` unless ``transform`` converts them).
+    ``seq.batch(i)`` is the plan's batch ``i`` whatever the order of requests.
 
-    Memory: at most ``cache_chunks`` decoded chunks per field are held (see ``stats``).
+    Memory: at most :attr:`max_resident_chunks` decoded chunks per field while a batch is
+    served (see ``stats``), independent of the store's size.
 
     Raises:
         FieldNotFoundError: ``x``/``y``/``sample_weight`` names a field the store lacks.
@@ -116,6 +160,8 @@ class ChunkedSequence:
         num_classes: int | None = None,
         sample_weight: str | None = None,
         class_weight: Mapping[int, float] | None = None,
+        serve: str = "arrival",
+        read: ReadOptions | None = None,
         workers: int = 1,
         use_multiprocessing: bool = False,
         max_queue_size: int = 10,
@@ -127,6 +173,8 @@ class ChunkedSequence:
             raise ValueError(f"seed must be an int >= 0, got {seed!r}")
         if x is None:
             raise ValueError("x must name at least one field")
+        if serve not in ("arrival", "index"):
+            raise ValueError(f"serve must be 'arrival' or 'index', got {serve!r}")
         self.batch_size = batch_size
         self.x, self.y = x, y
         self.shuffle = bool(shuffle)
@@ -139,6 +187,8 @@ class ChunkedSequence:
         self.num_classes = num_classes
         self.sample_weight = sample_weight
         self.class_weight = dict(class_weight) if class_weight is not None else None
+        self.serve = serve
+        self.read = read if read is not None else ReadOptions()
         self._check_targets()
         self._fields = list(dict.fromkeys(_names(x, "x") + _names(y, "y") + _names(sample_weight, "sample_weight")))
         for name in self._fields:
@@ -150,8 +200,8 @@ class ChunkedSequence:
         self.use_multiprocessing = use_multiprocessing
         self.max_queue_size = max_queue_size
         self._epoch = 0
-        self._served = False  # has a batch of the current epoch been served?
-        self._init_runtime()
+        self._owner_pid = os.getpid()  # arrival order is kept by this process only
+        self._rt_pid = -1
 
     def _check_targets(self) -> None:
         if self.sample_weight is not None and self.class_weight is not None:
@@ -161,28 +211,35 @@ class ChunkedSequence:
         if self.num_classes is not None and (not isinstance(self.num_classes, int) or self.num_classes < 1):
             raise ValueError(f"num_classes must be a positive int, got {self.num_classes!r}")
 
-    def _init_runtime(self) -> None:
-        """Per-process state: never pickled (see __getstate__)."""
-        self._plan: EpochPlan | None = None
-        self._plan_lock = threading.Lock()
-        self.cache = ChunkCache(self.cache_chunks * len(self._fields))
+    # -- per-process state: locks, the cache and its threads, the position in the epoch --------
+    @property
+    def _rt(self) -> _Runtime:
+        """This process's runtime state, created on first use after construction, unpickling
+        or a fork (threads and locks do not survive a fork)."""
+        if self._rt_pid != os.getpid():
+            self._runtime = _Runtime(self)
+            self._rt_pid = os.getpid()
+        return self._runtime
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        for key in ("_plan", "_plan_lock", "cache"):
-            state.pop(key, None)
+        state.pop("_runtime", None)
+        state["_rt_pid"] = -1
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._init_runtime()
 
     # -- the plan -----------------------------------------------------------------------------
     @property
-    def cache_chunks(self) -> int:
-        """Decoded chunks held per field: enough that, served in order, every chunk is decoded
-        once per epoch (a batch touches at most ``2 * window + batch_size // chunk_len + 1``)."""
-        return 3 * self.window + 2 * (self.batch_size // self.store.chunk_len) + 4
+    def max_resident_chunks(self) -> int:
+        """Bound on decoded chunks held per field while one batch is being served:
+        ``2 * window + batch_size // chunk_len + 1`` for the batch (the locality bound) plus
+        ``read.readahead * window`` decoded ahead. Memory: this times the chunk bytes of each
+        field (``chunk_len * sample bytes``), summed over the fields served, per request in
+        flight."""
+        w, cl = self.window, self.store.chunk_len
+        return 2 * w + self.batch_size // cl + 1 + self.read.readahead * w
 
     @property
     def epoch(self) -> int:
@@ -190,13 +247,16 @@ class ChunkedSequence:
         return self._epoch
 
     def set_epoch(self, epoch: int) -> None:
-        """Serve epoch ``epoch``'s order from now on."""
+        """Serve epoch ``epoch``'s order from now on, from its first batch."""
         if not isinstance(epoch, int) or epoch < 0:
             raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
-        with self._plan_lock:
+        rt = self._rt
+        with rt.lock:
             self._epoch = epoch
-            self._plan = None
-            self._served = False
+            rt.plan = None
+            rt.position = 0
+            rt.requests = 0
+            rt.warned = False
 
     def on_epoch_end(self) -> None:
         """Move to the next epoch's order, if any batch of this epoch has been served.
@@ -204,7 +264,7 @@ class ChunkedSequence:
         Keras also calls this when ``fit`` / ``evaluate`` start, before any batch is served
         (``EpochIterator.reset``); skipping those calls keeps ``seq.epoch`` equal to Keras's
         epoch number. Use :meth:`set_epoch` to change epochs explicitly."""
-        if self._served:
+        if self._rt.requests:
             self.set_epoch(self._epoch + 1)
 
     def on_epoch_begin(self) -> None:
@@ -213,54 +273,109 @@ class ChunkedSequence:
     @property
     def plan(self) -> EpochPlan:
         """The current epoch's :class:`~oocseq.plan.EpochPlan`."""
-        plan = self._plan
-        if plan is None:
-            with self._plan_lock:
-                if self._plan is None:
-                    self._plan = EpochPlan(
-                        len(self.store), self.store.chunk_len, self.window, self.seed, self._epoch, self.shuffle
-                    )
-                plan = self._plan
-        return plan
+        rt = self._rt
+        with rt.lock:
+            if rt.plan is None:
+                rt.plan = EpochPlan(
+                    len(self.store), self.store.chunk_len, self.window, self.seed, self._epoch, self.shuffle
+                )
+            return rt.plan
 
     def __len__(self) -> int:
         """Batches per epoch."""
         return num_batches(len(self.store), self.batch_size, self.drop_remainder)
 
-    def batch_indices(self, i: int) -> np.ndarray:
-        """Sample indices (int64) of batch ``i`` of the current epoch, in the order served."""
+    def _check_index(self, i: int) -> int:
         n_batches = len(self)
         if not isinstance(i, (int, np.integer)) or isinstance(i, bool):
             raise TypeError(f"batch index must be an int, got {type(i).__name__}")
         if not 0 <= i < n_batches:
             raise BatchIndexError(f"batch index {i} out of range: this sequence has {n_batches} batches (len(seq))")
-        start = int(i) * self.batch_size
+        return int(i)
+
+    def batch_indices(self, i: int) -> np.ndarray:
+        """Sample indices (int64) of batch ``i`` of the current epoch's plan."""
+        start = self._check_index(i) * self.batch_size
         return self.plan.indices(start, start + self.batch_size)
 
     # -- serving ------------------------------------------------------------------------------
-    def read_batch(self, indices: np.ndarray) -> Batch:
-        """The raw fields (``{field: array}``) of the given sample indices, in that order."""
-        out: Batch = {}
-        for name in self._fields:
-            info = self.store.fields[name]
-            arr = np.empty((len(indices), *info.shape[1:]), dtype=info.dtype)
-            gather(indices, self.store.chunk_len, lambda c, f=name: self._chunk(f, c), arr)
-            out[name] = arr
-        return out
-
-    def _chunk(self, name: str, c: int) -> np.ndarray:
-        return self.cache.get((name, c), lambda: self.store.read_chunk(name, c))
-
     def __getitem__(self, i: int) -> tuple[Any, ...]:
-        """Batch ``i``: ``(x, y)``, ``(x, y, sample_weight)`` or ``(x,)``."""
+        """The next batch of the epoch's plan (``serve="arrival"``), or batch ``i`` of it
+        (``serve="index"``, and in processes other than the one that built the sequence).
+
+        Returns ``(x, y)``, ``(x, y, sample_weight)`` or ``(x,)``. Requested in order
+        ``0, 1, 2, ...`` both modes serve :meth:`batch_indices` ``(i)``. Requested in any other
+        order (Keras's ``model.fit`` shuffles batch indices by default), arrival order still
+        serves the plan's batches in order, so each window is decoded once per epoch; every
+        sample is served exactly once per epoch in both modes."""
+        return self.batch(self._claim(self._check_index(i)))
+
+    def _claim(self, i: int) -> int:
+        """Which plan batch answers request ``i``."""
+        rt = self._rt
+        with rt.lock:
+            rt.requests += 1
+            if self.serve == "index" or os.getpid() != self._owner_pid:
+                return i
+            k = rt.position
+            rt.position += 1
+            if k < len(self):
+                return k
+            if not rt.warned:
+                rt.warned = True
+                warnings.warn(
+                    f"{len(self) + 1} batches were requested from a sequence of {len(self)} batches in "
+                    f"epoch {self._epoch} without on_epoch_end(): the extra requests are served by "
+                    "index, so some batches repeat. Keras does this with workers > 1 threads on "
+                    "some backends; use workers=1 (oocseq decodes ahead in its own threads).",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+            return i
+
+    def batch(self, i: int) -> tuple[Any, ...]:
+        """Batch ``i`` of the current epoch's plan (independent of the order of requests)."""
         idx = self.batch_indices(i)
-        self._served = True
-        batch = self.read_batch(idx)
+        batch = self.read_batch(idx, _position=self._check_index(i) * self.batch_size)
         if self.transform is not None:
             batch = self.transform(batch)
             if not isinstance(batch, Mapping):
                 raise TypeError(f"transform must return a dict of fields, got {type(batch).__name__}")
         return self._assemble(batch, idx)
+
+    def read_batch(self, indices: np.ndarray, *, _position: int | None = None) -> Batch:
+        """The raw fields (``{field: array}``) of the given sample indices, in that order.
+
+        Decodes the chunks they need (and, when ``_position`` follows the previous batch, the
+        next ``read.readahead`` windows in the background)."""
+        rt = self._rt
+        plan = self.plan
+        cl = self.store.chunk_len
+        if _position is not None and len(indices):
+            first, last = plan.window_of(_position), plan.window_of(_position + len(indices) - 1)
+            sequential = _position == rt.next_position
+            rt.next_position = _position + len(indices)
+            ahead = min(last + (self.read.readahead if sequential else 0), plan.num_windows - 1)
+            chunks = np.concatenate([plan.window_chunks(w) for w in range(first, ahead + 1)])
+        else:
+            chunks = np.unique(indices // cl)
+        keys = [(f, int(c)) for c in chunks for f in self._fields]
+        token = object()
+        with rt.lock:
+            rt.in_flight[token] = keys
+            rt.cache.retain({k for ks in rt.in_flight.values() for k in ks})
+        try:
+            rt.cache.prefetch(keys)
+            out: Batch = {}
+            for name in self._fields:
+                info = self.store.fields[name]
+                arr = np.empty((len(indices), *info.shape[1:]), dtype=info.dtype)
+                gather(indices, cl, lambda c, f=name: rt.cache.get((f, c)), arr)
+                out[name] = arr
+            return out
+        finally:
+            with rt.lock:
+                del rt.in_flight[token]
 
     def _assemble(self, batch: Batch, idx: np.ndarray) -> tuple[Any, ...]:
         xs = _select(self.x, batch)
@@ -311,10 +426,17 @@ class ChunkedSequence:
 
     @property
     def stats(self) -> dict[str, int]:
-        """Work counters since construction: ``chunk_decodes``, ``cache_hits``,
-        ``peak_resident_chunks`` (all fields together)."""
-        c = self.cache
+        """Work counters of this process since construction: ``chunk_decodes`` (chunks read
+        and decoded), ``cache_hits``, ``peak_resident_chunks`` (decoded chunks held at once, all
+        fields together)."""
+        c = self._rt.cache
         return {"chunk_decodes": c.decodes, "cache_hits": c.hits, "peak_resident_chunks": c.peak_resident}
+
+    def close(self) -> None:
+        """Stop this process's read-ahead threads and drop its decoded chunks."""
+        if self._rt_pid == os.getpid():
+            self._runtime.cache.close()
+            self._rt_pid = -1
 
     def __repr__(self) -> str:
         return (
