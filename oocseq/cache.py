@@ -1,10 +1,14 @@
-"""The decoded-chunk cache: chunks of the windows in use, decoded ahead by a thread pool.
+"""The window cache: decoded windows, read ahead by a thread pool.
 
-Entries are futures, so a chunk being decoded by the read-ahead pool is waited for, never
-decoded twice. The sequence tells the cache which chunks it still needs (:meth:`retain`);
-everything else is dropped, so the number of resident chunks is bounded by what the current
-batches and the read-ahead need, never by the store's size. Counters let tests bound the
-work done: ``decodes`` (chunks read and decoded), ``hits``, ``peak_resident``.
+A window's chunks are decoded straight into one buffer per field, back to back, by the pool's
+threads (numcodecs and memcpy release the GIL, so they run in parallel with the thread that
+serves batches). A batch is then one ``np.take`` per window it spans: one copy per sample.
+
+The sequence tells the cache which windows it still needs (:meth:`WindowCache.retain`);
+everything else is dropped, so memory is bounded by the windows in use plus the read-ahead,
+never by the store's size. Counters bound the work done, for tests: ``decodes`` (chunks of
+one field read and decoded), ``hits`` (window requests served from the cache),
+``peak_resident`` (most chunks, over all fields, held at once).
 """
 
 from __future__ import annotations
@@ -13,80 +17,120 @@ import os
 import threading
 from collections.abc import Callable, Hashable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 
-Loader = Callable[[Hashable], np.ndarray]
+#: ``decode(field, chunk, out)`` writes chunk ``chunk`` of ``field`` into ``out``.
+Decoder = Callable[[str, int, np.ndarray], None]
 
 
-class ChunkCache:
-    """Futures of decoded chunks keyed by ``(field, chunk)``, decoded by ``load(key)``.
+@dataclass(frozen=True)
+class FieldLayout:
+    sample_shape: tuple[int, ...]
+    dtype: np.dtype
+
+
+class _Window:
+    """The decoded buffers of one window and the futures of its chunk decodes."""
+
+    def __init__(self, fields: dict[str, FieldLayout], chunks: np.ndarray, sizes: np.ndarray) -> None:
+        total = int(sizes.sum())
+        self.buffers = {f: np.empty((total, *lay.sample_shape), dtype=lay.dtype) for f, lay in fields.items()}
+        self.chunks = chunks
+        self.offsets = np.r_[0, np.cumsum(sizes)]
+        self.futures: list[Future[None]] = []
+
+
+class WindowCache:
+    """Decoded windows keyed by any hashable (the sequence uses ``(epoch, window)``).
 
     Args:
-        load: reads and decodes one chunk; runs in the pool's threads (it must release the
-            GIL to run in parallel: numcodecs and memcpy do).
-        threads: read-ahead decoding threads; 0 decodes in the calling thread only.
+        decode: writes one chunk of one field into a buffer (see :data:`Decoder`).
+        fields: field name -> layout of one sample.
+        chunk_len: samples per chunk; ``n`` samples in all (the last chunk may be short).
+        threads: decoding threads; 0 decodes in the calling thread.
     """
 
-    def __init__(self, load: Loader, threads: int) -> None:
-        self._load = load
+    def __init__(self, decode: Decoder, fields: dict[str, FieldLayout], chunk_len: int, n: int, threads: int) -> None:
+        self._decode = decode
+        self._fields = fields
+        self._chunk_len = chunk_len
+        self._n = n
         self._threads = threads
         self._pool: ThreadPoolExecutor | None = None
-        self._items: dict[Hashable, Future[np.ndarray]] = {}
+        self._items: dict[Hashable, _Window] = {}
         self._lock = threading.Lock()
         self.decodes = 0
         self.hits = 0
         self.peak_resident = 0
 
-    def _run(self, key: Hashable) -> np.ndarray:
-        chunk = self._load(key)
-        with self._lock:
-            self.decodes += 1
-        return chunk
+    def _resident_chunks(self) -> int:
+        return sum(len(w.chunks) for w in self._items.values()) * len(self._fields)
 
-    def _entry(self, key: Hashable, background: bool) -> tuple[Future[np.ndarray], bool]:
-        """The entry for ``key`` and whether this call created it (caller must then fill it)."""
+    def _decode_chunk(self, window: _Window, j: int) -> None:
+        c = int(window.chunks[j])
+        a, b = int(window.offsets[j]), int(window.offsets[j + 1])
+        for name, buf in window.buffers.items():
+            self._decode(name, c, buf[a:b])
+            with self._lock:
+                self.decodes += 1
+
+    def _start(self, key: Hashable, chunks: np.ndarray) -> tuple[_Window, bool]:
+        """The window for ``key``, creating it (and queuing its decodes) if absent."""
         with self._lock:
-            fut = self._items.get(key)
-            if fut is not None:
-                return fut, False
-            if background and self._threads > 0:
+            window = self._items.get(key)
+            if window is not None:
+                return window, False
+            starts = chunks * self._chunk_len
+            sizes = np.minimum(starts + self._chunk_len, self._n) - starts
+            window = _Window(self._fields, chunks, sizes)
+            self._items[key] = window
+            self.peak_resident = max(self.peak_resident, self._resident_chunks())
+            if self._threads > 0:
                 if self._pool is None:
-                    self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="oocseq-readahead")
-                fut = self._pool.submit(self._run, key)
-                created = False
-            else:
-                fut = Future()
-                created = True
-            self._items[key] = fut
-            self.peak_resident = max(self.peak_resident, len(self._items))
-            return fut, created
+                    self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="oocseq-decode")
+                window.futures = [self._pool.submit(self._decode_chunk, window, j) for j in range(len(chunks))]
+            return window, True
 
-    def prefetch(self, keys: Iterable[Hashable]) -> None:
-        """Start decoding ``keys`` that are not cached yet, in the background."""
-        for key in keys:
-            self._entry(key, background=True)
+    def prefetch(self, key: Hashable, chunks: np.ndarray) -> None:
+        """Start decoding a window in the background (no-op without threads or if cached)."""
+        if self._threads > 0:
+            self._start(key, chunks)
 
-    def get(self, key: Hashable) -> np.ndarray:
-        """The decoded chunk, decoding it in this thread if nobody has started it."""
-        fut, created = self._entry(key, background=False)
-        if created:
-            try:
-                fut.set_result(self._run(key))
-            except BaseException as e:
-                fut.set_exception(e)
-                with self._lock:  # do not cache the failure: a retry reads again
-                    if self._items.get(key) is fut:
-                        del self._items[key]
-        else:
+    def get(self, key: Hashable, chunks: np.ndarray) -> dict[str, np.ndarray]:
+        """The decoded buffers (field -> array) of the window made of ``chunks``."""
+        window, created = self._start(key, chunks)
+        if not created:
             with self._lock:
                 self.hits += 1
-        return fut.result()
+        if self._threads == 0 and created:
+            try:
+                for j in range(len(chunks)):
+                    self._decode_chunk(window, j)
+            except BaseException:
+                self._forget(key, window)
+                raise
+        for fut in window.futures:
+            try:
+                fut.result()
+            except BaseException:
+                self._forget(key, window)  # do not keep a half-decoded window
+                raise
+        return window.buffers
 
-    def retain(self, keys: set[Hashable]) -> None:
-        """Drop every entry not in ``keys`` (running decodes finish and are discarded)."""
+    def _forget(self, key: Hashable, window: _Window) -> None:
         with self._lock:
-            for key in [k for k in self._items if k not in keys]:
+            if self._items.get(key) is window:
+                del self._items[key]
+
+    def retain(self, keys: Iterable[Hashable]) -> None:
+        """Drop every window not in ``keys`` (decodes already running finish, then are freed)."""
+        keep = set(keys)
+        with self._lock:
+            for key in [k for k in self._items if k not in keep]:
+                for fut in self._items[key].futures:
+                    fut.cancel()
                 del self._items[key]
 
     def __len__(self) -> int:
@@ -101,5 +145,5 @@ class ChunkCache:
 
 
 def default_threads() -> int:
-    """Read-ahead threads when none are given: the cores, at most 4."""
+    """Decoding threads when none are given: the cores, at most 4."""
     return max(1, min(4, os.cpu_count() or 1))

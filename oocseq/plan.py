@@ -23,6 +23,7 @@ Nothing here materialises the whole order unless asked (:func:`epoch_order`): an
 from __future__ import annotations
 
 import math
+import threading
 from collections import OrderedDict
 
 import numpy as np
@@ -121,6 +122,7 @@ class EpochPlan:
         per_window = np.add.reduceat(sizes, np.arange(0, num_chunks, self.window)) if num_chunks else sizes
         self.window_offsets = np.r_[0, np.cumsum(per_window)].astype(np.int64)
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
 
     @property
     def num_windows(self) -> int:
@@ -133,23 +135,39 @@ class EpochPlan:
         """Chunk ids of window ``w``, in epoch order."""
         return self.chunk_order[w * self.window : (w + 1) * self.window]
 
-    def window_indices(self, w: int) -> np.ndarray:
-        """Sample indices of window ``w`` in the order they are served (int64, read-only)."""
-        cached = self._cache.get(w)
-        if cached is not None:
-            self._cache.move_to_end(w)
-            return cached
+    def window_rows(self, w: int) -> np.ndarray:
+        """The serving order of window ``w`` as rows of its decoded buffer (int64, read-only).
+
+        A window's buffer holds its chunks' samples back to back, in :meth:`window_chunks`
+        order; row ``r`` of it is sample ``window_samples(w)[r]``. Served position ``j`` of
+        the window is row ``window_rows(w)[j]``."""
+        with self._lock:
+            cached = self._cache.get(w)
+            if cached is not None:
+                self._cache.move_to_end(w)
+                return cached
+        samples = self.window_samples(w)
+        if self.shuffle:
+            rows = np.argsort(_keys(self.seed, self.epoch, _STREAM_SAMPLES, samples), kind="stable")
+        else:
+            rows = np.arange(len(samples), dtype=np.int64)
+        rows.flags.writeable = False
+        with self._lock:
+            self._cache[w] = rows
+            if len(self._cache) > self._CACHED_WINDOWS:
+                self._cache.popitem(last=False)
+        return rows
+
+    def window_samples(self, w: int) -> np.ndarray:
+        """Sample indices of window ``w`` in buffer order: its chunks' ranges back to back."""
         chunks = self.window_chunks(w)
         starts = chunks * self.chunk_len
         stops = np.minimum(starts + self.chunk_len, self.n)
-        idx = np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in zip(starts, stops, strict=True)])
-        if self.shuffle:
-            idx = _permutation(self.seed, self.epoch, _STREAM_SAMPLES, idx)
-        idx.flags.writeable = False
-        self._cache[w] = idx
-        if len(self._cache) > self._CACHED_WINDOWS:
-            self._cache.popitem(last=False)
-        return idx
+        return np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in zip(starts, stops, strict=True)])
+
+    def window_indices(self, w: int) -> np.ndarray:
+        """Sample indices of window ``w`` in the order they are served (int64)."""
+        return self.window_samples(w)[self.window_rows(w)]
 
     def window_of(self, position: int) -> int:
         """The window that serves epoch position ``position``."""
@@ -160,12 +178,20 @@ class EpochPlan:
         start, stop = max(0, start), min(stop, self.n)
         if start >= stop:
             return np.empty(0, dtype=np.int64)
-        first, last = self.window_of(start), self.window_of(stop - 1)
-        parts = []
-        for w in range(first, last + 1):
+        parts = [self.window_samples(w)[rows] for w, rows in self.window_spans(start, stop)]
+        return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+    def window_spans(self, start: int, stop: int) -> list[tuple[int, np.ndarray]]:
+        """Epoch positions ``[start, stop)`` as ``(window, rows)`` pieces, in order: the rows
+        of each window's buffer that those positions serve."""
+        start, stop = max(0, start), min(stop, self.n)
+        if start >= stop:
+            return []
+        spans = []
+        for w in range(self.window_of(start), self.window_of(stop - 1) + 1):
             off = int(self.window_offsets[w])
-            parts.append(self.window_indices(w)[max(start - off, 0) : stop - off])
-        return np.concatenate(parts) if len(parts) > 1 else parts[0].copy()
+            spans.append((w, self.window_rows(w)[max(start - off, 0) : stop - off]))
+        return spans
 
 
 def epoch_order(

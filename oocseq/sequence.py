@@ -17,8 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from ._gather import gather
-from .cache import ChunkCache, default_threads
+from .cache import FieldLayout, WindowCache, default_threads
 from .errors import BatchIndexError, FieldNotFoundError, InvalidSourceError
 from .plan import EpochPlan, default_window, num_batches
 from .store import Store
@@ -58,14 +57,15 @@ class _Runtime:
     def __init__(self, seq: ChunkedSequence) -> None:
         store = seq.store
         threads = seq.read.threads if seq.read.threads is not None else default_threads()
-        self.cache = ChunkCache(lambda key: store.read_chunk(*key), threads)
+        layouts = {f: FieldLayout(store.fields[f].shape[1:], store.fields[f].dtype) for f in seq._fields}
+        self.cache = WindowCache(store.read_chunk_into, layouts, store.chunk_len, len(store), threads)
         self.lock = threading.RLock()
         self.plan: EpochPlan | None = None
         self.position = 0  # next plan batch to serve in arrival order
         self.requests = 0  # requests served this epoch
         self.next_position = 0  # sample position right after the last batch read
         self.warned = False
-        self.in_flight: dict[object, list[tuple[str, int]]] = {}
+        self.in_flight: dict[object, list[tuple[int, int]]] = {}  # request -> (epoch, window)s
 
 
 def _names(sel: FieldSelection, what: str) -> list[str]:
@@ -335,47 +335,50 @@ class ChunkedSequence:
 
     def batch(self, i: int) -> tuple[Any, ...]:
         """Batch ``i`` of the current epoch's plan (independent of the order of requests)."""
-        idx = self.batch_indices(i)
-        batch = self.read_batch(idx, _position=self._check_index(i) * self.batch_size)
+        start = self._check_index(i) * self.batch_size
+        stop = start + self.batch_size
+        rt = self._rt
+        plan = self.plan
+        spans = plan.window_spans(start, stop)
+        # Read ahead only when batches come in order: a random-access caller would waste it.
+        sequential = start == rt.next_position
+        rt.next_position = min(stop, plan.n)
+        last = spans[-1][0]
+        ahead = range(last + 1, min(last + 1 + (self.read.readahead if sequential else 0), plan.num_windows))
+        keys = [(self._epoch, w) for w, _ in spans]
+        token = object()
+        with rt.lock:
+            rt.in_flight[token] = keys + [(self._epoch, w) for w in ahead]
+            rt.cache.retain(k for ks in rt.in_flight.values() for k in ks)
+        try:
+            for w, _ in spans:
+                rt.cache.prefetch((self._epoch, w), plan.window_chunks(w))
+            for w in ahead:
+                rt.cache.prefetch((self._epoch, w), plan.window_chunks(w))
+            n = sum(len(rows) for _, rows in spans)
+            batch: Batch = {}
+            for name in self._fields:
+                info = self.store.fields[name]
+                batch[name] = np.empty((n, *info.shape[1:]), dtype=info.dtype)
+            pos = 0
+            for w, rows in spans:
+                buffers = rt.cache.get((self._epoch, w), plan.window_chunks(w))
+                for name in self._fields:  # one copy per sample, straight into the batch
+                    np.take(buffers[name], rows, axis=0, out=batch[name][pos : pos + len(rows)], mode="clip")
+                pos += len(rows)
+        finally:
+            with rt.lock:
+                del rt.in_flight[token]
         if self.transform is not None:
             batch = self.transform(batch)
             if not isinstance(batch, Mapping):
                 raise TypeError(f"transform must return a dict of fields, got {type(batch).__name__}")
-        return self._assemble(batch, idx)
+        return self._assemble(batch, plan.indices(start, stop))
 
-    def read_batch(self, indices: np.ndarray, *, _position: int | None = None) -> Batch:
-        """The raw fields (``{field: array}``) of the given sample indices, in that order.
-
-        Decodes the chunks they need (and, when ``_position`` follows the previous batch, the
-        next ``read.readahead`` windows in the background)."""
-        rt = self._rt
-        plan = self.plan
-        cl = self.store.chunk_len
-        if _position is not None and len(indices):
-            first, last = plan.window_of(_position), plan.window_of(_position + len(indices) - 1)
-            sequential = _position == rt.next_position
-            rt.next_position = _position + len(indices)
-            ahead = min(last + (self.read.readahead if sequential else 0), plan.num_windows - 1)
-            chunks = np.concatenate([plan.window_chunks(w) for w in range(first, ahead + 1)])
-        else:
-            chunks = np.unique(indices // cl)
-        keys = [(f, int(c)) for c in chunks for f in self._fields]
-        token = object()
-        with rt.lock:
-            rt.in_flight[token] = keys
-            rt.cache.retain({k for ks in rt.in_flight.values() for k in ks})
-        try:
-            rt.cache.prefetch(keys)
-            out: Batch = {}
-            for name in self._fields:
-                info = self.store.fields[name]
-                arr = np.empty((len(indices), *info.shape[1:]), dtype=info.dtype)
-                gather(indices, cl, lambda c, f=name: rt.cache.get((f, c)), arr)
-                out[name] = arr
-            return out
-        finally:
-            with rt.lock:
-                del rt.in_flight[token]
+    def read_batch(self, indices: np.ndarray) -> Batch:
+        """The raw fields (``{field: array}``) of arbitrary sample indices, in that order
+        (through the store's chunk reads, not the window cache)."""
+        return {name: self.store[name][np.asarray(indices, dtype=np.int64)] for name in self._fields}
 
     def _assemble(self, batch: Batch, idx: np.ndarray) -> tuple[Any, ...]:
         xs = _select(self.x, batch)
@@ -426,9 +429,9 @@ class ChunkedSequence:
 
     @property
     def stats(self) -> dict[str, int]:
-        """Work counters of this process since construction: ``chunk_decodes`` (chunks read
-        and decoded), ``cache_hits``, ``peak_resident_chunks`` (decoded chunks held at once, all
-        fields together)."""
+        """Work counters of this process since construction: ``chunk_decodes`` (chunks of one
+        field read and decoded), ``cache_hits`` (window requests served decoded),
+        ``peak_resident_chunks`` (decoded chunks held at once, all fields together)."""
         c = self._rt.cache
         return {"chunk_decodes": c.decodes, "cache_hits": c.hits, "peak_resident_chunks": c.peak_resident}
 

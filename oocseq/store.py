@@ -168,6 +168,17 @@ class Store:
         start, stop = self.manifest.chunk_bounds(c)
         return self._open().read_chunk(name, c, start, stop)
 
+    def read_chunk_into(self, name: str, c: int, out: np.ndarray) -> None:
+        """Decode chunk ``c`` of field ``name`` into ``out`` (C-contiguous, shape of the chunk),
+        in place where the format allows. Raises as :meth:`read_chunk`."""
+        self._check_field(name)
+        if not 0 <= c < self.num_chunks:
+            raise IndexError(f"chunk {c} out of range: {self.path} has {self.num_chunks} chunks")
+        start, stop = self.manifest.chunk_bounds(c)
+        if out.shape[0] != stop - start:
+            raise ValueError(f"chunk {c} of {name!r} has {stop - start} samples, out has {out.shape[0]}")
+        self._open().read_chunk_into(name, c, start, stop, out)
+
     def __getitem__(self, name: str) -> FieldView:
         """A read-only view of field ``name`` that slices like an array."""
         self._check_field(name)

@@ -52,10 +52,19 @@ class StorageReader(ABC):
                 return out
         return self.read_chunk_library(name, c, start, stop)
 
+    def read_chunk_into(self, name: str, c: int, start: int, stop: int, out: np.ndarray) -> None:
+        """As :meth:`read_chunk`, written into ``out`` (shape ``(stop - start, ...)``,
+        C-contiguous): decoded in place where possible, so a window buffer costs one copy."""
+        if self.fast and self.read_chunk_fast(name, c, start, stop, out) is not None:
+            return
+        out[...] = self.read_chunk_library(name, c, start, stop)
+
     @abstractmethod
-    def read_chunk_fast(self, name: str, c: int, start: int, stop: int) -> np.ndarray | None:
-        """As :meth:`read_chunk` through the fast path, or ``None`` where the field's layout
-        has none (then the library's read is used)."""
+    def read_chunk_fast(
+        self, name: str, c: int, start: int, stop: int, out: np.ndarray | None = None
+    ) -> np.ndarray | None:
+        """As :meth:`read_chunk` through the fast path (into ``out`` if given), or ``None``
+        where the field's layout has none (then the library's read is used)."""
 
     @abstractmethod
     def read_chunk_library(self, name: str, c: int, start: int, stop: int) -> np.ndarray:

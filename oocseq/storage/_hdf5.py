@@ -13,7 +13,7 @@ import numpy as np
 from ..errors import CorruptStoreError, NotAStoreError
 from ..manifest import ATTR_KEY, AUX_GROUP, Compression, FieldSpec
 from ._base import StorageReader, StorageWriter
-from ._raw import MappedFile, blosc_decode_into
+from ._raw import MappedFile, _into, blosc_decode_into
 
 _BLOSC_FILTER = 32001
 
@@ -69,7 +69,9 @@ class HDF5Reader(StorageReader):
             self._chunk_tables[name] = _ChunkTable(ds) if ok else None
         return self._chunk_tables[name]
 
-    def read_chunk_fast(self, name: str, c: int, start: int, stop: int) -> np.ndarray | None:
+    def read_chunk_fast(
+        self, name: str, c: int, start: int, stop: int, out: np.ndarray | None = None
+    ) -> np.ndarray | None:
         table = self._table(name)
         if table is None:
             return None
@@ -83,13 +85,16 @@ class HDF5Reader(StorageReader):
         shape = (ds.chunks[0], *ds.shape[1:])  # HDF5 stores whole chunks, the last one padded
         nbytes = int(np.prod(shape)) * ds.dtype.itemsize
         if table.blosc and not skipped_filter:
-            out = np.empty(shape, dtype=ds.dtype)
-            blosc_decode_into(self._mapped.pread(offset, size), out, where)
+            if out is not None and stop - start == shape[0]:
+                blosc_decode_into(self._mapped.pread(offset, size), out, where)  # in place
+                return out
+            chunk = np.empty(shape, dtype=ds.dtype)
+            blosc_decode_into(self._mapped.pread(offset, size), chunk, where)
         else:
             if size != nbytes:
                 raise CorruptStoreError(f"{where}: stored chunk has {size} bytes, expected {nbytes}")
-            out = np.frombuffer(self._mapped.view(offset, size, where), dtype=ds.dtype).reshape(shape)
-        return out[: stop - start]
+            chunk = np.frombuffer(self._mapped.view(offset, size, where), dtype=ds.dtype).reshape(shape)
+        return _into(chunk[: stop - start], out)
 
     def read_chunk_library(self, name: str, c: int, start: int, stop: int) -> np.ndarray:
         ds = self._dataset(name)

@@ -71,6 +71,14 @@ class MappedFile:
         os.close(self.fd)
 
 
+def _into(chunk: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+    """``chunk`` copied into ``out`` if given (then ``out``), else ``chunk`` itself."""
+    if out is None:
+        return chunk
+    np.copyto(out, chunk)
+    return out
+
+
 def read_whole_file(path: os.PathLike[str] | str) -> bytes:
     with open(path, "rb", buffering=0) as f:
         return f.read()

@@ -11,7 +11,7 @@ import zarr
 from ..errors import CorruptStoreError
 from ..manifest import ATTR_KEY, AUX_GROUP, Compression, FieldSpec
 from ._base import StorageReader, StorageWriter
-from ._raw import blosc_decode_into, map_whole_file, read_whole_file
+from ._raw import _into, blosc_decode_into, map_whole_file, read_whole_file
 
 # Codecs a store may use. Anything else (notably numcodecs.pickle, which runs arbitrary code
 # when decoding) is refused before zarr ever decodes a chunk.
@@ -84,7 +84,9 @@ class ZarrReader(StorageReader):
             self._fast_kind[name] = kind
         return self._fast_kind[name]
 
-    def read_chunk_fast(self, name: str, c: int, start: int, stop: int) -> np.ndarray | None:
+    def read_chunk_fast(
+        self, name: str, c: int, start: int, stop: int, out: np.ndarray | None = None
+    ) -> np.ndarray | None:
         kind = self._kind(name)
         if kind is None:
             return None
@@ -94,11 +96,14 @@ class ZarrReader(StorageReader):
         where = f"{self.path}: chunk {c} of field {name!r} ({path})"
         if kind == "raw":
             nbytes = int(np.prod(shape)) * arr.dtype.itemsize
-            out = np.frombuffer(map_whole_file(path, nbytes, where), dtype=arr.dtype).reshape(shape)
-        else:
-            out = np.empty(shape, dtype=arr.dtype)
-            blosc_decode_into(read_whole_file(path), out, where)
-        return out[: stop - start]
+            chunk = np.frombuffer(map_whole_file(path, nbytes, where), dtype=arr.dtype).reshape(shape)
+            return _into(chunk[: stop - start], out)
+        if out is not None and stop - start == shape[0]:
+            blosc_decode_into(read_whole_file(path), out, where)  # straight into the window buffer
+            return out
+        chunk = np.empty(shape, dtype=arr.dtype)
+        blosc_decode_into(read_whole_file(path), chunk, where)
+        return _into(chunk[: stop - start], out)
 
     def read_chunk_library(self, name: str, c: int, start: int, stop: int) -> np.ndarray:
         arr = self._array(name)
