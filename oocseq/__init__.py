@@ -22,13 +22,11 @@ from .errors import (
     StoreNotFoundError,
 )
 from .ingest.arrays import ingest_arrays
-
-# from .ingest.csv import ingest_csv  (added when the module lands)
+from .ingest.csv import ingest_csv
 from .ingest.images import ingest_dataframe, ingest_image_folder
-
-# from .ingest.npy import ingest_npy
+from .ingest.npy import ingest_npy
 from .plan import EpochPlan, epoch_order
-from .sequence import ChunkedSequence
+from .sequence import ChunkedSequence, ReadOptions
 from .store import FieldInfo, FieldView, Store, open_store
 
 __version__ = "0.1.0"
@@ -47,6 +45,7 @@ __all__ = [
     "InvalidSourceError",
     "NotAStoreError",
     "OocseqError",
+    "ReadOptions",
     "SourceNotFoundError",
     "Store",
     "StoreExistsError",
@@ -54,7 +53,9 @@ __all__ = [
     "__version__",
     "epoch_order",
     "ingest_arrays",
+    "ingest_csv",
     "ingest_dataframe",
     "ingest_image_folder",
+    "ingest_npy",
     "open_store",
 ]

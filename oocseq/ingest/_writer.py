@@ -29,10 +29,14 @@ from ..store import Store
 TARGET_CHUNK_BYTES = 4 << 20
 
 
-def choose_chunk_len(specs: dict[str, FieldSpec], target_bytes: int = TARGET_CHUNK_BYTES) -> int:
-    """Samples per chunk so that the widest field's chunk holds about ``target_bytes``."""
+def choose_chunk_len(
+    specs: dict[str, FieldSpec], n: int | None = None, target_bytes: int = TARGET_CHUNK_BYTES
+) -> int:
+    """Samples per chunk so that the widest field's chunk holds about ``target_bytes``, and no
+    more than ``n`` (when known: a chunk longer than the data would be padded on disk)."""
     widest = max((s.sample_nbytes for s in specs.values()), default=1)
-    return max(1, target_bytes // max(widest, 1))
+    chunk_len = max(1, target_bytes // max(widest, 1))
+    return max(1, min(chunk_len, n)) if n else chunk_len
 
 
 def field_spec(name: str, sample_shape: tuple[int, ...], dtype: Any) -> FieldSpec:

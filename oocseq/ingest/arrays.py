@@ -87,9 +87,9 @@ def ingest_arrays(
                          first[name].dtype if name in first else src.dtype)
         for name, src in sources.items()
     }
-    if chunk_len is None:
-        chunk_len = choose_chunk_len(specs)
     total = next(iter(lengths.values())) if lengths else None
+    if chunk_len is None:
+        chunk_len = choose_chunk_len(specs, total)
     with StoreWriter(dest, specs, chunk_len=chunk_len, compression=compression, overwrite=overwrite) as w:
         w.attrs.update(dict(metadata or {}))
         w.attrs.setdefault("source", {"kind": "arrays"})

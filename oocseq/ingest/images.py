@@ -111,7 +111,7 @@ def _write_images(
         "y": field_spec("y", (), labels.dtype),
     }
     if chunk_len is None:
-        chunk_len = choose_chunk_len(specs)
+        chunk_len = choose_chunk_len(specs, len(paths))
     block = chunk_len
     skipped: list[dict[str, str]] = []
     kept_sources: list[str] = []

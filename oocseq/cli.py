@@ -1,0 +1,378 @@
+"""The ``oocseq`` command line: ingest files into a store, describe a store, verify it.
+
+::
+
+    oocseq ingest images SRC DEST --size 32x32     # one subfolder per class
+    oocseq ingest csv SRC DEST --label COLUMN      # numeric features -> x, labels -> y
+    oocseq ingest npy SRC [SRC ...] DEST           # .npy files concatenated along axis 0
+    oocseq info STORE                              # fields, chunking, compression, classes
+    oocseq verify STORE                            # read every chunk, check its checksum
+
+Errors print ``oocseq: error: <message>`` on stderr and exit with status 1 (2 for a wrong
+command line). Importing this module imports no ML framework; each command imports what it
+needs when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from .errors import OocseqError
+
+__all__ = ["main", "build_parser", "describe", "parse_size"]
+
+_COMPRESSIONS = ("lz4", "zstd", "zlib", "none")
+#: Feature names listed by ``oocseq info`` before it abbreviates.
+_MAX_NAMES_SHOWN = 20
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``oocseq`` command with ``argv`` (default: ``sys.argv[1:]``); return the exit
+    status: 0 on success, 1 on an error, 2 for a wrong command line."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse exits after --help (0) and usage errors (2)
+        return e.code if isinstance(e.code, int) else 2
+    try:
+        args.run(args)
+    except (OocseqError, ValueError, OSError) as e:
+        print(f"oocseq: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("oocseq: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="oocseq",
+        description="Ingest files into chunked Zarr v3 / HDF5 stores and inspect them.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    ingest = commands.add_parser("ingest", help="convert files into a store (DEST: *.zarr, *.h5 or *.hdf5)")
+    sources = ingest.add_subparsers(dest="source", required=True, metavar="SOURCE")
+    common = _ingest_options()
+    _add_images(sources, common)
+    _add_csv(sources, common)
+    _add_npy(sources, common)
+
+    info = commands.add_parser("info", help="describe a store: fields, chunking, compression, classes")
+    info.add_argument("store", metavar="STORE")
+    info.set_defaults(run=_run_info)
+
+    verify = commands.add_parser("verify", help="read every chunk of a store and check its checksum")
+    verify.add_argument("store", metavar="STORE")
+    verify.set_defaults(run=_run_verify)
+    return parser
+
+
+# -- argument types ---------------------------------------------------------------------------
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``"HEIGHTxWIDTH"`` (e.g. ``"32x48"``) or ``"N"`` (square) -> ``(height, width)``.
+
+    Raises argparse.ArgumentTypeError (argparse shows its message) for anything else."""
+    try:
+        numbers = [int(part) for part in text.lower().split("x")]
+    except ValueError:
+        numbers = []
+    if len(numbers) not in (1, 2) or min(numbers) < 1:
+        raise argparse.ArgumentTypeError(f"size must be HEIGHTxWIDTH in pixels, e.g. 32x32; got {text!r}")
+    return numbers[0], numbers[-1]
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _column_list(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"expected comma-separated column names, got {text!r}")
+    return names
+
+
+# -- ingest ------------------------------------------------------------------------------------
+
+
+def _ingest_options() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--chunk-len",
+        type=_positive_int,
+        metavar="N",
+        help="samples per chunk (default: about 4 MiB of the widest field)",
+    )
+    common.add_argument(
+        "--compression", choices=_COMPRESSIONS, default="lz4", help="Blosc codec of the chunks (default: lz4)"
+    )
+    common.add_argument("--overwrite", action="store_true", help="replace DEST if it exists")
+    common.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    return common
+
+
+def _writer_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "chunk_len": args.chunk_len,
+        "compression": None if args.compression == "none" else args.compression,
+        "overwrite": args.overwrite,
+        "progress": not args.quiet,
+    }
+
+
+def _add_images(sources: Any, common: argparse.ArgumentParser) -> None:
+    p = sources.add_parser("images", parents=[common], help="a folder with one subfolder of images per class")
+    p.add_argument("src", metavar="SRC", help="the folder: SRC/<class name>/<image files>")
+    p.add_argument("dest", metavar="DEST")
+    p.add_argument(
+        "--size",
+        type=parse_size,
+        required=True,
+        metavar="HxW",
+        help="resize every image to HEIGHTxWIDTH pixels, e.g. 32x32",
+    )
+    p.add_argument("--color-mode", choices=("rgb", "grayscale", "rgba"), default="rgb")
+    p.add_argument(
+        "--interpolation",
+        default="bilinear",
+        choices=("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"),
+    )
+    p.add_argument(
+        "--no-preshuffle",
+        dest="preshuffle",
+        action="store_false",
+        help="keep the folder's (class-sorted) order instead of a seeded shuffle",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the pre-shuffle (default: 0)")
+    p.add_argument(
+        "--on-error",
+        choices=("raise", "skip"),
+        default="raise",
+        help="stop at an unreadable image (default), or skip and list it in the metadata",
+    )
+    p.add_argument("--workers", type=_positive_int, metavar="N", help="decoding threads (default: all cores)")
+    p.set_defaults(run=_run_ingest_images)
+
+
+def _run_ingest_images(args: argparse.Namespace) -> None:
+    from .ingest.images import ingest_image_folder
+
+    store = ingest_image_folder(
+        args.src,
+        args.dest,
+        image_size=args.size,
+        color_mode=args.color_mode,
+        interpolation=args.interpolation,
+        preshuffle=args.preshuffle,
+        seed=args.seed,
+        on_error=args.on_error,
+        workers=args.workers,
+        **_writer_kwargs(args),
+    )
+    _print_written(store)
+
+
+def _add_csv(sources: Any, common: argparse.ArgumentParser) -> None:
+    p = sources.add_parser("csv", parents=[common], help="a CSV table with a header line")
+    p.add_argument("src", metavar="SRC")
+    p.add_argument("dest", metavar="DEST")
+    p.add_argument("--label", metavar="COLUMN", help="the label column, stored as y (default: no labels)")
+    p.add_argument(
+        "--features",
+        type=_column_list,
+        metavar="A,B,C",
+        help="feature columns, stored as x in this order (default: all but the label)",
+    )
+    p.add_argument("--allow-missing", action="store_true", help="store empty feature cells as NaN")
+    p.add_argument("--delimiter", default=",", help="field separator (default: ',')")
+    p.add_argument("--encoding", default="utf-8", help="text encoding (default: utf-8)")
+    p.add_argument(
+        "--block-rows",
+        type=_positive_int,
+        default=65536,
+        metavar="N",
+        help="rows read at a time (default: 65536)",
+    )
+    p.set_defaults(run=_run_ingest_csv)
+
+
+def _run_ingest_csv(args: argparse.Namespace) -> None:
+    from .ingest.csv import ingest_csv
+
+    store = ingest_csv(
+        args.src,
+        args.dest,
+        label_column=args.label,
+        feature_columns=args.features,
+        allow_missing=args.allow_missing,
+        delimiter=args.delimiter,
+        encoding=args.encoding,
+        block_rows=args.block_rows,
+        **_writer_kwargs(args),
+    )
+    _print_written(store)
+
+
+def _add_npy(sources: Any, common: argparse.ArgumentParser) -> None:
+    p = sources.add_parser("npy", parents=[common], help=".npy files, concatenated along axis 0")
+    p.add_argument("src", nargs="+", metavar="SRC", help=".npy files, in order")
+    p.add_argument("dest", metavar="DEST")
+    p.add_argument("--field", default="x", help="the field name (default: x)")
+    p.set_defaults(run=_run_ingest_npy)
+
+
+def _run_ingest_npy(args: argparse.Namespace) -> None:
+    from .ingest.npy import ingest_npy
+
+    _print_written(ingest_npy(args.src, args.dest, field=args.field, **_writer_kwargs(args)))
+
+
+def _print_written(store: Any) -> None:
+    fields = ", ".join(f"{name} {_shape(info.shape)} {info.dtype}" for name, info in store.fields.items())
+    print(f"wrote {store.path} ({store.format}): {len(store)} samples; {fields}")
+
+
+# -- info, verify ------------------------------------------------------------------------------
+
+
+def _run_info(args: argparse.Namespace) -> None:
+    from .store import open_store
+
+    print(describe(open_store(args.store)))
+
+
+def _run_verify(args: argparse.Namespace) -> None:
+    from .store import open_store
+
+    store = open_store(args.store)
+    store.verify()
+    print(
+        f"OK {store.path}: all {store.num_chunks} chunks of {len(store.fields)} field(s) match their checksums"
+    )
+
+
+def describe(store: Any) -> str:
+    """What ``oocseq info`` prints about an opened :class:`~oocseq.store.Store`.
+
+    Reads the ``y`` field chunk by chunk to count the samples of each class when the store
+    has class names."""
+    meta = store.metadata
+    lines = [
+        f"store:        {store.path}",
+        f"format:       {store.format} (oocseq format version {meta['format_version']})",
+        f"samples:      {len(store)}",
+        f"chunk_len:    {store.chunk_len} ({store.num_chunks} chunks)",
+        f"compression:  {_compression(meta['compression'])}",
+        "",
+        *_field_table(store),
+    ]
+    class_names = meta.get("class_names")
+    if class_names and "y" in store.fields and store.fields["y"].dtype.kind in "iu":
+        lines += ["", *_class_table(store, list(class_names))]
+    feature_names = meta.get("feature_names")
+    if feature_names:
+        lines += ["", f"features ({len(feature_names)}): {_abbreviate(feature_names)}"]
+    source = meta.get("source")
+    if isinstance(source, dict):
+        lines += ["", f"source:       {_source(source)}"]
+    return "\n".join(lines)
+
+
+def _field_table(store: Any) -> list[str]:
+    rows = [("field", "shape", "dtype", "stored", "uncompressed", "ratio")]
+    for name, info in store.fields.items():
+        raw = math.prod(info.shape) * info.dtype.itemsize
+        stored = store.stored_nbytes(name)
+        ratio = f"{raw / stored:.2f}x" if stored else "-"
+        rows.append((name, _shape(info.shape), str(info.dtype), _bytes(stored), _bytes(raw), ratio))
+    return _table(rows, right=(3, 4, 5))
+
+
+def _class_table(store: Any, class_names: list[str]) -> list[str]:
+    import numpy as np
+
+    k = len(class_names)
+    counts = np.zeros(k, dtype=np.int64)
+    outside = 0
+    for c in range(store.num_chunks):
+        y = store.read_chunk("y", c).astype(np.int64, copy=False)
+        valid = (y >= 0) & (y < k)
+        counts += np.bincount(y[valid], minlength=k)
+        outside += int(y.size - valid.sum())
+    rows = [("label", "class", "samples")]
+    rows += [
+        (str(i), str(name), str(int(n))) for i, (name, n) in enumerate(zip(class_names, counts, strict=True))
+    ]
+    lines = [f"classes ({k}):", *_table(rows, right=(0, 2))]
+    if outside:
+        lines.append(f"  {outside} sample(s) have a label outside 0..{k - 1}")
+    return lines
+
+
+def _table(rows: list[tuple[str, ...]], right: tuple[int, ...]) -> list[str]:
+    widths = [max(len(row[j]) for row in rows) for j in range(len(rows[0]))]
+    return [
+        "  "
+        + "  ".join(
+            cell.rjust(w) if j in right else cell.ljust(w)
+            for j, (cell, w) in enumerate(zip(row, widths, strict=True))
+        ).rstrip()
+        for row in rows
+    ]
+
+
+def _shape(shape: tuple[int, ...]) -> str:
+    return "(" + ", ".join(str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
+def _bytes(n: int) -> str:
+    if n < 1024:
+        return f"{n} B"
+    size = n / 1024
+    for unit in ("KiB", "MiB", "GiB"):
+        if size < 1024:
+            return f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"
+
+
+def _compression(comp: Any) -> str:
+    if not comp:
+        return "none"
+    return f"{comp.get('codec')} {comp.get('cname')} (level {comp.get('clevel')})"
+
+
+def _abbreviate(names: list[Any]) -> str:
+    shown = ", ".join(str(n) for n in names[:_MAX_NAMES_SHOWN])
+    more = len(names) - _MAX_NAMES_SHOWN
+    return f"{shown}, ... ({more} more)" if more > 0 else shown
+
+
+def _source(source: dict[str, Any]) -> str:
+    """One line: the source's kind, path or folder, and how many rows or files."""
+    parts = [str(source.get("kind", "?"))]
+    for key in ("path", "root", "directory"):
+        if source.get(key):
+            parts.append(str(source[key]))
+    if "rows" in source:
+        parts.append(f"{source['rows']} rows")
+    files = source.get("files")
+    if isinstance(files, list):
+        parts.append(f"{len(files)} file(s)")
+    elif isinstance(files, int):
+        parts.append(f"{files} files")
+    return ", ".join(parts)

@@ -1,0 +1,381 @@
+"""Ingest a CSV table: numeric feature columns -> ``x``, a label column -> ``y``.
+
+The file is read in blocks of ``block_rows`` rows with ``pandas.read_csv(chunksize=...)``, never
+whole. With a label column it is read twice: a first pass over the label column alone decides
+how labels are stored (integers, floats, or class names mapped to indices) so that the mapping
+is the same in every block; the second pass writes the samples.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..errors import CSVValueError, InvalidSourceError, SourceNotFoundError
+from ..manifest import Compression
+from ..store import Store
+from ._progress import progress_bar
+from ._writer import StoreWriter, choose_chunk_len, field_spec
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+#: Cell texts that mean "no value" (pandas' default missing-value markers); surrounding
+#: whitespace is ignored. Any other text that is not a number is an error.
+MISSING_MARKERS = frozenset(
+    [
+        "",
+        "NA",
+        "N/A",
+        "n/a",
+        "NaN",
+        "nan",
+        "-NaN",
+        "-nan",
+        "NULL",
+        "null",
+        "None",
+        "<NA>",
+        "#N/A",
+        "#N/A N/A",
+        "#NA",
+        "1.#IND",
+        "-1.#IND",
+        "1.#QNAN",
+        "-1.#QNAN",
+    ]
+)
+_MISSING_HINT = (
+    "a number: the cell is empty or a missing-value marker; pass allow_missing=True to store "
+    "missing features as NaN"
+)
+
+
+@dataclass(frozen=True)
+class _Reader:
+    """Where and how to read the CSV file."""
+
+    path: Path
+    delimiter: str
+    encoding: str
+    block_rows: int
+
+    def header(self) -> tuple[list[str], int]:
+        """Column names and the number of data rows in the first line after the header (0 or
+        1). Raises SourceNotFoundError for an empty file, InvalidSourceError if unparsable."""
+        import pandas as pd
+
+        try:
+            # index_col=None lets pandas show a first row with one field too many (as an index)
+            head = self._read(nrows=1, dtype=str, index_col=None)
+        except pd.errors.EmptyDataError:
+            raise SourceNotFoundError(f"CSV file {str(self.path)!r} is empty (no header line)") from None
+        header = [str(c) for c in head.columns]
+        if not isinstance(head.index, pd.RangeIndex):  # pandas took the extra first field as an index
+            raise InvalidSourceError(
+                f"{str(self.path)!r}: row 0 (line 2 of the file) has more fields than the header's "
+                f"{len(header)} columns {header}; quote values that contain {self.delimiter!r}, or check "
+                f"delimiter={self.delimiter!r}"
+            )
+        return header, len(head)
+
+    def blocks(
+        self, usecols: list[str] | None = None, dtype: Any = None
+    ) -> Iterator[tuple[int, pd.DataFrame]]:
+        """``(first_row, block)`` for consecutive blocks of up to ``block_rows`` data rows; cells
+        are kept as written (no missing-value conversion). Rows are 0-based over data rows.
+
+        Only without ``usecols`` does pandas check that no row has more fields than the header
+        (with it, extra fields are dropped silently)."""
+        start = 0
+        with self._read(usecols=usecols, dtype=dtype, chunksize=self.block_rows) as reader:
+            for block in self._translate_errors(reader):
+                yield start, block
+                start += len(block)
+
+    def _read(self, **kwargs: Any) -> Any:
+        import pandas as pd
+
+        kwargs = {"index_col": False, "na_filter": False, **kwargs}
+        try:
+            return pd.read_csv(self.path, sep=self.delimiter, encoding=self.encoding, **kwargs)
+        except (pd.errors.ParserError, UnicodeDecodeError) as e:
+            raise self._parse_error(e) from e
+
+    def _translate_errors(self, reader: Any) -> Iterator[pd.DataFrame]:
+        import pandas as pd
+
+        try:
+            yield from reader
+        except (pd.errors.ParserError, UnicodeDecodeError) as e:
+            raise self._parse_error(e) from e
+
+    def _parse_error(self, e: Exception) -> InvalidSourceError:
+        return InvalidSourceError(
+            f"cannot read {str(self.path)!r} as CSV ({type(e).__name__}: {str(e).strip()}); check "
+            f"delimiter={self.delimiter!r} and encoding={self.encoding!r}, and quote values that "
+            "contain the delimiter"
+        )
+
+
+@dataclass(frozen=True)
+class _Labels:
+    """How the label column is stored: ``kind`` is ``"int"`` (int64 as written), ``"float"``
+    (float32, regression targets) or ``"class"`` (int64 index into ``class_names``)."""
+
+    column: str
+    kind: str
+    class_names: tuple[str, ...] = ()
+    rows: int = 0
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(np.float32 if self.kind == "float" else np.int64)
+
+    def encode(self, values: pd.Series) -> np.ndarray:
+        import pandas as pd
+
+        if self.kind == "class":
+            codes = pd.Categorical(values, categories=list(self.class_names)).codes.astype(np.int64)
+            if (codes < 0).any():
+                raise InvalidSourceError(
+                    f"label column {self.column!r} holds a value that its first reading did not: "
+                    "the file changed while being ingested"
+                )
+            return codes
+        return pd.to_numeric(values).to_numpy(self.dtype)
+
+
+def ingest_csv(
+    src: str | os.PathLike[str],
+    dest: str | os.PathLike[str],
+    *,
+    label_column: str | None = None,
+    feature_columns: Sequence[str] | None = None,
+    allow_missing: bool = False,
+    delimiter: str = ",",
+    encoding: str = "utf-8",
+    block_rows: int = 65536,
+    chunk_len: int | None = None,
+    compression: str | Compression | None = "lz4",
+    overwrite: bool = False,
+    progress: bool = False,
+) -> Store:
+    """Ingest a CSV file with a header line: feature columns -> ``x``, the label column -> ``y``.
+
+    Sample ``i`` is data row ``i`` of the file (0-based, the header line not counted; line
+    ``i + 2`` when no quoted cell spans lines), so no per-sample provenance array is stored:
+    ``store.metadata["source"]`` names the file and its number of rows.
+
+    Args:
+        src: the CSV file; its first line names the columns.
+        dest: ``*.zarr`` or ``*.h5`` / ``*.hdf5``.
+        label_column: the column stored as ``y``; ``None`` for unlabeled data (``x`` only).
+            Labels are stored as written if every label is an integer (``y`` int64), as
+            float32 if every label is a number (regression), and otherwise as class names:
+            ``y`` int64 is the index of the label in the sorted unique names
+            (``metadata["class_names"]``, ``metadata["label_mapping"]``; note that string
+            sorting puts ``"10"`` before ``"2"``).
+        feature_columns: the columns stored as ``x``, in this order; default: every column
+            but the label column, in file order.
+        allow_missing: store missing feature cells (empty, or a marker in
+            :data:`MISSING_MARKERS` such as ``NA`` or ``NaN``) as NaN instead of raising.
+        delimiter: the field separator.
+        encoding: the file's text encoding.
+        block_rows: rows read and converted at a time (memory is about a few blocks).
+        chunk_len: samples per chunk (default: about 4 MiB of ``x``; with a label column, at
+            most the number of rows).
+        compression: ``None``, ``"lz4"``, ``"zstd"`` or ``"zlib"``.
+        overwrite: replace an existing store at ``dest``.
+        progress: show a progress bar.
+
+    Returns:
+        The opened Store: ``x`` float32 ``(n, len(feature_columns))``; ``y`` ``(n,)`` int64 or
+        float32 when ``label_column`` is given. Metadata: ``feature_names``, ``label_column``,
+        ``label_kind`` (``"int"``, ``"float"``, ``"class"``), ``class_names`` and
+        ``label_mapping`` (class labels only), and ``source`` =
+        ``{"kind": "csv", "path": <absolute path>, "rows": n}``.
+
+    Raises:
+        SourceNotFoundError: ``src`` does not exist, is empty, or has no data rows.
+        InvalidSourceError: ``label_column`` or a feature column is not in the header (the
+            message lists the header), the file cannot be parsed, or a label is missing
+            (naming the row).
+        CSVValueError: a feature cell is not a number, or is missing without
+            ``allow_missing`` (naming the file, the 0-based data row and the column).
+        StoreExistsError: ``dest`` exists and ``overwrite`` is false.
+    """
+    if not isinstance(block_rows, int) or isinstance(block_rows, bool) or block_rows < 1:
+        raise ValueError(f"block_rows must be a positive int, got {block_rows!r}")
+    path = Path(src)
+    if not path.is_file():
+        raise SourceNotFoundError(f"CSV file {str(path)!r} does not exist or is not a file")
+    reader = _Reader(path, delimiter, encoding, block_rows)
+    header, first_rows = reader.header()
+    if first_rows == 0:
+        raise SourceNotFoundError(f"CSV file {str(path)!r} has a header line but no data rows")
+    features = _feature_columns(path, header, label_column, feature_columns)
+    labels = _scan_labels(reader, label_column) if label_column is not None else None
+
+    specs = {"x": field_spec("x", (len(features),), np.float32)}
+    if labels is not None:
+        specs["y"] = field_spec("y", (), labels.dtype)
+        if chunk_len is None:  # a small table is one chunk of its own size, not a padded 4 MiB one
+            chunk_len = choose_chunk_len(specs, labels.rows)
+    dtype = {label_column: str} if label_column is not None else None
+    rows = 0
+    total = labels.rows if labels is not None else None
+    with (
+        StoreWriter(dest, specs, chunk_len=chunk_len, compression=compression, overwrite=overwrite) as w,
+        progress_bar(progress, total, f"ingest {os.fspath(dest)}", unit="row") as bar,
+    ):
+        for start, block in reader.blocks(dtype=dtype):  # all columns, so extra fields are errors
+            w.append("x", _features(block, features, start, str(path), allow_missing))
+            if labels is not None:
+                w.append("y", labels.encode(block[labels.column]))
+            rows = start + len(block)
+            bar.update(len(block))
+        w.attrs.update(_attrs(path, rows, features, labels))
+    return w.close()
+
+
+def _feature_columns(
+    path: Path, header: list[str], label_column: str | None, feature_columns: Sequence[str] | None
+) -> list[str]:
+    """Validate ``label_column`` and ``feature_columns`` against the header."""
+    if label_column is not None and label_column not in header:
+        raise InvalidSourceError(
+            f"{str(path)!r} has no column {label_column!r} (label_column); its header is {header}"
+        )
+    if feature_columns is None:
+        features = [c for c in header if c != label_column]
+    else:
+        features = [feature_columns] if isinstance(feature_columns, str) else list(feature_columns)
+        unknown = [c for c in features if c not in header]
+        if unknown:
+            raise InvalidSourceError(
+                f"{str(path)!r} has no column(s) {unknown} (feature_columns); its header is {header}"
+            )
+        duplicates = sorted({c for c in features if features.count(c) > 1})
+        if duplicates:
+            raise InvalidSourceError(f"feature_columns lists {duplicates} more than once")
+        if label_column in features:
+            raise InvalidSourceError(f"column {label_column!r} is both the label_column and a feature column")
+    if not features:
+        raise InvalidSourceError(f"{str(path)!r}: no feature columns to store; its header is {header}")
+    return features
+
+
+def _missing(text: pd.Series) -> np.ndarray:
+    """Boolean mask of the cells of a text column that hold no value."""
+    return (text.isna() | text.str.strip().isin(MISSING_MARKERS)).to_numpy(bool)
+
+
+def _label_blocks(reader: _Reader, column: str) -> Iterator[tuple[int, pd.Series]]:
+    """``(first_row, label texts)`` per block. Raises InvalidSourceError naming the first row
+    without a label."""
+    for start, block in reader.blocks([column], dtype=str):
+        text = block[column]
+        missing = _missing(text)
+        if missing.any():
+            row = start + int(np.argmax(missing))
+            raise InvalidSourceError(
+                f"{str(reader.path)!r}: row {row} (line {row + 2} of the file) has no label in column "
+                f"{column!r} (value {text.iloc[row - start]!r}). Every row needs a label: fill it in or "
+                "remove the row."
+            )
+        yield start, text
+
+
+def _scan_labels(reader: _Reader, column: str) -> _Labels:
+    """Read the label column alone to decide the label kind (and the class names).
+
+    Numeric labels need one pass, class labels a second one that collects the names: only
+    class labels are gathered in memory, never a regression target's values."""
+    import pandas as pd
+
+    all_int = True
+    rows = 0
+    for start, text in _label_blocks(reader, column):
+        numbers = pd.to_numeric(text, errors="coerce")
+        if numbers.isna().any():
+            return _class_labels(reader, column)
+        all_int = all_int and numbers.dtype.kind == "i"
+        rows = start + len(text)
+    return _Labels(column, "int" if all_int else "float", rows=rows)
+
+
+def _class_labels(reader: _Reader, column: str) -> _Labels:
+    names: set[str] = set()
+    rows = 0
+    for start, text in _label_blocks(reader, column):
+        names.update(text.unique().tolist())
+        rows = start + len(text)
+    return _Labels(column, "class", tuple(sorted(names)), rows=rows)
+
+
+def _features(
+    block: pd.DataFrame, features: list[str], start: int, path: str, allow_missing: bool
+) -> np.ndarray:
+    """The block's feature columns as float32 ``(rows, len(features))``.
+
+    Raises CSVValueError for the first (by row, then column) cell that is not a number, or is
+    missing while ``allow_missing`` is false."""
+    out = np.empty((len(block), len(features)), dtype=np.float32)
+    first: tuple[int, int, bool] | None = None  # (row in block, column index, is missing)
+    for j, name in enumerate(features):
+        values, missing, bad = _numeric_column(block[name])
+        problem = bad | missing if not allow_missing else bad
+        if problem.any():
+            i = int(np.argmax(problem))
+            if first is None or (i, j) < first[:2]:
+                first = (i, j, bool(missing[i]))
+        out[:, j] = values
+    if first is not None:
+        i, j, is_missing = first
+        value = block[features[j]].iloc[i]
+        raise CSVValueError(
+            path,
+            start + i,
+            features[j],
+            "" if _is_na(value) else str(value),
+            _MISSING_HINT if is_missing else "a number",
+        )
+    return out
+
+
+def _numeric_column(col: pd.Series) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(values, missing, bad)`` of one feature column: float64 values (NaN where missing or
+    bad) and boolean masks of missing cells and of cells that are not numbers."""
+    import pandas as pd
+
+    if col.dtype.kind in "iuf":  # pandas parsed every cell as a number (a short row gives NaN)
+        values = col.to_numpy(np.float64)
+        missing = np.isnan(values)
+        return values, missing, np.zeros(len(col), dtype=bool)
+    text = col.astype(str).where(col.notna())  # True/False are text here, not numbers
+    values = pd.to_numeric(text, errors="coerce").to_numpy(np.float64, na_value=np.nan)
+    missing = _missing(text)
+    return values, missing, np.isnan(values) & ~missing
+
+
+def _is_na(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and np.isnan(value))
+
+
+def _attrs(path: Path, rows: int, features: list[str], labels: _Labels | None) -> dict[str, Any]:
+    attrs: dict[str, Any] = {
+        "feature_names": features,
+        "label_column": None if labels is None else labels.column,
+        "label_kind": None if labels is None else labels.kind,
+        "source": {"kind": "csv", "path": str(path.resolve()), "rows": rows},
+    }
+    if labels is not None and labels.kind == "class":
+        attrs["class_names"] = list(labels.class_names)
+        attrs["label_mapping"] = {name: i for i, name in enumerate(labels.class_names)}
+    return attrs
