@@ -7,6 +7,7 @@
     oocseq ingest npy SRC [SRC ...] DEST           # .npy files concatenated along axis 0
     oocseq info STORE                              # fields, chunking, compression, classes
     oocseq verify STORE                            # read every chunk, check its checksum
+    oocseq bench STORE                             # samples/s of a shuffled epoch here
 
 Errors print ``oocseq: error: <message>`` on stderr and exit with status 1 (2 for a wrong
 command line). Importing this module imports no ML framework; each command imports what it
@@ -70,6 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
     verify = commands.add_parser("verify", help="read every chunk of a store and check its checksum")
     verify.add_argument("store", metavar="STORE")
     verify.set_defaults(run=_run_verify)
+
+    bench = commands.add_parser("bench", help="time a shuffled epoch of a store: samples/s, MB/s, chunk decodes, memory")
+    bench.add_argument("store", metavar="STORE")
+    bench.add_argument("--batch-size", type=_positive_int, default=128, help="samples per batch (default 128)")
+    bench.add_argument("--window", type=_positive_int, default=None, help="chunks per shuffle window")
+    bench.add_argument("--threads", type=int, default=None, help="decoding threads (default: cores, at most 4)")
+    bench.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    bench.set_defaults(run=_run_bench)
     return parser
 
 
@@ -263,6 +272,19 @@ def _run_verify(args: argparse.Namespace) -> None:
     print(
         f"OK {store.path}: all {store.num_chunks} chunks of {len(store.fields)} field(s) match their checksums"
     )
+
+
+def _run_bench(args: argparse.Namespace) -> None:
+    from .bench import bench_store, format_results
+    from .sequence import ReadOptions
+    from .store import open_store
+
+    store = open_store(args.store)
+    results = bench_store(
+        store, batch_size=args.batch_size, window=args.window, read=ReadOptions(threads=args.threads),
+        progress=not args.quiet,
+    )
+    print(format_results(store, results))
 
 
 def describe(store: Any) -> str:

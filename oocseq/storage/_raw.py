@@ -62,6 +62,11 @@ class MappedFile:
     def pread(self, offset: int, nbytes: int) -> bytes:
         return os.pread(self.fd, nbytes, offset)
 
+    def pread_into(self, offset: int, out: np.ndarray, where: str) -> None:
+        """Read ``out.nbytes`` bytes at ``offset`` straight into ``out`` (one kernel copy, no
+        page faults on a mapping)."""
+        read_exactly_into(self.fd, offset, out, where)
+
     def close(self) -> None:
         if self.map is not None:
             try:
@@ -77,6 +82,29 @@ def _into(chunk: np.ndarray, out: np.ndarray | None) -> np.ndarray:
         return chunk
     np.copyto(out, chunk)
     return out
+
+
+def read_exactly_into(fd: int, offset: int, out: np.ndarray, where: str) -> None:
+    """``os.preadv`` of ``out.nbytes`` bytes at ``offset`` into C-contiguous ``out``."""
+    view = memoryview(out.reshape(-1).view(np.uint8))
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got <= 0:
+            raise CorruptStoreError(f"{where}: file ends {len(view) - done} bytes before the chunk does")
+        done += got
+
+
+def read_file_into(path: os.PathLike[str] | str, out: np.ndarray, where: str) -> None:
+    """Read a file that must hold exactly ``out.nbytes`` bytes into ``out``."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        if size != out.nbytes:
+            raise CorruptStoreError(f"{where}: uncompressed chunk file has {size} bytes, expected {out.nbytes}")
+        read_exactly_into(fd, 0, out, where)
+    finally:
+        os.close(fd)
 
 
 def read_whole_file(path: os.PathLike[str] | str) -> bytes:

@@ -11,7 +11,7 @@ import zarr
 from ..errors import CorruptStoreError
 from ..manifest import ATTR_KEY, AUX_GROUP, Compression, FieldSpec
 from ._base import StorageReader, StorageWriter
-from ._raw import _into, blosc_decode_into, map_whole_file, read_whole_file
+from ._raw import _into, blosc_decode_into, map_whole_file, read_file_into, read_whole_file
 
 # Codecs a store may use. Anything else (notably numcodecs.pickle, which runs arbitrary code
 # when decoding) is refused before zarr ever decodes a chunk.
@@ -94,6 +94,9 @@ class ZarrReader(StorageReader):
         path = self._chunk_file(name, c, arr.ndim)
         shape = (arr.chunks[0], *arr.shape[1:])  # files hold whole chunks, the last one padded
         where = f"{self.path}: chunk {c} of field {name!r} ({path})"
+        if kind == "raw" and out is not None and stop - start == shape[0]:
+            read_file_into(path, out, where)  # one kernel copy into the window buffer
+            return out
         if kind == "raw":
             nbytes = int(np.prod(shape)) * arr.dtype.itemsize
             chunk = np.frombuffer(map_whole_file(path, nbytes, where), dtype=arr.dtype).reshape(shape)
