@@ -8,6 +8,7 @@ Importing oocseq imports no ML framework.
 from __future__ import annotations
 
 from .errors import (
+    ArgumentError,
     BatchIndexError,
     CorruptStoreError,
     CSVValueError,
@@ -17,6 +18,7 @@ from .errors import (
     InvalidSourceError,
     NotAStoreError,
     OocseqError,
+    OutOfRangeError,
     SourceNotFoundError,
     StoreExistsError,
     StoreNotFoundError,
@@ -32,6 +34,7 @@ from .store import FieldInfo, FieldView, Store, open_store
 __version__ = "0.1.0"
 
 __all__ = [
+    "ArgumentError",
     "BatchIndexError",
     "CSVValueError",
     "ChunkedSequence",
@@ -45,6 +48,7 @@ __all__ = [
     "InvalidSourceError",
     "NotAStoreError",
     "OocseqError",
+    "OutOfRangeError",
     "ReadOptions",
     "SourceNotFoundError",
     "Store",

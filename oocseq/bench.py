@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import ArgumentError
 from .sequence import ChunkedSequence, ReadOptions
 from .store import Store
 
@@ -73,7 +74,7 @@ def bench_store(
     results = []
     for order in orders:
         if order not in ("in order", "keras order"):
-            raise ValueError(f"unknown order {order!r}: use 'in order' or 'keras order'")
+            raise ArgumentError(f"unknown order {order!r}: use 'in order' or 'keras order'")
         seq = ChunkedSequence(store, batch_size, x=fields, y=None, seed=seed, window=window, read=read)
         requests = np.arange(len(seq))
         if order == "keras order":

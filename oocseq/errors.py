@@ -19,6 +19,8 @@ __all__ = [
     "CSVValueError",
     "FieldLengthError",
     "BatchIndexError",
+    "ArgumentError",
+    "OutOfRangeError",
 ]
 
 
@@ -88,5 +90,13 @@ class FieldLengthError(InvalidSourceError):
     """Fields given to an ingestion do not have the same number of samples."""
 
 
-class BatchIndexError(OocseqError, IndexError):
+class ArgumentError(OocseqError, ValueError):
+    """An argument oocseq cannot accept (a negative batch size, an unknown option, ...)."""
+
+
+class OutOfRangeError(OocseqError, IndexError):
+    """An index (sample, chunk, batch) outside its range."""
+
+
+class BatchIndexError(OutOfRangeError):
     """A batch index outside ``range(len(seq))``."""

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import CorruptStoreError, NotAStoreError
+from .errors import ArgumentError, CorruptStoreError, NotAStoreError
 
 FORMAT_NAME = "oocseq"
 FORMAT_VERSION = 1
@@ -36,7 +36,7 @@ _FIELD_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,127}$")
 def check_field_name(name: object) -> str:
     """Return ``name`` if it is a valid field name (letters, digits, ``_.-``; a letter first)."""
     if not isinstance(name, str) or not _FIELD_NAME.match(name):
-        raise ValueError(
+        raise ArgumentError(
             f"invalid field name {name!r}: use 1-128 letters, digits, '_', '.' or '-', "
             "starting with a letter"
         )
@@ -68,9 +68,9 @@ class Compression:
 
     def __post_init__(self) -> None:
         if self.cname not in COMPRESSIONS:
-            raise ValueError(f"compression must be None or one of {COMPRESSIONS}, not {self.cname!r}")
+            raise ArgumentError(f"compression must be None or one of {COMPRESSIONS}, not {self.cname!r}")
         if not isinstance(self.clevel, int) or not 0 <= self.clevel <= 9:
-            raise ValueError(f"compression level must be an int in 0..9, not {self.clevel!r}")
+            raise ArgumentError(f"compression level must be an int in 0..9, not {self.clevel!r}")
 
     @classmethod
     def parse(cls, value: str | Compression | None, level: int | None = None) -> Compression | None:
@@ -78,7 +78,7 @@ class Compression:
         if value is None or isinstance(value, Compression):
             return value
         if not isinstance(value, str):
-            raise ValueError(f"compression must be None or one of {COMPRESSIONS}, not {value!r}")
+            raise ArgumentError(f"compression must be None or one of {COMPRESSIONS}, not {value!r}")
         return cls(value, 5 if level is None else level)
 
     def to_json(self) -> dict[str, Any]:
@@ -175,7 +175,7 @@ class Manifest:
             shape, dtype = spec.get("shape"), spec.get("dtype")
             if not isinstance(shape, list) or not all(_is_int(s) and s >= 0 for s in shape):
                 raise bad(f"field {name!r}: 'shape' must be a list of non-negative ints")
-            if dtype not in ALLOWED_DTYPES:
+            if not isinstance(dtype, str) or dtype not in ALLOWED_DTYPES:
                 raise bad(f"field {name!r}: dtype {dtype!r} is not one of {sorted(ALLOWED_DTYPES)}")
             fields[name] = FieldSpec(tuple(shape), np.dtype(dtype))
         comp = doc.get("compression")

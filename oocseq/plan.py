@@ -28,6 +28,8 @@ from collections import OrderedDict
 
 import numpy as np
 
+from .errors import ArgumentError
+
 __all__ = ["EpochPlan", "epoch_order", "permutation", "num_batches", "default_window", "DEFAULT_MIN_WINDOW"]
 
 _MASK = (1 << 64) - 1
@@ -80,7 +82,7 @@ def num_batches(n: int, batch_size: int, drop_remainder: bool) -> int:
 
 def _check(name: str, value: object, minimum: int) -> int:
     if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+        raise ArgumentError(f"{name} must be an int >= {minimum}, got {value!r}")
     return int(value)
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from .cache import FieldLayout, WindowCache, default_threads
-from .errors import BatchIndexError, FieldNotFoundError, InvalidSourceError
+from .errors import ArgumentError, BatchIndexError, FieldNotFoundError, InvalidSourceError
 from .plan import EpochPlan, default_window, num_batches
 from .store import Store
 
@@ -46,9 +46,9 @@ class ReadOptions:
 
     def __post_init__(self) -> None:
         if not isinstance(self.readahead, int) or self.readahead < 0:
-            raise ValueError(f"readahead must be an int >= 0, got {self.readahead!r}")
+            raise ArgumentError(f"readahead must be an int >= 0, got {self.readahead!r}")
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 0):
-            raise ValueError(f"threads must be None or an int >= 0, got {self.threads!r}")
+            raise ArgumentError(f"threads must be None or an int >= 0, got {self.threads!r}")
 
 
 class _Runtime:
@@ -168,20 +168,20 @@ class ChunkedSequence:
     ) -> None:
         self.store = store if isinstance(store, Store) else Store(store)
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+            raise ArgumentError(f"batch_size must be a positive int, got {batch_size!r}")
         if not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+            raise ArgumentError(f"seed must be an int >= 0, got {seed!r}")
         if x is None:
-            raise ValueError("x must name at least one field")
+            raise ArgumentError("x must name at least one field")
         if serve not in ("arrival", "index"):
-            raise ValueError(f"serve must be 'arrival' or 'index', got {serve!r}")
+            raise ArgumentError(f"serve must be 'arrival' or 'index', got {serve!r}")
         self.batch_size = batch_size
         self.x, self.y = x, y
         self.shuffle = bool(shuffle)
         self.seed = seed
         self.window = default_window(self.store.chunk_len, batch_size) if window is None else window
         if not isinstance(self.window, int) or self.window < 1:
-            raise ValueError(f"window must be a positive int (chunks), got {window!r}")
+            raise ArgumentError(f"window must be a positive int (chunks), got {window!r}")
         self.drop_remainder = bool(drop_remainder)
         self.transform = transform
         self.num_classes = num_classes
@@ -205,11 +205,11 @@ class ChunkedSequence:
 
     def _check_targets(self) -> None:
         if self.sample_weight is not None and self.class_weight is not None:
-            raise ValueError("give sample_weight or class_weight, not both")
+            raise ArgumentError("give sample_weight or class_weight, not both")
         if (self.num_classes is not None or self.class_weight is not None) and not isinstance(self.y, str):
-            raise ValueError("num_classes and class_weight need y to be one integer field")
+            raise ArgumentError("num_classes and class_weight need y to be one integer field")
         if self.num_classes is not None and (not isinstance(self.num_classes, int) or self.num_classes < 1):
-            raise ValueError(f"num_classes must be a positive int, got {self.num_classes!r}")
+            raise ArgumentError(f"num_classes must be a positive int, got {self.num_classes!r}")
 
     # -- per-process state: locks, the cache and its threads, the position in the epoch --------
     @property
@@ -249,7 +249,7 @@ class ChunkedSequence:
     def set_epoch(self, epoch: int) -> None:
         """Serve epoch ``epoch``'s order from now on, from its first batch."""
         if not isinstance(epoch, int) or epoch < 0:
-            raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
+            raise ArgumentError(f"epoch must be an int >= 0, got {epoch!r}")
         rt = self._rt
         with rt.lock:
             self._epoch = epoch
@@ -405,7 +405,7 @@ class ChunkedSequence:
         k = self.num_classes
         labels = np.asarray(labels)
         if labels.ndim != 1 or labels.dtype.kind not in "iu":
-            raise ValueError(f"num_classes needs a 1-D integer y field, {self.y!r} is {labels.dtype} {labels.shape[1:]}")
+            raise ArgumentError(f"num_classes needs a 1-D integer y field, {self.y!r} is {labels.dtype} {labels.shape[1:]}")
         bad = (labels < 0) | (labels >= k)
         if bad.any():
             raise self._label_error(labels, bad, idx, f"an int in [0, {k}) (num_classes={k})")

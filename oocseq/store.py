@@ -16,7 +16,14 @@ from typing import Any
 
 import numpy as np
 
-from .errors import CorruptStoreError, FieldNotFoundError, NotAStoreError, StoreNotFoundError
+from .errors import (
+    ArgumentError,
+    CorruptStoreError,
+    FieldNotFoundError,
+    NotAStoreError,
+    OutOfRangeError,
+    StoreNotFoundError,
+)
 from .manifest import Manifest
 from .storage import StorageReader, open_reader, store_format
 
@@ -128,9 +135,9 @@ class Store:
         (``class_names``, ``feature_names``, ``label_mapping``, ``source``, ``preshuffle`` ...)."""
         comp = self.manifest.compression
         return {
+            **self.manifest.attrs,
             "format_version": self.manifest.format_version,
             "compression": None if comp is None else comp.to_json(),
-            **self.manifest.attrs,
         }
 
     @property
@@ -139,7 +146,8 @@ class Store:
         ``"file.csv:row"``), or ``None`` if the ingestion recorded none."""
         if "source" not in self.manifest.aux:
             return None
-        return self._open().read_aux("source")
+        values = self._open().read_aux("source")  # StringDType from zarr, object from h5py
+        return np.array(values.tolist(), dtype=str)
 
     def stored_nbytes(self, name: str) -> int:
         """Bytes the chunks of field ``name`` take on disk."""
@@ -164,7 +172,7 @@ class Store:
         CorruptStoreError for a missing or undecodable chunk."""
         self._check_field(name)
         if not 0 <= c < self.num_chunks:
-            raise IndexError(f"chunk {c} out of range: {self.path} has {self.num_chunks} chunks")
+            raise OutOfRangeError(f"chunk {c} out of range: {self.path} has {self.num_chunks} chunks")
         start, stop = self.manifest.chunk_bounds(c)
         return self._open().read_chunk(name, c, start, stop)
 
@@ -173,10 +181,10 @@ class Store:
         in place where the format allows. Raises as :meth:`read_chunk`."""
         self._check_field(name)
         if not 0 <= c < self.num_chunks:
-            raise IndexError(f"chunk {c} out of range: {self.path} has {self.num_chunks} chunks")
+            raise OutOfRangeError(f"chunk {c} out of range: {self.path} has {self.num_chunks} chunks")
         start, stop = self.manifest.chunk_bounds(c)
         if out.shape[0] != stop - start:
-            raise ValueError(f"chunk {c} of {name!r} has {stop - start} samples, out has {out.shape[0]}")
+            raise ArgumentError(f"chunk {c} of {name!r} has {stop - start} samples, out has {out.shape[0]}")
         self._open().read_chunk_into(name, c, start, stop, out)
 
     def __getitem__(self, name: str) -> FieldView:
@@ -231,14 +239,16 @@ class FieldView:
         return out if dtype is None else out.astype(dtype, copy=False)
 
     def __getitem__(self, key: Any) -> np.ndarray:
-        rest: tuple[Any, ...] = ()
-        if isinstance(key, tuple):
-            key, rest = (key[0], key[1:]) if key else (slice(None), ())
+        if not isinstance(key, tuple):
+            key = (key,)
+        if key and key[0] is Ellipsis:  # view[..., k] is view[:, ..., k]
+            key = (slice(None), *key) if len(key) > 1 else (slice(None),)
+        key, rest = (key[0], key[1:]) if key else (slice(None), ())
         n = len(self)
         if isinstance(key, (int, np.integer)):
             i = int(key)
             if not -n <= i < n:
-                raise IndexError(f"index {i} out of range for field {self.name!r} of {n} samples")
+                raise OutOfRangeError(f"index {i} out of range for field {self.name!r} of {n} samples")
             out = self._gather(np.array([i % n], dtype=np.int64))[0]
         elif isinstance(key, slice):
             out = self._gather(np.arange(n, dtype=np.int64)[key])
@@ -246,15 +256,18 @@ class FieldView:
             idx = np.asarray(key)
             if idx.dtype == bool:
                 if idx.shape != (n,):
-                    raise IndexError(f"boolean index of shape {idx.shape}, field {self.name!r} has {n} samples")
+                    raise OutOfRangeError(f"boolean index of shape {idx.shape}, field {self.name!r} has {n} samples")
                 idx = np.flatnonzero(idx)
             if idx.dtype.kind not in "iu":
-                raise IndexError(f"cannot index field {self.name!r} with {key!r}")
+                raise OutOfRangeError(f"cannot index field {self.name!r} with {key!r}")
             idx = idx.astype(np.int64)
             if idx.size and (idx.min() < -n or idx.max() >= n):
-                raise IndexError(f"indices out of range for field {self.name!r} of {n} samples")
+                raise OutOfRangeError(f"indices out of range for field {self.name!r} of {n} samples")
             out = self._gather(idx % max(n, 1))
-        return out[(Ellipsis, *rest)] if rest else out
+        if not rest:
+            return out
+        # the sample axis is gone after an int key, kept after a slice / index array
+        return out[rest] if isinstance(key, (int, np.integer)) else out[(slice(None), *rest)]
 
     def _gather(self, idx: np.ndarray) -> np.ndarray:
         from ._gather import gather

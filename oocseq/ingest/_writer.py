@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import FieldLengthError, InvalidSourceError, StoreExistsError
+from ..errors import ArgumentError, FieldLengthError, InvalidSourceError, StoreExistsError
 from ..manifest import ALLOWED_DTYPES, Compression, FieldSpec, Manifest, check_field_name
 from ..storage import create_writer, store_format
 from ..store import Store
@@ -85,7 +85,7 @@ class StoreWriter:
         if chunk_len is None:
             chunk_len = choose_chunk_len(specs)
         if not isinstance(chunk_len, int) or isinstance(chunk_len, bool) or chunk_len < 1:
-            raise ValueError(f"chunk_len must be a positive int, got {chunk_len!r}")
+            raise ArgumentError(f"chunk_len must be a positive int, got {chunk_len!r}")
         self.specs = specs
         self.chunk_len = chunk_len
         self.compression = Compression.parse(compression)
@@ -120,9 +120,15 @@ class StoreWriter:
     def append(self, name: str, data: Any) -> None:
         """Append samples (an array of shape ``(k, *sample_shape)``) to field ``name``.
 
-        Raises InvalidSourceError if the shape or dtype differs from the field's spec."""
+        Samples of a dtype that casts safely to the field's (e.g. int16 into int64) are cast;
+        raises InvalidSourceError if the shape differs or the dtype does not cast safely."""
         spec = self.specs[name]
         arr = np.asarray(data)
+        if arr.ndim == 0:
+            raise InvalidSourceError(
+                f"field {name!r}: got a scalar batch after {self.samples_written(name)} samples; "
+                "batches need a sample axis"
+            )
         if arr.shape[1:] != spec.shape:
             raise InvalidSourceError(
                 f"field {name!r}: got samples of shape {arr.shape[1:]} after "

@@ -54,6 +54,15 @@ def ingest_arrays(
     """
     if not fields:
         raise InvalidSourceError("ingest_arrays needs at least one field")
+    if metadata is not None:
+        import json
+
+        from ._writer import _jsonable
+
+        try:
+            json.dumps(_jsonable(dict(metadata)))
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"metadata must be JSON-serialisable: {e}") from None
     sources: dict[str, Any] = {}
     first: dict[str, np.ndarray] = {}
     for name, data in fields.items():

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import CSVValueError, InvalidSourceError, SourceNotFoundError
+from ..errors import ArgumentError, CSVValueError, InvalidSourceError, SourceNotFoundError
 from ..manifest import Compression
 from ..store import Store
 from ._progress import progress_bar
@@ -211,7 +211,7 @@ def ingest_csv(
         StoreExistsError: ``dest`` exists and ``overwrite`` is false.
     """
     if not isinstance(block_rows, int) or isinstance(block_rows, bool) or block_rows < 1:
-        raise ValueError(f"block_rows must be a positive int, got {block_rows!r}")
+        raise ArgumentError(f"block_rows must be a positive int, got {block_rows!r}")
     path = Path(src)
     if not path.is_file():
         raise SourceNotFoundError(f"CSV file {str(path)!r} does not exist or is not a file")

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ImageDecodeError, InvalidSourceError, SourceNotFoundError
+from ..errors import ArgumentError, ImageDecodeError, InvalidSourceError, SourceNotFoundError
 from ..manifest import Compression
 from ..plan import permutation
 from ..store import Store
@@ -47,12 +47,12 @@ class ImageOptions:
     def __post_init__(self) -> None:
         size = tuple(self.image_size) if isinstance(self.image_size, (tuple, list)) else None
         if size is None or len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size):
-            raise ValueError(f"image_size must be (height, width) in pixels, got {self.image_size!r}")
+            raise ArgumentError(f"image_size must be (height, width) in pixels, got {self.image_size!r}")
         object.__setattr__(self, "image_size", size)
         if self.color_mode not in _MODES:
-            raise ValueError(f"color_mode must be one of {sorted(_MODES)}, got {self.color_mode!r}")
+            raise ArgumentError(f"color_mode must be one of {sorted(_MODES)}, got {self.color_mode!r}")
         if self.interpolation not in _INTERPOLATIONS:
-            raise ValueError(f"interpolation must be one of {_INTERPOLATIONS}, got {self.interpolation!r}")
+            raise ArgumentError(f"interpolation must be one of {_INTERPOLATIONS}, got {self.interpolation!r}")
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
@@ -82,7 +82,7 @@ def decode_image(path: str, options: ImageOptions) -> np.ndarray:
 
 def _check_on_error(on_error: str) -> None:
     if on_error not in ("raise", "skip"):
-        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        raise ArgumentError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
 
 
 def _write_images(

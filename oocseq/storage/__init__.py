@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..errors import ArgumentError
 from ._base import StorageReader, StorageWriter
 
 ZARR_SUFFIXES = (".zarr",)
@@ -19,7 +20,7 @@ def store_format(path: str | Path) -> str:
         return "zarr"
     if suffix in HDF5_SUFFIXES:
         return "hdf5"
-    raise ValueError(
+    raise ArgumentError(
         f"cannot tell the store format of {str(path)!r}: name it *.zarr (Zarr v3 directory) "
         "or *.h5 / *.hdf5 (HDF5 file)"
     )

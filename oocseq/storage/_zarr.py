@@ -37,6 +37,10 @@ class ZarrReader(StorageReader):
                 arr = self._group[name]
             except KeyError:
                 raise CorruptStoreError(f"{self.path}: array {name!r} is missing") from None
+            except Exception as e:  # unknown codec / data type, malformed zarr.json ...
+                raise CorruptStoreError(
+                    f"{self.path}: array {name!r} has invalid or unsupported metadata: {e}"
+                ) from None
             if not isinstance(arr, zarr.Array):
                 raise CorruptStoreError(f"{self.path}: {name!r} is not an array")
             _check_codecs(arr, f"{self.path}/{name}")
