@@ -196,12 +196,39 @@ class ChunkedSequence:
                 raise FieldNotFoundError(
                     f"{self.store.path} has no field {name!r}; its fields are {sorted(self.store.fields)}"
                 )
-        self.workers = workers
-        self.use_multiprocessing = use_multiprocessing
-        self.max_queue_size = max_queue_size
+        # Kept where keras.utils.PyDataset keeps them, so that a sequence built before Keras was
+        # imported (or unpickled after) converts to a PyDataset unchanged.
+        self._workers = workers
+        self._use_multiprocessing = use_multiprocessing
+        self._max_queue_size = max_queue_size
         self._epoch = 0
         self._owner_pid = os.getpid()  # arrival order is kept by this process only
         self._rt_pid = -1
+
+    @property
+    def workers(self) -> int:
+        """Keras ``PyDataset`` workers (threads, or processes with ``use_multiprocessing``)."""
+        return self._workers
+
+    @workers.setter
+    def workers(self, value: int) -> None:
+        self._workers = value
+
+    @property
+    def use_multiprocessing(self) -> bool:
+        return self._use_multiprocessing
+
+    @use_multiprocessing.setter
+    def use_multiprocessing(self, value: bool) -> None:
+        self._use_multiprocessing = value
+
+    @property
+    def max_queue_size(self) -> int:
+        return self._max_queue_size
+
+    @max_queue_size.setter
+    def max_queue_size(self, value: int) -> None:
+        self._max_queue_size = value
 
     def _check_targets(self) -> None:
         if self.sample_weight is not None and self.class_weight is not None:
@@ -261,9 +288,12 @@ class ChunkedSequence:
     def on_epoch_end(self) -> None:
         """Move to the next epoch's order, if any batch of this epoch has been served.
 
-        Keras also calls this when ``fit`` / ``evaluate`` start, before any batch is served
-        (``EpochIterator.reset``); skipping those calls keeps ``seq.epoch`` equal to Keras's
-        epoch number. Use :meth:`set_epoch` to change epochs explicitly."""
+        Keras also calls this when ``fit`` / ``evaluate`` start (``EpochIterator.reset``);
+        with no batch served, that call is ignored. But when ``fit`` must first build the
+        model, Keras reads one batch before that call, so its first epoch trains plan epoch 1.
+        To make plan epoch ``k`` train in Keras epoch ``k`` (for reproducing or resuming a run),
+        pass the callback ``oocseq.adapters.keras.SyncEpoch(seq)`` to ``fit``; elsewhere use
+        :meth:`set_epoch`."""
         if self._rt.requests:
             self.set_epoch(self._epoch + 1)
 

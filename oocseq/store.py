@@ -258,6 +258,8 @@ class FieldView:
                 if idx.shape != (n,):
                     raise OutOfRangeError(f"boolean index of shape {idx.shape}, field {self.name!r} has {n} samples")
                 idx = np.flatnonzero(idx)
+            if idx.size == 0:  # np.asarray([]) is float64
+                idx = idx.astype(np.int64)
             if idx.dtype.kind not in "iu":
                 raise OutOfRangeError(f"cannot index field {self.name!r} with {key!r}")
             idx = idx.astype(np.int64)

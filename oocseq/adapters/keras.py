@@ -20,37 +20,26 @@ class KerasChunkedSequence(ChunkedSequence, keras.utils.PyDataset):
     ``PyDataset`` arguments."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        ChunkedSequence.__init__(self, *args, **kwargs)
-
-    # PyDataset keeps these in private attributes behind properties; ChunkedSequence sets them
-    # as plain attributes, so route both through the same names.
-    @property
-    def workers(self) -> int:
-        return self._workers
-
-    @workers.setter
-    def workers(self, value: int) -> None:
-        self._workers = value
-
-    @property
-    def use_multiprocessing(self) -> bool:
-        return self._use_multiprocessing
-
-    @use_multiprocessing.setter
-    def use_multiprocessing(self, value: bool) -> None:
-        self._use_multiprocessing = value
-
-    @property
-    def max_queue_size(self) -> int:
-        return self._max_queue_size
-
-    @max_queue_size.setter
-    def max_queue_size(self, value: int) -> None:
-        self._max_queue_size = value
+        ChunkedSequence.__init__(self, *args, **kwargs)  # sets what PyDataset.__init__ would
 
     @property
     def num_batches(self) -> int:
         return len(self)
+
+
+class SyncEpoch(keras.callbacks.Callback):
+    """Keep a sequence's epoch equal to Keras's: ``seq.set_epoch(epoch)`` at the start of each
+    epoch of ``fit``, so Keras epoch ``k`` trains on plan epoch ``k`` (also with
+    ``initial_epoch``), even when ``fit`` reads a batch first to build the model.
+
+    Example: ``model.fit(seq, epochs=10, callbacks=[SyncEpoch(seq)])``."""
+
+    def __init__(self, seq: ChunkedSequence) -> None:
+        super().__init__()
+        self.seq = seq
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self.seq.set_epoch(epoch)
 
 
 def as_pydataset(seq: ChunkedSequence) -> KerasChunkedSequence:
