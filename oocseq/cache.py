@@ -34,9 +34,10 @@ class FieldLayout:
 class _Window:
     """The decoded buffers of one window and the futures of its chunk decodes."""
 
-    def __init__(self, fields: dict[str, FieldLayout], chunks: np.ndarray, sizes: np.ndarray) -> None:
+    def __init__(self, bases: dict[str, np.ndarray], chunks: np.ndarray, sizes: np.ndarray) -> None:
         total = int(sizes.sum())
-        self.buffers = {f: np.empty((total, *lay.sample_shape), dtype=lay.dtype) for f, lay in fields.items()}
+        self.bases = bases  # full-size buffers, returned to the pool when the window is dropped
+        self.buffers = {f: b[:total] for f, b in bases.items()}
         self.chunks = chunks
         self.offsets = np.r_[0, np.cumsum(sizes)]
         self.futures: list[Future[None]] = []
@@ -49,15 +50,23 @@ class WindowCache:
         decode: writes one chunk of one field into a buffer (see :data:`Decoder`).
         fields: field name -> layout of one sample.
         chunk_len: samples per chunk; ``n`` samples in all (the last chunk may be short).
+        window: chunks per window (sizes the reusable buffers).
         threads: decoding threads; 0 decodes in the calling thread.
     """
 
-    def __init__(self, decode: Decoder, fields: dict[str, FieldLayout], chunk_len: int, n: int, threads: int) -> None:
+    def __init__(
+        self, decode: Decoder, fields: dict[str, FieldLayout], chunk_len: int, n: int, window: int, threads: int
+    ) -> None:
         self._decode = decode
         self._fields = fields
         self._chunk_len = chunk_len
         self._n = n
+        self._window_rows = window * chunk_len
         self._threads = threads
+        # Buffers of dropped windows, reused: no fresh pages (and page faults) per window, and
+        # a resident size that stays flat. Holds at most _max_free sets (windows).
+        self._free: list[dict[str, np.ndarray]] = []
+        self._max_free = 2
         self._pool: ThreadPoolExecutor | None = None
         self._items: dict[Hashable, _Window] = {}
         self._lock = threading.Lock()
@@ -84,7 +93,7 @@ class WindowCache:
                 return window, False
             starts = chunks * self._chunk_len
             sizes = np.minimum(starts + self._chunk_len, self._n) - starts
-            window = _Window(self._fields, chunks, sizes)
+            window = _Window(self._buffers(), chunks, sizes)
             self._items[key] = window
             self.peak_resident = max(self.peak_resident, self._resident_chunks())
             if self._threads > 0:
@@ -119,19 +128,47 @@ class WindowCache:
                 raise
         return window.buffers
 
+    def _buffers(self) -> dict[str, np.ndarray]:
+        """A set of full-window buffers, from the pool if one is free. Call with the lock held."""
+        if self._free:
+            return self._free.pop()
+        rows = self._window_rows
+        return {f: np.empty((rows, *lay.sample_shape), dtype=lay.dtype) for f, lay in self._fields.items()}
+
+    def _recycle(self, window: _Window) -> None:
+        """Return a dropped window's buffers to the pool once no decode writes to them."""
+        pending = [f for f in window.futures if not f.cancel() and not f.done()]
+        if not pending:
+            with self._lock:
+                if len(self._free) < self._max_free:
+                    self._free.append(window.bases)
+            return
+        left = [len(pending)]
+
+        def one_done(_: Future[None]) -> None:
+            with self._lock:
+                left[0] -= 1
+                if left[0] == 0 and len(self._free) < self._max_free:
+                    self._free.append(window.bases)
+
+        for f in pending:
+            f.add_done_callback(one_done)
+
     def _forget(self, key: Hashable, window: _Window) -> None:
         with self._lock:
-            if self._items.get(key) is window:
-                del self._items[key]
+            if self._items.get(key) is not window:
+                return
+            del self._items[key]
+        self._recycle(window)
 
     def retain(self, keys: Iterable[Hashable]) -> None:
-        """Drop every window not in ``keys`` (decodes already running finish, then are freed)."""
+        """Drop every window not in ``keys`` (decodes already running finish, then their
+        buffers are reused)."""
         keep = set(keys)
         with self._lock:
-            for key in [k for k in self._items if k not in keep]:
-                for fut in self._items[key].futures:
-                    fut.cancel()
-                del self._items[key]
+            dropped = [self._items.pop(k) for k in [k for k in self._items if k not in keep]]
+        for window in dropped:
+            self._recycle(window)
 
     def __len__(self) -> int:
         return len(self._items)
@@ -139,6 +176,7 @@ class WindowCache:
     def close(self) -> None:
         with self._lock:
             self._items.clear()
+            self._free.clear()
             pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)

@@ -58,7 +58,7 @@ class _Runtime:
         store = seq.store
         threads = seq.read.threads if seq.read.threads is not None else default_threads()
         layouts = {f: FieldLayout(store.fields[f].shape[1:], store.fields[f].dtype) for f in seq._fields}
-        self.cache = WindowCache(store.read_chunk_into, layouts, store.chunk_len, len(store), threads)
+        self.cache = WindowCache(store.read_chunk_into, layouts, store.chunk_len, len(store), seq.window, threads)
         self.lock = threading.RLock()
         self.plan: EpochPlan | None = None
         self.position = 0  # next plan batch to serve in arrival order
@@ -262,9 +262,10 @@ class ChunkedSequence:
     def max_resident_chunks(self) -> int:
         """Bound on decoded chunks held per field while one batch is being served:
         ``2 * window + batch_size // chunk_len + 1`` for the batch (the locality bound) plus
-        ``read.readahead * window`` decoded ahead. Memory: this times the chunk bytes of each
-        field (``chunk_len * sample bytes``), summed over the fields served, per request in
-        flight."""
+        ``read.readahead * window`` decoded ahead. Decoded memory is at most
+        ``(max_resident_chunks + 2 * window) * chunk_bytes`` summed over the fields served
+        (``chunk_bytes = chunk_len * sample bytes``; the ``2 * window`` are reusable buffers of
+        dropped windows), plus one such term per extra request served concurrently."""
         w, cl = self.window, self.store.chunk_len
         return 2 * w + self.batch_size // cl + 1 + self.read.readahead * w
 
