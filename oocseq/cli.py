@@ -297,7 +297,7 @@ def describe(store: Any) -> str:
         f"store:        {store.path}",
         f"format:       {store.format} (oocseq format version {meta['format_version']})",
         f"samples:      {len(store)}",
-        f"chunk_len:    {store.chunk_len} ({store.num_chunks} chunks)",
+        f"chunk_len:    {store.chunk_len} ({store.num_chunks} chunk{'' if store.num_chunks == 1 else 's'})",
         f"compression:  {_compression(meta['compression'])}",
         "",
         *_field_table(store),
