@@ -30,7 +30,7 @@ import numpy as np
 
 from .errors import ArgumentError
 
-__all__ = ["EpochPlan", "epoch_order", "permutation", "num_batches", "default_window", "DEFAULT_MIN_WINDOW"]
+__all__ = ["EpochPlan", "epoch_order", "permutation", "rank_length", "rank_orders", "REMAINDER_POLICIES", "num_batches", "default_window", "DEFAULT_MIN_WINDOW"]
 
 _MASK = (1 << 64) - 1
 _STREAM_CHUNKS = 1
@@ -87,7 +87,7 @@ def _check(name: str, value: object, minimum: int) -> int:
 
 
 class EpochPlan:
-    """The order of one epoch, computed lazily.
+    """The order of one epoch (of one rank), computed lazily.
 
     Args:
         n: samples in the store (>= 0).
@@ -96,6 +96,16 @@ class EpochPlan:
         seed: any int >= 0.
         epoch: epoch number (>= 0).
         shuffle: ``False`` serves ``0, 1, ..., n-1``.
+        rank, world_size: data-parallel shard. The permuted chunks are dealt round-robin to the
+            ranks, so ranks hold disjoint, chunk-aligned shares of every epoch.
+        remainder: how ranks are evened out, since their shares differ by up to a chunk:
+            ``"pad"`` (default) deals every chunk and repeats a rank's own samples from the
+            start of its order up to ``ceil(num_chunks / world_size) * chunk_len`` positions;
+            ``"drop"`` leaves out the short last chunk and the ``num_full_chunks % world_size``
+            full chunks that do not go round (others each epoch), so each rank serves
+            ``floor(num_full_chunks / world_size) * chunk_len`` samples, none repeated. Every
+            rank serves the same number of positions in every epoch (:func:`rank_length`).
+            With one rank nothing is padded or dropped.
 
     ``plan.indices(start, stop)`` is ``epoch_order(...)[start:stop]`` as int64.
     """
@@ -103,7 +113,16 @@ class EpochPlan:
     _CACHED_WINDOWS = 8
 
     def __init__(
-        self, n: int, chunk_len: int, window: int, seed: int, epoch: int, shuffle: bool = True
+        self,
+        n: int,
+        chunk_len: int,
+        window: int,
+        seed: int,
+        epoch: int,
+        shuffle: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+        remainder: str = "pad",
     ) -> None:
         self.n = _check("n", n, 0)
         self.chunk_len = _check("chunk_len", chunk_len, 1)
@@ -111,17 +130,40 @@ class EpochPlan:
         self.seed = _check("seed", seed, 0)
         self.epoch = _check("epoch", epoch, 0)
         self.shuffle = bool(shuffle)
+        self.world_size = _check("world_size", world_size, 1)
+        self.rank = _check("rank", rank, 0)
+        if self.rank >= self.world_size:
+            raise ArgumentError(f"rank must be in [0, world_size={self.world_size}), got {rank}")
+        if remainder not in REMAINDER_POLICIES:
+            raise ArgumentError(f"remainder must be one of {REMAINDER_POLICIES}, got {remainder!r}")
+        self.remainder = remainder
         num_chunks = -(-self.n // self.chunk_len)
+        if 0 < num_chunks < self.world_size:
+            raise ArgumentError(
+                f"the store has {num_chunks} chunk(s) for world_size={self.world_size} ranks: every rank "
+                "needs a chunk of its own. Ingest with a smaller chunk_len or use fewer ranks."
+            )
         chunk_ids = np.arange(num_chunks, dtype=np.int64)
-        self.chunk_order = (
-            _permutation(self.seed, self.epoch, _STREAM_CHUNKS, chunk_ids) if self.shuffle else chunk_ids
-        )
-        sizes = np.full(num_chunks, self.chunk_len, dtype=np.int64)
-        if num_chunks:
-            sizes[-1] = self.n - (num_chunks - 1) * self.chunk_len
-        sizes = sizes[self.chunk_order]
+        order = _permutation(self.seed, self.epoch, _STREAM_CHUNKS, chunk_ids) if self.shuffle else chunk_ids
+        if self.world_size > 1 and remainder == "drop":
+            # Leave out the short last chunk, then the full chunks that do not go round evenly.
+            full = order[order != self.n // self.chunk_len] if self.n % self.chunk_len else order
+            if len(full) < self.world_size:
+                raise ArgumentError(
+                    f"the store has {len(full)} full chunk(s) for world_size={self.world_size} ranks with "
+                    "remainder='drop'; use remainder='pad', a smaller chunk_len or fewer ranks"
+                )
+            order = full[: len(full) // self.world_size * self.world_size]
+        # Ranks deal the permuted chunks round-robin: disjoint, chunk-aligned shares.
+        self.chunk_order = order[self.rank :: self.world_size]
+        sizes = np.minimum((self.chunk_order + 1) * self.chunk_len, self.n) - self.chunk_order * self.chunk_len
+        #: Samples in this rank's own chunks this epoch.
+        self.own = int(sizes.sum())
+        #: Positions this rank serves each epoch: the same for every rank and every epoch.
+        self.length = rank_length(self.n, self.chunk_len, self.world_size, self.remainder)
         # Sample offset of every window in the epoch order.
-        per_window = np.add.reduceat(sizes, np.arange(0, num_chunks, self.window)) if num_chunks else sizes
+        num_own = len(self.chunk_order)
+        per_window = np.add.reduceat(sizes, np.arange(0, num_own, self.window)) if num_own else sizes
         self.window_offsets = np.r_[0, np.cumsum(per_window)].astype(np.int64)
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
@@ -131,7 +173,8 @@ class EpochPlan:
         return len(self.window_offsets) - 1
 
     def __len__(self) -> int:
-        return self.n
+        """Positions served this epoch (``n`` with one rank)."""
+        return self.length
 
     def window_chunks(self, w: int) -> np.ndarray:
         """Chunk ids of window ``w``, in epoch order."""
@@ -177,23 +220,39 @@ class EpochPlan:
 
     def indices(self, start: int, stop: int) -> np.ndarray:
         """Sample indices at epoch positions ``[start, stop)`` (clipped to ``[0, n)``), int64."""
-        start, stop = max(0, start), min(stop, self.n)
-        if start >= stop:
-            return np.empty(0, dtype=np.int64)
         parts = [self.window_samples(w)[rows] for w, rows in self.window_spans(start, stop)]
+        if not parts:
+            return np.empty(0, dtype=np.int64)
         return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
     def window_spans(self, start: int, stop: int) -> list[tuple[int, np.ndarray]]:
         """Epoch positions ``[start, stop)`` as ``(window, rows)`` pieces, in order: the rows
         of each window's buffer that those positions serve."""
-        start, stop = max(0, start), min(stop, self.n)
-        if start >= stop:
-            return []
-        spans = []
-        for w in range(self.window_of(start), self.window_of(stop - 1) + 1):
-            off = int(self.window_offsets[w])
-            spans.append((w, self.window_rows(w)[max(start - off, 0) : stop - off]))
+        start, stop = max(0, start), min(stop, self.length)
+        spans: list[tuple[int, np.ndarray]] = []
+        # Positions past this rank's own samples (padding) repeat its order from the start.
+        while start < stop:
+            base = start - start % self.own
+            a, b = start - base, min(stop - base, self.own)
+            for w in range(self.window_of(a), self.window_of(b - 1) + 1):
+                off = int(self.window_offsets[w])
+                spans.append((w, self.window_rows(w)[max(a - off, 0) : b - off]))
+            start = base + b
         return spans
+
+
+REMAINDER_POLICIES = ("pad", "drop")
+
+
+def rank_length(n: int, chunk_len: int, world_size: int, remainder: str) -> int:
+    """Positions every rank serves per epoch: ``n`` for one rank; else the largest (``"pad"``)
+    or smallest (``"drop"``) share a rank can hold in any epoch, so that it never varies."""
+    if world_size == 1:
+        return n
+    if remainder == "pad":
+        num_chunks = -(-n // chunk_len)
+        return -(-num_chunks // world_size) * chunk_len
+    return (n // chunk_len) // world_size * chunk_len
 
 
 def epoch_order(
@@ -202,6 +261,17 @@ def epoch_order(
     """The whole order of an epoch (int64 array of shape ``(n,)``): a permutation of
     ``range(n)``. Materialises ``n`` integers; :class:`EpochPlan` does not."""
     return EpochPlan(n, chunk_len, window, seed, epoch, shuffle).indices(0, n)
+
+
+def rank_orders(
+    n: int, chunk_len: int, window: int, seed: int, epoch: int, world_size: int, remainder: str = "pad",
+    shuffle: bool = True,
+) -> list[np.ndarray]:
+    """The epoch order of every rank (a list of ``world_size`` int64 arrays of equal length)."""
+    return [
+        EpochPlan(n, chunk_len, window, seed, epoch, shuffle, r, world_size, remainder).indices(0, n + chunk_len * world_size)
+        for r in range(world_size)
+    ]
 
 
 def permutation(n: int, seed: int) -> np.ndarray:

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from .cache import FieldLayout, WindowCache, default_threads
+from .distributed import detect_rank
 from .errors import ArgumentError, BatchIndexError, FieldNotFoundError, InvalidSourceError
 from .plan import EpochPlan, default_window, num_batches
 from .store import Store
@@ -123,6 +124,13 @@ class ChunkedSequence:
             whatever index it asks for, so Keras's shuffled calls keep chunk locality;
             ``"index"``: ``seq[i]`` is always the plan's batch ``i``. See :meth:`__getitem__`.
         read: :class:`ReadOptions` (read-ahead windows, decoding threads).
+        rank, world_size: this process's data-parallel shard; ranks serve disjoint,
+            chunk-aligned shares of every epoch and the same number of batches. Default: from
+            ``torch.distributed``, JAX or ``RANK`` / ``WORLD_SIZE`` (see
+            :func:`oocseq.distributed.detect_rank`), else one rank.
+        remainder: ``"pad"`` (default: repeat a rank's own samples so that every sample is
+            served each epoch) or ``"drop"`` (serve no sample twice; up to a chunk per rank is
+            left out each epoch, others each epoch). See :class:`~oocseq.plan.EpochPlan`.
         workers, use_multiprocessing, max_queue_size: Keras ``PyDataset`` arguments.
 
     ``seq[i]`` returns a tuple ``(x, y)``, ``(x, y, sample_weight)`` or ``(x,)``; arrays keep
@@ -162,6 +170,9 @@ class ChunkedSequence:
         class_weight: Mapping[int, float] | None = None,
         serve: str = "arrival",
         read: ReadOptions | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+        remainder: str = "pad",
         workers: int = 1,
         use_multiprocessing: bool = False,
         max_queue_size: int = 10,
@@ -189,6 +200,12 @@ class ChunkedSequence:
         self.class_weight = dict(class_weight) if class_weight is not None else None
         self.serve = serve
         self.read = read if read is not None else ReadOptions()
+        if rank is None and world_size is None:
+            rank, world_size = detect_rank()
+        self.rank, self.world_size = (rank or 0), (world_size or 1)
+        self.remainder = remainder
+        # Validates rank / world_size / remainder against the store now, not at the first batch.
+        self._length = len(self._new_plan(0))
         self._check_targets()
         self._fields = list(dict.fromkeys(_names(x, "x") + _names(y, "y") + _names(sample_weight, "sample_weight")))
         for name in self._fields:
@@ -307,14 +324,18 @@ class ChunkedSequence:
         rt = self._rt
         with rt.lock:
             if rt.plan is None:
-                rt.plan = EpochPlan(
-                    len(self.store), self.store.chunk_len, self.window, self.seed, self._epoch, self.shuffle
-                )
+                rt.plan = self._new_plan(self._epoch)
             return rt.plan
 
+    def _new_plan(self, epoch: int) -> EpochPlan:
+        return EpochPlan(
+            len(self.store), self.store.chunk_len, self.window, self.seed, epoch, self.shuffle,
+            self.rank, self.world_size, self.remainder,
+        )
+
     def __len__(self) -> int:
-        """Batches per epoch."""
-        return num_batches(len(self.store), self.batch_size, self.drop_remainder)
+        """Batches per epoch (of this rank; the same on every rank)."""
+        return num_batches(self._length, self.batch_size, self.drop_remainder)
 
     def _check_index(self, i: int) -> int:
         n_batches = len(self)
@@ -373,7 +394,7 @@ class ChunkedSequence:
         spans = plan.window_spans(start, stop)
         # Read ahead only when batches come in order: a random-access caller would waste it.
         sequential = start == rt.next_position
-        rt.next_position = min(stop, plan.n)
+        rt.next_position = min(stop, len(plan))
         last = spans[-1][0]
         ahead = range(last + 1, min(last + 1 + (self.read.readahead if sequential else 0), plan.num_windows))
         keys = [(self._epoch, w) for w, _ in spans]
