@@ -20,8 +20,10 @@ from .errors import (
     OocseqError,
     OutOfRangeError,
     SourceNotFoundError,
+    StateError,
     StoreExistsError,
     StoreNotFoundError,
+    TransformError,
 )
 from .ingest.arrays import ingest_arrays
 from .ingest.csv import ingest_csv
@@ -53,7 +55,9 @@ __all__ = [
     "SourceNotFoundError",
     "Store",
     "StoreExistsError",
+    "StateError",
     "StoreNotFoundError",
+    "TransformError",
     "__version__",
     "epoch_order",
     "ingest_arrays",

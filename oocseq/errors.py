@@ -21,6 +21,8 @@ __all__ = [
     "BatchIndexError",
     "ArgumentError",
     "OutOfRangeError",
+    "TransformError",
+    "StateError",
 ]
 
 
@@ -100,3 +102,11 @@ class OutOfRangeError(OocseqError, IndexError):
 
 class BatchIndexError(OutOfRangeError):
     """A batch index outside ``range(len(seq))``."""
+
+
+class TransformError(OocseqError, RuntimeError):
+    """A user ``transform`` raised; the message names the samples and the store."""
+
+
+class StateError(OocseqError, ValueError):
+    """A ``state_dict`` that does not belong to this sequence (other store, other plan)."""

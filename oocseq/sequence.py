@@ -7,10 +7,13 @@ arrays -> ``transform`` -> ``(x, y[, sample_weight])``.
 
 from __future__ import annotations
 
+import inspect
+import json
 import os
 import sys
 import threading
 import warnings
+import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,8 +22,16 @@ import numpy as np
 
 from .cache import FieldLayout, WindowCache, default_threads
 from .distributed import detect_rank
-from .errors import ArgumentError, BatchIndexError, FieldNotFoundError, InvalidSourceError
+from .errors import (
+    ArgumentError,
+    BatchIndexError,
+    FieldNotFoundError,
+    InvalidSourceError,
+    StateError,
+    TransformError,
+)
 from .plan import EpochPlan, default_window, num_batches
+from .rng import SampleRandom
 from .store import Store
 
 __all__ = ["ChunkedSequence", "FieldSelection", "ReadOptions"]
@@ -50,6 +61,16 @@ class ReadOptions:
             raise ArgumentError(f"readahead must be an int >= 0, got {self.readahead!r}")
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 0):
             raise ArgumentError(f"threads must be None or an int >= 0, got {self.threads!r}")
+
+
+def _takes_two_args(fn: Callable[..., Any]) -> bool:
+    """Whether ``fn`` accepts a second positional argument (the per-sample random numbers)."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):  # builtins without a signature: call with the batch only
+        return False
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return any(p.kind is p.VAR_POSITIONAL for p in params) or len(positional) >= 2
 
 
 class _Runtime:
@@ -113,9 +134,13 @@ class ChunkedSequence:
             for two batches; see :func:`oocseq.plan.default_window`). Larger windows mix more
             and hold more decoded chunks in memory.
         drop_remainder: drop the last, short batch so every batch has ``batch_size`` samples.
-        transform: ``f(batch) -> batch`` applied to each batch as a dict ``{field: array}``
-            (of the fields named by ``x``, ``y``, ``sample_weight``) before it is assembled,
-            e.g. ``lambda b: {**b, "x": b["x"].astype("float32") / 255}``.
+        transform: ``f(batch) -> batch`` or ``f(batch, rng) -> batch``, applied to each batch
+            as a dict ``{field: array}`` (of the fields named by ``x``, ``y``,
+            ``sample_weight``) before it is assembled, e.g.
+            ``lambda b: {**b, "x": b["x"].astype("float32") / 255}``. ``rng`` is a
+            :class:`~oocseq.rng.SampleRandom`: per-sample random numbers keyed by
+            ``(seed, epoch, sample index)``, the same whatever worker, process or rank serves
+            the sample. An exception in it is raised as TransformError naming the samples.
         num_classes: one-hot encode ``y`` (one integer field) into float32 ``(batch, num_classes)``.
         sample_weight: a field of per-sample weights, served as the third element.
         class_weight: ``{class: weight}``: per-sample weights from the integer ``y``, served as
@@ -164,7 +189,7 @@ class ChunkedSequence:
         seed: int = 0,
         window: int | None = None,
         drop_remainder: bool = False,
-        transform: Callable[[Batch], Batch] | None = None,
+        transform: Callable[..., Batch] | None = None,
         num_classes: int | None = None,
         sample_weight: str | None = None,
         class_weight: Mapping[int, float] | None = None,
@@ -195,6 +220,7 @@ class ChunkedSequence:
             raise ArgumentError(f"window must be a positive int (chunks), got {window!r}")
         self.drop_remainder = bool(drop_remainder)
         self.transform = transform
+        self._transform_takes_rng = transform is not None and _takes_two_args(transform)
         self.num_classes = num_classes
         self.sample_weight = sample_weight
         self.class_weight = dict(class_weight) if class_weight is not None else None
@@ -360,7 +386,14 @@ class ChunkedSequence:
         order (Keras's ``model.fit`` shuffles batch indices by default), arrival order still
         serves the plan's batches in order, so each window is decoded once per epoch; every
         sample is served exactly once per epoch in both modes."""
-        return self.batch(self._claim(self._check_index(i)))
+        k = self._claim(self._check_index(i))
+        try:
+            return self.batch(k)
+        except Exception as e:
+            # Keras workers hand exceptions back to the training loop: say where they came from.
+            if hasattr(e, "add_note"):
+                e.add_note(f"oocseq: while serving seq[{i}] (plan batch {k}, epoch {self._epoch}) from {self.store.path}")
+            raise
 
     def _claim(self, i: int) -> int:
         """Which plan batch answers request ``i``."""
@@ -397,16 +430,14 @@ class ChunkedSequence:
         rt.next_position = min(stop, len(plan))
         last = spans[-1][0]
         ahead = range(last + 1, min(last + 1 + (self.read.readahead if sequential else 0), plan.num_windows))
-        keys = [(self._epoch, w) for w, _ in spans]
+        keys = [(plan.epoch, w) for w, _ in spans]
         token = object()
         with rt.lock:
-            rt.in_flight[token] = keys + [(self._epoch, w) for w in ahead]
+            rt.in_flight[token] = keys + [(plan.epoch, w) for w in ahead]
             rt.cache.retain(k for ks in rt.in_flight.values() for k in ks)
         try:
-            for w, _ in spans:
-                rt.cache.prefetch((self._epoch, w), plan.window_chunks(w))
-            for w in ahead:
-                rt.cache.prefetch((self._epoch, w), plan.window_chunks(w))
+            for w in [w for w, _ in spans] + list(ahead):
+                rt.cache.prefetch((plan.epoch, w), plan.window_chunks(w))
             n = sum(len(rows) for _, rows in spans)
             batch: Batch = {}
             for name in self._fields:
@@ -414,18 +445,34 @@ class ChunkedSequence:
                 batch[name] = np.empty((n, *info.shape[1:]), dtype=info.dtype)
             pos = 0
             for w, rows in spans:
-                buffers = rt.cache.get((self._epoch, w), plan.window_chunks(w))
+                buffers = rt.cache.get((plan.epoch, w), plan.window_chunks(w))
                 for name in self._fields:  # one copy per sample, straight into the batch
                     np.take(buffers[name], rows, axis=0, out=batch[name][pos : pos + len(rows)], mode="clip")
                 pos += len(rows)
         finally:
             with rt.lock:
                 del rt.in_flight[token]
+        indices = plan.indices(start, stop)
         if self.transform is not None:
-            batch = self.transform(batch)
-            if not isinstance(batch, Mapping):
-                raise TypeError(f"transform must return a dict of fields, got {type(batch).__name__}")
-        return self._assemble(batch, plan.indices(start, stop))
+            batch = self._apply_transform(self.transform, batch, indices, plan.epoch)
+        return self._assemble(batch, indices)
+
+    def _apply_transform(
+        self, transform: Callable[..., Batch], batch: Batch, indices: np.ndarray, epoch: int
+    ) -> Batch:
+        try:
+            if self._transform_takes_rng:
+                out = transform(batch, SampleRandom(self.seed, epoch, indices))
+            else:
+                out = transform(batch)
+        except Exception as e:
+            raise TransformError(
+                f"transform failed on samples {indices[:8].tolist()}{'...' if len(indices) > 8 else ''} "
+                f"of {self.store.path}: {type(e).__name__}: {e}"
+            ) from e
+        if not isinstance(out, Mapping):
+            raise TypeError(f"transform must return a dict of fields, got {type(out).__name__}")
+        return dict(out)
 
     def read_batch(self, indices: np.ndarray) -> Batch:
         """The raw fields (``{field: array}``) of arbitrary sample indices, in that order
@@ -475,9 +522,70 @@ class ChunkedSequence:
         return np.fromiter((table[int(v)] for v in labels), dtype=np.float32, count=len(labels))
 
     def __iter__(self) -> Iterator[tuple[Any, ...]]:
-        """The batches of the current epoch, in order (call :meth:`on_epoch_end` between epochs)."""
-        for i in range(len(self)):
+        """The rest of the current epoch's batches, in order; if the current epoch has been
+        served in full, first moves to the next one. So ``for x, y in seq`` in a loop trains
+        epoch after epoch, and after :meth:`load_state_dict` it resumes mid-epoch."""
+        if self._rt.position >= len(self):
+            self.on_epoch_end()
+        for i in range(self._rt.position, len(self)):
             yield self[i]
+
+    # -- resuming -----------------------------------------------------------------------------
+    def _plan_args(self) -> dict[str, Any]:
+        return {
+            "n": len(self.store), "chunk_len": self.store.chunk_len, "window": self.window,
+            "batch_size": self.batch_size, "seed": self.seed, "shuffle": self.shuffle,
+            "drop_remainder": self.drop_remainder, "rank": self.rank, "world_size": self.world_size,
+            "remainder": self.remainder,
+        }
+
+    def _store_fingerprint(self) -> int:
+        """CRC-32 of the store's manifest: tells this store from another of the same shape."""
+        doc = json.dumps(self.store.manifest.to_json(), sort_keys=True).encode()
+        return zlib.crc32(doc)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where this sequence stands, as a small JSON-serialisable dict: the epoch, the number
+        of batches served in it (``position``), the arguments that shape the plan and a
+        fingerprint of the store. :meth:`load_state_dict` resumes from it."""
+        return {
+            "format": "oocseq.ChunkedSequence",
+            "version": 1,
+            "epoch": self._epoch,
+            "position": self._rt.position,
+            "plan": self._plan_args(),
+            "store": self._store_fingerprint(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resume from :meth:`state_dict`: the next requests get the batches that the
+        uninterrupted run would have served next (plan batches ``position, position+1, ...``
+        of epoch ``epoch``).
+
+        Raises StateError for a state of another store, of another plan (seed, batch size,
+        window, ranks, ...) or an unknown format, naming what differs."""
+        if not isinstance(state, Mapping) or state.get("format") != "oocseq.ChunkedSequence" or state.get("version") != 1:
+            raise StateError(f"not a ChunkedSequence state (format/version 1): {str(state)[:200]}")
+        if state.get("store") != self._store_fingerprint():
+            raise StateError(f"this state is of another store than {self.store.path} (its manifest differs)")
+        mine, theirs = self._plan_args(), state.get("plan")
+        if not isinstance(theirs, Mapping):
+            raise StateError("the state has no plan arguments")
+        differ = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
+        if differ:
+            raise StateError(
+                "the state is of another plan: "
+                + ", ".join(f"{k}={a!r} in the state, {b!r} here" for k, (a, b) in differ.items())
+            )
+        epoch, position = state.get("epoch"), state.get("position")
+        if not (isinstance(epoch, int) and epoch >= 0 and isinstance(position, int) and 0 <= position <= len(self)):
+            raise StateError(f"bad epoch/position in state: {epoch!r}/{position!r}")
+        self.set_epoch(epoch)
+        rt = self._rt
+        with rt.lock:
+            rt.position = position
+            rt.requests = position
+            rt.next_position = position * self.batch_size
 
     @property
     def stats(self) -> dict[str, int]:
