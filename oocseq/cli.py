@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("store", metavar="STORE")
     bench.add_argument("--batch-size", type=_positive_int, default=128, help="samples per batch (default 128)")
     bench.add_argument("--window", type=_positive_int, default=None, help="chunks per shuffle window")
-    bench.add_argument("--threads", type=int, default=None, help="decoding threads (default: cores, at most 4)")
+    bench.add_argument("--threads", type=int, default=None, help="decoding threads (default: cores - 1, 1 to 4)")
     bench.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     bench.set_defaults(run=_run_bench)
     return parser

@@ -49,7 +49,7 @@ class ReadOptions:
     Attributes:
         readahead: windows decoded in the background ahead of the one being served, when
             batches are served in order (0: none).
-        threads: decoding threads (default: the cores, at most 4); 0 decodes in the calling
+        threads: decoding threads (default: the cores less one, 1 to 4); 0 decodes in the calling
             thread only. numcodecs releases the GIL, so threads decode in parallel.
     """
 
