@@ -1,7 +1,7 @@
 """``ChunkedSequence``: shuffled, chunk-aligned batches from a store, for Keras and plain loops.
 
 Data path: epoch plan (:mod:`oocseq.plan`) -> sample indices of batch ``i`` -> the chunks they
-live in, from a bounded decoded-chunk cache (:mod:`oocseq.cache`) -> gathered into new batch
+live in, from a bounded cache of decoded windows (:mod:`oocseq.cache`) -> gathered into new batch
 arrays -> ``transform`` -> ``(x, y[, sample_weight])``.
 """
 
