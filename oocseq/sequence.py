@@ -228,7 +228,8 @@ class ChunkedSequence:
         self.read = read if read is not None else ReadOptions()
         if rank is None and world_size is None:
             rank, world_size = detect_rank()
-        self.rank, self.world_size = (rank or 0), (world_size or 1)
+        self.rank = 0 if rank is None else rank
+        self.world_size = 1 if world_size is None else world_size
         self.remainder = remainder
         # Validates rank / world_size / remainder against the store now, not at the first batch.
         self._length = len(self._new_plan(0))
