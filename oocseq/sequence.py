@@ -87,6 +87,7 @@ class _Runtime:
         self.requests = 0  # requests served this epoch
         self.next_position = 0  # sample position right after the last batch read
         self.warned = False
+        self.begun = False  # on_epoch_begin() called since the last epoch change
         self.in_flight: dict[object, list[tuple[int, int]]] = {}  # request -> (epoch, window)s
 
 
@@ -228,8 +229,12 @@ class ChunkedSequence:
         self.read = read if read is not None else ReadOptions()
         if rank is None and world_size is None:
             rank, world_size = detect_rank()
-        self.rank = 0 if rank is None else rank
-        self.world_size = 1 if world_size is None else world_size
+        elif rank is None or world_size is None:
+            raise ArgumentError(
+                f"give both rank and world_size, or neither (then they come from torch.distributed, "
+                f"JAX or RANK / WORLD_SIZE); got rank={rank!r}, world_size={world_size!r}"
+            )
+        self.rank, self.world_size = rank, world_size
         self.remainder = remainder
         # Validates rank / world_size / remainder against the store now, not at the first batch.
         self._length = len(self._new_plan(0))
@@ -328,22 +333,28 @@ class ChunkedSequence:
             rt.plan = None
             rt.position = 0
             rt.requests = 0
+            rt.begun = False
             rt.warned = False
+
+    def on_epoch_begin(self) -> None:
+        """Keras calls this before each epoch; it marks the epoch as begun, so that the
+        ``on_epoch_end`` that follows moves on even when the batches were served by worker
+        processes (``use_multiprocessing=True``) and none by this one."""
+        self._rt.begun = True
 
     def on_epoch_end(self) -> None:
         """Move to the next epoch's order, if any batch of this epoch has been served.
 
         Keras also calls this when ``fit`` / ``evaluate`` start (``EpochIterator.reset``);
-        with no batch served, that call is ignored. But when ``fit`` must first build the
+        with no batch served and no :meth:`on_epoch_begin` since the last epoch change, that
+        call is ignored. But when ``fit`` must first build the
         model, Keras reads one batch before that call, so its first epoch trains plan epoch 1.
         To make plan epoch ``k`` train in Keras epoch ``k`` (for reproducing or resuming a run),
         pass the callback ``oocseq.adapters.keras.SyncEpoch(seq)`` to ``fit``; elsewhere use
         :meth:`set_epoch`."""
-        if self._rt.requests:
+        rt = self._rt
+        if rt.requests or rt.begun:
             self.set_epoch(self._epoch + 1)
-
-    def on_epoch_begin(self) -> None:
-        """Nothing to do: the plan of an epoch is computed on first use."""
 
     @property
     def plan(self) -> EpochPlan:

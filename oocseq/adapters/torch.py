@@ -68,6 +68,7 @@ class TorchBatches(IterableDataset):  # type: ignore[type-arg]
     def set_epoch(self, epoch: int) -> None:
         """Serve epoch ``epoch``'s plan on the next iteration (all workers)."""
         self._epoch.value = int(epoch)
+        self._progress = {"epoch": int(epoch), "next": None}
 
     @property
     def epoch(self) -> int:
@@ -84,6 +85,7 @@ class TorchBatches(IterableDataset):  # type: ignore[type-arg]
             self.seq.set_epoch(epoch)
         batches = worker_range(len(self.seq), worker, num_workers)
         start = batches.start
+        self._progress = {"epoch": epoch, "next": start}
         resume, self._resume = self._resume, None
         if resume is not None and resume["epoch"] == epoch and resume["next"] is not None:
             start = max(start, min(int(resume["next"]), batches.stop))
@@ -112,4 +114,10 @@ class TorchBatches(IterableDataset):  # type: ignore[type-arg]
         self._progress = dict(self._resume)
 
     def __getstate__(self) -> dict[str, Any]:
-        return self.__dict__.copy()
+        # Workers get a plain ChunkedSequence: a Keras-flavoured one would make every spawned
+        # worker import Keras and its backend.
+        state = self.__dict__.copy()
+        plain = object.__new__(ChunkedSequence)
+        plain.__setstate__(self.seq.__getstate__())
+        state["seq"] = plain
+        return state
