@@ -15,6 +15,9 @@ Data: random 64x64x3 uint8 crops of the two real photos that ship with scikit-le
 (``load_sample_images``), so chunks compress as real images do. Stores: Zarr and HDF5, Blosc-lz4
 and uncompressed, chunks of about 4 MiB. The page cache is warm (the stores were just written).
 
+The targets of the fast-read-path issue are measured by ``read_path.py`` and
+``larger_than_ram.py``; this script gives the broader comparison table.
+
 Run:  python benchmarks/throughput.py [--size-mb 256] [--runs 5] [--epochs 2] [--fancy-batches 20] [--workdir out/bench]
 """
 
@@ -35,34 +38,16 @@ import numpy as np
 
 import oocseq
 
-SAMPLE_SHAPE = (64, 64, 3)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _data import SAMPLE_SHAPE, fmt_rate, photo_crops  # shared with read_path.py, larger_than_ram.py
+
 STORES = {  # column name -> (file suffix, compression)
     "Zarr lz4": (".zarr", "lz4"),
     "Zarr raw": (".zarr", None),
     "HDF5 lz4": (".h5", "lz4"),
     "HDF5 raw": (".h5", None),
 }
-
-
-def photo_crops(n: int, seed: int = 0, block: int = 4096):
-    """Yield ``n`` random 64x64 crops (uint8, in blocks) of scikit-learn's two sample photos,
-    and the index of the photo each came from."""
-    from sklearn.datasets import load_sample_images
-
-    photos = load_sample_images().images  # china.jpg, flower.jpg: 427x640x3 each
-    views = [np.lib.stride_tricks.sliding_window_view(p, SAMPLE_SHAPE)[:, :, 0] for p in photos]
-    rng = np.random.default_rng(seed)
-    for start in range(0, n, block):
-        k = min(block, n - start)
-        which = rng.integers(0, len(photos), k)
-        x = np.empty((k, *SAMPLE_SHAPE), dtype=np.uint8)
-        for p, view in enumerate(views):
-            sel = np.flatnonzero(which == p)
-            rows = rng.integers(0, view.shape[0], len(sel))
-            cols = rng.integers(0, view.shape[1], len(sel))
-            x[sel] = view[rows, cols]
-        yield x, which.astype(np.int64)
-
 
 Result = tuple[float, int | None, int]  # samples/s, chunk decodes (None: not counted), batches read
 
@@ -114,16 +99,6 @@ def sequence_epochs(
     decodes = seq.stats["chunk_decodes"] // epochs
     seq.close()
     return samples / seconds, decodes, batches // epochs
-
-
-def fmt_rate(r: float) -> str:
-    if r >= 1e6:
-        return f"{r / 1e6:.2f} M"
-    if r >= 1e4:
-        return f"{r / 1e3:.0f} k"
-    if r >= 1e3:
-        return f"{r / 1e3:.1f} k"
-    return f"{r:.0f}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,437 @@
+"""Targets 1, 2, 3, 6 and 7 of the fast-read-path issue, each a ratio measured in one run.
+
+The same data (crops of real photos, in RAM and in four stores: Zarr and HDF5, uncompressed
+and Blosc-lz4, default chunking) and one process; page cache warm (the stores were just
+written). Measurements are interleaved (a new random order every round), each after an untimed
+warm-up and after waiting for the machine to be quiet; a ratio is the median over rounds of the
+ratio of the two runs of the same round. ``ChunkedSequence`` serves field ``x`` only
+(``y=None``) for targets 1, 2, 3 and 6, so that it reads what the baselines read; batch 128,
+default window and read options.
+
+1. uncompressed store, shuffled epoch (requests ``0..len-1``) vs in-RAM numpy random batches
+   ``x[np.sort(idx)]``: >= 0.5;
+2. Blosc-lz4 store, the same epoch vs the decode limit: every chunk of the store decoded once by
+   ``numcodecs.blosc.decompress`` on ``os.cpu_count()`` threads into preallocated buffers (the
+   compressed bytes already in memory): >= 0.7;
+3. Keras's call order (``seq[i]`` for a random permutation of ``i``) vs requests in order:
+   >= 0.8, and chunk decodes per epoch <= 1.05 x chunks;
+6. the Keras-order epoch vs h5py ``ds[np.sort(idx)]`` / zarr ``arr.oindex[np.sort(idx)]``
+   random batches of the same store (``--fancy-batches`` timed): >= 100;
+7. ``model.fit`` for one epoch (Keras, JAX backend; Rescaling + GlobalAveragePooling2D + Dense)
+   from a ChunkedSequence vs from the arrays in RAM (``shuffle=True``): time ratio <= 1.2.
+
+Besides samples/s, every read reports the CPU time it cost per sample (all threads of the
+process), which other load on the machine disturbs much less than wall time.
+
+Run:  python benchmarks/read_path.py [--size-mb 1000] [--runs 5] [--fit-runs 5] [--no-fit]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _data
+from _data import (
+    SAMPLE_BYTES,
+    STORE_KINDS,
+    Runs,
+    Target,
+    chunk_files,
+    crops_in_ram,
+    environment,
+    fmt_rate,
+    fmt_ratio,
+    interleaved,
+    load_summary,
+    median,
+    num_samples,
+    paired_ratios,
+    remove,
+    spread,
+    store_path,
+    targets_table,
+    write_store,
+)
+
+
+@dataclass
+class Result:
+    rate: float  # samples/s
+    cpu_us: float  # CPU microseconds per sample, all threads of the process
+    decodes: int | None = None  # chunk decodes of x per epoch (ChunkedSequence only)
+
+
+def _cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+# --- measurements ---------------------------------------------------------------------------
+
+
+def random_batches(read: Callable[[np.ndarray], object], n: int, bs: int, count: int | None, seed: int) -> Result:
+    """``read(np.sort(idx))`` for ``count`` random batches of a globally shuffled epoch (all of
+    them if ``count`` is None); the indices are made before the clock starts."""
+    perm = np.random.default_rng(seed).permutation(n)
+    batches = [np.sort(perm[s : s + bs]) for s in range(0, n, bs)][:count]
+    samples = sum(len(b) for b in batches)
+    c, t = _cpu(), time.perf_counter()
+    for idx in batches:
+        read(idx)
+    seconds, cpu = time.perf_counter() - t, _cpu() - c
+    return Result(samples / seconds, cpu / samples * 1e6)
+
+
+def sequence_epochs(store: Any, bs: int, order: str, epochs: int, max_batches: int | None, run: int) -> Result:
+    """``epochs`` epochs of a fresh ChunkedSequence (x only), batches requested ``"in order"``
+    or in a random order of ``i`` (``"keras"``, a new one each epoch)."""
+    import oocseq
+
+    seq = oocseq.ChunkedSequence(store, bs, y=None, seed=0)
+    seq.set_epoch(run * epochs)
+    samples = 0
+    c, t = _cpu(), time.perf_counter()
+    for _ in range(epochs):
+        requests = np.arange(len(seq))
+        if order == "keras":
+            requests = np.random.default_rng(seq.epoch + 7).permutation(len(seq))
+        for i in requests[:max_batches].tolist():
+            (x,) = seq[i]
+            samples += len(x)
+        seq.on_epoch_end()
+    seconds, cpu = time.perf_counter() - t, _cpu() - c
+    decodes = seq.stats["chunk_decodes"] // epochs
+    seq.close()
+    return Result(samples / seconds, cpu / samples * 1e6, decodes)
+
+
+class DecodeLimit:
+    """Every chunk of field ``x`` of a Blosc store decoded once with numcodecs, on
+    ``os.cpu_count()`` threads, each into its own preallocated buffer.
+
+    ``with_read=False`` (the target's limit): the compressed bytes are read into memory
+    beforehand, so this is decoding alone. ``with_read=True`` (a diagnostic): each thread also
+    reads the chunk's bytes from the store file (page cache) into a reused buffer first."""
+
+    def __init__(self, store: Any, with_read: bool = False) -> None:
+        self.n = len(store)
+        self.with_read = with_read
+        chunk_bytes = store.chunk_len * SAMPLE_BYTES
+        # (file, offset, size) of every chunk of x, in chunk order
+        if store.format == "zarr":
+            self.where = [(p, 0, p.stat().st_size) for p in chunk_files(store.path)]
+        else:
+            import h5py
+
+            with h5py.File(store.path, "r") as f:
+                ds = f["x"]
+                infos = sorted(
+                    (ds.id.get_chunk_info(i) for i in range(ds.id.get_num_chunks())), key=lambda i: i.chunk_offset[0]
+                )
+            self.where = [(store.path, i.byte_offset, i.size) for i in infos]
+        assert len(self.where) == store.num_chunks
+        self.raws: list[bytes] = []
+        if not with_read:
+            for path, offset, size in self.where:
+                with open(path, "rb") as fh:
+                    fh.seek(offset)
+                    self.raws.append(fh.read(size))
+        self.threads = os.cpu_count() or 1
+        self.buffers = [np.ones(chunk_bytes, dtype=np.uint8) for _ in range(self.threads)]  # touched
+        self.inputs = [bytearray(max(s for _, _, s in self.where)) for _ in range(self.threads)]
+        self.pool = ThreadPoolExecutor(self.threads)
+
+    def _work(self, k: int) -> None:
+        import numcodecs.blosc
+
+        out = self.buffers[k]
+        if not self.with_read:
+            for raw in self.raws[k :: self.threads]:
+                numcodecs.blosc.decompress(raw, out)
+            return
+        buf = memoryview(self.inputs[k])
+        for path, offset, size in self.where[k :: self.threads]:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                got = os.preadv(fd, [buf[:size]], offset)
+            finally:
+                os.close(fd)
+            assert got == size
+            numcodecs.blosc.decompress(buf[:size], out)
+
+    def __call__(self, run: int = 0) -> Result:
+        c, t = _cpu(), time.perf_counter()
+        list(self.pool.map(self._work, range(self.threads)))
+        seconds, cpu = time.perf_counter() - t, _cpu() - c
+        return Result(self.n / seconds, cpu / self.n * 1e6)
+
+    def close(self) -> None:
+        self.pool.shutdown()
+
+
+# --- model.fit (target 7) -------------------------------------------------------------------
+
+
+def fit_phase(x: np.ndarray, y: np.ndarray, stores: dict[str, Any], bs: int, runs: int) -> Runs:
+    """Seconds of one ``model.fit`` epoch per source: ``"numpy"`` (the arrays in RAM) and each
+    store through a ChunkedSequence (x and y). One untimed epoch per source first (jit
+    compilation), then the timed epochs, interleaved."""
+    os.environ.setdefault("KERAS_BACKEND", "jax")
+    import keras
+
+    import oocseq
+
+    print(f"\nmodel.fit phase: Keras {keras.__version__}, backend {keras.backend.backend()}", flush=True)
+
+    def new_model() -> Any:
+        model = keras.Sequential(
+            [
+                keras.Input(x.shape[1:]),
+                keras.layers.Rescaling(1 / 255),
+                keras.layers.GlobalAveragePooling2D(),
+                keras.layers.Dense(10),
+            ]
+        )
+        model.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        return model
+
+    fits: dict[str, Callable[[], None]] = {}
+    model = new_model()
+    fits["numpy"] = partial(model.fit, x, y, batch_size=bs, shuffle=True, epochs=1, verbose=0)
+    for name, store in stores.items():
+        seq = oocseq.ChunkedSequence(store, bs, seed=0)  # a keras.utils.PyDataset: Keras is imported
+        assert isinstance(seq, keras.utils.PyDataset)
+        model = new_model()
+        fits[name] = partial(model.fit, seq, epochs=1, verbose=0)
+    for name, fit in fits.items():
+        t = time.perf_counter()
+        fit()
+        print(f"  warm-up epoch {name}: {time.perf_counter() - t:.1f} s", flush=True)
+
+    def timed(fit: Callable[[], None], run: int) -> float:
+        t = time.perf_counter()
+        fit()
+        return time.perf_counter() - t
+
+    return interleaved({k: partial(timed, f) for k, f in fits.items()}, {}, runs, seed=3, label="fit ")
+
+
+# --- main -----------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size-mb", type=float, default=1000, help="data size in MB (default 1000)")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--runs", type=int, default=5, help="rounds of read measurements (default 5)")
+    parser.add_argument("--epochs", type=int, default=2, help="ChunkedSequence epochs per run (default 2)")
+    parser.add_argument("--fancy-batches", type=int, default=20, help="h5py / zarr fancy batches timed per run")
+    parser.add_argument("--fit-runs", type=int, default=5, help="timed model.fit epochs per source (default 5)")
+    parser.add_argument(
+        "--fit-stores", default="Zarr lz4,HDF5 lz4,Zarr raw,HDF5 raw", help="stores to fit from (comma-separated)"
+    )
+    parser.add_argument("--no-fit", action="store_true", help="skip target 7 (no Keras / JAX import)")
+    parser.add_argument(
+        "--quiet-wait", type=float, default=10,
+        help="before each timed run, wait up to this many seconds (120 in all) for other processes to go quiet",
+    )
+    parser.add_argument("--workdir", type=Path, default=Path("out/bench"), help="where the stores go")
+    parser.add_argument("--keep", action="store_true", help="keep the stores (default: delete them)")
+    args = parser.parse_args(argv)
+    _data.QUIET_WAIT = args.quiet_wait
+
+    t_start = time.perf_counter()
+    bs = args.batch_size
+    n = num_samples(args.size_mb)
+    print(environment())
+    print(f"data: {n} crops 64x64x3 uint8 of real photos = {n * SAMPLE_BYTES / 1e6:.0f} MB; batch {bs}")
+    x, y = crops_in_ram(n)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    stores = {}
+    try:
+        for kind, (_, compression) in STORE_KINDS.items():
+            stores[kind] = write_store(store_path(args.workdir, kind), {"x": x, "y": y}, compression)
+        targets, report = measure(args, x, y, stores)
+    finally:
+        for store in stores.values():
+            store.close()
+            if not args.keep:
+                remove(store.path)
+    print(report)
+    print(f"\nTargets ({n * SAMPLE_BYTES / 1e6:.0f} MB, batch {bs}; medians over rounds):\n")
+    print(targets_table(targets))
+    print(f"\n{time.perf_counter() - t_start:.0f} s in all")
+    return 0
+
+
+def measure(args: argparse.Namespace, x: np.ndarray, y: np.ndarray, stores: dict[str, Any]) -> tuple[list[Target], str]:
+    import h5py
+    import hdf5plugin  # noqa: F401  (Blosc filter for h5py's own reads)
+    import zarr
+
+    import oocseq
+
+    n, bs = len(x), args.batch_size
+    any_store = next(iter(stores.values()))
+    probe = oocseq.ChunkedSequence(any_store, bs, y=None)
+    chunk_len, num_chunks = any_store.chunk_len, any_store.num_chunks
+    print(
+        f"chunk_len {chunk_len} ({chunk_len * SAMPLE_BYTES / 2**20:.1f} MiB), {num_chunks} chunks, window "
+        f"{probe.window} chunks, {len(probe)} batches per epoch, {probe.read}"
+    )
+    probe.close()
+
+    # --- reads (targets 1, 2, 3, 6) ---
+    measurements: dict[tuple[str, str], Callable[[int], Result]] = {}
+    warmups: dict[tuple[str, str], Callable[[], object]] = {}
+    measurements["numpy", "in RAM"] = lambda run: random_batches(x.__getitem__, n, bs, None, 100 + run)
+    warmups["numpy", "in RAM"] = lambda: random_batches(x.__getitem__, n, bs, 20, 99)
+    limits: list[DecodeLimit] = []
+    h5_files = []
+    for kind, store in stores.items():
+        for order in ("in order", "keras"):
+            measurements[order, kind] = partial(sequence_epochs, store, bs, order, args.epochs, None)
+            warmups[order, kind] = partial(sequence_epochs, store, bs, order, 1, 8, 1000)
+        if store.format == "zarr":
+            read = zarr.open_group(str(store.path), mode="r")["x"].oindex.__getitem__
+        else:
+            h5_files.append(h5py.File(store.path, "r"))
+            read = h5_files[-1]["x"].__getitem__
+        measurements["fancy", kind] = lambda run, read=read: random_batches(read, n, bs, args.fancy_batches, 200 + run)
+        warmups["fancy", kind] = lambda read=read: random_batches(read, n, bs, 2, 199)
+        if STORE_KINDS[kind][1] is not None:
+            for name, with_read in (("decode limit", False), ("read + decode", True)):
+                limits.append(DecodeLimit(store, with_read))
+                measurements[name, kind] = limits[-1]
+                warmups[name, kind] = limits[-1]
+    print(f"\nreads: {len(measurements)} measurements x {args.runs} rounds", flush=True)
+    try:
+        runs = interleaved(measurements, warmups, args.runs)
+    finally:
+        for lim in limits:
+            lim.close()
+        for f in h5_files:
+            f.close()
+    res = runs.results
+    rate = {k: median(r.rate for r in v) for k, v in res.items()}
+    rates = {k: [r.rate for r in v] for k, v in res.items()}
+    cpu = {k: median(r.cpu_us for r in v) for k, v in res.items()}
+
+    def ratio(a: tuple[str, str], b: tuple[str, str]) -> tuple[float, str]:
+        """Median over rounds of rate[a] / rate[b], and the range of those ratios."""
+        rs = paired_ratios(rates[a], rates[b])
+        return median(rs), f"rounds {min(rs):.2f}-{max(rs):.2f}"
+
+    base_key = ("numpy", "in RAM")
+    base = rate[base_key]
+    lines = [
+        f"\nin-RAM numpy random batches x[np.sort(idx)]: {fmt_rate(base)} samples/s ({spread(rates[base_key])}), "
+        f"{cpu[base_key]:.2f} us CPU per sample",
+        f"{load_summary(runs.all_others())}",
+        "\nSamples/s, median of rounds (min-max), and CPU microseconds per sample (all threads):\n",
+        "| read | " + " | ".join(stores) + " |",
+        "|---|" + "---|" * len(stores),
+    ]
+    row_names = {
+        "in order": "ChunkedSequence, requests 0..len-1",
+        "keras": "ChunkedSequence, requests in random order (Keras)",
+        "decode limit": f"decode limit (numcodecs, {os.cpu_count()} threads, bytes in RAM)",
+        "read + decode": f"read + decode limit (pread from the page cache + numcodecs, {os.cpu_count()} threads)",
+        "fancy": f"fancy-index random batches ({args.fancy_batches} timed)",
+    }
+    for row, label in row_names.items():
+        cells = [
+            f"{fmt_rate(rate[row, k])} ({spread(rates[row, k])}); {cpu[row, k]:.2f} us" if (row, k) in rate else "-"
+            for k in stores
+        ]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    decodes = {k: max(r.decodes or 0 for r in res["keras", k]) for k in stores}
+    decodes_in_order = {k: max(r.decodes or 0 for r in res["in order", k]) for k in stores}
+
+    targets: list[Target] = []
+    for kind in stores:
+        if STORE_KINDS[kind][1] is None:
+            r, rounds = ratio(("in order", kind), base_key)
+            targets.append(Target(
+                f"1. uncompressed {kind.split()[0]}, warm cache: ChunkedSequence / in-RAM numpy random batches",
+                fmt_ratio(r), ">= 0.5x", r >= 0.5,
+                f"{fmt_rate(rate['in order', kind])} vs {fmt_rate(base)} samples/s; CPU {cpu['in order', kind]:.2f} vs "
+                f"{cpu[base_key]:.2f} us/sample; {rounds}",
+            ))
+    for kind in stores:
+        if STORE_KINDS[kind][1] is not None:
+            r, rounds = ratio(("in order", kind), ("decode limit", kind))
+            targets.append(Target(
+                f"2. Blosc-lz4 {kind.split()[0]}: ChunkedSequence / decode limit ({os.cpu_count()} threads)",
+                fmt_ratio(r), ">= 0.7x", r >= 0.7,
+                f"{fmt_rate(rate['in order', kind])} vs {fmt_rate(rate['decode limit', kind])} samples/s; CPU "
+                f"{cpu['in order', kind]:.2f} vs {cpu['decode limit', kind]:.2f} us/sample; {rounds}",
+            ))
+    for kind in stores:
+        r, rounds = ratio(("keras", kind), ("in order", kind))
+        targets.append(Target(
+            f"3. {kind}: Keras call order / in order", fmt_ratio(r), ">= 0.8x", r >= 0.8,
+            f"{fmt_rate(rate['keras', kind])} vs {fmt_rate(rate['in order', kind])} samples/s; {rounds}",
+        ))
+    for kind in stores:
+        d = max(decodes[kind], decodes_in_order[kind])
+        targets.append(Target(
+            f"3. {kind}: chunk decodes of x per epoch / chunks", f"{d / num_chunks:.3f}", "<= 1.05",
+            d <= 1.05 * num_chunks,
+            f"{decodes[kind]} (Keras order), {decodes_in_order[kind]} (in order), most of any run; {num_chunks} chunks",
+        ))
+    for kind in stores:
+        lib = "zarr oindex" if kind.startswith("Zarr") else "h5py fancy index"
+        r, rounds = ratio(("keras", kind), ("fancy", kind))
+        targets.append(Target(
+            f"6. {kind}: ChunkedSequence (Keras order) / {lib} batches", fmt_ratio(r), ">= 100x", r >= 100,
+            f"{fmt_rate(rate['keras', kind])} vs {fmt_rate(rate['fancy', kind])} samples/s; {rounds}",
+        ))
+
+    # --- model.fit (target 7) ---
+    if args.no_fit:
+        targets.append(Target("7. model.fit epoch time, ChunkedSequence / numpy", "-", "<= 1.2x", None, "--no-fit"))
+    else:
+        fit_stores = {k.strip(): stores[k.strip()] for k in args.fit_stores.split(",") if k.strip()}
+        fit = fit_phase(x, y, fit_stores, bs, args.fit_runs)
+        seconds = fit.results
+        t_np = median(seconds["numpy"])
+        lines.append(
+            "\nmodel.fit, seconds per epoch, median (min-max): "
+            + "; ".join(f"{k} {median(v):.2f} ({min(v):.2f}-{max(v):.2f})" for k, v in seconds.items())
+            + f"; {load_summary(fit.all_others())}"
+        )
+        for kind in fit_stores:
+            t = median(seconds[kind])
+            rs = paired_ratios(seconds[kind], seconds["numpy"])
+            r = median(rs)
+            targets.append(Target(
+                f"7. {kind}: model.fit epoch time, ChunkedSequence / numpy arrays", fmt_ratio(r), "<= 1.2x", r <= 1.2,
+                f"{t:.2f} s vs {t_np:.2f} s ({n / t / 1e3:.0f} k vs {n / t_np / 1e3:.0f} k samples/s); "
+                f"rounds {min(rs):.2f}-{max(rs):.2f}",
+            ))
+    lines.append(
+        f"\nchunk decodes of x per epoch ({num_chunks} chunks), the most of any run: in order "
+        + ", ".join(f"{k} {v}" for k, v in decodes_in_order.items())
+        + "; Keras order "
+        + ", ".join(f"{k} {v}" for k, v in decodes.items())
+    )
+    return targets, "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
