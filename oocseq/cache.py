@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -52,12 +53,22 @@ class WindowCache:
         chunk_len: samples per chunk; ``n`` samples in all (the last chunk may be short).
         window: chunks per window (sizes the reusable buffers).
         threads: decoding threads; 0 decodes in the calling thread.
+        advise: ``advise(field, chunks)`` hints the kernel to read chunks ahead (optional).
     """
 
     def __init__(
-        self, decode: Decoder, fields: dict[str, FieldLayout], chunk_len: int, n: int, window: int, threads: int
+        self,
+        decode: Decoder,
+        fields: dict[str, FieldLayout],
+        chunk_len: int,
+        n: int,
+        window: int,
+        threads: int,
+        advise: Callable[[str, np.ndarray], None] | None = None,
     ) -> None:
         self._decode = decode
+        self._advise = advise
+        self._advised: OrderedDict[Hashable, None] = OrderedDict()
         self._fields = fields
         self._chunk_len = chunk_len
         self._n = n
@@ -101,6 +112,20 @@ class WindowCache:
                     self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="oocseq-decode")
                 window.futures = [self._pool.submit(self._decode_chunk, window, j) for j in range(len(chunks))]
             return window, True
+
+    def advise(self, key: Hashable, chunks: np.ndarray) -> None:
+        """Tell the kernel that a window's chunks will be read soon (asynchronous read-ahead
+        from disk; a no-op for data in the page cache), once per window."""
+        if self._advise is None:
+            return
+        with self._lock:
+            if key in self._advised:
+                return
+            self._advised[key] = None
+            if len(self._advised) > 64:
+                self._advised.popitem(last=False)
+        for name in self._fields:
+            self._advise(name, chunks)
 
     def prefetch(self, key: Hashable, chunks: np.ndarray) -> None:
         """Start decoding a window in the background (no-op without threads or if cached)."""
@@ -182,8 +207,10 @@ class WindowCache:
             pool.shutdown(wait=False, cancel_futures=True)
 
 
-def default_threads() -> int:
-    """Decoding threads when none are given: one core is left to the thread that gathers
-    batches (and to training); at least 1, at most 4. On 2 cores, 1 decoding thread served
-    uncompressed and lz4 stores 5-20% faster than 2 (``benchmarks/``)."""
-    return max(1, min(4, (os.cpu_count() or 1) - 1))
+def default_threads(compressed: bool) -> int:
+    """Decoding threads when none are given, 1 to 4: all cores for compressed chunks
+    (decoding is the work), the cores less one for uncompressed ones (a copy: leave a core to
+    the thread that gathers batches). Measured on 2 cores (``benchmarks/README.md``): 2 threads
+    served lz4 stores 25-29% faster than 1; 1 thread served uncompressed ones 8-28% faster."""
+    cores = os.cpu_count() or 1
+    return max(1, min(4, cores if compressed else cores - 1))

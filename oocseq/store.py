@@ -176,6 +176,11 @@ class Store:
         start, stop = self.manifest.chunk_bounds(c)
         return self._open().read_chunk(name, c, start, stop)
 
+    def advise_chunks(self, name: str, chunks: np.ndarray) -> None:
+        """Hint the kernel to read these chunks of field ``name`` ahead (asynchronous; a no-op
+        where unsupported). Used by the read-ahead of :class:`~oocseq.ChunkedSequence`."""
+        self._open().advise_chunks(name, chunks)
+
     def read_chunk_into(self, name: str, c: int, out: np.ndarray) -> None:
         """Decode chunk ``c`` of field ``name`` into ``out`` (C-contiguous, shape of the chunk),
         in place where the format allows. Raises as :meth:`read_chunk`."""

@@ -59,6 +59,11 @@ class StorageReader(ABC):
             return
         out[...] = self.read_chunk_library(name, c, start, stop)
 
+    def advise_chunks(self, name: str, chunks: np.ndarray) -> None:  # noqa: B027 (optional hook)
+        """Hint the kernel to read these chunks' stored bytes ahead, asynchronously
+        (``posix_fadvise(WILLNEED)``): a cold store then reads like a sequential scan. A no-op
+        where the backend cannot tell where its chunks lie."""
+
     @abstractmethod
     def read_chunk_fast(
         self, name: str, c: int, start: int, stop: int, out: np.ndarray | None = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,8 @@ class HDF5Reader(StorageReader):
             raise NotAStoreError(f"{path} is not an HDF5 file ({e})") from None
         self._datasets: dict[str, Any] = {}
         self._chunk_tables: dict[str, _ChunkTable | None] = {}
-        self._mapped: MappedFile | None = None
+        # Opened now, not lazily: read-ahead hints and decodes come from several threads.
+        self._mapped: MappedFile | None = MappedFile(path) if fast else None
 
     def manifest_doc(self) -> Any:
         raw = self._file.attrs.get(ATTR_KEY)
@@ -68,6 +70,17 @@ class HDF5Reader(StorageReader):
             ok = ds.chunks is not None and ds.dtype.byteorder in "=|<" and np.little_endian
             self._chunk_tables[name] = _ChunkTable(ds) if ok else None
         return self._chunk_tables[name]
+
+    def advise_chunks(self, name: str, chunks: np.ndarray) -> None:
+        table = self._table(name) if self.fast else None
+        if table is None or not hasattr(os, "posix_fadvise"):
+            return
+        if self._mapped is None:
+            self._mapped = MappedFile(self.path)
+        for c in chunks.tolist():
+            offset, size, _ = table.lookup(c * table.chunk_len)
+            if offset >= 0:
+                os.posix_fadvise(self._mapped.fd, offset, size, os.POSIX_FADV_WILLNEED)
 
     def read_chunk_fast(
         self, name: str, c: int, start: int, stop: int, out: np.ndarray | None = None

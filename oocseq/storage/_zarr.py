@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +88,20 @@ class ZarrReader(StorageReader):
                     kind = "raw" if not rest else "blosc" if rest == ["blosc"] else None
             self._fast_kind[name] = kind
         return self._fast_kind[name]
+
+    def advise_chunks(self, name: str, chunks: np.ndarray) -> None:
+        if not self.fast or not hasattr(os, "posix_fadvise"):
+            return
+        ndim = self._array(name).ndim
+        for c in chunks.tolist():
+            try:
+                fd = os.open(self._chunk_file(name, c, ndim), os.O_RDONLY)
+            except (OSError, CorruptStoreError):
+                continue  # a missing chunk is reported when it is read
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+            finally:
+                os.close(fd)
 
     def read_chunk_fast(
         self, name: str, c: int, start: int, stop: int, out: np.ndarray | None = None
