@@ -201,14 +201,9 @@ def make_cold(paths: Sequence[Path]) -> str:
 
 def rss_anon() -> int:
     """This process's ``RssAnon`` in bytes (0 where there is none)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    from oocseq.bench import rss_anon_bytes
+
+    return rss_anon_bytes()
 
 
 # --- timing -------------------------------------------------------------------------------
