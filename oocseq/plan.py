@@ -268,10 +268,8 @@ def rank_orders(
     shuffle: bool = True,
 ) -> list[np.ndarray]:
     """The epoch order of every rank (a list of ``world_size`` int64 arrays of equal length)."""
-    return [
-        EpochPlan(n, chunk_len, window, seed, epoch, shuffle, r, world_size, remainder).indices(0, n + chunk_len * world_size)
-        for r in range(world_size)
-    ]
+    plans = [EpochPlan(n, chunk_len, window, seed, epoch, shuffle, r, world_size, remainder) for r in range(world_size)]
+    return [plan.indices(0, len(plan)) for plan in plans]
 
 
 def permutation(n: int, seed: int) -> np.ndarray:

@@ -80,9 +80,11 @@ class _Runtime:
         store = seq.store
         compressed = store.manifest.compression is not None
         threads = seq.read.threads if seq.read.threads is not None else default_threads(compressed)
-        layouts = {f: FieldLayout(store.fields[f].shape[1:], store.fields[f].dtype) for f in seq._fields}
+        fields = store.fields
+        self.layouts = {f: FieldLayout(fields[f].shape[1:], fields[f].dtype) for f in seq._fields}
         self.cache = WindowCache(
-            store.read_chunk_into, layouts, store.chunk_len, len(store), seq.window, threads, store.advise_chunks
+            store.read_chunk_into, self.layouts, store.chunk_len, len(store), seq.window, threads,
+            store.advise_chunks,
         )
         self.lock = threading.RLock()
         self.plan: EpochPlan | None = None
@@ -458,9 +460,8 @@ class ChunkedSequence:
                 rt.cache.prefetch((plan.epoch, w), plan.window_chunks(w))
             n = sum(len(rows) for _, rows in spans)
             batch: Batch = {}
-            for name in self._fields:
-                info = self.store.fields[name]
-                batch[name] = np.empty((n, *info.shape[1:]), dtype=info.dtype)
+            for name, layout in rt.layouts.items():  # not store.fields: it builds a dict per call
+                batch[name] = np.empty((n, *layout.sample_shape), dtype=layout.dtype)
             pos = 0
             for w, rows in spans:
                 buffers = rt.cache.get((plan.epoch, w), plan.window_chunks(w))

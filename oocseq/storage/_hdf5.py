@@ -73,10 +73,8 @@ class HDF5Reader(StorageReader):
 
     def advise_chunks(self, name: str, chunks: np.ndarray) -> None:
         table = self._table(name) if self.fast else None
-        if table is None or not hasattr(os, "posix_fadvise"):
+        if table is None or self._mapped is None or not hasattr(os, "posix_fadvise"):
             return
-        if self._mapped is None:
-            self._mapped = MappedFile(self.path)
         for c in chunks.tolist():
             offset, size, _ = table.lookup(c * table.chunk_len)
             if offset >= 0:
@@ -88,8 +86,8 @@ class HDF5Reader(StorageReader):
         table = self._table(name)
         if table is None:
             return None
-        if self._mapped is None:
-            self._mapped = MappedFile(self.path)
+        if self._mapped is None:  # fast=False: no map, and read_chunk never comes here
+            return None
         ds = self._dataset(name)
         where = f"{self.path}: chunk {c} of field {name!r}"
         offset, size, skipped_filter = table.lookup(start)
