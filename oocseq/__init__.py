@@ -30,7 +30,7 @@ from .ingest.csv import ingest_csv
 from .ingest.images import ingest_dataframe, ingest_image_folder
 from .ingest.npy import ingest_npy
 from .plan import EpochPlan, epoch_order
-from .sequence import ChunkedSequence, ReadOptions
+from .sequence import ChunkedSequence, ReadOptions, WorkerOptions
 from .store import FieldInfo, FieldView, Store, open_store
 
 __version__ = "0.1.0"
@@ -52,6 +52,7 @@ __all__ = [
     "OocseqError",
     "OutOfRangeError",
     "ReadOptions",
+    "WorkerOptions",
     "SourceNotFoundError",
     "Store",
     "StoreExistsError",

@@ -7,6 +7,7 @@ arrays -> ``transform`` -> ``(x, y[, sample_weight])``.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import os
@@ -31,10 +32,11 @@ from .errors import (
     TransformError,
 )
 from .plan import EpochPlan, default_window, num_batches
+from .prefetch import Prefetcher, WorkerOptions, _Failed
 from .rng import SampleRandom
 from .store import Store
 
-__all__ = ["ChunkedSequence", "FieldSelection", "ReadOptions"]
+__all__ = ["ChunkedSequence", "FieldSelection", "ReadOptions", "WorkerOptions"]
 
 #: How ``x`` / ``y`` name fields: one name (an array), a list of names (a tuple of arrays, for
 #: multi-input models), or a dict ``{input_name: field}`` (a dict of arrays), or None (``y`` only).
@@ -88,6 +90,9 @@ class _Runtime:
         )
         self.lock = threading.RLock()
         self.plan: EpochPlan | None = None
+        self.plans: dict[int, EpochPlan] = {}  # of other epochs, for batches prepared ahead
+        self.prefetcher: Prefetcher | None = None
+        self.last_served = -1  # plan batch served last (to tell in-order requests)
         self.position = 0  # next plan batch to serve in arrival order
         self.requests = 0  # requests served this epoch
         self.next_position = 0  # sample position right after the last batch read
@@ -162,7 +167,12 @@ class ChunkedSequence:
         remainder: ``"pad"`` (default: repeat a rank's own samples so that every sample is
             served each epoch) or ``"drop"`` (serve no sample twice; up to a chunk per rank is
             left out each epoch, others each epoch). See :class:`~oocseq.plan.EpochPlan`.
-        workers, use_multiprocessing, max_queue_size: Keras ``PyDataset`` arguments.
+        workers, use_multiprocessing, max_queue_size: Keras's ``PyDataset`` arguments,
+            carried out by oocseq (see :class:`~oocseq.WorkerOptions`): ``workers`` threads,
+            or processes with ``use_multiprocessing``, prepare the next batches of the plan
+            (read, gather, ``transform``), at most ``max_queue_size`` ahead. Keras itself
+            sees a sequential dataset, because its own enqueuer re-serves batches across
+            epochs (see :mod:`oocseq.prefetch`).
 
     ``seq[i]`` returns a tuple ``(x, y)``, ``(x, y, sample_weight)`` or ``(x,)``; arrays keep
     the store's dtypes (``uint8`` images stay ``uint8`` unless ``transform`` converts them).
@@ -250,39 +260,44 @@ class ChunkedSequence:
                 raise FieldNotFoundError(
                     f"{self.store.path} has no field {name!r}; its fields are {sorted(self.store.fields)}"
                 )
-        # Kept where keras.utils.PyDataset keeps them, so that a sequence built before Keras was
-        # imported (or unpickled after) converts to a PyDataset unchanged.
-        self._workers = workers
-        self._use_multiprocessing = use_multiprocessing
-        self._max_queue_size = max_queue_size
+        self.worker_options = WorkerOptions(workers, use_multiprocessing, max_queue_size)
         self._epoch = 0
         self._owner_pid = os.getpid()  # arrival order is kept by this process only
         self._rt_pid = -1
 
     @property
     def workers(self) -> int:
-        """Keras ``PyDataset`` workers (threads, or processes with ``use_multiprocessing``)."""
-        return self._workers
+        """Threads (or processes, with ``use_multiprocessing``) preparing batches ahead; see
+        :attr:`worker_options`. Setting it takes effect at the next batch."""
+        return self.worker_options.workers
 
     @workers.setter
     def workers(self, value: int) -> None:
-        self._workers = value
+        self._set_worker_options(workers=value)
 
     @property
     def use_multiprocessing(self) -> bool:
-        return self._use_multiprocessing
+        """Whether the workers are processes; see :attr:`worker_options`."""
+        return self.worker_options.use_multiprocessing
 
     @use_multiprocessing.setter
     def use_multiprocessing(self, value: bool) -> None:
-        self._use_multiprocessing = value
+        self._set_worker_options(use_multiprocessing=value)
 
     @property
     def max_queue_size(self) -> int:
-        return self._max_queue_size
+        """Batches prepared ahead at most; see :attr:`worker_options`."""
+        return self.worker_options.max_queue_size
 
     @max_queue_size.setter
     def max_queue_size(self, value: int) -> None:
-        self._max_queue_size = value
+        self._set_worker_options(max_queue_size=value)
+
+    def _set_worker_options(self, **changes: Any) -> None:
+        self.worker_options = dataclasses.replace(self.worker_options, **changes)
+        if getattr(self, "_rt_pid", None) == os.getpid() and self._runtime.prefetcher is not None:
+            self._runtime.prefetcher.close()  # the next batch starts a pool of the new kind
+            self._runtime.prefetcher = None
 
     def _check_targets(self) -> None:
         if self.sample_weight is not None and self.class_weight is not None:
@@ -316,12 +331,29 @@ class ChunkedSequence:
     def max_resident_chunks(self) -> int:
         """Bound on decoded chunks held per field while one batch is being served:
         ``2 * window + batch_size // chunk_len + 1`` for the batch (the locality bound) plus
-        ``read.readahead * window`` decoded ahead. Decoded memory is at most
+        ``read.readahead * window`` decoded ahead. With worker threads (``workers > 1``), the
+        windows of every block of batches queued (``ahead`` blocks of ``block`` batches, see
+        :mod:`oocseq.prefetch`): ``ahead * (block * batch_size // (window * chunk_len) + 4 +
+        readahead) * window`` (a block's positions span whole windows, and at most two short
+        ones and one wrap-around of ``remainder="pad"``); with worker processes, the
+        one-batch bound in each. Decoded memory is at most
         ``(max_resident_chunks + 2 * window) * chunk_bytes`` summed over the fields served
         (``chunk_bytes = chunk_len * sample bytes``; the ``2 * window`` are reusable buffers of
-        dropped windows), plus one such term per extra request served concurrently."""
-        w, cl = self.window, self.store.chunk_len
-        return 2 * w + self.batch_size // cl + 1 + self.read.readahead * w
+        dropped windows), plus one such term per extra request served concurrently, plus the
+        batches prepared ahead (``max_queue_size`` rounded up to whole blocks)."""
+        w, cl, ra = self.window, self.store.chunk_len, self.read.readahead
+        opts = self.worker_options
+        if not opts.parallel or opts.use_multiprocessing:
+            return 2 * w + self.batch_size // cl + 1 + ra * w
+        block, ahead = self._block_shape()
+        return ahead * (block * self.batch_size // (w * cl) + 4 + ra) * w
+
+    def _block_shape(self) -> tuple[int, int]:
+        """Worker tasks: ``(batches per block, blocks queued ahead)``: a block is about one
+        window of batches; enough blocks for ``max_queue_size`` batches and one per worker."""
+        opts = self.worker_options
+        block = -(-self.window * self.store.chunk_len // self.batch_size)
+        return block, max(opts.workers, -(-opts.max_queue_size // block))
 
     @property
     def epoch(self) -> int:
@@ -340,6 +372,9 @@ class ChunkedSequence:
             rt.requests = 0
             rt.begun = False
             rt.warned = False
+            rt.last_served = -1
+            if rt.prefetcher is not None:
+                rt.prefetcher.reset()
 
     def on_epoch_begin(self) -> None:
         """Keras calls this before each epoch; it marks the epoch as begun, so that the
@@ -405,12 +440,76 @@ class ChunkedSequence:
         sample is served exactly once per epoch in both modes."""
         k = self._claim(self._check_index(i))
         try:
-            return self.batch(k)
+            return self._serve(k)
         except Exception as e:
             # Keras workers hand exceptions back to the training loop: say where they came from.
             if hasattr(e, "add_note"):
                 e.add_note(f"oocseq: while serving seq[{i}] (plan batch {k}, epoch {self._epoch}) from {self.store.path}")
             raise
+
+    def _serve(self, k: int) -> tuple[Any, ...]:
+        """Plan batch ``k``: from the workers when they prepare batches ahead and requests
+        come in plan order (always so in arrival order), else computed here."""
+        rt = self._rt
+        opts = self.worker_options
+        with rt.lock:
+            # Arrival order claims plan batches in order by construction (even when several
+            # threads ask at once); by index, read ahead only for requests made in order.
+            in_order = self.serve == "arrival" or k == rt.last_served + 1
+            rt.last_served = k
+            prefetcher = rt.prefetcher
+            epoch = self._epoch
+            if opts.parallel and in_order and os.getpid() == self._owner_pid:
+                if prefetcher is None:
+                    prefetcher = rt.prefetcher = Prefetcher(opts, *self._block_shape(), self)
+            else:
+                prefetcher = None
+        if prefetcher is None:
+            return self.batch(k)
+        return prefetcher.get(epoch, k, len(self))
+
+    def _worker_copy(self) -> ChunkedSequence:
+        """This sequence for worker processes: a plain ChunkedSequence (a Keras-flavoured one
+        would make each spawned worker import Keras) that prepares batches when asked."""
+        plain = object.__new__(ChunkedSequence)
+        plain.__setstate__(self.__getstate__())
+        plain.worker_options = WorkerOptions()
+        return plain
+
+    def _prepare_block(self, epoch: int, start: int, stop: int) -> list[Any]:
+        """Plan batches ``start:stop`` of ``epoch`` (a worker's task); a batch that fails is
+        kept as its exception, raised when that batch is served."""
+        plan = self._plan_for(epoch)
+        token = self._reserve_block(epoch, start, stop)
+        out: list[Any] = []
+        try:
+            for i in range(start, stop):
+                try:
+                    out.append(self._batch_of(plan, i, readahead=True))
+                except Exception as e:
+                    out.append(_Failed(e))
+        finally:
+            self._release_block(token)
+        return out
+
+    def _reserve_block(self, epoch: int, start: int, stop: int) -> object:
+        """Keep the windows of plan batches ``start:stop`` of ``epoch`` (and the read-ahead
+        beyond them) in the cache until :meth:`_release_block`: another worker's batch would
+        otherwise drop them between two batches of this block."""
+        plan = self._plan_for(epoch)
+        windows = [w for w, _ in plan.window_spans(start * self.batch_size, stop * self.batch_size)]
+        ahead = range(windows[-1] + 1, min(windows[-1] + 1 + self.read.readahead, plan.num_windows))
+        keys = [(epoch, w) for w in [*windows, *ahead]]
+        token = object()
+        rt = self._rt
+        with rt.lock:
+            rt.in_flight[token] = keys
+        return token
+
+    def _release_block(self, token: object) -> None:
+        rt = self._rt
+        with rt.lock:
+            rt.in_flight.pop(token, None)
 
     def _claim(self, i: int) -> int:
         """Which plan batch answers request ``i``."""
@@ -428,23 +527,42 @@ class ChunkedSequence:
                 warnings.warn(
                     f"{len(self) + 1} batches were requested from a sequence of {len(self)} batches in "
                     f"epoch {self._epoch} without on_epoch_end(): the extra requests are served by "
-                    "index, so some batches repeat. Keras does this with workers > 1 threads on "
-                    "some backends; use workers=1 (oocseq decodes ahead in its own threads).",
+                    "index, so some batches repeat. Call on_epoch_end() or set_epoch() between epochs "
+                    "(Keras's model.fit does).",
                     RuntimeWarning,
                     stacklevel=3,
                 )
             return i
 
     def batch(self, i: int) -> tuple[Any, ...]:
-        """Batch ``i`` of the current epoch's plan (independent of the order of requests)."""
+        """Batch ``i`` of the current epoch's plan (independent of the order of requests),
+        computed in the calling thread."""
         start = self._check_index(i) * self.batch_size
-        stop = start + self.batch_size
         rt = self._rt
-        plan = self.plan
-        spans = plan.window_spans(start, stop)
         # Read ahead only when batches come in order: a random-access caller would waste it.
         sequential = start == rt.next_position
-        rt.next_position = min(stop, len(plan))
+        rt.next_position = min(start + self.batch_size, self._length)
+        return self._batch_of(self.plan, i, readahead=sequential)
+
+    def _plan_for(self, epoch: int) -> EpochPlan:
+        """The plan of ``epoch`` (the current one, or one of two others kept)."""
+        rt = self._rt
+        with rt.lock:
+            if epoch == self._epoch:
+                return self.plan
+            plan = rt.plans.get(epoch)
+            if plan is None:
+                if len(rt.plans) >= 2:
+                    rt.plans.pop(next(iter(rt.plans)))
+                plan = rt.plans[epoch] = self._new_plan(epoch)
+            return plan
+
+    def _batch_of(self, plan: EpochPlan, i: int, readahead: bool) -> tuple[Any, ...]:
+        start = i * self.batch_size
+        stop = start + self.batch_size
+        rt = self._rt
+        sequential = readahead
+        spans = plan.window_spans(start, stop)
         last = spans[-1][0]
         ahead = range(last + 1, min(last + 1 + (self.read.readahead if sequential else 0), plan.num_windows))
         keys = [(plan.epoch, w) for w, _ in spans]
@@ -620,6 +738,8 @@ class ChunkedSequence:
     def close(self) -> None:
         """Stop this process's read-ahead threads and drop its decoded chunks."""
         if self._rt_pid == os.getpid():
+            if self._runtime.prefetcher is not None:
+                self._runtime.prefetcher.close()
             self._runtime.cache.close()
             self._rt_pid = -1
 

@@ -33,8 +33,11 @@ def test_sequence_is_a_pydataset(store):
     assert isinstance(seq, keras.utils.PyDataset)
     assert seq.workers == 1 and seq.use_multiprocessing is False and seq.max_queue_size == 10
     assert seq.num_batches == len(seq)
-    other = ChunkedSequence(store, 8, workers=3, max_queue_size=4)
-    assert other.workers == 3 and other.max_queue_size == 4
+    other = ChunkedSequence(store, 8, workers=3, use_multiprocessing=True, max_queue_size=4)
+    # what was asked for is oocseq's; Keras sees a sequential dataset (see test_workers)
+    assert other.worker_options == oocseq.WorkerOptions(3, True, 4)
+    assert other.workers == 1 and other.use_multiprocessing is False and other.max_queue_size == 4
+    other.close()
 
 
 # -- learning ------------------------------------------------------------------------------------

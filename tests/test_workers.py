@@ -1,20 +1,22 @@
-"""Keras ``model.fit`` with PyDataset workers: one worker, a thread pool, and worker processes
-under fork, spawn and forkserver, on Zarr and HDF5 stores.
+"""Keras ``model.fit`` with ``workers``, ``use_multiprocessing`` and ``max_queue_size``: one
+worker, worker threads, and worker processes under fork, spawn and forkserver, on Zarr and HDF5
+stores, on the JAX, PyTorch and TensorFlow backends.
 
-What the model trains on is recorded in ``train_step`` (``run_eagerly=True``). Where Keras
-delivers every batch once, every sample must be trained exactly once per epoch. Where Keras
-itself re-serves batches (its ``OrderedEnqueuer`` with ``workers > 1`` or
-``use_multiprocessing=True`` on the JAX and PyTorch backends, see DESIGN.md and issue 4),
-oocseq must warn, and what it serves must still be batches of its epoch plans, with a new
-shuffle every epoch.
+What the model trains on is recorded in ``train_step`` (``run_eagerly=True``). oocseq runs the
+workers itself (Keras's own enqueuer re-serves batches across epochs on JAX and PyTorch, see
+:mod:`oocseq.prefetch`), so in every configuration Keras epoch ``k`` must train exactly the
+batches of plan epoch ``k + 1`` (``k`` with ``SyncEpoch``; ``fit`` reads a batch to build the
+model first), in plan order: every sample exactly once, and the same batches whatever the
+configuration.
 
-Worker-process runs happen in a fresh Python process (the start method is global), which prints
-its recordings as JSON; every such test runs under a timeout.
+Runs on another backend or with worker processes happen in a fresh Python process (the backend
+and the start method are global), which prints its recordings as JSON; every such test runs
+under a timeout.
 """
 
 from __future__ import annotations
 
-import collections
+import importlib.util
 import json
 import os
 import random
@@ -30,7 +32,7 @@ import pytest
 from conftest import ids_of, make_store, y_of
 
 from oocseq import ChunkedSequence, TransformError
-from oocseq.adapters.keras import KerasChunkedSequence, SyncEpoch
+from oocseq.adapters.keras import SyncEpoch
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -70,20 +72,18 @@ class EpochSplitter(keras.callbacks.Callback):
         self._start = len(self.recorder.steps)
 
 
-class LoggedSequence(KerasChunkedSequence):
-    """The library's Keras sequence, logging every request ``(pid, i, epoch, first ids)`` to a
-    file (appends from any thread or process), to report what Keras asked for, and where."""
+class LogIds:
+    """A transform that logs ``(pid, first sample ids)`` of every batch it prepares to a file
+    (appends from any thread or process): to tell where batches were prepared."""
 
-    def __init__(self, *args, log: str, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, log: str):
         self.log = log
 
-    def __getitem__(self, i):
-        out = super().__getitem__(i)
-        line = json.dumps({"pid": os.getpid(), "i": int(i), "epoch": self.epoch, "ids": ids_of(out[0])[:3].tolist()})
+    def __call__(self, batch):
+        line = json.dumps({"pid": os.getpid(), "ids": batch["x"][:3, 0].astype(np.int64).tolist()})
         with open(self.log, "a") as f:
             f.write(line + "\n")
-        return out
+        return batch
 
 
 class RaiseOn:
@@ -96,10 +96,6 @@ class RaiseOn:
         if self.sample in batch["x"][:, 0].astype(np.int64):
             raise ValueError(f"cannot augment sample {self.sample}")
         return batch
-
-
-def _is_oocseq_warning(w) -> bool:
-    return issubclass(w.category, RuntimeWarning) and "workers=1" in str(w.message)
 
 
 def run_fit(
@@ -119,12 +115,11 @@ def run_fit(
     kw = dict(seed=SEED, window=WINDOW, workers=workers, use_multiprocessing=use_multiprocessing)
     if raise_on is not None:
         kw["transform"] = RaiseOn(raise_on)
+    elif log is not None:
+        kw["transform"] = LogIds(log)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        if log is not None:
-            seq = LoggedSequence(store_path, BATCH, log=log, **kw)
-        else:
-            seq = ChunkedSequence(store_path, BATCH, **kw)
+        seq = ChunkedSequence(store_path, BATCH, **kw)
         model = Recorder()
         model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True), run_eagerly=True)
         splitter = EpochSplitter(model)
@@ -139,11 +134,14 @@ def run_fit(
                 "notes": list(getattr(e, "__notes__", [])),
                 "is_transform_error": isinstance(e, TransformError),
             }
+        seq.close()
     return {
+        "backend": keras.backend.backend(),
+        "pid": os.getpid(),
         "epochs": splitter.epochs,
         "len": len(seq),
         "seq_epoch": seq.epoch,
-        "warnings": [str(w.message) for w in caught if _is_oocseq_warning(w)],
+        "warnings": [f"{w.category.__name__}: {w.message}" for w in caught if "oocseq" in str(w.filename)],
         "error": error,
     }
 
@@ -159,88 +157,70 @@ if __name__ == "__main__":
 """
 
 
-def run_fit_in_subprocess(tmp_path: Path, start_method: str, **cfg) -> dict:
+def run_fit_in_subprocess(tmp_path: Path, start_method: str, backend: str | None = None, **cfg) -> dict:
     script = tmp_path / "fit_script.py"
     script.write_text(SCRIPT)
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO), os.environ.get("PYTHONPATH", "")]),
-        "KERAS_BACKEND": keras.backend.backend(),
+        "KERAS_BACKEND": backend or keras.backend.backend(),
         "JAX_PLATFORMS": "cpu",
+        "CUDA_VISIBLE_DEVICES": "",
+        "TF_CPP_MIN_LOG_LEVEL": "2",
     }
     arg = json.dumps({"start_method": start_method, **cfg})
     proc = subprocess.run(
-        [sys.executable, str(script), arg], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=100
+        [sys.executable, str(script), arg], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=150
     )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
-    return json.loads(lines[-1][len("RESULT ") :])
+    result = json.loads(lines[-1][len("RESULT ") :])
+    assert result["backend"] == env["KERAS_BACKEND"]
+    return result
 
 
 # -- what the plan says --------------------------------------------------------------------------
-def plan_batches(store_path, epoch: int) -> set[frozenset[int]]:
+def plan_epoch(store_path, epoch: int) -> list[list[int]]:
+    """The batches (sample ids) of plan epoch ``epoch``, in plan order."""
     ref = ChunkedSequence(store_path, BATCH, seed=SEED, window=WINDOW)
     ref.set_epoch(epoch)
-    return {frozenset(ref.batch_indices(i).tolist()) for i in range(len(ref))}
+    return [ref.batch_indices(i).tolist() for i in range(len(ref))]
 
 
-def which_plan_epoch(store_path, batch: list[int], max_epoch: int) -> int | None:
-    for e in range(max_epoch + 1):
-        if frozenset(batch) in plan_batches(store_path, e):
-            return e
-    return None
-
-
-def exactly_once(epoch_batches: list[list[int]]) -> bool:
-    return sorted(i for b in epoch_batches for i in b) == list(range(N))
-
-
-def requests_summary(log: Path) -> str:
-    """What Keras requested, per process and plan epoch: for failure messages."""
-    if not log.exists():
-        return "(no requests logged)"
-    rows = [json.loads(line) for line in log.read_text().splitlines()]
-    per = collections.defaultdict(list)
-    for r in rows:
-        per[(r["pid"], r["epoch"])].append(r["i"])
-    repeated = collections.Counter((r["epoch"], r["i"]) for r in rows)
-    dup = sorted(k for k, c in repeated.items() if c > 1)
+def describe(batches: list[list[int]], store_path, epoch: int) -> str:
+    """Where a Keras epoch's batches differ from the plan's, for failure messages."""
+    want = plan_epoch(store_path, epoch)
+    counts: dict[int, int] = {}
+    for b in batches:
+        for i in b:
+            counts[i] = counts.get(i, 0) + 1
+    twice = sorted(i for i, c in counts.items() if c > 1)
+    never = sorted(set(range(N)) - set(counts))
+    first = next((j for j, (a, b) in enumerate(zip(batches, want, strict=False)) if a != b), None)
     return (
-        "requests (pid, seq.epoch) -> indices: "
-        + "; ".join(f"{k}: {v}" for k, v in per.items())
-        + f"\n(epoch, index) requested more than once: {dup}"
+        f"{len(batches)} batches trained, plan has {len(want)}; first differing batch: {first}; "
+        f"samples trained twice: {twice[:20]}, never: {never[:20]}"
     )
 
 
-def check_run(
-    store_path, result: dict, log: Path, *, expect_warning: bool, sync: bool = False, epochs: int = EPOCHS
-) -> None:
-    """The assertions every configuration must satisfy."""
-    info = requests_summary(log)
+def check_run(store_path, result: dict, *, sync: bool = False, epochs: int = EPOCHS) -> None:
+    """Keras epoch k trained exactly plan epoch k + 1 (k with SyncEpoch), in plan order, and
+    oocseq had nothing to warn about."""
     assert result["error"] is None, result["error"]
-    assert len(result["epochs"]) == epochs
-    epochs = result["epochs"]
+    assert result["warnings"] == [], result["warnings"]
     assert result["len"] == -(-N // BATCH)
-    warned = bool(result["warnings"])
-    assert warned == expect_warning, f"oocseq warnings: {result['warnings']}"
-    for k, batches in enumerate(epochs):
-        assert len(batches) == result["len"], f"Keras epoch {k} trained {len(batches)} batches\n{info}"
-        # every batch trained is a batch of one of oocseq's epoch plans (no torn or mixed batch)
-        origin = [which_plan_epoch(store_path, b, EPOCHS + 1) for b in batches]
-        assert None not in origin, f"Keras epoch {k}: a batch that is no plan batch\n{info}"
-        # a new shuffle every epoch: epoch k trains batches of plan epoch k (k + 1 when fit reads a
-        # batch to build the model first) - with processes too
-        assert max(origin) >= k + (0 if sync else 1), (
-            f"Keras epoch {k} trained only plan epochs {sorted(set(origin))}: the sequence's epoch did "
-            f"not move on (seq.epoch after fit: {result['seq_epoch']})\n{info}"
+    assert len(result["epochs"]) == epochs
+    for k, batches in enumerate(result["epochs"]):
+        e = k if sync else k + 1
+        assert batches == plan_epoch(store_path, e), f"Keras epoch {k} vs plan epoch {e}: " + describe(
+            batches, store_path, e
         )
-        # exactly once, or else oocseq said so
-        if not exactly_once(batches):
-            counts = collections.Counter(i for b in batches for i in b)
-            assert warned, (
-                f"Keras epoch {k}: samples trained twice {sorted(i for i, c in counts.items() if c > 1)[:20]}, "
-                f"never {sorted(set(range(N)) - set(counts))[:20]}, and oocseq did not warn\n{info}"
-            )
+        assert sorted(i for b in batches for i in b) == list(range(N))  # exactly once (implied)
+
+
+def prepared_by(log: Path) -> set[int]:
+    """The processes whose transform prepared batches."""
+    return {json.loads(line)["pid"] for line in log.read_text().splitlines()}
 
 
 @pytest.fixture(autouse=True)
@@ -249,60 +229,86 @@ def _clear_keras():
     keras.backend.clear_session()
 
 
-# -- one worker: exactly once --------------------------------------------------------------------
+# -- in this process (JAX): one worker and worker threads ----------------------------------------
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("sync", [False, True], ids=["plain", "SyncEpoch"])
-def test_one_worker_trains_every_sample_once(tmp_path, fmt, sync):
+@pytest.mark.parametrize(("workers", "sync"), [(1, False), (1, True), (3, False), (3, True)])
+def test_threads_train_every_sample_once(tmp_path, fmt, workers, sync):
     store = make_store(tmp_path / f"s{fmt}", N, CHUNK)
-    log = tmp_path / "requests.log"
-    result = run_fit(str(store.path), sync=sync, log=str(log))
-    check_run(store.path, result, log, expect_warning=False, sync=sync)
-    for k, batches in enumerate(result["epochs"]):
-        assert exactly_once(batches), f"Keras epoch {k}\n{requests_summary(log)}"
-        # the very batches of the plan: Keras epoch k is plan epoch k (SyncEpoch) or k + 1
-        assert {frozenset(b) for b in batches} == plan_batches(store.path, k if sync else k + 1)
+    log = tmp_path / "prepared.log"
+    result = run_fit(str(store.path), workers=workers, sync=sync, log=str(log))
+    check_run(store.path, result, sync=sync)
+    assert prepared_by(log) == {os.getpid()}
 
 
-# -- a thread pool -------------------------------------------------------------------------------
-@pytest.mark.timeout(120)
-def test_thread_workers(tmp_path, fmt):
-    store = make_store(tmp_path / f"s{fmt}", N, CHUNK)
-    log = tmp_path / "requests.log"
-    result = run_fit(str(store.path), workers=3, log=str(log))
-    check_run(store.path, result, log, expect_warning=keras.backend.backend() in ("jax", "torch"))
+# -- worker processes, other backends ------------------------------------------------------------
+def _has(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
 
 
-# -- worker processes: fork, spawn, forkserver ---------------------------------------------------
-# Keras starts a new pool every epoch (and one for the batch that builds the model); spawn and
-# forkserver workers import Keras and its backend, ~3 s each on 2 cores: one epoch there.
-PROCESS_CONFIGS = [("fork", ".h5", EPOCHS), ("spawn", ".zarr", 1), ("forkserver", ".h5", 1)]
+# (backend, start method, store format, workers, use_multiprocessing, epochs). Spawn and
+# forkserver workers import oocseq (not Keras): fast to start. Threads on every backend.
+SUBPROCESS_CONFIGS = [
+    ("jax", "fork", ".h5", 2, True, EPOCHS),
+    ("jax", "spawn", ".zarr", 2, True, EPOCHS),
+    ("jax", "forkserver", ".h5", 2, True, EPOCHS),
+    ("torch", "fork", ".zarr", 2, True, EPOCHS),
+    ("torch", "spawn", ".h5", 2, True, EPOCHS),
+    ("torch", "spawn", ".zarr", 3, False, EPOCHS),
+    ("tensorflow", "spawn", ".zarr", 2, True, EPOCHS),
+    ("tensorflow", "forkserver", ".h5", 2, True, EPOCHS),
+    ("tensorflow", "spawn", ".h5", 3, False, EPOCHS),
+    ("tensorflow", "spawn", ".zarr", 1, False, EPOCHS),
+]
+_BACKEND_MODULE = {"jax": "jax", "torch": "torch", "tensorflow": "tensorflow"}
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(200)
 @pytest.mark.parametrize(
-    ("start_method", "suffix", "epochs"), PROCESS_CONFIGS, ids=[f"{m}-{s[1:]}" for m, s, _ in PROCESS_CONFIGS]
+    ("backend", "start_method", "suffix", "workers", "use_multiprocessing", "epochs"),
+    SUBPROCESS_CONFIGS,
+    ids=[f"{b}-{m if mp else 'threads'}-{s[1:]}-w{w}" for b, m, s, w, mp, _ in SUBPROCESS_CONFIGS],
 )
-def test_process_workers(tmp_path, start_method, suffix, epochs):
+def test_backends_and_worker_processes(tmp_path, backend, start_method, suffix, workers, use_multiprocessing, epochs):
+    if not _has(_BACKEND_MODULE[backend]):
+        pytest.skip(f"{backend} is not installed (pip install -e '.[test]' installs it)")
     store = make_store(tmp_path / f"s{suffix}", N, CHUNK)
-    log = tmp_path / "requests.log"
+    log = tmp_path / "prepared.log"
     result = run_fit_in_subprocess(
-        tmp_path, start_method, store_path=str(store.path), workers=2, use_multiprocessing=True, epochs=epochs,
-        log=str(log),
+        tmp_path, start_method, backend=backend, store_path=str(store.path), workers=workers,
+        use_multiprocessing=use_multiprocessing, epochs=epochs, log=str(log),
     )
-    rows = [json.loads(line) for line in log.read_text().splitlines()]
-    assert len({r["pid"] for r in rows}) >= 2, "the batches were not served by worker processes"
-    check_run(store.path, result, log, expect_warning=keras.backend.backend() in ("jax", "torch"), epochs=epochs)
+    check_run(store.path, result, epochs=epochs)
+    pids = prepared_by(log)
+    if use_multiprocessing:  # prepared in worker processes only
+        assert pids and result["pid"] not in pids, f"prepared by {pids}, fit ran in {result['pid']}"
+    else:
+        assert pids == {result["pid"]}
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(200)
 def test_process_workers_with_sync_epoch(tmp_path):
-    """With SyncEpoch the parent's epoch is set before Keras starts each epoch's pool."""
     store = make_store(tmp_path / "s.h5", N, CHUNK)
-    log = tmp_path / "requests.log"
     result = run_fit_in_subprocess(
-        tmp_path, "fork", store_path=str(store.path), workers=2, use_multiprocessing=True, sync=True, log=str(log)
+        tmp_path, "fork", store_path=str(store.path), workers=2, use_multiprocessing=True, sync=True
     )
-    check_run(store.path, result, log, expect_warning=keras.backend.backend() in ("jax", "torch"), sync=True)
+    check_run(store.path, result, sync=True)
+
+
+def test_keras_sees_a_sequential_dataset(tmp_path):
+    """Keras must not start its own enqueuer (it re-serves batches across epochs on JAX and
+    PyTorch); the workers asked for are oocseq's."""
+    from keras.src.trainers.data_adapters.py_dataset_adapter import PyDatasetAdapter
+
+    store = make_store(tmp_path / "s.zarr", N, CHUNK)
+    seq = ChunkedSequence(store, BATCH, workers=4, use_multiprocessing=True, max_queue_size=7)
+    assert PyDatasetAdapter(seq).enqueuer is None
+    assert (seq.worker_options.workers, seq.worker_options.use_multiprocessing) == (4, True)
+    assert seq.worker_options.max_queue_size == 7 == seq.max_queue_size
+    seq.workers = 3  # set after construction: still oocseq's
+    seq.use_multiprocessing = False
+    assert PyDatasetAdapter(seq).enqueuer is None
+    assert (seq.worker_options.workers, seq.worker_options.use_multiprocessing) == (3, False)
+    seq.close()
 
 
 # -- an exception in a worker reaches the caller -------------------------------------------------
@@ -323,11 +329,9 @@ def test_exception_in_a_thread_worker_reaches_fit(tmp_path, workers):
     store = make_store(tmp_path / "s.h5", N, CHUNK)
     model = Recorder()
     model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True), run_eagerly=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # workers=3: the enqueuer warning
-        seq = ChunkedSequence(store, BATCH, seed=SEED, window=WINDOW, transform=RaiseOn(57), workers=workers)
-        with pytest.raises(TransformError) as info:
-            model.fit(seq, epochs=2, verbose=0)
+    seq = ChunkedSequence(store, BATCH, seed=SEED, window=WINDOW, transform=RaiseOn(57), workers=workers)
+    with pytest.raises(TransformError) as info:
+        model.fit(seq, epochs=2, verbose=0)
     e = info.value
     _bad_sample_and_check(store.path, str(e) + "\n" + "\n".join(getattr(e, "__notes__", [])), 57)
     # and the sequence still serves: nothing is left locked

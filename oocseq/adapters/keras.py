@@ -1,5 +1,7 @@
 """Keras: :class:`KerasChunkedSequence` is a ``ChunkedSequence`` that is also a
-``keras.utils.PyDataset``, so ``model.fit(seq)`` accepts it.
+``keras.utils.PyDataset``, so ``model.fit(seq)`` accepts it; :class:`SyncEpoch` pins plan epochs
+to Keras epochs; :class:`MidEpochBackup` and :func:`fit_resumable` resume an interrupted
+``fit`` mid-epoch.
 
 ``ChunkedSequence(...)`` returns one automatically when Keras has been imported; importing
 this module imports Keras.
@@ -7,57 +9,56 @@ this module imports Keras.
 
 from __future__ import annotations
 
-import warnings
+import json
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import keras
 
+from ..errors import ArgumentError, StateError
 from ..sequence import ChunkedSequence
+
+__all__ = ["KerasChunkedSequence", "MidEpochBackup", "SyncEpoch", "as_pydataset", "fit_resumable"]
 
 
 class KerasChunkedSequence(ChunkedSequence, keras.utils.PyDataset):
     """A :class:`~oocseq.ChunkedSequence` that Keras's ``model.fit`` / ``evaluate`` /
-    ``predict`` accept. ``workers``, ``use_multiprocessing`` and ``max_queue_size`` are the
-    ``PyDataset`` arguments."""
+    ``predict`` accept.
+
+    ``workers``, ``use_multiprocessing`` and ``max_queue_size`` are the ``PyDataset``
+    arguments, carried out by oocseq (:mod:`oocseq.prefetch`): Keras sees a sequential
+    dataset (``workers`` reads at most 1, ``use_multiprocessing`` False), so it never starts
+    its ``OrderedEnqueuer``, which on the JAX and PyTorch backends trains some batches twice
+    and skips others. What was asked for is :attr:`worker_options`."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         ChunkedSequence.__init__(self, *args, **kwargs)  # sets what PyDataset.__init__ would
-        warn_if_enqueuer_repeats(self)
 
     @property
     def num_batches(self) -> int:
         return len(self)
 
+    # What Keras reads to decide on its own enqueuer; setting them configures oocseq's workers.
+    @property
+    def workers(self) -> int:
+        """At most 1: what Keras sees (oocseq runs ``worker_options.workers`` itself)."""
+        return min(self.worker_options.workers, 1)
 
-#: Backends whose ``model.fit`` trains on batches that Keras's OrderedEnqueuer left in its queue.
-_REQUEUING_BACKENDS = ("jax", "torch")
+    @workers.setter
+    def workers(self, value: int) -> None:
+        self._set_worker_options(workers=value)
 
-
-def warn_if_enqueuer_repeats(seq: ChunkedSequence) -> bool:
-    """Warn (and return True) when Keras will serve ``seq`` through its ``OrderedEnqueuer``
-    on a backend where that trains some batches twice and skips others.
-
-    What happens (Keras 3.15, ``trainers/data_adapters/py_dataset_adapter.py``): with
-    ``workers > 1`` or ``use_multiprocessing=True`` the enqueuer computes batches ahead; when
-    an epoch's iterator stops early (``fit`` reads one batch to build the model, then resets),
-    ``stop()`` moves the batches already computed into a ``ready_queue`` that the next
-    epoch's iterator yields *before* its own, and that epoch still stops after ``len(seq)``
-    batches: the leftovers are trained again and as many of the epoch's own batches never.
-    The TensorFlow backend builds a ``tf.data`` pipeline instead and is not affected."""
-    if seq.workers <= 1 and not seq.use_multiprocessing:
+    @property
+    def use_multiprocessing(self) -> bool:
+        """False: what Keras sees (oocseq runs ``worker_options`` itself)."""
         return False
-    backend = keras.backend.backend()
-    if backend not in _REQUEUING_BACKENDS:
-        return False
-    warnings.warn(
-        f"ChunkedSequence with workers={seq.workers}, use_multiprocessing={seq.use_multiprocessing} on "
-        f"the {backend} backend: Keras's OrderedEnqueuer re-serves batches left in its queue at the start "
-        "of the next epoch, so model.fit trains some batches twice and skips others. oocseq already "
-        "decodes ahead in its own threads (ReadOptions): use workers=1, use_multiprocessing=False.",
-        RuntimeWarning,
-        stacklevel=4,
-    )
-    return True
+
+    @use_multiprocessing.setter
+    def use_multiprocessing(self, value: bool) -> None:
+        self._set_worker_options(use_multiprocessing=value)
 
 
 class SyncEpoch(keras.callbacks.Callback):
@@ -82,3 +83,202 @@ def as_pydataset(seq: ChunkedSequence) -> KerasChunkedSequence:
     new = KerasChunkedSequence.__new__(KerasChunkedSequence)
     new.__setstate__(seq.__getstate__())
     return new
+
+
+_BACKUP_FORMAT = "oocseq.MidEpochBackup"
+
+
+class MidEpochBackup(keras.callbacks.Callback):
+    """Save the model, its optimizer and the sequence's position every ``save_freq`` batches
+    and at the end of every epoch; on the next ``fit`` with the same ``backup_dir``, restore
+    them, so that training goes on from the batch after the last save, with exactly the
+    batches the uninterrupted run would have trained.
+
+    Keras's own ``BackupAndRestore`` restores the weights but replays the interrupted epoch
+    from its first batch (the samples before the interruption are trained twice in that
+    epoch). Keras also fixes the number of steps of every epoch of one ``fit`` call, so the
+    rest of an interrupted epoch needs a ``fit`` of its own: :func:`fit_resumable` makes both
+    calls; with this callback alone, call ``fit(seq, initial_epoch=e, epochs=e + 1,
+    steps_per_epoch=len(seq) - p)`` for ``(e, p) = backup.resume_point()`` when ``p > 0``.
+
+    Like :class:`SyncEpoch`, it serves plan epoch ``k`` in Keras epoch ``k``.
+
+    Files in ``backup_dir``: ``state.json`` (epoch, position, the sequence's
+    :meth:`~oocseq.ChunkedSequence.state_dict` and the weights file's name) and
+    ``ckpt-N.weights.h5`` (``model.save_weights``: weights and optimizer variables). The JSON
+    is replaced atomically after its weights file is complete, so a crash while saving leaves
+    the previous backup intact.
+
+    Args:
+        seq: the training sequence passed to ``fit``.
+        backup_dir: a directory (created if missing).
+        save_freq: save every this many trained batches (int >= 1), or ``"epoch"``: at epoch
+            ends only.
+
+    Raises:
+        StateError (at ``on_train_begin``): the backup is of another store or plan (another
+            seed, batch size, ...), or unreadable.
+    """
+
+    def __init__(self, seq: ChunkedSequence, backup_dir: str | os.PathLike[str], save_freq: int | str = 100) -> None:
+        super().__init__()
+        if save_freq != "epoch" and (not isinstance(save_freq, int) or isinstance(save_freq, bool) or save_freq < 1):
+            raise ArgumentError(f"save_freq must be an int >= 1 or 'epoch', got {save_freq!r}")
+        self.seq = seq
+        self.backup_dir = Path(backup_dir)
+        self.save_freq = save_freq
+        self._pending: dict[str, Any] | None = None  # a restored state not yet applied to the sequence
+        self._offset = 0  # batches of the current epoch trained before this fit (resumed epoch)
+        self._trained = 0  # batches of the current epoch trained so far (with the offset)
+        self._since_save = 0
+        self._epoch = 0
+
+    @property
+    def state_path(self) -> Path:
+        return self.backup_dir / "state.json"
+
+    def read(self) -> dict[str, Any] | None:
+        """The saved state, or None when there is no backup yet.
+        Raises StateError for a file that is not such a backup."""
+        try:
+            text = self.state_path.read_text()
+        except FileNotFoundError:
+            return None
+        try:
+            state = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise StateError(f"{self.state_path} is not valid JSON ({e}); delete it to start afresh") from None
+        ok = (
+            isinstance(state, dict) and state.get("format") == _BACKUP_FORMAT and state.get("version") == 1
+            and isinstance(state.get("epoch"), int) and isinstance(state.get("position"), int)
+            and isinstance(state.get("weights"), str) and isinstance(state.get("sequence"), Mapping)
+        )
+        if not ok:
+            raise StateError(f"{self.state_path} is not an oocseq MidEpochBackup state (format/version 1)")
+        if Path(state["weights"]).name != state["weights"]:
+            raise StateError(f"{self.state_path}: weights must name a file in {self.backup_dir}, got {state['weights']!r}")
+        return state
+
+    def resume_point(self) -> tuple[int, int] | None:
+        """``(epoch, position)`` of the saved state: the next batch to train is plan batch
+        ``position`` of epoch ``epoch``; None without a backup."""
+        state = self.read()
+        return None if state is None else (state["epoch"], state["position"])
+
+    # -- restoring ---------------------------------------------------------------------------
+    def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+        # After fit has built the model (it reads a batch to do so, then ends that "epoch").
+        state = self.read()
+        self._pending = None
+        if state is None:
+            return
+        try:
+            self.seq.load_state_dict(state["sequence"])  # checks store and plan now, not later
+        except StateError as e:
+            raise StateError(f"cannot resume from {self.state_path}: {e}") from None
+        weights = self.backup_dir / state["weights"]
+        if not weights.is_file():
+            raise StateError(f"{self.state_path} names {weights}, which is missing")
+        optimizer = getattr(self.model, "optimizer", None)
+        if optimizer is not None and not optimizer.built:
+            optimizer.build(self.model.trainable_variables)
+        self.model.load_weights(weights)
+        self._pending = state
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self._epoch = epoch
+        pending, self._pending = self._pending, None
+        if pending is not None and pending["epoch"] == epoch and pending["position"] > 0:
+            self.seq.load_state_dict(pending["sequence"])
+            self._offset = pending["position"]
+        else:
+            self.seq.set_epoch(epoch)
+            self._offset = 0
+        self._trained = self._offset
+
+    # -- saving -------------------------------------------------------------------------------
+    def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        trained = self._offset + batch + 1  # batch: the epoch's last step (steps_per_execution)
+        self._since_save += trained - self._trained
+        self._trained = trained
+        # The last batch of an epoch is saved by on_epoch_end, as the start of the next epoch.
+        if self.save_freq != "epoch" and self._since_save >= self.save_freq and trained < len(self.seq):
+            self.save(self._epoch, trained)
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self.save(epoch + 1, 0)
+        self._offset = 0
+
+    def save(self, epoch: int, position: int) -> None:
+        """Save now: the model has trained plan batches ``0 .. position - 1`` of ``epoch``.
+        (Counted from Keras's steps, not from the batches the sequence has served: Keras may
+        have fetched some ahead.)"""
+        self._since_save = 0
+        self.backup_dir.mkdir(parents=True, exist_ok=True)
+        previous = self.read()
+        number = 0 if previous is None else int(previous.get("number", 0)) + 1
+        sync = getattr(self.model, "jax_state_sync", None)  # JAX keeps the state off the model in fit
+        if sync is not None:
+            sync()
+        name = f"ckpt-{number}.weights.h5"
+        self.model.save_weights(self.backup_dir / name, overwrite=True)
+        seq_state = self.seq.state_dict()
+        seq_state.update(epoch=epoch, position=position)
+        state = {
+            "format": _BACKUP_FORMAT, "version": 1, "epoch": epoch, "position": position,
+            "weights": name, "number": number, "sequence": seq_state,
+        }
+        fd, tmp = tempfile.mkstemp(prefix=".state.", suffix=".json", dir=self.backup_dir)
+        with os.fdopen(fd, "w") as f:
+            json.dump(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.state_path)
+        for old in self.backup_dir.glob("ckpt-*.weights.h5"):
+            if old.name != name:
+                old.unlink(missing_ok=True)
+
+
+def fit_resumable(
+    model: keras.Model,
+    seq: ChunkedSequence,
+    backup_dir: str | os.PathLike[str],
+    *,
+    epochs: int,
+    save_freq: int | str = 100,
+    callbacks: Sequence[keras.callbacks.Callback] = (),
+    **fit_kwargs: Any,
+) -> dict[str, list[Any]]:
+    """``model.fit(seq, epochs=epochs, ...)`` that resumes mid-epoch from ``backup_dir``
+    (:class:`MidEpochBackup`): run the same call again after an interruption and it trains
+    exactly the batches that were left, with the model and optimizer as they were at the last
+    save. Without a backup it is one plain ``fit``; with one saved mid-epoch, one ``fit`` for
+    the rest of that epoch (``steps_per_epoch`` = the batches left) and one for the epochs
+    after it.
+
+    Returns:
+        The merged ``History.history`` dict (metric -> one value per epoch run).
+
+    Raises:
+        StateError: the backup is of another store or plan.
+    """
+    for name in ("initial_epoch", "steps_per_epoch", "x", "y"):
+        if name in fit_kwargs:
+            raise ArgumentError(f"fit_resumable chooses {name} itself; do not pass it")
+    backup = MidEpochBackup(seq, backup_dir, save_freq)
+    all_callbacks = [backup, *callbacks]
+    point = backup.resume_point()
+    start = 0 if point is None else point[0]
+    history: dict[str, list[Any]] = {}
+
+    def run(**kw: Any) -> None:
+        h = model.fit(seq, callbacks=all_callbacks, **fit_kwargs, **kw)
+        for key, values in h.history.items():
+            history.setdefault(key, []).extend(values)
+
+    if point is not None and 0 < point[1] < len(seq) and start < epochs:
+        run(initial_epoch=start, epochs=start + 1, steps_per_epoch=len(seq) - point[1])
+        start += 1
+    if start < epochs:
+        run(initial_epoch=start, epochs=epochs)
+    return history

@@ -1,0 +1,233 @@
+"""Batches prepared ahead, in plan order, by worker threads or processes.
+
+This is how a :class:`~oocseq.ChunkedSequence` honours Keras's ``workers``,
+``use_multiprocessing`` and ``max_queue_size``: it runs the workers itself and shows Keras a
+sequential dataset. Keras's own ``OrderedEnqueuer`` computes batches ahead by index, and when
+an epoch's iterator stops early (``fit`` reads one batch to build the model) it keeps the
+batches already computed and yields them first in the next epoch, which still stops after
+``len(seq)`` batches: on the JAX and PyTorch backends the model trains some batches twice and
+others never (Keras 3.15, ``trainers/data_adapters/py_dataset_adapter.py``; issue 4). oocseq
+knows the epoch's order in advance, so it can compute exactly the batches that will be asked
+for next, keyed by ``(epoch, batch)``; a batch computed ahead is served only when its turn
+comes and is dropped, never re-served, when the epoch changes.
+
+A task is a *block* of consecutive plan batches (about one window's worth), so that each worker
+reads a contiguous run of windows and decodes each chunk about once per epoch, also when the
+workers are processes with caches of their own.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import pickle
+import threading
+import traceback
+import weakref
+from collections.abc import Hashable
+from concurrent.futures import (
+    BrokenExecutor,
+    CancelledError,
+    Executor,
+    Future,
+    ProcessPoolExecutor,
+    ThreadPoolExecutor,
+)
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from .errors import ArgumentError, OocseqError
+
+__all__ = ["WorkerOptions"]
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    """Who prepares batches ahead of the training loop (Keras's ``PyDataset`` arguments).
+
+    Attributes:
+        workers: threads (or processes) that prepare batches (read, gather, ``transform``)
+            ahead, in plan order. ``1`` (default) with ``use_multiprocessing=False``: batches
+            are prepared when asked for (the window cache still decodes ahead in its own
+            threads, see :class:`~oocseq.ReadOptions`).
+        use_multiprocessing: workers are processes (of ``multiprocessing``'s start method:
+            fork, spawn or forkserver), for a ``transform`` that holds the GIL. Each process
+            reopens the store and keeps its own window cache; batches come back pickled.
+        max_queue_size: batches prepared ahead at most (rounded up to whole blocks, and at
+            least one block per worker).
+    """
+
+    workers: int = 1
+    use_multiprocessing: bool = False
+    max_queue_size: int = 10
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.workers, int) or isinstance(self.workers, bool) or self.workers < 0:
+            raise ArgumentError(f"workers must be an int >= 0, got {self.workers!r}")
+        if not isinstance(self.use_multiprocessing, bool):
+            raise ArgumentError(f"use_multiprocessing must be True or False, got {self.use_multiprocessing!r}")
+        if not isinstance(self.max_queue_size, int) or isinstance(self.max_queue_size, bool) or self.max_queue_size < 1:
+            raise ArgumentError(f"max_queue_size must be an int >= 1, got {self.max_queue_size!r}")
+
+    @property
+    def parallel(self) -> bool:
+        """Whether batches are prepared ahead by workers (Keras's rule: ``workers > 1``, or
+        ``use_multiprocessing`` with ``workers >= 1``)."""
+        return self.workers > 1 or (self.use_multiprocessing and self.workers >= 1)
+
+
+class _Failed:
+    """A batch whose preparation raised: re-raised when (and only if) that batch is served."""
+
+    def __init__(self, error: BaseException) -> None:
+        try:
+            pickle.dumps(error)
+        except Exception:  # an exception that cannot cross a process boundary: keep its text
+            text = "".join(traceback.format_exception(error))
+            error = OocseqError(f"a worker failed with an exception that cannot be pickled:\n{text}")
+        self.error = error
+
+
+class BlockSource(Protocol):
+    """What the prefetcher needs of a sequence."""
+
+    def _prepare_block(self, epoch: int, start: int, stop: int) -> list[Any]:
+        """Plan batches ``range(start, stop)`` of ``epoch``: one entry each (a batch, or a
+        :class:`_Failed`)."""
+
+    def _reserve_block(self, epoch: int, start: int, stop: int) -> Hashable:
+        """Keep the windows of a block queued in this process until :meth:`_release_block`."""
+
+    def _release_block(self, token: Hashable) -> None: ...
+
+    def _worker_copy(self) -> Any:
+        """The sequence as worker processes get it (inherited by fork, pickled otherwise)."""
+
+# -- worker processes -------------------------------------------------------------------------
+_worker_seq: Any = None
+
+
+def _init_process(seq: Any) -> None:
+    global _worker_seq
+    _worker_seq = seq
+
+
+def _process_block(epoch: int, start: int, stop: int) -> list[Any]:
+    return _worker_seq._prepare_block(epoch, start, stop)
+
+
+class Prefetcher:
+    """Blocks of plan batches computed ahead by a pool; see the module docstring.
+
+    Args:
+        options: the workers.
+        block: plan batches per task.
+        ahead: blocks queued ahead of the one served.
+        source: the sequence (threads call its ``_prepare_block``; processes get
+            ``_worker_copy()`` and call its).
+    """
+
+    def __init__(self, options: WorkerOptions, block: int, ahead: int, source: BlockSource) -> None:
+        self.options = options
+        self.block = max(1, block)
+        self.ahead = max(1, ahead)
+        self._source = source
+        self._lock = threading.Lock()
+        self._pool: Executor | None = None
+        self._futures: dict[tuple[int, int], Future[list[Any]]] = {}
+        self._tokens: dict[tuple[int, int], Hashable] = {}  # block -> its reserved windows
+        self._left: dict[tuple[int, int], int] = {}  # block -> batches not served yet
+
+    def _executor(self) -> Executor:
+        if self._pool is None:
+            n = max(1, self.options.workers)
+            if self.options.use_multiprocessing:
+                context = multiprocessing.get_context()
+                copy = self._source._worker_copy()
+                if context.get_start_method() != "fork":  # the copy travels pickled: say so now
+                    try:
+                        pickle.dumps(copy)
+                    except Exception as e:
+                        raise ArgumentError(
+                            f"use_multiprocessing=True with the {context.get_start_method()!r} start method "
+                            f"sends the sequence to its worker processes pickled, and it cannot be pickled "
+                            f"({type(e).__name__}: {e}). Make transform a module-level function or class "
+                            "(not a lambda or a local function), or use threads (use_multiprocessing=False)."
+                        ) from e
+                self._pool = ProcessPoolExecutor(
+                    n, mp_context=context, initializer=_init_process, initargs=(copy,)
+                )
+            else:
+                self._pool = ThreadPoolExecutor(n, thread_name_prefix="oocseq-worker")
+            # Shut the pool down with this object (the sequence's per-process state).
+            weakref.finalize(self, self._pool.shutdown, wait=False, cancel_futures=True)
+        return self._pool
+
+    def _submit(self, epoch: int, b: int, num_batches: int) -> Future[list[Any]]:
+        start, stop = b * self.block, min((b + 1) * self.block, num_batches)
+        if self.options.use_multiprocessing:
+            return self._executor().submit(_process_block, epoch, start, stop)
+        # Threads share this process's window cache: hold the block's windows from now until it
+        # is served (or dropped). Released when computed instead, a block done early would let
+        # other threads drop the window it shares with the next block, not yet submitted, which
+        # would then decode it a second time.
+        self._tokens[(epoch, b)] = self._source._reserve_block(epoch, start, stop)
+        return self._executor().submit(self._source._prepare_block, epoch, start, stop)
+
+    def _drop(self, key: tuple[int, int]) -> None:
+        """Forget a block (served, passed or of another epoch). Call with the lock held."""
+        future = self._futures.pop(key, None)
+        if future is not None:
+            future.cancel()
+        self._left.pop(key, None)
+        token = self._tokens.pop(key, None)
+        if token is not None:
+            self._source._release_block(token)
+
+    def get(self, epoch: int, i: int, num_batches: int) -> Any:
+        """Plan batch ``i`` of ``epoch`` (computing it and the next blocks ahead). Safe to call
+        from several threads at once."""
+        b = i // self.block
+        last = (num_batches - 1) // self.block
+        with self._lock:
+            # Another epoch's blocks will never be served; nor will blocks far behind (requests
+            # skipped them). Blocks just behind may still be being served by another thread.
+            for key in [k for k in self._futures if k[0] != epoch or k[1] < b - self.ahead]:
+                self._drop(key)
+            for ahead in range(b, min(b + self.ahead, last + 1)):
+                if (epoch, ahead) not in self._futures:
+                    self._futures[(epoch, ahead)] = self._submit(epoch, ahead, num_batches)
+                    self._left[(epoch, ahead)] = min(self.block, num_batches - ahead * self.block)
+            future = self._futures[(epoch, b)]
+        try:
+            entries: list[Any] | None = future.result()
+        except CancelledError:  # the epoch changed meanwhile (set_epoch from another thread)
+            entries = None
+        except BrokenExecutor:  # a worker process died (killed, out of memory): no hang
+            self.close()  # the next request starts a new pool
+            raise
+        k = i - b * self.block
+        out = None
+        if entries is not None:
+            with self._lock:
+                out, entries[k] = entries[k], None  # served once: drop the reference
+                if out is not None:
+                    self._left[(epoch, b)] = left = self._left.get((epoch, b), 1) - 1
+                    if left <= 0 and self._futures.get((epoch, b)) is future:
+                        self._drop((epoch, b))
+        if out is None:  # cancelled, or served before (index requests repeated): compute it here
+            out = self._source._prepare_block(epoch, i, i + 1)[0]
+        if isinstance(out, _Failed):
+            raise out.error
+        return out
+
+    def reset(self) -> None:
+        """Drop everything computed ahead (the epoch changed)."""
+        with self._lock:
+            for key in list(self._futures):
+                self._drop(key)
+
+    def close(self) -> None:
+        self.reset()
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,226 @@
+"""Batches prepared ahead by oocseq's workers (``workers``, ``use_multiprocessing``,
+``max_queue_size``; :mod:`oocseq.prefetch`): the same batches, in the same order, as with no
+workers, each chunk decoded once per epoch, memory within the documented bound, errors at the
+batch that failed, and nothing hangs."""
+
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures.process import BrokenProcessPool
+
+import numpy as np
+import pytest
+from conftest import ids_of, make_store
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+from oocseq import ArgumentError, ChunkedSequence, TransformError, WorkerOptions
+
+
+def served(seq: ChunkedSequence, epochs: int = 2) -> list[list[list[int]]]:
+    return [[ids_of(b[0]).tolist() for b in seq] for _ in range(epochs)]
+
+
+def planned(seq: ChunkedSequence, epochs: int = 2) -> list[list[list[int]]]:
+    ref = ChunkedSequence(seq.store, seq.batch_size, seed=seq.seed, window=seq.window, shuffle=seq.shuffle,
+                          drop_remainder=seq.drop_remainder, rank=seq.rank, world_size=seq.world_size)
+    out = []
+    for e in range(epochs):
+        ref.set_epoch(e)
+        out.append([ref.batch_indices(i).tolist() for i in range(len(ref))])
+    return out
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    d = tmp_path_factory.mktemp("prefetch")
+    return {
+        (fmt, n, cl): make_store(d / f"s{n}_{cl}{fmt}", n, cl)
+        for fmt in (".zarr", ".h5") for n in (1, 37, 203) for cl in (1, 4, 16)
+    }
+
+
+@given(
+    fmt=st.sampled_from([".zarr", ".h5"]),
+    n=st.sampled_from([1, 37, 203]),
+    chunk_len=st.sampled_from([1, 4, 16]),
+    batch_size=st.integers(1, 40),
+    window=st.integers(1, 5),
+    workers=st.integers(2, 4),
+    max_queue_size=st.integers(1, 12),
+    seed=st.integers(0, 2**32),
+    rank_world=st.sampled_from([(0, 1), (1, 2), (2, 3)]),
+)
+def test_worker_threads_serve_the_plan_with_each_chunk_decoded_once(
+    stores, fmt, n, chunk_len, batch_size, window, workers, max_queue_size, seed, rank_world
+):
+    rank, world = rank_world
+    assume(-(-n // chunk_len) >= world)  # fewer chunks than ranks is refused (test_ranks)
+    store = stores[(fmt, n, chunk_len)]
+    seq = ChunkedSequence(store, batch_size, window=window, seed=seed, workers=workers,
+                          max_queue_size=max_queue_size, rank=rank, world_size=world)
+    alone = ChunkedSequence(store, batch_size, window=window, seed=seed, rank=rank, world_size=world)
+    try:
+        assert served(seq) == planned(seq) == served(alone)
+        # each chunk of the rank decoded once per epoch and field (x, y), again only where
+        # remainder="pad" comes back to it; read-ahead may decode one window past an epoch's end
+        low = high = 0
+        for e in range(2):
+            plan = seq._new_plan(e)
+            visits = [w for w, _ in plan.window_spans(0, len(plan))]
+            runs = [w for j, w in enumerate(visits) if j == 0 or visits[j - 1] != w]
+            low += len(plan.chunk_order)
+            high += sum(len(plan.window_chunks(w)) for w in runs) + seq.read.readahead * window
+        assert 2 * low <= seq.stats["chunk_decodes"] <= 2 * high
+        assert 2 * low <= alone.stats["chunk_decodes"] <= 2 * high
+        assert seq.stats["peak_resident_chunks"] <= 2 * seq.max_resident_chunks  # 2 fields
+    finally:
+        seq.close()
+        alone.close()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("use_multiprocessing", [False, True], ids=["threads", "processes"])
+def test_worker_processes_and_threads_serve_the_plan(tmp_path, fmt, use_multiprocessing):
+    store = make_store(tmp_path / f"s{fmt}", 203, 8)
+    seq = ChunkedSequence(store, 10, seed=3, window=2, workers=2, use_multiprocessing=use_multiprocessing)
+    try:
+        assert served(seq, 3) == planned(seq, 3)
+    finally:
+        seq.close()
+
+
+def test_concurrent_callers_get_every_batch_once(tmp_path):
+    """Several threads asking at once (as a thread pool would) share the epoch: each plan
+    batch is served exactly once."""
+    store = make_store(tmp_path / "s.zarr", 997, 8)
+    seq = ChunkedSequence(store, 7, seed=1, window=3, workers=3)
+    got: list[list[int]] = []
+    lock = threading.Lock()
+
+    def ask(indices):
+        for i in indices:
+            b = ids_of(seq[i][0]).tolist()
+            with lock:
+                got.append(b)
+
+    threads = [threading.Thread(target=ask, args=(range(t, len(seq), 4),)) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(got) == sorted(planned(seq, 1)[0])
+    seq.close()
+
+
+def test_epoch_change_drops_what_was_prepared(tmp_path):
+    store = make_store(tmp_path / "s.h5", 300, 8)
+    seq = ChunkedSequence(store, 10, seed=2, window=2, workers=3, max_queue_size=20)
+    it = iter(seq)
+    first = [ids_of(next(it)[0]).tolist() for _ in range(4)]
+    assert first == planned(seq, 1)[0][:4]
+    seq.set_epoch(5)
+    ref = ChunkedSequence(store, 10, seed=2, window=2)
+    ref.set_epoch(5)
+    assert [ids_of(b[0]).tolist() for b in seq] == [ref.batch_indices(i).tolist() for i in range(len(ref))]
+    seq.close()
+
+
+@given(position=st.integers(0, 28), workers=st.integers(1, 3))  # 29 batches
+def test_resume_with_workers(stores, position, workers):
+    store = stores[(".zarr", 203, 4)]
+    a = ChunkedSequence(store, 7, seed=9, window=3, workers=workers)
+    a.set_epoch(2)
+    it = iter(a)
+    for _ in range(position):
+        next(it)
+    state = a.state_dict()
+    rest = [ids_of(b[0]).tolist() for b in it]
+    b = ChunkedSequence(store, 7, seed=9, window=3, workers=3)
+    b.load_state_dict(state)
+    assert [ids_of(x[0]).tolist() for x in b] == rest
+    a.close()
+    b.close()
+
+
+class FailOn:
+    def __init__(self, sample: int):
+        self.sample = sample
+
+    def __call__(self, batch):
+        if self.sample in batch["x"][:, 0].astype(np.int64):
+            raise ValueError(f"bad sample {self.sample}")
+        return batch
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("use_multiprocessing", [False, True], ids=["threads", "processes"])
+def test_a_failing_batch_raises_when_served_not_before(tmp_path, use_multiprocessing):
+    store = make_store(tmp_path / "s.zarr", 200, 8)
+    seq = ChunkedSequence(store, 10, seed=4, window=2, workers=2, use_multiprocessing=use_multiprocessing,
+                          transform=FailOn(123))
+    bad = next(i for i in range(len(seq)) if 123 in seq.batch_indices(i))
+    it = iter(seq)
+    for i in range(bad):  # the batches before it are served, though the bad one is prepared already
+        assert ids_of(next(it)[0]).tolist() == seq.batch_indices(i).tolist()
+    with pytest.raises(TransformError, match="bad sample 123") as info:
+        next(it)
+    notes = "\n".join(getattr(info.value, "__notes__", []))
+    assert f"plan batch {bad}, epoch 0" in notes and str(store.path) in notes
+    seq.close()
+
+
+class DieOn:
+    """Kills the worker process that prepares the batch holding ``sample``."""
+
+    def __init__(self, sample: int, parent: int):
+        self.sample, self.parent = sample, parent
+
+    def __call__(self, batch):
+        if self.sample in batch["x"][:, 0].astype(np.int64) and os.getpid() != self.parent:
+            os._exit(3)
+        return batch
+
+
+@pytest.mark.timeout(120)
+def test_a_dead_worker_process_raises_instead_of_hanging(tmp_path):
+    store = make_store(tmp_path / "s.h5", 200, 8)
+    seq = ChunkedSequence(store, 10, seed=4, window=2, workers=2, use_multiprocessing=True,
+                          transform=DieOn(57, os.getpid()))
+    with pytest.raises(BrokenProcessPool):
+        for _ in seq:
+            pass
+    seq.close()
+
+
+def test_unpicklable_transform_with_spawn_is_a_clear_error(tmp_path):
+    import multiprocessing
+
+    if "spawn" not in multiprocessing.get_all_start_methods():
+        pytest.skip("no spawn")
+    store = make_store(tmp_path / "s.zarr", 50, 8)
+    seq = ChunkedSequence(store, 10, workers=2, use_multiprocessing=True, transform=lambda b: b)
+    ctx = multiprocessing.get_start_method()
+    multiprocessing.set_start_method("spawn", force=True)
+    try:
+        with pytest.raises(ArgumentError, match="module-level function"):
+            seq[0]
+    finally:
+        multiprocessing.set_start_method(ctx, force=True)
+        seq.close()
+
+
+@pytest.mark.parametrize(
+    "kwargs", [dict(workers=-1), dict(workers=1.5), dict(use_multiprocessing="yes"), dict(max_queue_size=0)]
+)
+def test_bad_worker_options(kwargs):
+    with pytest.raises(ArgumentError):
+        WorkerOptions(**kwargs)
+
+
+def test_worker_options_follow_keras_rule():
+    assert not WorkerOptions().parallel
+    assert not WorkerOptions(workers=0, use_multiprocessing=True).parallel
+    assert WorkerOptions(workers=1, use_multiprocessing=True).parallel
+    assert WorkerOptions(workers=2).parallel
