@@ -136,6 +136,8 @@ class Prefetcher:
         self._futures: dict[tuple[int, int], Future[list[Any]]] = {}
         self._tokens: dict[tuple[int, int], Hashable] = {}  # block -> its reserved windows
         self._left: dict[tuple[int, int], int] = {}  # block -> batches not served yet
+        self._pool_of: dict[tuple[int, int], Executor] = {}  # block -> the pool computing it
+        self._closed = False
 
     def _executor(self) -> Executor:
         if self._pool is None:
@@ -159,19 +161,30 @@ class Prefetcher:
             else:
                 self._pool = ThreadPoolExecutor(n, thread_name_prefix="oocseq-worker")
             # Shut the pool down with this object (the sequence's per-process state).
-            weakref.finalize(self, self._pool.shutdown, wait=False, cancel_futures=True)
+            weakref.finalize(self, _shutdown, weakref.ref(self._pool))
         return self._pool
 
-    def _submit(self, epoch: int, b: int, num_batches: int) -> Future[list[Any]]:
+    def _submit(self, epoch: int, b: int, num_batches: int) -> None:
+        """Queue block ``b`` of ``epoch``. Call with the lock held."""
         start, stop = b * self.block, min((b + 1) * self.block, num_batches)
+        pool = self._executor()
         if self.options.use_multiprocessing:
-            return self._executor().submit(_process_block, epoch, start, stop)
-        # Threads share this process's window cache: hold the block's windows from now until it
-        # is served (or dropped). Released when computed instead, a block done early would let
-        # other threads drop the window it shares with the next block, not yet submitted, which
-        # would then decode it a second time.
-        self._tokens[(epoch, b)] = self._source._reserve_block(epoch, start, stop)
-        return self._executor().submit(self._source._prepare_block, epoch, start, stop)
+            future = pool.submit(_process_block, epoch, start, stop)
+        else:
+            # Threads share this process's window cache: hold the block's windows from now until
+            # it is served (or dropped). Released when computed instead, a block done early would
+            # let other threads drop the window it shares with the next block, not yet
+            # submitted, which would then decode it a second time.
+            token = self._source._reserve_block(epoch, start, stop)
+            try:
+                future = pool.submit(self._source._prepare_block, epoch, start, stop)
+            except BaseException:
+                self._source._release_block(token)
+                raise
+            self._tokens[(epoch, b)] = token
+        self._futures[(epoch, b)] = future
+        self._left[(epoch, b)] = stop - start
+        self._pool_of[(epoch, b)] = pool
 
     def _drop(self, key: tuple[int, int]) -> None:
         """Forget a block (served, passed or of another epoch). Call with the lock held."""
@@ -179,6 +192,7 @@ class Prefetcher:
         if future is not None:
             future.cancel()
         self._left.pop(key, None)
+        self._pool_of.pop(key, None)
         token = self._tokens.pop(key, None)
         if token is not None:
             self._source._release_block(token)
@@ -189,22 +203,27 @@ class Prefetcher:
         b = i // self.block
         last = (num_batches - 1) // self.block
         with self._lock:
-            # Another epoch's blocks will never be served; nor will blocks far behind (requests
-            # skipped them). Blocks just behind may still be being served by another thread.
-            for key in [k for k in self._futures if k[0] != epoch or k[1] < b - self.ahead]:
-                self._drop(key)
-            for ahead in range(b, min(b + self.ahead, last + 1)):
-                if (epoch, ahead) not in self._futures:
-                    self._futures[(epoch, ahead)] = self._submit(epoch, ahead, num_batches)
-                    self._left[(epoch, ahead)] = min(self.block, num_batches - ahead * self.block)
-            future = self._futures[(epoch, b)]
-        try:
-            entries: list[Any] | None = future.result()
-        except CancelledError:  # the epoch changed meanwhile (set_epoch from another thread)
-            entries = None
-        except BrokenExecutor:  # a worker process died (killed, out of memory): no hang
-            self.close()  # the next request starts a new pool
-            raise
+            if self._closed:  # closed while this request was on its way (options changed)
+                future = None
+            else:
+                # Another epoch's blocks will never be served; nor will blocks far behind
+                # (requests skipped them). Blocks just behind may be being served by another thread.
+                for key in [k for k in self._futures if k[0] != epoch or k[1] < b - self.ahead]:
+                    self._drop(key)
+                for ahead in range(b, min(b + self.ahead, last + 1)):
+                    if (epoch, ahead) not in self._futures:
+                        self._submit(epoch, ahead, num_batches)
+                future = self._futures[(epoch, b)]
+                pool = self._pool_of[(epoch, b)]
+        entries: list[Any] | None = None
+        if future is not None:
+            try:
+                entries = future.result()
+            except CancelledError:  # the epoch changed meanwhile (set_epoch from another thread)
+                entries = None
+            except BrokenExecutor:  # a worker process died (killed, out of memory): no hang
+                self._discard_pool(pool)  # the next request starts a new pool
+                raise
         k = i - b * self.block
         out = None
         if entries is not None:
@@ -226,8 +245,27 @@ class Prefetcher:
             for key in list(self._futures):
                 self._drop(key)
 
+    def _discard_pool(self, pool: Executor) -> None:
+        """Forget a broken pool and the blocks queued on it (once, whichever thread saw it)."""
+        with self._lock:
+            for key in [k for k, p in self._pool_of.items() if p is pool]:
+                self._drop(key)
+            if self._pool is pool:
+                self._pool = None
+        pool.shutdown(wait=False, cancel_futures=True)
+
     def close(self) -> None:
-        self.reset()
-        pool, self._pool = self._pool, None
+        """Drop everything and stop the pool; later requests are computed by the caller."""
+        with self._lock:
+            self._closed = True
+            for key in list(self._futures):
+                self._drop(key)
+            pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _shutdown(pool_ref: weakref.ref[Executor]) -> None:
+    pool = pool_ref()
+    if pool is not None:
+        pool.shutdown(wait=False, cancel_futures=True)

@@ -373,8 +373,9 @@ class ChunkedSequence:
             rt.begun = False
             rt.warned = False
             rt.last_served = -1
-            if rt.prefetcher is not None:
-                rt.prefetcher.reset()
+            prefetcher = rt.prefetcher
+        if prefetcher is not None:  # outside rt.lock: the prefetcher takes its lock, then rt.lock
+            prefetcher.reset()
 
     def on_epoch_begin(self) -> None:
         """Keras calls this before each epoch; it marks the epoch as begun, so that the
@@ -438,18 +439,19 @@ class ChunkedSequence:
         order (Keras's ``model.fit`` shuffles batch indices by default), arrival order still
         serves the plan's batches in order, so each window is decoded once per epoch; every
         sample is served exactly once per epoch in both modes."""
-        k = self._claim(self._check_index(i))
+        k, epoch = self._claim(self._check_index(i))
         try:
-            return self._serve(k)
+            return self._serve(k, epoch)
         except Exception as e:
-            # Keras workers hand exceptions back to the training loop: say where they came from.
+            # Worker threads and processes hand exceptions back: say where they came from.
             if hasattr(e, "add_note"):
-                e.add_note(f"oocseq: while serving seq[{i}] (plan batch {k}, epoch {self._epoch}) from {self.store.path}")
+                e.add_note(f"oocseq: while serving seq[{i}] (plan batch {k}, epoch {epoch}) from {self.store.path}")
             raise
 
-    def _serve(self, k: int) -> tuple[Any, ...]:
-        """Plan batch ``k``: from the workers when they prepare batches ahead and requests
-        come in plan order (always so in arrival order), else computed here."""
+    def _serve(self, k: int, epoch: int) -> tuple[Any, ...]:
+        """Plan batch ``k`` of ``epoch`` (the epoch when it was claimed): from the workers
+        when they prepare batches ahead and requests come in plan order (always so in arrival
+        order), else computed here."""
         rt = self._rt
         opts = self.worker_options
         with rt.lock:
@@ -458,15 +460,17 @@ class ChunkedSequence:
             in_order = self.serve == "arrival" or k == rt.last_served + 1
             rt.last_served = k
             prefetcher = rt.prefetcher
-            epoch = self._epoch
             if opts.parallel and in_order and os.getpid() == self._owner_pid:
                 if prefetcher is None:
                     prefetcher = rt.prefetcher = Prefetcher(opts, *self._block_shape(), self)
             else:
                 prefetcher = None
-        if prefetcher is None:
+            current = epoch == self._epoch
+        if prefetcher is not None:
+            return prefetcher.get(epoch, k, len(self))
+        if current:
             return self.batch(k)
-        return prefetcher.get(epoch, k, len(self))
+        return self._batch_of(self._plan_for(epoch), k, readahead=False)  # the epoch changed meanwhile
 
     def _worker_copy(self) -> ChunkedSequence:
         """This sequence for worker processes: a plain ChunkedSequence (a Keras-flavoured one
@@ -474,6 +478,9 @@ class ChunkedSequence:
         plain = object.__new__(ChunkedSequence)
         plain.__setstate__(self.__getstate__())
         plain.worker_options = WorkerOptions()
+        # A process decodes only its own blocks' windows: read-ahead would decode the next
+        # block's, which another process serves.
+        plain.read = dataclasses.replace(self.read, readahead=0)
         return plain
 
     def _prepare_block(self, epoch: int, start: int, stop: int) -> list[Any]:
@@ -511,17 +518,18 @@ class ChunkedSequence:
         with rt.lock:
             rt.in_flight.pop(token, None)
 
-    def _claim(self, i: int) -> int:
-        """Which plan batch answers request ``i``."""
+    def _claim(self, i: int) -> tuple[int, int]:
+        """Which plan batch, of which epoch, answers request ``i``."""
         rt = self._rt
         with rt.lock:
             rt.requests += 1
+            epoch = self._epoch
             if self.serve == "index" or os.getpid() != self._owner_pid:
-                return i
+                return i, epoch
             k = rt.position
             rt.position += 1
             if k < len(self):
-                return k
+                return k, epoch
             if not rt.warned:
                 rt.warned = True
                 warnings.warn(
@@ -532,7 +540,7 @@ class ChunkedSequence:
                     RuntimeWarning,
                     stacklevel=3,
                 )
-            return i
+            return i, epoch
 
     def batch(self, i: int) -> tuple[Any, ...]:
         """Batch ``i`` of the current epoch's plan (independent of the order of requests),

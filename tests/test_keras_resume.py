@@ -94,7 +94,8 @@ def test_restart_trains_exactly_the_rest(tmp_path, uninterrupted, crash_after, s
         fit_resumable(model, new_seq(store), backup, epochs=EPOCHS, save_freq=save_freq, verbose=0,
                       callbacks=[CrashAfter(crash_after)])
     assert model.steps == full_steps[:crash_after]
-    epoch, position = MidEpochBackup(new_seq(store), backup).resume_point()
+    point = MidEpochBackup(new_seq(store), backup).resume_point()
+    epoch, position = (0, 0) if point is None else point  # the crash came before the first save
     done = epoch * -(-N // BATCH) + position
     assert done <= crash_after
     keras.backend.clear_session()
@@ -131,13 +132,88 @@ def test_a_damaged_backup_is_refused(tmp_path):
     (backup / "state.json").write_text("{not json")
     with pytest.raises(StateError, match="not valid JSON"):
         fit_resumable(new_model(), new_seq(store), backup, epochs=1, verbose=0)
-    (backup / "state.json").write_text(json.dumps({"format": "oocseq.MidEpochBackup", "version": 1, "epoch": 0,
-                                                  "position": 2, "weights": "../../etc/x", "sequence": {}}))
-    with pytest.raises(StateError, match="must name a file"):
-        fit_resumable(new_model(), new_seq(store), backup, epochs=1, verbose=0)
+    good = {"format": "oocseq.MidEpochBackup", "version": 1, "epoch": 0, "position": 2, "number": 0,
+            "weights": "ckpt-0.weights.h5", "sequence": {"epoch": 0, "position": 2}}
+    for change, message in [
+        ({"weights": "../../etc/x.weights.h5"}, "must name a .weights.h5 file"),
+        ({"position": -1}, "ints >= 0"),
+        ({"epoch": True}, "ints >= 0"),
+        ({"number": "7"}, "ints >= 0"),
+        ({"position": 3}, "differ from the sequence's"),
+    ]:
+        (backup / "state.json").write_text(json.dumps({**good, **change}))
+        with pytest.raises(StateError, match=message):
+            fit_resumable(new_model(), new_seq(store), backup, epochs=1, verbose=0)
 
 
 def test_fit_resumable_chooses_the_epochs_itself(tmp_path):
     store = make_store(tmp_path / "s.zarr", N, CHUNK)
     with pytest.raises(ValueError, match="initial_epoch"):
         fit_resumable(new_model(), new_seq(store), tmp_path / "b", epochs=1, initial_epoch=1)
+
+
+class StopAfter(keras.callbacks.Callback):
+    """Stops fit after ``steps`` batches (a time budget, say)."""
+
+    def __init__(self, steps: int):
+        super().__init__()
+        self.steps, self.count = steps, 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.count += 1
+        if self.count == self.steps:
+            self.model.stop_training = True
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("stop_after", [4, 11, 15])
+def test_a_stopped_fit_resumes_where_it_stopped(tmp_path, uninterrupted, stop_after):
+    _, full_steps, full_state, _ = uninterrupted["epoch"]
+    store = make_store(tmp_path / "s.zarr", N, CHUNK)
+    model = new_model()
+    fit_resumable(model, new_seq(store), tmp_path / "b", epochs=EPOCHS, save_freq="epoch", verbose=0,
+                  callbacks=[StopAfter(stop_after)])
+    assert model.steps == full_steps[:stop_after]
+    model2 = new_model()
+    fit_resumable(model2, new_seq(store), tmp_path / "b", epochs=EPOCHS, save_freq="epoch", verbose=0)
+    assert model2.steps == full_steps[stop_after:]
+    for a, b in zip(state_of(model2), full_state, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.timeout(300)
+def test_resume_with_steps_per_execution(tmp_path, uninterrupted):
+    _, full_steps, _, _ = uninterrupted[3]
+
+    def model_spe():
+        keras.utils.set_random_seed(0)
+        m = Recorder()
+        m.compile(keras.optimizers.Adam(0.01), keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  run_eagerly=True, steps_per_execution=4)
+        return m
+
+    store = make_store(tmp_path / "s.zarr", N, CHUNK)
+    model = model_spe()
+    with pytest.raises(Crash):  # the 2nd call of on_train_batch_end: 8 batches trained
+        fit_resumable(model, new_seq(store), tmp_path / "b", epochs=EPOCHS, save_freq=3, verbose=0,
+                      callbacks=[CrashAfter(2)])
+    epoch, position = MidEpochBackup(new_seq(store), tmp_path / "b").resume_point()
+    done = epoch * -(-N // BATCH) + position
+    assert 0 < done <= 8
+    model = model_spe()
+    fit_resumable(model, new_seq(store), tmp_path / "b", epochs=EPOCHS, save_freq=3, verbose=0)
+    assert model.steps == full_steps[done:]
+
+
+def test_a_finished_backup_restores_the_model(tmp_path, uninterrupted):
+    """Run again after the last epoch (say the script died before saving the model): nothing
+    is trained, and the model is the trained one."""
+    store = make_store(tmp_path / "s.zarr", N, CHUNK)
+    model = new_model()
+    fit_resumable(model, new_seq(store), tmp_path / "b", epochs=2, save_freq=5, verbose=0)
+    trained = state_of(model)
+    again = new_model()
+    history = fit_resumable(again, new_seq(store), tmp_path / "b", epochs=2, save_freq=5, verbose=0)
+    assert again.steps == [] and history == {}
+    for a, b in zip(state_of(again), trained, strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -224,3 +224,47 @@ def test_worker_options_follow_keras_rule():
     assert not WorkerOptions(workers=0, use_multiprocessing=True).parallel
     assert WorkerOptions(workers=1, use_multiprocessing=True).parallel
     assert WorkerOptions(workers=2).parallel
+
+
+@pytest.mark.timeout(60)
+def test_set_epoch_while_another_thread_is_served_does_not_deadlock(tmp_path):
+    """Prefetcher lock then sequence lock, never the reverse: set_epoch (and on_epoch_end,
+    load_state_dict) from one thread while another is served."""
+    store = make_store(tmp_path / "s.zarr", 400, 4)
+    seq = ChunkedSequence(store, 5, seed=1, window=2, workers=2)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def serve():
+        try:
+            while not stop.is_set():
+                for i in range(len(seq)):
+                    b = seq[i]
+                    assert len(b[0]) == 5
+        except BaseException as e:
+            errors.append(e)
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    for e in range(300):
+        seq.set_epoch(e % 7)
+    stop.set()
+    t.join(30)
+    assert not t.is_alive(), "the serving thread is stuck"
+    warnings_only = [e for e in errors if not isinstance(e, RuntimeWarning)]
+    assert not warnings_only, warnings_only
+    seq.close()
+
+
+def test_changing_workers_mid_epoch_keeps_the_epoch(tmp_path):
+    store = make_store(tmp_path / "s.h5", 300, 8)
+    seq = ChunkedSequence(store, 10, seed=2, window=2, workers=3)
+    it = iter(seq)
+    got = [ids_of(next(it)[0]).tolist() for _ in range(5)]
+    seq.workers = 1  # the pool stops; the epoch goes on
+    got += [ids_of(next(it)[0]).tolist() for _ in range(5)]
+    seq.workers = 2
+    got += [ids_of(b[0]).tolist() for b in it]
+    assert got == planned(seq, 1)[0]
+    assert seq._rt.in_flight == {}  # no window reservation left behind
+    seq.close()

@@ -34,12 +34,19 @@ class KerasChunkedSequence(ChunkedSequence, keras.utils.PyDataset):
     its ``OrderedEnqueuer``, which on the JAX and PyTorch backends trains some batches twice
     and skips others. What was asked for is :attr:`worker_options`."""
 
+    #: Batches of the epoch already trained before this ``fit`` (set by :func:`fit_resumable`
+    #: for the rest of an interrupted epoch): Keras sees ``len(seq) - _keras_offset`` batches.
+    _keras_offset = 0
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         ChunkedSequence.__init__(self, *args, **kwargs)  # sets what PyDataset.__init__ would
 
     @property
     def num_batches(self) -> int:
-        return len(self)
+        return len(self) - self._keras_offset
+
+    def __getitem__(self, i: int) -> tuple[Any, ...]:
+        return ChunkedSequence.__getitem__(self, i + self._keras_offset)
 
     # What Keras reads to decide on its own enqueuer; setting them configures oocseq's workers.
     @property
@@ -97,9 +104,10 @@ class MidEpochBackup(keras.callbacks.Callback):
     Keras's own ``BackupAndRestore`` restores the weights but replays the interrupted epoch
     from its first batch (the samples before the interruption are trained twice in that
     epoch). Keras also fixes the number of steps of every epoch of one ``fit`` call, so the
-    rest of an interrupted epoch needs a ``fit`` of its own: :func:`fit_resumable` makes both
-    calls; with this callback alone, call ``fit(seq, initial_epoch=e, epochs=e + 1,
-    steps_per_epoch=len(seq) - p)`` for ``(e, p) = backup.resume_point()`` when ``p > 0``.
+    rest of an interrupted epoch needs a ``fit`` of its own, over a sequence that shows Keras
+    only the batches left: :func:`fit_resumable` does both; use it rather than this callback
+    alone. A ``fit`` stopped part-way (``model.stop_training``, e.g. a time budget) is saved
+    where it stopped.
 
     Like :class:`SyncEpoch`, it serves plan epoch ``k`` in Keras epoch ``k``.
 
@@ -148,15 +156,26 @@ class MidEpochBackup(keras.callbacks.Callback):
             state = json.loads(text)
         except json.JSONDecodeError as e:
             raise StateError(f"{self.state_path} is not valid JSON ({e}); delete it to start afresh") from None
+        def count(value: Any) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
         ok = (
             isinstance(state, dict) and state.get("format") == _BACKUP_FORMAT and state.get("version") == 1
-            and isinstance(state.get("epoch"), int) and isinstance(state.get("position"), int)
+            and count(state.get("epoch")) and count(state.get("position")) and count(state.get("number"))
             and isinstance(state.get("weights"), str) and isinstance(state.get("sequence"), Mapping)
         )
         if not ok:
-            raise StateError(f"{self.state_path} is not an oocseq MidEpochBackup state (format/version 1)")
-        if Path(state["weights"]).name != state["weights"]:
-            raise StateError(f"{self.state_path}: weights must name a file in {self.backup_dir}, got {state['weights']!r}")
+            raise StateError(
+                f"{self.state_path} is not an oocseq MidEpochBackup state (format/version 1 with epoch, "
+                "position and number ints >= 0, weights, sequence); delete it to start afresh"
+            )
+        seq_state = state["sequence"]
+        if (seq_state.get("epoch"), seq_state.get("position")) != (state["epoch"], state["position"]):
+            raise StateError(f"{self.state_path}: epoch/position differ from the sequence's; delete it to start afresh")
+        if Path(state["weights"]).name != state["weights"] or not state["weights"].endswith(".weights.h5"):
+            raise StateError(
+                f"{self.state_path}: weights must name a .weights.h5 file in {self.backup_dir}, got {state['weights']!r}"
+            )
         return state
 
     def resume_point(self) -> tuple[int, int] | None:
@@ -206,7 +225,10 @@ class MidEpochBackup(keras.callbacks.Callback):
             self.save(self._epoch, trained)
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-        self.save(epoch + 1, 0)
+        if self._trained < len(self.seq):  # fit stopped part-way (stop_training): resume there
+            self.save(epoch, self._trained)
+        else:
+            self.save(epoch + 1, 0)
         self._offset = 0
 
     def save(self, epoch: int, position: int) -> None:
@@ -222,6 +244,7 @@ class MidEpochBackup(keras.callbacks.Callback):
             sync()
         name = f"ckpt-{number}.weights.h5"
         self.model.save_weights(self.backup_dir / name, overwrite=True)
+        _fsync(self.backup_dir / name)  # on disk before state.json names it
         seq_state = self.seq.state_dict()
         seq_state.update(epoch=epoch, position=position)
         state = {
@@ -234,6 +257,7 @@ class MidEpochBackup(keras.callbacks.Callback):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.state_path)
+        _fsync(self.backup_dir)  # the rename too, before the previous weights go
         for old in self.backup_dir.glob("ckpt-*.weights.h5"):
             if old.name != name:
                 old.unlink(missing_ok=True)
@@ -265,8 +289,10 @@ def fit_resumable(
     for name in ("initial_epoch", "steps_per_epoch", "x", "y"):
         if name in fit_kwargs:
             raise ArgumentError(f"fit_resumable chooses {name} itself; do not pass it")
+    seq = as_pydataset(seq)
     backup = MidEpochBackup(seq, backup_dir, save_freq)
-    all_callbacks = [backup, *callbacks]
+    # Last: it saves after the other callbacks' on_epoch_end (a learning-rate change, say).
+    all_callbacks = [*callbacks, backup]
     point = backup.resume_point()
     start = 0 if point is None else point[0]
     history: dict[str, list[Any]] = {}
@@ -277,8 +303,23 @@ def fit_resumable(
             history.setdefault(key, []).extend(values)
 
     if point is not None and 0 < point[1] < len(seq) and start < epochs:
-        run(initial_epoch=start, epochs=start + 1, steps_per_epoch=len(seq) - point[1])
-        start += 1
-    if start < epochs:
-        run(initial_epoch=start, epochs=epochs)
+        seq._keras_offset = point[1]  # Keras sees only the batches left of the epoch
+        try:
+            run(initial_epoch=start, epochs=start + 1)
+        finally:
+            seq._keras_offset = 0
+        point = backup.resume_point()  # where that fit ended (it may have been stopped part-way)
+        if point is None or point[1] > 0:
+            return history
+        start = point[0]
+    # With every epoch done, a fit of no epoch still restores the saved model (on_train_begin).
+    run(initial_epoch=min(start, epochs), epochs=epochs)
     return history
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
