@@ -170,7 +170,7 @@ class ChunkedSequence:
         workers, use_multiprocessing, max_queue_size: Keras's ``PyDataset`` arguments,
             carried out by oocseq (see :class:`~oocseq.WorkerOptions`): ``workers`` threads,
             or processes with ``use_multiprocessing``, prepare the next batches of the plan
-            (read, gather, ``transform``), at most ``max_queue_size`` ahead. Keras itself
+            (read, gather, ``transform``), about ``max_queue_size`` ahead. Keras itself
             sees a sequential dataset, because its own enqueuer re-serves batches across
             epochs (see :mod:`oocseq.prefetch`).
 
@@ -739,9 +739,16 @@ class ChunkedSequence:
     def stats(self) -> dict[str, int]:
         """Work counters of this process since construction: ``chunk_decodes`` (chunks of one
         field read and decoded), ``cache_hits`` (window requests served decoded),
-        ``peak_resident_chunks`` (decoded chunks held at once, all fields together)."""
-        c = self._rt.cache
-        return {"chunk_decodes": c.decodes, "cache_hits": c.hits, "peak_resident_chunks": c.peak_resident}
+        ``peak_resident_chunks`` (decoded chunks held at once, all fields together); and
+        ``worker_chunk_decodes``, the chunk decodes of the current worker processes
+        (``use_multiprocessing=True``) for the batches they prepared."""
+        rt = self._rt
+        c = rt.cache
+        workers = rt.prefetcher.worker_decodes if rt.prefetcher is not None else 0
+        return {
+            "chunk_decodes": c.decodes, "cache_hits": c.hits, "peak_resident_chunks": c.peak_resident,
+            "worker_chunk_decodes": workers,
+        }
 
     def close(self) -> None:
         """Stop this process's read-ahead threads and drop its decoded chunks."""

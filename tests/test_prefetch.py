@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
@@ -268,3 +269,25 @@ def test_changing_workers_mid_epoch_keeps_the_epoch(tmp_path):
     assert got == planned(seq, 1)[0]
     assert seq._rt.in_flight == {}  # no window reservation left behind
     seq.close()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(("batch_size", "window", "max_queue_size"), [(32, 4, 10), (100, 8, 10), (7, 2, 30)])
+def test_worker_processes_decode_each_window_once_per_run(tmp_path, batch_size, window, max_queue_size):
+    """Worker processes get runs of consecutive blocks: a window is decoded twice only where a
+    run (``prefetcher.run`` blocks) ends inside it."""
+    store = make_store(tmp_path / "s.zarr", 2000, 10)
+    seq = ChunkedSequence(store, batch_size, seed=1, window=window, workers=2, use_multiprocessing=True,
+                          max_queue_size=max_queue_size)
+    try:
+        assert served(seq, 1) == planned(seq, 1)
+        prefetcher = seq._rt.prefetcher
+        runs = -(-len(seq) // (prefetcher.block * prefetcher.run))
+        deadline = time.monotonic() + 10  # the last block's count arrives with its result
+        while seq.stats["worker_chunk_decodes"] < 2 * 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        decodes = seq.stats["worker_chunk_decodes"]
+        assert 2 * 200 <= decodes <= 2 * (200 + (runs - 1) * window), (decodes, runs)
+        assert seq.stats["chunk_decodes"] == 0  # nothing decoded in this process
+    finally:
+        seq.close()
