@@ -57,11 +57,17 @@ class WorkerOptions:
             reopens the store and keeps its own window cache; batches come back pickled.
         max_queue_size: batches prepared ahead at most (rounded up to whole blocks, and at
             least one block per worker).
+        start_method: ``"fork"``, ``"spawn"`` or ``"forkserver"`` for the worker processes;
+            None (default): ``multiprocessing``'s default. Forking a process that runs threads
+            (JAX, TensorFlow, oocseq's decode threads) can deadlock the child if a thread held
+            a lock at that moment; ``"forkserver"`` (Python 3.14's default) avoids it, and
+            needs a picklable ``transform``.
     """
 
     workers: int = 1
     use_multiprocessing: bool = False
     max_queue_size: int = 10
+    start_method: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.workers, int) or isinstance(self.workers, bool) or self.workers < 0:
@@ -70,6 +76,9 @@ class WorkerOptions:
             raise ArgumentError(f"use_multiprocessing must be True or False, got {self.use_multiprocessing!r}")
         if not isinstance(self.max_queue_size, int) or isinstance(self.max_queue_size, bool) or self.max_queue_size < 1:
             raise ArgumentError(f"max_queue_size must be an int >= 1, got {self.max_queue_size!r}")
+        methods = multiprocessing.get_all_start_methods()
+        if self.start_method is not None and self.start_method not in methods:
+            raise ArgumentError(f"start_method must be None or one of {methods}, got {self.start_method!r}")
 
     @property
     def parallel(self) -> bool:
@@ -158,7 +167,7 @@ class Prefetcher:
         if pool is None:
             n = max(1, self.options.workers)
             if self.options.use_multiprocessing:
-                context = multiprocessing.get_context()
+                context = multiprocessing.get_context(self.options.start_method)
                 copy = self._source._worker_copy()
                 if context.get_start_method() != "fork":  # the copy travels pickled: say so now
                     try:

@@ -172,7 +172,8 @@ class ChunkedSequence:
             or processes with ``use_multiprocessing``, prepare the next batches of the plan
             (read, gather, ``transform``), about ``max_queue_size`` ahead. Keras itself
             sees a sequential dataset, because its own enqueuer re-serves batches across
-            epochs (see :mod:`oocseq.prefetch`).
+            epochs (see :mod:`oocseq.prefetch`). ``workers`` may also be a
+            :class:`~oocseq.WorkerOptions` (e.g. with ``start_method="forkserver"``).
 
     ``seq[i]`` returns a tuple ``(x, y)``, ``(x, y, sample_weight)`` or ``(x,)``; arrays keep
     the store's dtypes (``uint8`` images stay ``uint8`` unless ``transform`` converts them).
@@ -214,7 +215,7 @@ class ChunkedSequence:
         rank: int | None = None,
         world_size: int | None = None,
         remainder: str = "pad",
-        workers: int = 1,
+        workers: int | WorkerOptions = 1,
         use_multiprocessing: bool = False,
         max_queue_size: int = 10,
     ) -> None:
@@ -260,7 +261,12 @@ class ChunkedSequence:
                 raise FieldNotFoundError(
                     f"{self.store.path} has no field {name!r}; its fields are {sorted(self.store.fields)}"
                 )
-        self.worker_options = WorkerOptions(workers, use_multiprocessing, max_queue_size)
+        if isinstance(workers, WorkerOptions):
+            if (use_multiprocessing, max_queue_size) != (False, 10):
+                raise ArgumentError("give use_multiprocessing and max_queue_size inside WorkerOptions, not beside it")
+            self.worker_options = workers
+        else:
+            self.worker_options = WorkerOptions(workers, use_multiprocessing, max_queue_size)
         self._epoch = 0
         self._owner_pid = os.getpid()  # arrival order is kept by this process only
         self._rt_pid = -1

@@ -18,6 +18,21 @@ from hypothesis import strategies as st
 
 from oocseq import ArgumentError, ChunkedSequence, TransformError, WorkerOptions
 
+# Worker processes are started by a fork server: this test process runs JAX's threads (Keras is
+# imported by conftest's neighbours), and forking a multithreaded process can deadlock the child.
+# Fork itself is covered by test_workers, in fresh processes.
+START = "forkserver"
+
+
+def options(workers: int, processes: bool) -> WorkerOptions:
+    return WorkerOptions(workers, processes, start_method=START if processes else None)
+
+
+def test_worker_options_beside_workers_are_refused(tmp_path):
+    store = make_store(tmp_path / "s.zarr", 20, 4)
+    with pytest.raises(ArgumentError, match="inside WorkerOptions"):
+        ChunkedSequence(store, 4, workers=WorkerOptions(2), max_queue_size=3)
+
 
 def served(seq: ChunkedSequence, epochs: int = 2) -> list[list[list[int]]]:
     return [[ids_of(b[0]).tolist() for b in seq] for _ in range(epochs)]
@@ -85,7 +100,7 @@ def test_worker_threads_serve_the_plan_with_each_chunk_decoded_once(
 @pytest.mark.parametrize("use_multiprocessing", [False, True], ids=["threads", "processes"])
 def test_worker_processes_and_threads_serve_the_plan(tmp_path, fmt, use_multiprocessing):
     store = make_store(tmp_path / f"s{fmt}", 203, 8)
-    seq = ChunkedSequence(store, 10, seed=3, window=2, workers=2, use_multiprocessing=use_multiprocessing)
+    seq = ChunkedSequence(store, 10, seed=3, window=2, workers=options(2, use_multiprocessing))
     try:
         assert served(seq, 3) == planned(seq, 3)
     finally:
@@ -159,8 +174,7 @@ class FailOn:
 @pytest.mark.parametrize("use_multiprocessing", [False, True], ids=["threads", "processes"])
 def test_a_failing_batch_raises_when_served_not_before(tmp_path, use_multiprocessing):
     store = make_store(tmp_path / "s.zarr", 200, 8)
-    seq = ChunkedSequence(store, 10, seed=4, window=2, workers=2, use_multiprocessing=use_multiprocessing,
-                          transform=FailOn(123))
+    seq = ChunkedSequence(store, 10, seed=4, window=2, workers=options(2, use_multiprocessing), transform=FailOn(123))
     bad = next(i for i in range(len(seq)) if 123 in seq.batch_indices(i))
     it = iter(seq)
     for i in range(bad):  # the batches before it are served, though the bad one is prepared already
@@ -187,33 +201,27 @@ class DieOn:
 @pytest.mark.timeout(120)
 def test_a_dead_worker_process_raises_instead_of_hanging(tmp_path):
     store = make_store(tmp_path / "s.h5", 200, 8)
-    seq = ChunkedSequence(store, 10, seed=4, window=2, workers=2, use_multiprocessing=True,
-                          transform=DieOn(57, os.getpid()))
+    seq = ChunkedSequence(store, 10, seed=4, window=2, workers=options(2, True), transform=DieOn(57, os.getpid()))
     with pytest.raises(BrokenProcessPool):
         for _ in seq:
             pass
     seq.close()
 
 
-def test_unpicklable_transform_with_spawn_is_a_clear_error(tmp_path):
-    import multiprocessing
-
-    if "spawn" not in multiprocessing.get_all_start_methods():
-        pytest.skip("no spawn")
+@pytest.mark.parametrize("start_method", ["spawn", "forkserver"])
+def test_unpicklable_transform_with_spawn_is_a_clear_error(tmp_path, start_method):
     store = make_store(tmp_path / "s.zarr", 50, 8)
-    seq = ChunkedSequence(store, 10, workers=2, use_multiprocessing=True, transform=lambda b: b)
-    ctx = multiprocessing.get_start_method()
-    multiprocessing.set_start_method("spawn", force=True)
-    try:
-        with pytest.raises(ArgumentError, match="module-level function"):
-            seq[0]
-    finally:
-        multiprocessing.set_start_method(ctx, force=True)
-        seq.close()
+    workers = WorkerOptions(2, use_multiprocessing=True, start_method=start_method)
+    seq = ChunkedSequence(store, 10, workers=workers, transform=lambda b: b)
+    with pytest.raises(ArgumentError, match="module-level function"):
+        seq[0]
+    seq.close()
 
 
 @pytest.mark.parametrize(
-    "kwargs", [dict(workers=-1), dict(workers=1.5), dict(use_multiprocessing="yes"), dict(max_queue_size=0)]
+    "kwargs",
+    [dict(workers=-1), dict(workers=1.5), dict(use_multiprocessing="yes"), dict(max_queue_size=0),
+     dict(start_method="thread")],
 )
 def test_bad_worker_options(kwargs):
     with pytest.raises(ArgumentError):
@@ -277,8 +285,8 @@ def test_worker_processes_decode_each_window_once_per_run(tmp_path, batch_size, 
     """Worker processes get runs of consecutive blocks: a window is decoded twice only where a
     run (``prefetcher.run`` blocks) ends inside it."""
     store = make_store(tmp_path / "s.zarr", 2000, 10)
-    seq = ChunkedSequence(store, batch_size, seed=1, window=window, workers=2, use_multiprocessing=True,
-                          max_queue_size=max_queue_size)
+    seq = ChunkedSequence(store, batch_size, seed=1, window=window,
+                          workers=WorkerOptions(2, True, max_queue_size, start_method=START))
     try:
         assert served(seq, 1) == planned(seq, 1)
         prefetcher = seq._rt.prefetcher
@@ -305,8 +313,7 @@ def test_augmentation_draws_do_not_depend_on_workers(tmp_path):
     store = make_store(tmp_path / "s.h5", 150, 8)
     results = []
     for workers, processes in [(1, False), (3, False), (2, True)]:
-        seq = ChunkedSequence(store, 16, seed=7, window=2, transform=Jitter(), workers=workers,
-                              use_multiprocessing=processes)
+        seq = ChunkedSequence(store, 16, seed=7, window=2, transform=Jitter(), workers=options(workers, processes))
         results.append([b[0] for _ in range(2) for b in seq])  # two epochs
         seq.close()
     for other in results[1:]:
