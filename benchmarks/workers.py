@@ -19,7 +19,7 @@ per-sample ``rng``), where worker processes can help.
 A timed epoch follows an untimed one of the same configuration (jit compilation, worker start
 for persistent workers); Keras's timed epoch is the second of ``model.fit(epochs=2)``, measured
 by a callback from ``on_epoch_begin`` to ``on_epoch_end`` (it includes starting the worker pool,
-which Keras does every epoch for its own enqueuer; oocseq keeps its pool). Each round runs the Keras part and the PyTorch part in fresh
+which Keras's enqueuer does every epoch; oocseq keeps its pools). Each round runs the Keras part and the PyTorch part in fresh
 processes (in a random order; configurations in a random order inside), so Keras/JAX and torch
 never share a process; a cell is the median over rounds, a ratio the median of the ratios taken
 within a round. The page cache is warm (the stores were just written).

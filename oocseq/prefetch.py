@@ -192,7 +192,13 @@ class Prefetcher:
         start, stop = b * self.block, min((b + 1) * self.block, num_batches)
         pool = self._executor(b)
         if self.options.use_multiprocessing:
-            future = pool.submit(_process_block, epoch, start, stop)
+            try:
+                future = pool.submit(_process_block, epoch, start, stop)
+            except BrokenExecutor:  # its process died since the last request: start a new one
+                self._forget_pool(pool)
+                pool.shutdown(wait=False, cancel_futures=True)
+                pool = self._executor(b)
+                future = pool.submit(_process_block, epoch, start, stop)
             future.add_done_callback(self._count_decodes)
         else:
             # Threads share this process's window cache: hold the block's windows from now until
@@ -239,11 +245,12 @@ class Prefetcher:
                 # (requests skipped them). Blocks just behind may be being served by another thread.
                 for key in [k for k in self._futures if k[0] != epoch or k[1] < b - self.ahead]:
                     self._drop(key)
-                for ahead in range(b, min(b + self.ahead, last + 1)):
-                    if (epoch, ahead) not in self._futures:
-                        self._submit(epoch, ahead, num_batches)
-                future = self._futures[(epoch, b)]
-                pool = self._pool_of[(epoch, b)]
+                for _ in range(2):  # twice: a broken pool found at submit drops its blocks
+                    for ahead in range(b, min(b + self.ahead, last + 1)):
+                        if (epoch, ahead) not in self._futures:
+                            self._submit(epoch, ahead, num_batches)
+                future = self._futures.get((epoch, b))  # None: computed here below
+                pool = self._pool_of.get((epoch, b))
         entries: list[Any] | None = None
         if future is not None:
             try:
@@ -278,11 +285,15 @@ class Prefetcher:
     def _discard_pool(self, pool: Executor) -> None:
         """Forget a broken pool and the blocks queued on it (once, whichever thread saw it)."""
         with self._lock:
-            for key in [k for k, p in self._pool_of.items() if p is pool]:
-                self._drop(key)
-            for slot in [k for k, p in self._pools.items() if p is pool]:
-                del self._pools[slot]
+            self._forget_pool(pool)
         pool.shutdown(wait=False, cancel_futures=True)
+
+    def _forget_pool(self, pool: Executor) -> None:
+        """Call with the lock held."""
+        for key in [k for k, p in self._pool_of.items() if p is pool]:
+            self._drop(key)
+        for slot in [k for k, p in self._pools.items() if p is pool]:
+            del self._pools[slot]
 
     def close(self) -> None:
         """Drop everything and stop the pool; later requests are computed by the caller."""

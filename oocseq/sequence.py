@@ -300,10 +300,15 @@ class ChunkedSequence:
         self._set_worker_options(max_queue_size=value)
 
     def _set_worker_options(self, **changes: Any) -> None:
-        self.worker_options = dataclasses.replace(self.worker_options, **changes)
-        if getattr(self, "_rt_pid", None) == os.getpid() and self._runtime.prefetcher is not None:
-            self._runtime.prefetcher.close()  # the next batch starts a pool of the new kind
-            self._runtime.prefetcher = None
+        if getattr(self, "_rt_pid", None) != os.getpid():  # no runtime yet (or another process's)
+            self.worker_options = dataclasses.replace(self.worker_options, **changes)
+            return
+        rt = self._runtime
+        with rt.lock:
+            self.worker_options = dataclasses.replace(self.worker_options, **changes)
+            old, rt.prefetcher = rt.prefetcher, None  # the next batch starts workers of the new kind
+        if old is not None:
+            old.close()  # outside rt.lock: the prefetcher's lock comes first
 
     def _check_targets(self) -> None:
         if self.sample_weight is not None and self.class_weight is not None:
@@ -472,7 +477,7 @@ class ChunkedSequence:
             else:
                 prefetcher = None
             current = epoch == self._epoch
-        if prefetcher is not None:
+        if prefetcher is not None and current:  # (a late request of a past epoch: computed here)
             return prefetcher.get(epoch, k, len(self))
         if current:
             return self.batch(k)

@@ -217,3 +217,42 @@ def test_a_finished_backup_restores_the_model(tmp_path, uninterrupted):
     assert again.steps == [] and history == {}
     for a, b in zip(state_of(again), trained, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+class HalveLearningRate(keras.callbacks.Callback):
+    """Changes optimizer state in on_epoch_end (as ReduceLROnPlateau does)."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        lr = self.model.optimizer.learning_rate
+        lr.assign(lr * 0.5)
+
+
+@pytest.mark.timeout(300)
+def test_saved_after_the_other_callbacks_epoch_end(tmp_path):
+    store = make_store(tmp_path / "s.zarr", N, CHUNK)
+    full = new_model()
+    fit_resumable(full, new_seq(store), tmp_path / "a", epochs=EPOCHS, save_freq="epoch", verbose=0,
+                  callbacks=[HalveLearningRate()])
+    model = new_model()
+    with pytest.raises(Crash):  # in epoch 1, after the epoch-0 save
+        fit_resumable(model, new_seq(store), tmp_path / "b", epochs=EPOCHS, save_freq="epoch", verbose=0,
+                      callbacks=[HalveLearningRate(), CrashAfter(15)])
+    model = new_model()
+    fit_resumable(model, new_seq(store), tmp_path / "b", epochs=EPOCHS, save_freq="epoch", verbose=0,
+                  callbacks=[HalveLearningRate()])
+    for a, b in zip(state_of(model), state_of(full), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.timeout(300)
+def test_a_stop_at_the_end_of_the_resumed_epoch_is_kept(tmp_path, uninterrupted):
+    _, full_steps, _, _ = uninterrupted[3]
+    store = make_store(tmp_path / "s.zarr", N, CHUNK)
+    with pytest.raises(Crash):
+        fit_resumable(new_model(), new_seq(store), tmp_path / "b", epochs=EPOCHS, save_freq=3, verbose=0,
+                      callbacks=[CrashAfter(4)])  # saved at 3 batches
+    model = new_model()
+    fit_resumable(model, new_seq(store), tmp_path / "b", epochs=EPOCHS, save_freq=3, verbose=0,
+                  callbacks=[StopAfter(-(-N // BATCH) - 3)])  # stops on the epoch's last batch
+    assert model.steps == full_steps[3 : -(-N // BATCH)]  # and does not go on to the next epoch
+    assert MidEpochBackup(new_seq(store), tmp_path / "b").resume_point() == (1, 0)

@@ -322,3 +322,29 @@ def test_augmentation_draws_do_not_depend_on_workers(tmp_path):
             np.testing.assert_array_equal(a, b)
     # and the draws are real: x moved off its exact values (multiples of 0.25)
     assert np.abs(results[0][0] - np.round(results[0][0] * 4) / 4).max() > 0
+
+
+@pytest.mark.timeout(120)
+def test_workers_killed_between_requests_are_replaced(tmp_path):
+    import signal
+
+    store = make_store(tmp_path / "s.zarr", 400, 8)
+    seq = ChunkedSequence(store, 10, seed=4, window=2, workers=options(2, True))
+    plan = planned(seq, 1)[0]
+    it = iter(seq)
+    assert ids_of(next(it)[0]).tolist() == plan[0]
+    for pool in seq._rt.prefetcher._pools.values():  # the OOM killer, say
+        for pid in list(pool._processes):
+            os.kill(pid, signal.SIGKILL)
+    time.sleep(0.5)
+    failures, served_ok = 0, []
+    for i in range(1, len(seq)):
+        try:
+            served_ok.append((i, ids_of(seq[i][0]).tolist()))
+        except BrokenProcessPool:
+            failures += 1
+            assert not served_ok, "a failure after the workers had recovered"
+    assert failures <= 4 and len(served_ok) >= len(seq) - 5  # reported, then new processes serve
+    k = len(seq) - len(served_ok)  # requests that failed consumed their plan batch
+    assert [b for _, b in served_ok] == plan[k:]
+    seq.close()

@@ -184,8 +184,26 @@ class MidEpochBackup(keras.callbacks.Callback):
         state = self.read()
         return None if state is None else (state["epoch"], state["position"])
 
+    def restorer(self) -> keras.callbacks.Callback:
+        """A callback doing this one's restoring (``on_train_begin``, ``on_epoch_begin``), to
+        put *first* in the list while this one, saving, goes *last*: the model is restored
+        before other callbacks start, and saved after their ``on_epoch_end`` (a learning-rate
+        change, say). :func:`fit_resumable` does so."""
+        self._restorer = _Restorer(self)
+        return self._restorer
+
+    _restorer: keras.callbacks.Callback | None = None
+
     # -- restoring ---------------------------------------------------------------------------
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+        if self._restorer is None:
+            self._restore()
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        if self._restorer is None:
+            self._begin_epoch(epoch)
+
+    def _restore(self) -> None:
         # After fit has built the model (it reads a batch to do so, then ends that "epoch").
         state = self.read()
         self._pending = None
@@ -204,7 +222,7 @@ class MidEpochBackup(keras.callbacks.Callback):
         self.model.load_weights(weights)
         self._pending = state
 
-    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+    def _begin_epoch(self, epoch: int) -> None:
         self._epoch = epoch
         pending, self._pending = self._pending, None
         if pending is not None and pending["epoch"] == epoch and pending["position"] > 0:
@@ -257,7 +275,8 @@ class MidEpochBackup(keras.callbacks.Callback):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.state_path)
-        _fsync(self.backup_dir)  # the rename too, before the previous weights go
+        if os.name != "nt":  # (directories cannot be opened for fsync on Windows)
+            _fsync(self.backup_dir)  # the rename too, before the previous weights go
         for old in self.backup_dir.glob("ckpt-*.weights.h5"):
             if old.name != name:
                 old.unlink(missing_ok=True)
@@ -277,8 +296,10 @@ def fit_resumable(
     (:class:`MidEpochBackup`): run the same call again after an interruption and it trains
     exactly the batches that were left, with the model and optimizer as they were at the last
     save. Without a backup it is one plain ``fit``; with one saved mid-epoch, one ``fit`` for
-    the rest of that epoch (``steps_per_epoch`` = the batches left) and one for the epochs
-    after it.
+    the rest of that epoch (the sequence shows Keras only the batches left) and one for the
+    epochs after it; with every epoch done, a ``fit`` of no epoch that restores the model.
+    A ``fit`` stopped by ``model.stop_training`` (``EarlyStopping``, a time budget) returns,
+    saved where it stopped.
 
     Returns:
         The merged ``History.history`` dict (metric -> one value per epoch run).
@@ -291,8 +312,8 @@ def fit_resumable(
             raise ArgumentError(f"fit_resumable chooses {name} itself; do not pass it")
     seq = as_pydataset(seq)
     backup = MidEpochBackup(seq, backup_dir, save_freq)
-    # Last: it saves after the other callbacks' on_epoch_end (a learning-rate change, say).
-    all_callbacks = [*callbacks, backup]
+    # Restored before the other callbacks start, saved after their on_epoch_end.
+    all_callbacks = [backup.restorer(), *callbacks, backup]
     point = backup.resume_point()
     start = 0 if point is None else point[0]
     history: dict[str, list[Any]] = {}
@@ -309,12 +330,26 @@ def fit_resumable(
         finally:
             seq._keras_offset = 0
         point = backup.resume_point()  # where that fit ended (it may have been stopped part-way)
-        if point is None or point[1] > 0:
+        if model.stop_training or point is None or point[1] > 0 or point[0] >= epochs:
             return history
         start = point[0]
     # With every epoch done, a fit of no epoch still restores the saved model (on_train_begin).
     run(initial_epoch=min(start, epochs), epochs=epochs)
     return history
+
+
+class _Restorer(keras.callbacks.Callback):
+    """The restoring half of a :class:`MidEpochBackup` (see :meth:`MidEpochBackup.restorer`)."""
+
+    def __init__(self, backup: MidEpochBackup) -> None:
+        super().__init__()
+        self.backup = backup
+
+    def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+        self.backup._restore()
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self.backup._begin_epoch(epoch)
 
 
 def _fsync(path: Path) -> None:
