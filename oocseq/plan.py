@@ -220,7 +220,11 @@ class EpochPlan:
 
     def indices(self, start: int, stop: int) -> np.ndarray:
         """Sample indices at epoch positions ``[start, stop)`` (clipped to ``[0, n)``), int64."""
-        parts = [self.window_samples(w)[rows] for w, rows in self.window_spans(start, stop)]
+        return self.span_indices(self.window_spans(start, stop))
+
+    def span_indices(self, spans: list[tuple[int, np.ndarray]]) -> np.ndarray:
+        """Sample indices of :meth:`window_spans` pieces (int64), in order."""
+        parts = [self.window_samples(w)[rows] for w, rows in spans]
         if not parts:
             return np.empty(0, dtype=np.int64)
         return np.concatenate(parts) if len(parts) > 1 else parts[0]

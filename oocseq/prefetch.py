@@ -114,6 +114,7 @@ class BlockSource(Protocol):
     def _worker_copy(self) -> Any:
         """The sequence as worker processes get it (inherited by fork, pickled otherwise)."""
 
+
 # -- worker processes -------------------------------------------------------------------------
 _worker_seq: Any = None
 

@@ -611,7 +611,7 @@ class ChunkedSequence:
         # Sample indices only where they are used (transform, label checks): ~40 us a batch.
         indices = None
         if self.transform is not None or self.num_classes is not None or self.class_weight is not None:
-            indices = plan.indices(start, stop)
+            indices = plan.span_indices(spans)  # spans as computed above: not twice
         if self.transform is not None:
             batch = self._apply_transform(self.transform, batch, indices, plan.epoch)
         return self._assemble(batch, indices)
