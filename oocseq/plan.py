@@ -99,8 +99,10 @@ class EpochPlan:
         rank, world_size: data-parallel shard. The permuted chunks are dealt round-robin to the
             ranks, so ranks hold disjoint, chunk-aligned shares of every epoch.
         remainder: how ranks are evened out, since their shares differ by up to a chunk:
-            ``"pad"`` (default) deals every chunk and repeats a rank's own samples from the
-            start of its order up to ``ceil(num_chunks / world_size) * chunk_len`` positions;
+            ``"pad"`` (default) deals every chunk (the short last chunk to a rank that gets one
+            chunk more than others) and repeats a rank's own samples from the start of its
+            order up to ``ceil(num_chunks / world_size) * chunk_len`` positions: at most one
+            chunk's worth per rank;
             ``"drop"`` leaves out the short last chunk and the ``num_full_chunks % world_size``
             full chunks that do not go round (others each epoch), so each rank serves
             ``floor(num_full_chunks / world_size) * chunk_len`` samples, none repeated. Every
@@ -154,6 +156,14 @@ class EpochPlan:
                     "remainder='drop'; use remainder='pad', a smaller chunk_len or fewer ranks"
                 )
             order = full[: len(full) // self.world_size * self.world_size]
+        elif self.world_size > 1 and self.n % self.chunk_len and num_chunks % self.world_size:
+            # Deal the short last chunk to a rank that gets one chunk more than others (the last
+            # position's rank): then no rank pads more than one chunk's worth of positions.
+            rem = num_chunks % self.world_size
+            p = int(np.flatnonzero(order == num_chunks - 1)[0])
+            if p % self.world_size >= rem:
+                order = order.copy()
+                order[p], order[-1] = order[-1], order[p]
         # Ranks deal the permuted chunks round-robin: disjoint, chunk-aligned shares.
         self.chunk_order = order[self.rank :: self.world_size]
         sizes = np.minimum((self.chunk_order + 1) * self.chunk_len, self.n) - self.chunk_order * self.chunk_len
