@@ -343,14 +343,25 @@ def test_default_chunk_len_huge_sample(tmp_path: Path) -> None:
     assert_same(store["x"][1], x[1])
 
 
-def test_default_chunk_len_streaming(tmp_path: Path) -> None:
-    def gen():
-        for _ in range(3):
-            yield np.zeros((4, 32, 32), dtype=np.float64)  # 8 KiB per sample
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("batches", [3, 200])  # 12 samples (96 KiB), 800 samples (6.25 MiB)
+def test_default_chunk_len_streaming(tmp_path: Path, fmt: str, batches: int) -> None:
+    """A stream of unknown length gets about 4 MiB chunks, or one chunk of exactly its samples
+    when it ends before filling one."""
 
-    store = oocseq.ingest_arrays(tmp_path / "s.h5", {"x": gen()})
-    assert 1 * MiB <= store.chunk_len * 8 * 1024 <= 8 * MiB
-    assert len(store) == 12
+    def gen(y=False):
+        for b in range(batches):
+            yield np.arange(4 * b, 4 * b + 4) if y else np.full((4, 32, 32), b, dtype=np.float64)  # 8 KiB/sample
+
+    store = oocseq.ingest_arrays(tmp_path / f"s{fmt}", {"x": gen(), "y": gen(y=True)})
+    assert len(store) == 4 * batches
+    if batches == 3:
+        assert store.chunk_len == 12 and store.num_chunks == 1
+    else:
+        assert 1 * MiB <= store.chunk_len * 8 * 1024 <= 8 * MiB and store.num_chunks > 1
+    assert_same(store["y"][0 : len(store)], np.arange(4 * batches))
+    assert_same(store["x"][len(store) - 1], np.full((32, 32), batches - 1, dtype=np.float64))
+    store.verify()
 
 
 # -- description -----------------------------------------------------------------------------

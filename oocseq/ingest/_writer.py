@@ -59,7 +59,9 @@ class StoreWriter:
     Args:
         dest: ``*.zarr`` or ``*.h5``/``*.hdf5``.
         specs: field name -> :class:`FieldSpec`.
-        chunk_len: samples per chunk; ``None`` picks about 4 MiB for the widest field.
+        chunk_len: samples per chunk; ``None`` picks about 4 MiB for the widest field, or
+            fewer: as many as there are samples, when the data ends before filling one chunk
+            (for streams of unknown length).
         compression: ``None``, ``"lz4"``, ``"zstd"``, ``"zlib"`` or a Compression.
         overwrite: replace an existing ``dest``.
 
@@ -82,6 +84,7 @@ class StoreWriter:
             raise InvalidSourceError("nothing to ingest: no fields given")
         if self.dest.exists() and not overwrite:
             raise StoreExistsError(f"{self.dest} already exists; pass overwrite=True to replace it")
+        self._shrinkable = chunk_len is None  # the fields are created at the first full chunk
         if chunk_len is None:
             chunk_len = choose_chunk_len(specs)
         if not isinstance(chunk_len, int) or isinstance(chunk_len, bool) or chunk_len < 1:
@@ -100,8 +103,15 @@ class StoreWriter:
         self._buffered = dict.fromkeys(specs, 0)
         self._chunks_done = dict.fromkeys(specs, 0)
         self._checksums: dict[str, list[int]] = {k: [] for k in specs}
-        for name, spec in specs.items():
-            self._backend.create_field(name, spec, chunk_len, self.compression)
+        self._created = False
+        if not self._shrinkable:
+            self._create_fields()
+
+    def _create_fields(self) -> None:
+        if not self._created:
+            for name, spec in self.specs.items():
+                self._backend.create_field(name, spec, self.chunk_len, self.compression)
+            self._created = True
 
     def __enter__(self) -> StoreWriter:
         return self
@@ -153,6 +163,7 @@ class StoreWriter:
         parts = self._buffers[name]
         if not parts:
             return
+        self._create_fields()
         chunk = parts[0] if len(parts) == 1 else np.concatenate(parts)
         self._backend.write_chunk(name, self._chunks_done[name], self.chunk_len, chunk)
         self._checksums[name].append(zlib.crc32(chunk.tobytes()))
@@ -181,6 +192,11 @@ class StoreWriter:
             for name, values in self._aux.items():
                 if len(values) != n:
                     raise FieldLengthError(f"auxiliary array {name!r} has {len(values)} entries for {n} samples")
+            if not self._created and n < self.chunk_len:
+                # A stream shorter than one chunk: one chunk of exactly its samples (a smaller
+                # store, and one that world_size ranks can share when n >= world_size).
+                self.chunk_len = max(1, n)
+            self._create_fields()
             for name in self.specs:
                 self._flush(name)
             for name, values in self._aux.items():

@@ -39,7 +39,8 @@ def ingest_arrays(
             or tuple (converted with ``np.asarray``), or any other iterable yielding batches of
             shape ``(k, *sample_shape)`` (streamed; ``k`` may vary). All fields must have the
             same number of samples. Dtypes: bool, (u)int8-64, float16/32/64, complex.
-        chunk_len: samples per chunk; ``None`` gives about 4 MiB per chunk of the widest field.
+        chunk_len: samples per chunk; ``None`` gives about 4 MiB per chunk of the widest field
+            (at most the number of samples, also for a stream shorter than one chunk).
         compression: ``None``, ``"lz4"`` (default), ``"zstd"`` or ``"zlib"`` (Blosc).
         overwrite: replace an existing store at ``dest``.
         metadata: JSON-serialisable user metadata kept in ``store.metadata``.
@@ -97,9 +98,11 @@ def ingest_arrays(
         for name, src in sources.items()
     }
     total = next(iter(lengths.values())) if lengths else None
-    if chunk_len is None:
+    if chunk_len is None and total is not None:
         chunk_len = choose_chunk_len(specs, total)
+    # Unknown length and no chunk_len: the writer picks one, shrunk to the data if it is shorter.
     with StoreWriter(dest, specs, chunk_len=chunk_len, compression=compression, overwrite=overwrite) as w:
+        chunk_len = w.chunk_len
         w.attrs.update(dict(metadata or {}))
         w.attrs.setdefault("source", {"kind": "arrays"})
         with progress_bar(progress, total, f"ingest {os.fspath(dest)}") as bar:
