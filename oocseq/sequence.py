@@ -516,8 +516,9 @@ class ChunkedSequence:
         otherwise drop them between two batches of this block."""
         plan = self._plan_for(epoch)
         windows = [w for w, _ in plan.window_spans(start * self.batch_size, stop * self.batch_size)]
-        ahead = range(windows[-1] + 1, min(windows[-1] + 1 + self.read.readahead, plan.num_windows))
-        keys = [(epoch, w) for w in [*windows, *ahead]]
+        if windows:
+            windows += range(windows[-1] + 1, min(windows[-1] + 1 + self.read.readahead, plan.num_windows))
+        keys = [(epoch, w) for w in windows]
         token = object()
         rt = self._rt
         with rt.lock:
@@ -580,7 +581,7 @@ class ChunkedSequence:
         start = i * self.batch_size
         stop = start + self.batch_size
         rt = self._rt
-        sequential = readahead
+        sequential = readahead  # read ahead (and advise the kernel) beyond this batch's windows
         spans = plan.window_spans(start, stop)
         last = spans[-1][0]
         ahead = range(last + 1, min(last + 1 + (self.read.readahead if sequential else 0), plan.num_windows))
