@@ -131,6 +131,17 @@ def _process_block(epoch: int, start: int, stop: int) -> tuple[list[Any], int]:
     return entries, _worker_seq.stats["chunk_decodes"] - before
 
 
+@dataclass
+class _Block:
+    """A block queued on a pool: its future, the pool, the windows reserved for it (threads)
+    and how many of its batches are still to be served."""
+
+    future: Future[Any]
+    pool: Executor
+    left: int
+    token: Hashable | None = None
+
+
 class Prefetcher:
     """Blocks of plan batches computed ahead by a pool; see the module docstring.
 
@@ -152,10 +163,7 @@ class Prefetcher:
         # consecutive blocks, so that the window two blocks share is decoded once, by one process.
         self._pools: dict[int, Executor] = {}
         self.run = max(1, self.ahead // max(1, options.workers)) if options.use_multiprocessing else 1
-        self._futures: dict[tuple[int, int], Future[list[Any]]] = {}
-        self._tokens: dict[tuple[int, int], Hashable] = {}  # block -> its reserved windows
-        self._left: dict[tuple[int, int], int] = {}  # block -> batches not served yet
-        self._pool_of: dict[tuple[int, int], Executor] = {}  # block -> the pool computing it
+        self._blocks: dict[tuple[int, int], _Block] = {}  # (epoch, block) -> queued block
         self._closed = False
         #: Chunk decodes done by worker processes for the blocks they prepared.
         self.worker_decodes = 0
@@ -192,6 +200,7 @@ class Prefetcher:
         """Queue block ``b`` of ``epoch``. Call with the lock held."""
         start, stop = b * self.block, min((b + 1) * self.block, num_batches)
         pool = self._executor(b)
+        token = None
         if self.options.use_multiprocessing:
             try:
                 future = pool.submit(_process_block, epoch, start, stop)
@@ -212,10 +221,7 @@ class Prefetcher:
             except BaseException:
                 self._source._release_block(token)
                 raise
-            self._tokens[(epoch, b)] = token
-        self._futures[(epoch, b)] = future
-        self._left[(epoch, b)] = stop - start
-        self._pool_of[(epoch, b)] = pool
+        self._blocks[(epoch, b)] = _Block(future, pool, stop - start, token)
 
     def _count_decodes(self, future: Future[Any]) -> None:
         if not future.cancelled() and future.exception() is None:
@@ -224,52 +230,48 @@ class Prefetcher:
 
     def _drop(self, key: tuple[int, int]) -> None:
         """Forget a block (served, passed or of another epoch). Call with the lock held."""
-        future = self._futures.pop(key, None)
-        if future is not None:
-            future.cancel()
-        self._left.pop(key, None)
-        self._pool_of.pop(key, None)
-        token = self._tokens.pop(key, None)
-        if token is not None:
-            self._source._release_block(token)
+        block = self._blocks.pop(key, None)
+        if block is None:
+            return
+        block.future.cancel()
+        if block.token is not None:
+            self._source._release_block(block.token)
 
     def get(self, epoch: int, i: int, num_batches: int) -> Any:
         """Plan batch ``i`` of ``epoch`` (computing it and the next blocks ahead). Safe to call
         from several threads at once."""
         b = i // self.block
         last = (num_batches - 1) // self.block
+        block = None
         with self._lock:
-            if self._closed:  # closed while this request was on its way (options changed)
-                future = None
-            else:
+            if not self._closed:  # (closed while this request was on its way: computed below)
                 # Another epoch's blocks will never be served; nor will blocks far behind
                 # (requests skipped them). Blocks just behind may be being served by another thread.
-                for key in [k for k in self._futures if k[0] != epoch or k[1] < b - self.ahead]:
+                for key in [k for k in self._blocks if k[0] != epoch or k[1] < b - self.ahead]:
                     self._drop(key)
                 for _ in range(2):  # twice: a broken pool found at submit drops its blocks
                     for ahead in range(b, min(b + self.ahead, last + 1)):
-                        if (epoch, ahead) not in self._futures:
+                        if (epoch, ahead) not in self._blocks:
                             self._submit(epoch, ahead, num_batches)
-                future = self._futures.get((epoch, b))  # None: computed here below
-                pool = self._pool_of.get((epoch, b))
+                block = self._blocks.get((epoch, b))  # None: computed here below
         entries: list[Any] | None = None
-        if future is not None:
+        if block is not None:
             try:
-                result = future.result()
+                result = block.future.result()
                 entries = result[0] if self.options.use_multiprocessing else result
             except CancelledError:  # the epoch changed meanwhile (set_epoch from another thread)
                 entries = None
             except BrokenExecutor:  # a worker process died (killed, out of memory): no hang
-                self._discard_pool(pool)  # the next request starts a new pool
+                self._discard_pool(block.pool)  # the next request starts a new pool
                 raise
         k = i - b * self.block
         out = None
-        if entries is not None:
+        if block is not None and entries is not None:
             with self._lock:
                 out, entries[k] = entries[k], None  # served once: drop the reference
                 if out is not None:
-                    self._left[(epoch, b)] = left = self._left.get((epoch, b), 1) - 1
-                    if left <= 0 and self._futures.get((epoch, b)) is future:
+                    block.left -= 1
+                    if block.left <= 0 and self._blocks.get((epoch, b)) is block:
                         self._drop((epoch, b))
         if out is None:  # cancelled, or served before (index requests repeated): compute it here
             out = self._source._prepare_block(epoch, i, i + 1)[0]
@@ -280,8 +282,12 @@ class Prefetcher:
     def reset(self) -> None:
         """Drop everything computed ahead (the epoch changed)."""
         with self._lock:
-            for key in list(self._futures):
-                self._drop(key)
+            self._drop_all()
+
+    def _drop_all(self) -> None:
+        """Call with the lock held."""
+        for key in list(self._blocks):
+            self._drop(key)
 
     def _discard_pool(self, pool: Executor) -> None:
         """Forget a broken pool and the blocks queued on it (once, whichever thread saw it)."""
@@ -291,7 +297,7 @@ class Prefetcher:
 
     def _forget_pool(self, pool: Executor) -> None:
         """Call with the lock held."""
-        for key in [k for k, p in self._pool_of.items() if p is pool]:
+        for key in [k for k, block in self._blocks.items() if block.pool is pool]:
             self._drop(key)
         for slot in [k for k, p in self._pools.items() if p is pool]:
             del self._pools[slot]
@@ -300,8 +306,7 @@ class Prefetcher:
         """Drop everything and stop the pool; later requests are computed by the caller."""
         with self._lock:
             self._closed = True
-            for key in list(self._futures):
-                self._drop(key)
+            self._drop_all()
             pools, self._pools = list(self._pools.values()), {}
         for pool in pools:
             pool.shutdown(wait=False, cancel_futures=True)

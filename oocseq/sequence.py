@@ -337,6 +337,13 @@ class ChunkedSequence:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
 
+    def _copy_as(self, cls: type[ChunkedSequence]) -> Any:
+        """This sequence's arguments and epoch as a new ``cls`` instance (its own runtime):
+        a plain ChunkedSequence for worker processes, a Keras one for ``as_pydataset``."""
+        new = object.__new__(cls)
+        new.__setstate__(self.__getstate__())
+        return new
+
     # -- the plan -----------------------------------------------------------------------------
     @property
     def max_resident_chunks(self) -> int:
@@ -486,8 +493,7 @@ class ChunkedSequence:
     def _worker_copy(self) -> ChunkedSequence:
         """This sequence for worker processes: a plain ChunkedSequence (a Keras-flavoured one
         would make each spawned worker import Keras) that prepares batches when asked."""
-        plain = object.__new__(ChunkedSequence)
-        plain.__setstate__(self.__getstate__())
+        plain = self._copy_as(ChunkedSequence)
         plain.worker_options = WorkerOptions()
         # A process decodes only its own blocks' windows: read-ahead would decode the next
         # block's, which another process serves.

@@ -22,24 +22,27 @@ class Crash(Exception):
     pass
 
 
-class CrashAfter(keras.callbacks.Callback):
-    """Raises after ``steps`` trained batches in all (the process "dies")."""
+class InterruptAfter(keras.callbacks.Callback):
+    """After ``steps`` calls of ``on_train_batch_end`` in all, crashes (the process "dies") or,
+    with ``stop=True``, sets ``stop_training`` (a time budget, say)."""
 
-    def __init__(self, steps: int):
+    def __init__(self, steps: int, stop: bool = False):
         super().__init__()
-        self.steps, self.count = steps, 0
+        self.steps, self.stop, self.count = steps, stop, 0
 
     def on_train_batch_end(self, batch, logs=None):
         self.count += 1
         if self.count == self.steps:
-            raise Crash(f"after {self.steps} batches")
+            if not self.stop:
+                raise Crash(f"after {self.steps} batches")
+            self.model.stop_training = True
 
 
-def new_model() -> Recorder:
+def new_model(steps_per_execution: int = 1) -> Recorder:
     keras.utils.set_random_seed(0)
     model = Recorder()
     model.compile(keras.optimizers.Adam(0.01), keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  run_eagerly=True)
+                  run_eagerly=True, steps_per_execution=steps_per_execution)
     return model
 
 
@@ -92,7 +95,7 @@ def test_restart_trains_exactly_the_rest(tmp_path, uninterrupted, crash_after, s
     model = new_model()
     with pytest.raises(Crash):
         fit_resumable(model, new_seq(store), backup, epochs=EPOCHS, save_freq=save_freq, verbose=0,
-                      callbacks=[CrashAfter(crash_after)])
+                      callbacks=[InterruptAfter(crash_after)])
     assert model.steps == full_steps[:crash_after]
     point = MidEpochBackup(new_seq(store), backup).resume_point()
     epoch, position = (0, 0) if point is None else point  # the crash came before the first save
@@ -117,7 +120,7 @@ def test_backup_of_another_plan_is_refused(tmp_path):
     backup = tmp_path / "backup"
     model = new_model()
     with pytest.raises(Crash):
-        fit_resumable(model, new_seq(store), backup, epochs=2, save_freq=2, verbose=0, callbacks=[CrashAfter(3)])
+        fit_resumable(model, new_seq(store), backup, epochs=2, save_freq=2, verbose=0, callbacks=[InterruptAfter(3)])
     with pytest.raises(StateError, match="seed=5 in the state, 6 here"):
         fit_resumable(new_model(), new_seq(store, seed=6), backup, epochs=2, verbose=0)
     other = make_store(tmp_path / "t.zarr", N + 1, CHUNK)
@@ -152,19 +155,6 @@ def test_fit_resumable_chooses_the_epochs_itself(tmp_path):
         fit_resumable(new_model(), new_seq(store), tmp_path / "b", epochs=1, initial_epoch=1)
 
 
-class StopAfter(keras.callbacks.Callback):
-    """Stops fit after ``steps`` batches (a time budget, say)."""
-
-    def __init__(self, steps: int):
-        super().__init__()
-        self.steps, self.count = steps, 0
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.count += 1
-        if self.count == self.steps:
-            self.model.stop_training = True
-
-
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("stop_after", [4, 11, 15])
 def test_a_stopped_fit_resumes_where_it_stopped(tmp_path, uninterrupted, stop_after):
@@ -172,7 +162,7 @@ def test_a_stopped_fit_resumes_where_it_stopped(tmp_path, uninterrupted, stop_af
     store = make_store(tmp_path / "s.zarr", N, CHUNK)
     model = new_model()
     fit_resumable(model, new_seq(store), tmp_path / "b", epochs=EPOCHS, save_freq="epoch", verbose=0,
-                  callbacks=[StopAfter(stop_after)])
+                  callbacks=[InterruptAfter(stop_after, stop=True)])
     assert model.steps == full_steps[:stop_after]
     model2 = new_model()
     fit_resumable(model2, new_seq(store), tmp_path / "b", epochs=EPOCHS, save_freq="epoch", verbose=0)
@@ -185,22 +175,15 @@ def test_a_stopped_fit_resumes_where_it_stopped(tmp_path, uninterrupted, stop_af
 def test_resume_with_steps_per_execution(tmp_path, uninterrupted):
     _, full_steps, _, _ = uninterrupted[3]
 
-    def model_spe():
-        keras.utils.set_random_seed(0)
-        m = Recorder()
-        m.compile(keras.optimizers.Adam(0.01), keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  run_eagerly=True, steps_per_execution=4)
-        return m
-
     store = make_store(tmp_path / "s.zarr", N, CHUNK)
-    model = model_spe()
+    model = new_model(steps_per_execution=4)
     with pytest.raises(Crash):  # the 2nd call of on_train_batch_end: 8 batches trained
         fit_resumable(model, new_seq(store), tmp_path / "b", epochs=EPOCHS, save_freq=3, verbose=0,
-                      callbacks=[CrashAfter(2)])
+                      callbacks=[InterruptAfter(2)])
     epoch, position = MidEpochBackup(new_seq(store), tmp_path / "b").resume_point()
     done = epoch * -(-N // BATCH) + position
     assert 0 < done <= 8
-    model = model_spe()
+    model = new_model(steps_per_execution=4)
     fit_resumable(model, new_seq(store), tmp_path / "b", epochs=EPOCHS, save_freq=3, verbose=0)
     assert model.steps == full_steps[done:]
 
@@ -236,7 +219,7 @@ def test_saved_after_the_other_callbacks_epoch_end(tmp_path):
     model = new_model()
     with pytest.raises(Crash):  # in epoch 1, after the epoch-0 save
         fit_resumable(model, new_seq(store), tmp_path / "b", epochs=EPOCHS, save_freq="epoch", verbose=0,
-                      callbacks=[HalveLearningRate(), CrashAfter(15)])
+                      callbacks=[HalveLearningRate(), InterruptAfter(15)])
     model = new_model()
     fit_resumable(model, new_seq(store), tmp_path / "b", epochs=EPOCHS, save_freq="epoch", verbose=0,
                   callbacks=[HalveLearningRate()])
@@ -250,9 +233,9 @@ def test_a_stop_at_the_end_of_the_resumed_epoch_is_kept(tmp_path, uninterrupted)
     store = make_store(tmp_path / "s.zarr", N, CHUNK)
     with pytest.raises(Crash):
         fit_resumable(new_model(), new_seq(store), tmp_path / "b", epochs=EPOCHS, save_freq=3, verbose=0,
-                      callbacks=[CrashAfter(4)])  # saved at 3 batches
+                      callbacks=[InterruptAfter(4)])  # saved at 3 batches
     model = new_model()
     fit_resumable(model, new_seq(store), tmp_path / "b", epochs=EPOCHS, save_freq=3, verbose=0,
-                  callbacks=[StopAfter(-(-N // BATCH) - 3)])  # stops on the epoch's last batch
+                  callbacks=[InterruptAfter(-(-N // BATCH) - 3, stop=True)])  # stops on the epoch's last batch
     assert model.steps == full_steps[3 : -(-N // BATCH)]  # and does not go on to the next epoch
     assert MidEpochBackup(new_seq(store), tmp_path / "b").resume_point() == (1, 0)

@@ -87,9 +87,7 @@ def as_pydataset(seq: ChunkedSequence) -> KerasChunkedSequence:
     """The same sequence as a Keras ``PyDataset`` (for one built before Keras was imported)."""
     if isinstance(seq, KerasChunkedSequence):
         return seq
-    new = KerasChunkedSequence.__new__(KerasChunkedSequence)
-    new.__setstate__(seq.__getstate__())
-    return new
+    return seq._copy_as(KerasChunkedSequence)
 
 
 _BACKUP_FORMAT = "oocseq.MidEpochBackup"

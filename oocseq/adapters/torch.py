@@ -117,7 +117,5 @@ class TorchBatches(IterableDataset):  # type: ignore[type-arg]
         # Workers get a plain ChunkedSequence: a Keras-flavoured one would make every spawned
         # worker import Keras and its backend.
         state = self.__dict__.copy()
-        plain = object.__new__(ChunkedSequence)
-        plain.__setstate__(self.seq.__getstate__())
-        state["seq"] = plain
+        state["seq"] = self.seq._copy_as(ChunkedSequence)
         return state
