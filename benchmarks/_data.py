@@ -176,7 +176,9 @@ def resident_bytes(paths: Iterable[Path]) -> int | None:
         with open(p, "rb") as f, mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ) as m:
             addr = np.frombuffer(m, dtype=np.uint8).ctypes.data
             vec = np.zeros((size + page - 1) // page, dtype=np.uint8)
-            if _libc.mincore(ctypes.c_void_p(addr), ctypes.c_size_t(size), vec.ctypes.data_as(ctypes.c_void_p)):
+            if _libc.mincore(
+                ctypes.c_void_p(addr), ctypes.c_size_t(size), vec.ctypes.data_as(ctypes.c_void_p)
+            ):
                 return None
             total += int(np.count_nonzero(vec & 1)) * page
     return total
@@ -208,6 +210,7 @@ def rss_anon() -> int:
 
 # --- timing -------------------------------------------------------------------------------
 
+
 def _busy_seconds() -> float:
     """CPU seconds spent busy by the whole machine, all cores (``/proc/stat``)."""
     with open("/proc/stat") as f:
@@ -237,7 +240,9 @@ class LoadMeter:
     def __exit__(self, *exc: object) -> None:
         if self._busy is not None:
             wall = time.perf_counter() - self._t
-            self.others = max(0.0, (_busy_seconds() - self._busy - (_own_cpu() - self._own)) / max(wall, 1e-9))
+            self.others = max(
+                0.0, (_busy_seconds() - self._busy - (_own_cpu() - self._own)) / max(wall, 1e-9)
+            )
 
 
 #: Before each timed measurement, wait up to QUIET_WAIT seconds until other processes use less
@@ -379,11 +384,16 @@ def git_commit() -> str:
     here = Path(__file__).resolve().parent.parent
     try:
         out = subprocess.run(
-            ["git", "-C", str(here), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+            ["git", "-C", str(here), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
         )
         dirty = subprocess.run(
             ["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no", "oocseq"],
-            capture_output=True, text=True, check=True,
+            capture_output=True,
+            text=True,
+            check=True,
         )
         return out.stdout.strip() + (" (oocseq/ modified)" if dirty.stdout.strip() else "")
     except (OSError, subprocess.CalledProcessError):

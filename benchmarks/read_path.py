@@ -83,7 +83,9 @@ def _cpu() -> float:
 # --- measurements ---------------------------------------------------------------------------
 
 
-def random_batches(read: Callable[[np.ndarray], object], n: int, bs: int, count: int | None, seed: int) -> Result:
+def random_batches(
+    read: Callable[[np.ndarray], object], n: int, bs: int, count: int | None, seed: int
+) -> Result:
     """``read(np.sort(idx))`` for ``count`` random batches of a globally shuffled epoch (all of
     them if ``count`` is None); the indices are made before the clock starts."""
     perm = np.random.default_rng(seed).permutation(n)
@@ -96,7 +98,9 @@ def random_batches(read: Callable[[np.ndarray], object], n: int, bs: int, count:
     return Result(samples / seconds, cpu / samples * 1e6)
 
 
-def sequence_epochs(store: Any, bs: int, order: str, epochs: int, max_batches: int | None, run: int) -> Result:
+def sequence_epochs(
+    store: Any, bs: int, order: str, epochs: int, max_batches: int | None, run: int
+) -> Result:
     """``epochs`` epochs of a fresh ChunkedSequence (x only), batches requested ``"in order"``
     or in a random order of ``i`` (``"keras"``, a new one each epoch)."""
     import oocseq
@@ -140,7 +144,8 @@ class DecodeLimit:
             with h5py.File(store.path, "r") as f:
                 ds = f["x"]
                 infos = sorted(
-                    (ds.id.get_chunk_info(i) for i in range(ds.id.get_num_chunks())), key=lambda i: i.chunk_offset[0]
+                    (ds.id.get_chunk_info(i) for i in range(ds.id.get_num_chunks())),
+                    key=lambda i: i.chunk_offset[0],
                 )
             self.where = [(store.path, i.byte_offset, i.size) for i in infos]
         assert len(self.where) == store.num_chunks
@@ -239,14 +244,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--runs", type=int, default=5, help="rounds of read measurements (default 5)")
     parser.add_argument("--epochs", type=int, default=2, help="ChunkedSequence epochs per run (default 2)")
-    parser.add_argument("--fancy-batches", type=int, default=20, help="h5py / zarr fancy batches timed per run")
-    parser.add_argument("--fit-runs", type=int, default=5, help="timed model.fit epochs per source (default 5)")
     parser.add_argument(
-        "--fit-stores", default="Zarr lz4,HDF5 lz4,Zarr raw,HDF5 raw", help="stores to fit from (comma-separated)"
+        "--fancy-batches", type=int, default=20, help="h5py / zarr fancy batches timed per run"
+    )
+    parser.add_argument(
+        "--fit-runs", type=int, default=5, help="timed model.fit epochs per source (default 5)"
+    )
+    parser.add_argument(
+        "--fit-stores",
+        default="Zarr lz4,HDF5 lz4,Zarr raw,HDF5 raw",
+        help="stores to fit from (comma-separated)",
     )
     parser.add_argument("--no-fit", action="store_true", help="skip target 7 (no Keras / JAX import)")
     parser.add_argument(
-        "--quiet-wait", type=float, default=10,
+        "--quiet-wait",
+        type=float,
+        default=10,
         help="before each timed run, wait up to this many seconds (120 in all) for other processes to go quiet",
     )
     parser.add_argument("--workdir", type=Path, default=Path("out/bench"), help="where the stores go")
@@ -278,7 +291,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def measure(args: argparse.Namespace, x: np.ndarray, y: np.ndarray, stores: dict[str, Any]) -> tuple[list[Target], str]:
+def measure(
+    args: argparse.Namespace, x: np.ndarray, y: np.ndarray, stores: dict[str, Any]
+) -> tuple[list[Target], str]:
     import h5py
     import hdf5plugin  # noqa: F401  (Blosc filter for h5py's own reads)
     import zarr
@@ -311,7 +326,9 @@ def measure(args: argparse.Namespace, x: np.ndarray, y: np.ndarray, stores: dict
         else:
             h5_files.append(h5py.File(store.path, "r"))
             read = h5_files[-1]["x"].__getitem__
-        measurements["fancy", kind] = lambda run, read=read: random_batches(read, n, bs, args.fancy_batches, 200 + run)
+        measurements["fancy", kind] = lambda run, read=read: random_batches(
+            read, n, bs, args.fancy_batches, 200 + run
+        )
         warmups["fancy", kind] = lambda read=read: random_batches(read, n, bs, 2, 199)
         if STORE_KINDS[kind][1] is not None:
             for name, with_read in (("decode limit", False), ("read + decode", True)):
@@ -355,7 +372,9 @@ def measure(args: argparse.Namespace, x: np.ndarray, y: np.ndarray, stores: dict
     }
     for row, label in row_names.items():
         cells = [
-            f"{fmt_rate(rate[row, k])} ({spread(rates[row, k])}); {cpu[row, k]:.2f} us" if (row, k) in rate else "-"
+            f"{fmt_rate(rate[row, k])} ({spread(rates[row, k])}); {cpu[row, k]:.2f} us"
+            if (row, k) in rate
+            else "-"
             for k in stores
         ]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
@@ -366,45 +385,69 @@ def measure(args: argparse.Namespace, x: np.ndarray, y: np.ndarray, stores: dict
     for kind in stores:
         if STORE_KINDS[kind][1] is None:
             r, rounds = ratio(("in order", kind), base_key)
-            targets.append(Target(
-                f"1. uncompressed {kind.split()[0]}, warm cache: ChunkedSequence / in-RAM numpy random batches",
-                fmt_ratio(r), ">= 0.5x", r >= 0.5,
-                f"{fmt_rate(rate['in order', kind])} vs {fmt_rate(base)} samples/s; CPU {cpu['in order', kind]:.2f} vs "
-                f"{cpu[base_key]:.2f} us/sample; {rounds}",
-            ))
+            targets.append(
+                Target(
+                    f"1. uncompressed {kind.split()[0]}, warm cache: ChunkedSequence / in-RAM numpy random batches",
+                    fmt_ratio(r),
+                    ">= 0.5x",
+                    r >= 0.5,
+                    f"{fmt_rate(rate['in order', kind])} vs {fmt_rate(base)} samples/s; CPU {cpu['in order', kind]:.2f} vs "
+                    f"{cpu[base_key]:.2f} us/sample; {rounds}",
+                )
+            )
     for kind in stores:
         if STORE_KINDS[kind][1] is not None:
             r, rounds = ratio(("in order", kind), ("decode limit", kind))
-            targets.append(Target(
-                f"2. Blosc-lz4 {kind.split()[0]}: ChunkedSequence / decode limit ({os.cpu_count()} threads)",
-                fmt_ratio(r), ">= 0.7x", r >= 0.7,
-                f"{fmt_rate(rate['in order', kind])} vs {fmt_rate(rate['decode limit', kind])} samples/s; CPU "
-                f"{cpu['in order', kind]:.2f} vs {cpu['decode limit', kind]:.2f} us/sample; {rounds}",
-            ))
+            targets.append(
+                Target(
+                    f"2. Blosc-lz4 {kind.split()[0]}: ChunkedSequence / decode limit ({os.cpu_count()} threads)",
+                    fmt_ratio(r),
+                    ">= 0.7x",
+                    r >= 0.7,
+                    f"{fmt_rate(rate['in order', kind])} vs {fmt_rate(rate['decode limit', kind])} samples/s; CPU "
+                    f"{cpu['in order', kind]:.2f} vs {cpu['decode limit', kind]:.2f} us/sample; {rounds}",
+                )
+            )
     for kind in stores:
         r, rounds = ratio(("keras", kind), ("in order", kind))
-        targets.append(Target(
-            f"3. {kind}: Keras call order / in order", fmt_ratio(r), ">= 0.8x", r >= 0.8,
-            f"{fmt_rate(rate['keras', kind])} vs {fmt_rate(rate['in order', kind])} samples/s; {rounds}",
-        ))
+        targets.append(
+            Target(
+                f"3. {kind}: Keras call order / in order",
+                fmt_ratio(r),
+                ">= 0.8x",
+                r >= 0.8,
+                f"{fmt_rate(rate['keras', kind])} vs {fmt_rate(rate['in order', kind])} samples/s; {rounds}",
+            )
+        )
     for kind in stores:
         d = max(decodes[kind], decodes_in_order[kind])
-        targets.append(Target(
-            f"3. {kind}: chunk decodes of x per epoch / chunks", f"{d / num_chunks:.3f}", "<= 1.05",
-            d <= 1.05 * num_chunks,
-            f"{decodes[kind]} (Keras order), {decodes_in_order[kind]} (in order), most of any run; {num_chunks} chunks",
-        ))
+        targets.append(
+            Target(
+                f"3. {kind}: chunk decodes of x per epoch / chunks",
+                f"{d / num_chunks:.3f}",
+                "<= 1.05",
+                d <= 1.05 * num_chunks,
+                f"{decodes[kind]} (Keras order), {decodes_in_order[kind]} (in order), most of any run; {num_chunks} chunks",
+            )
+        )
     for kind in stores:
         lib = "zarr oindex" if kind.startswith("Zarr") else "h5py fancy index"
         r, rounds = ratio(("keras", kind), ("fancy", kind))
-        targets.append(Target(
-            f"6. {kind}: ChunkedSequence (Keras order) / {lib} batches", fmt_ratio(r), ">= 100x", r >= 100,
-            f"{fmt_rate(rate['keras', kind])} vs {fmt_rate(rate['fancy', kind])} samples/s; {rounds}",
-        ))
+        targets.append(
+            Target(
+                f"6. {kind}: ChunkedSequence (Keras order) / {lib} batches",
+                fmt_ratio(r),
+                ">= 100x",
+                r >= 100,
+                f"{fmt_rate(rate['keras', kind])} vs {fmt_rate(rate['fancy', kind])} samples/s; {rounds}",
+            )
+        )
 
     # --- model.fit (target 7) ---
     if args.no_fit:
-        targets.append(Target("7. model.fit epoch time, ChunkedSequence / numpy", "-", "<= 1.2x", None, "--no-fit"))
+        targets.append(
+            Target("7. model.fit epoch time, ChunkedSequence / numpy", "-", "<= 1.2x", None, "--no-fit")
+        )
     else:
         fit_stores = {k.strip(): stores[k.strip()] for k in args.fit_stores.split(",") if k.strip()}
         fit = fit_phase(x, y, fit_stores, bs, args.fit_runs)
@@ -419,11 +462,16 @@ def measure(args: argparse.Namespace, x: np.ndarray, y: np.ndarray, stores: dict
             t = median(seconds[kind])
             rs = paired_ratios(seconds[kind], seconds["numpy"])
             r = median(rs)
-            targets.append(Target(
-                f"7. {kind}: model.fit epoch time, ChunkedSequence / numpy arrays", fmt_ratio(r), "<= 1.2x", r <= 1.2,
-                f"{t:.2f} s vs {t_np:.2f} s ({n / t / 1e3:.0f} k vs {n / t_np / 1e3:.0f} k samples/s); "
-                f"rounds {min(rs):.2f}-{max(rs):.2f}",
-            ))
+            targets.append(
+                Target(
+                    f"7. {kind}: model.fit epoch time, ChunkedSequence / numpy arrays",
+                    fmt_ratio(r),
+                    "<= 1.2x",
+                    r <= 1.2,
+                    f"{t:.2f} s vs {t_np:.2f} s ({n / t / 1e3:.0f} k vs {n / t_np / 1e3:.0f} k samples/s); "
+                    f"rounds {min(rs):.2f}-{max(rs):.2f}",
+                )
+            )
     lines.append(
         f"\nchunk decodes of x per epoch ({num_chunks} chunks), the most of any run: in order "
         + ", ".join(f"{k} {v}" for k, v in decodes_in_order.items())

@@ -105,7 +105,9 @@ def ram_arrays(stores: dict[str, str]) -> tuple[np.ndarray, np.ndarray]:
     return store["x"][0 : len(store)], store["y"][0 : len(store)]
 
 
-def ram_batch(x: np.ndarray, y: np.ndarray, i: int, batch_size: int, tname: str, seed: int) -> tuple[Any, Any]:
+def ram_batch(
+    x: np.ndarray, y: np.ndarray, i: int, batch_size: int, tname: str, seed: int
+) -> tuple[Any, Any]:
     """Batch ``i`` as contiguous slices of the in-RAM arrays (no shuffle, no decoding: the
     cheapest batch there is), through the same transform (per-sample rng of the samples)."""
     from oocseq.rng import SampleRandom
@@ -169,8 +171,12 @@ def keras_part(stores: dict[str, str], batch_size: int, run: int) -> dict[str, A
                 seq = RamBatches(tname, run, workers=workers, use_multiprocessing=processes)
             else:
                 seq = oocseq.ChunkedSequence(
-                    stores[kind], batch_size, seed=run, transform=_transform(tname),
-                    workers=workers, use_multiprocessing=processes,
+                    stores[kind],
+                    batch_size,
+                    seed=run,
+                    transform=_transform(tname),
+                    workers=workers,
+                    use_multiprocessing=processes,
                 )
                 assert isinstance(seq, keras.utils.PyDataset)
             model = keras.Sequential(
@@ -186,7 +192,9 @@ def keras_part(stores: dict[str, str], batch_size: int, run: int) -> dict[str, A
 
     measurements = {
         json.dumps([kind, tname, config]): partial(one_epoch, kind, tname, config)
-        for kind in (*stores, RAM) for tname in TRANSFORMS for config in KERAS
+        for kind in (*stores, RAM)
+        for tname in TRANSFORMS
+        for config in KERAS
         if kind != RAM or KERAS[config][2]  # in RAM, fit's shuffle changes nothing
     }
     runs = interleaved(measurements, {}, 1, seed=100 + run, label="keras ")
@@ -256,7 +264,9 @@ def torch_part(stores: dict[str, str], batch_size: int, run: int) -> dict[str, A
 
     measurements = {
         json.dumps([kind, tname, config]): partial(one_epoch, kind, tname, config)
-        for kind in (*stores, RAM) for tname in TRANSFORMS for config in TORCH
+        for kind in (*stores, RAM)
+        for tname in TRANSFORMS
+        for config in TORCH
     }
     runs = interleaved(measurements, {}, 1, seed=200 + run, label="torch ")
     return {
@@ -278,9 +288,20 @@ def run_part(part: str, stores: dict[str, Path], args: argparse.Namespace, run: 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
         cmd = [
-            sys.executable, __file__, "--part", part, "--run", str(run), "--result", str(out),
-            "--batch-size", str(args.batch_size), "--quiet-wait", str(args.quiet_wait),
-            "--stores", json.dumps({k: str(p) for k, p in stores.items()}),
+            sys.executable,
+            __file__,
+            "--part",
+            part,
+            "--run",
+            str(run),
+            "--result",
+            str(out),
+            "--batch-size",
+            str(args.batch_size),
+            "--quiet-wait",
+            str(args.quiet_wait),
+            "--stores",
+            json.dumps({k: str(p) for k, p in stores.items()}),
         ]
         t = time.perf_counter()
         subprocess.run(cmd, check=True, timeout=args.part_timeout)
@@ -289,9 +310,16 @@ def run_part(part: str, stores: dict[str, Path], args: argparse.Namespace, run: 
 
 
 def table(results: dict[str, list[dict[str, Any]]], stores: tuple[str, ...]) -> str:
-    head = "| configuration | " + " | ".join(f"{k} samples/s | {k} vs baseline" for k in stores) + " | exactly once? |"
+    head = (
+        "| configuration | "
+        + " | ".join(f"{k} samples/s | {k} vs baseline" for k in stores)
+        + " | exactly once? |"
+    )
     lines = [head, "|---" * (2 * len(stores) + 2) + "|"]
-    sections = [("Keras model.fit", "keras", KERAS, KERAS_BASE), ("PyTorch DataLoader", "torch", TORCH, TORCH_BASE)]
+    sections = [
+        ("Keras model.fit", "keras", KERAS, KERAS_BASE),
+        ("PyTorch DataLoader", "torch", TORCH, TORCH_BASE),
+    ]
     for title, part, configs, base in sections:
         for tname in TRANSFORMS:
             for config in configs:
@@ -304,7 +332,10 @@ def table(results: dict[str, list[dict[str, Any]]], stores: tuple[str, ...]) -> 
                         continue
                     rates = [r["rates"][key] for r in results[part]]
                     ratios = paired_ratios(rates, [r["rates"][base_key] for r in results[part]])
-                    cells += [fmt_rate(median(rates)), "baseline" if config == base else fmt_ratio(median(ratios))]
+                    cells += [
+                        fmt_rate(median(rates)),
+                        "baseline" if config == base else fmt_ratio(median(ratios)),
+                    ]
                 if part == "torch" or config == base:
                     once = "yes"
                 else:  # oocseq's own workers; Keras's enqueuer serves only the in-RAM reference
@@ -319,13 +350,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--runs", type=int, default=3, help="rounds; the median is shown (default 3)")
     parser.add_argument(
-        "--quiet-wait", type=float, default=5,
+        "--quiet-wait",
+        type=float,
+        default=5,
         help="before each timed run, wait up to this many seconds (60 in all per process) for other processes to go quiet",
     )
-    parser.add_argument("--part-timeout", type=float, default=900, help="seconds allowed for one part of a round")
+    parser.add_argument(
+        "--part-timeout", type=float, default=900, help="seconds allowed for one part of a round"
+    )
     parser.add_argument("--workdir", type=Path, default=Path("out/bench"), help="where the stores go")
     parser.add_argument("--keep", action="store_true", help="keep the stores (default: delete them)")
-    parser.add_argument("--part", choices=sorted(PARTS), help=argparse.SUPPRESS)  # internal: one round of a part
+    parser.add_argument(
+        "--part", choices=sorted(PARTS), help=argparse.SUPPRESS
+    )  # internal: one round of a part
     parser.add_argument("--run", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--stores", help=argparse.SUPPRESS)

@@ -7,9 +7,7 @@ from collections.abc import Callable
 import numpy as np
 
 
-def gather(
-    idx: np.ndarray, chunk_len: int, get_chunk: Callable[[int], np.ndarray], out: np.ndarray
-) -> None:
+def gather(idx: np.ndarray, chunk_len: int, get_chunk: Callable[[int], np.ndarray], out: np.ndarray) -> None:
     """Fill ``out[k] = sample idx[k]`` for every ``k``, calling ``get_chunk(c)`` once per
     distinct chunk ``c`` that ``idx`` touches (in increasing ``c``)."""
     if len(idx) == 0:

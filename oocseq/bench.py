@@ -82,13 +82,22 @@ def bench_store(
         base = rss_anon_bytes()
         peak = 0
         start = time.perf_counter()
-        for i in tqdm(requests.tolist(), desc=f"bench {order}", unit="batch", disable=not progress, leave=False):
+        for i in tqdm(
+            requests.tolist(), desc=f"bench {order}", unit="batch", disable=not progress, leave=False
+        ):
             seq[i]
             peak = max(peak, rss_anon_bytes() - base)
         seconds = time.perf_counter() - start
         results.append(
-            BenchResult(order, len(store), seconds, len(store) * sample_bytes, seq.stats["chunk_decodes"],
-                        store.num_chunks * len(fields), peak)
+            BenchResult(
+                order,
+                len(store),
+                seconds,
+                len(store) * sample_bytes,
+                seq.stats["chunk_decodes"],
+                store.num_chunks * len(fields),
+                peak,
+            )
         )
         seq.close()
     return results

@@ -110,7 +110,9 @@ class WindowCache:
             if self._threads > 0:
                 if self._pool is None:
                     self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="oocseq-decode")
-                window.futures = [self._pool.submit(self._decode_chunk, window, j) for j in range(len(chunks))]
+                window.futures = [
+                    self._pool.submit(self._decode_chunk, window, j) for j in range(len(chunks))
+                ]
             return window, True
 
     def advise(self, key: Hashable, chunks: np.ndarray) -> None:

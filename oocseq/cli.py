@@ -72,11 +72,17 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("store", metavar="STORE")
     verify.set_defaults(run=_run_verify)
 
-    bench = commands.add_parser("bench", help="time a shuffled epoch of a store: samples/s, MB/s, chunk decodes, memory")
+    bench = commands.add_parser(
+        "bench", help="time a shuffled epoch of a store: samples/s, MB/s, chunk decodes, memory"
+    )
     bench.add_argument("store", metavar="STORE")
-    bench.add_argument("--batch-size", type=_positive_int, default=128, help="samples per batch (default 128)")
+    bench.add_argument(
+        "--batch-size", type=_positive_int, default=128, help="samples per batch (default 128)"
+    )
     bench.add_argument("--window", type=_positive_int, default=None, help="chunks per shuffle window")
-    bench.add_argument("--threads", type=int, default=None, help="decoding threads (default: cores - 1, 1 to 4)")
+    bench.add_argument(
+        "--threads", type=int, default=None, help="decoding threads (default: cores - 1, 1 to 4)"
+    )
     bench.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     bench.set_defaults(run=_run_bench)
     return parser
@@ -281,7 +287,10 @@ def _run_bench(args: argparse.Namespace) -> None:
 
     store = open_store(args.store)
     results = bench_store(
-        store, batch_size=args.batch_size, window=args.window, read=ReadOptions(threads=args.threads),
+        store,
+        batch_size=args.batch_size,
+        window=args.window,
+        read=ReadOptions(threads=args.threads),
         progress=not args.quiet,
     )
     print(format_results(store, results))

@@ -25,8 +25,22 @@ AUX_GROUP = "_oocseq"
 #: dtypes a field may have. Object, string and structured dtypes are refused: they would need
 #: pickling or per-sample Python objects, and cannot be served as batches.
 ALLOWED_DTYPES = frozenset(
-    ["bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
-     "float16", "float32", "float64", "complex64", "complex128"]
+    [
+        "bool",
+        "int8",
+        "int16",
+        "int32",
+        "int64",
+        "uint8",
+        "uint16",
+        "uint32",
+        "uint64",
+        "float16",
+        "float32",
+        "float64",
+        "complex64",
+        "complex128",
+    ]
 )
 #: Compression codecs oocseq writes and reads (all Blosc, through numcodecs / hdf5plugin).
 COMPRESSIONS = ("lz4", "zstd", "zlib")
@@ -37,8 +51,7 @@ def check_field_name(name: object) -> str:
     """Return ``name`` if it is a valid field name (letters, digits, ``_.-``; a letter first)."""
     if not isinstance(name, str) or not _FIELD_NAME.match(name):
         raise ArgumentError(
-            f"invalid field name {name!r}: use 1-128 letters, digits, '_', '.' or '-', "
-            "starting with a letter"
+            f"invalid field name {name!r}: use 1-128 letters, digits, '_', '.' or '-', starting with a letter"
         )
     return name
 
@@ -194,8 +207,10 @@ class Manifest:
         for name, sums in checksums.items():
             if name not in fields:
                 raise bad(f"checksums for unknown field {name!r}")
-            if not isinstance(sums, list) or len(sums) != num_chunks or not all(
-                _is_int(s) and 0 <= s < 2**32 for s in sums
+            if (
+                not isinstance(sums, list)
+                or len(sums) != num_chunks
+                or not all(_is_int(s) and 0 <= s < 2**32 for s in sums)
             ):
                 raise bad(f"checksums of field {name!r} must be {num_chunks} CRC-32 values")
         attrs = doc.get("attrs", {})

@@ -30,7 +30,17 @@ import numpy as np
 
 from .errors import ArgumentError
 
-__all__ = ["EpochPlan", "epoch_order", "permutation", "rank_length", "rank_orders", "REMAINDER_POLICIES", "num_batches", "default_window", "DEFAULT_MIN_WINDOW"]
+__all__ = [
+    "EpochPlan",
+    "epoch_order",
+    "permutation",
+    "rank_length",
+    "rank_orders",
+    "REMAINDER_POLICIES",
+    "num_batches",
+    "default_window",
+    "DEFAULT_MIN_WINDOW",
+]
 
 _MASK = (1 << 64) - 1
 _STREAM_CHUNKS = 1
@@ -166,7 +176,9 @@ class EpochPlan:
                 order[p], order[-1] = order[-1], order[p]
         # Ranks deal the permuted chunks round-robin: disjoint, chunk-aligned shares.
         self.chunk_order = order[self.rank :: self.world_size]
-        sizes = np.minimum((self.chunk_order + 1) * self.chunk_len, self.n) - self.chunk_order * self.chunk_len
+        sizes = (
+            np.minimum((self.chunk_order + 1) * self.chunk_len, self.n) - self.chunk_order * self.chunk_len
+        )
         #: Samples in this rank's own chunks this epoch.
         self.own = int(sizes.sum())
         #: Positions this rank serves each epoch: the same for every rank and every epoch.
@@ -278,11 +290,20 @@ def epoch_order(
 
 
 def rank_orders(
-    n: int, chunk_len: int, window: int, seed: int, epoch: int, world_size: int, remainder: str = "pad",
+    n: int,
+    chunk_len: int,
+    window: int,
+    seed: int,
+    epoch: int,
+    world_size: int,
+    remainder: str = "pad",
     shuffle: bool = True,
 ) -> list[np.ndarray]:
     """The epoch order of every rank (a list of ``world_size`` int64 arrays of equal length)."""
-    plans = [EpochPlan(n, chunk_len, window, seed, epoch, shuffle, r, world_size, remainder) for r in range(world_size)]
+    plans = [
+        EpochPlan(n, chunk_len, window, seed, epoch, shuffle, r, world_size, remainder)
+        for r in range(world_size)
+    ]
     return [plan.indices(0, len(plan)) for plan in plans]
 
 

@@ -73,8 +73,14 @@ class WorkerOptions:
         if not isinstance(self.workers, int) or isinstance(self.workers, bool) or self.workers < 0:
             raise ArgumentError(f"workers must be an int >= 0, got {self.workers!r}")
         if not isinstance(self.use_multiprocessing, bool):
-            raise ArgumentError(f"use_multiprocessing must be True or False, got {self.use_multiprocessing!r}")
-        if not isinstance(self.max_queue_size, int) or isinstance(self.max_queue_size, bool) or self.max_queue_size < 1:
+            raise ArgumentError(
+                f"use_multiprocessing must be True or False, got {self.use_multiprocessing!r}"
+            )
+        if (
+            not isinstance(self.max_queue_size, int)
+            or isinstance(self.max_queue_size, bool)
+            or self.max_queue_size < 1
+        ):
             raise ArgumentError(f"max_queue_size must be an int >= 1, got {self.max_queue_size!r}")
         methods = multiprocessing.get_all_start_methods()
         if self.start_method is not None and self.start_method not in methods:

@@ -85,7 +85,12 @@ class _Runtime:
         fields = store.fields
         self.layouts = {f: FieldLayout(fields[f].shape[1:], fields[f].dtype) for f in seq._fields}
         self.cache = WindowCache(
-            store.read_chunk_into, self.layouts, store.chunk_len, len(store), seq.window, threads,
+            store.read_chunk_into,
+            self.layouts,
+            store.chunk_len,
+            len(store),
+            seq.window,
+            threads,
             store.advise_chunks,
         )
         self.lock = threading.RLock()
@@ -255,7 +260,9 @@ class ChunkedSequence:
         # Validates rank / world_size / remainder against the store now, not at the first batch.
         self._length = len(self._new_plan(0))
         self._check_targets()
-        self._fields = list(dict.fromkeys(_names(x, "x") + _names(y, "y") + _names(sample_weight, "sample_weight")))
+        self._fields = list(
+            dict.fromkeys(_names(x, "x") + _names(y, "y") + _names(sample_weight, "sample_weight"))
+        )
         for name in self._fields:
             if name not in self.store:
                 raise FieldNotFoundError(
@@ -263,7 +270,9 @@ class ChunkedSequence:
                 )
         if isinstance(workers, WorkerOptions):
             if (use_multiprocessing, max_queue_size) != (False, 10):
-                raise ArgumentError("give use_multiprocessing and max_queue_size inside WorkerOptions, not beside it")
+                raise ArgumentError(
+                    "give use_multiprocessing and max_queue_size inside WorkerOptions, not beside it"
+                )
             self.worker_options = workers
         else:
             self.worker_options = WorkerOptions(workers, use_multiprocessing, max_queue_size)
@@ -426,8 +435,15 @@ class ChunkedSequence:
 
     def _new_plan(self, epoch: int) -> EpochPlan:
         return EpochPlan(
-            len(self.store), self.store.chunk_len, self.window, self.seed, epoch, self.shuffle,
-            self.rank, self.world_size, self.remainder,
+            len(self.store),
+            self.store.chunk_len,
+            self.window,
+            self.seed,
+            epoch,
+            self.shuffle,
+            self.rank,
+            self.world_size,
+            self.remainder,
         )
 
     def __len__(self) -> int:
@@ -439,7 +455,9 @@ class ChunkedSequence:
         if not isinstance(i, (int, np.integer)) or isinstance(i, bool):
             raise TypeError(f"batch index must be an int, got {type(i).__name__}")
         if not 0 <= i < n_batches:
-            raise BatchIndexError(f"batch index {i} out of range: this sequence has {n_batches} batches (len(seq))")
+            raise BatchIndexError(
+                f"batch index {i} out of range: this sequence has {n_batches} batches (len(seq))"
+            )
         return int(i)
 
     def batch_indices(self, i: int) -> np.ndarray:
@@ -463,7 +481,9 @@ class ChunkedSequence:
         except Exception as e:
             # Worker threads and processes hand exceptions back: say where they came from.
             if hasattr(e, "add_note"):
-                e.add_note(f"oocseq: while serving seq[{i}] (plan batch {k}, epoch {epoch}) from {self.store.path}")
+                e.add_note(
+                    f"oocseq: while serving seq[{i}] (plan batch {k}, epoch {epoch}) from {self.store.path}"
+                )
             raise
 
     def _serve(self, k: int, epoch: int) -> tuple[Any, ...]:
@@ -659,7 +679,9 @@ class ChunkedSequence:
             return xs, ys, self._class_weights(labels, idx)
         return xs, ys
 
-    def _label_error(self, labels: np.ndarray, bad: np.ndarray, idx: np.ndarray, expected: str) -> InvalidSourceError:
+    def _label_error(
+        self, labels: np.ndarray, bad: np.ndarray, idx: np.ndarray, expected: str
+    ) -> InvalidSourceError:
         k = int(np.flatnonzero(bad)[0])
         return InvalidSourceError(
             f"{self.store.path}: sample {int(idx[k])} has label {labels[k]!r} in field {self.y!r}; "
@@ -670,7 +692,9 @@ class ChunkedSequence:
         k = self.num_classes
         labels = np.asarray(labels)
         if labels.ndim != 1 or labels.dtype.kind not in "iu":
-            raise ArgumentError(f"num_classes needs a 1-D integer y field, {self.y!r} is {labels.dtype} {labels.shape[1:]}")
+            raise ArgumentError(
+                f"num_classes needs a 1-D integer y field, {self.y!r} is {labels.dtype} {labels.shape[1:]}"
+            )
         bad = (labels < 0) | (labels >= k)
         if bad.any():
             raise self._label_error(labels, bad, idx, f"an int in [0, {k}) (num_classes={k})")
@@ -699,9 +723,15 @@ class ChunkedSequence:
     # -- resuming -----------------------------------------------------------------------------
     def _plan_args(self) -> dict[str, Any]:
         return {
-            "n": len(self.store), "chunk_len": self.store.chunk_len, "window": self.window,
-            "batch_size": self.batch_size, "seed": self.seed, "shuffle": self.shuffle,
-            "drop_remainder": self.drop_remainder, "rank": self.rank, "world_size": self.world_size,
+            "n": len(self.store),
+            "chunk_len": self.store.chunk_len,
+            "window": self.window,
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+            "drop_remainder": self.drop_remainder,
+            "rank": self.rank,
+            "world_size": self.world_size,
             "remainder": self.remainder,
         }
 
@@ -730,7 +760,11 @@ class ChunkedSequence:
 
         Raises StateError for a state of another store, of another plan (seed, batch size,
         window, ranks, ...) or an unknown format, naming what differs."""
-        if not isinstance(state, Mapping) or state.get("format") != "oocseq.ChunkedSequence" or state.get("version") != 1:
+        if (
+            not isinstance(state, Mapping)
+            or state.get("format") != "oocseq.ChunkedSequence"
+            or state.get("version") != 1
+        ):
             raise StateError(f"not a ChunkedSequence state (format/version 1): {str(state)[:200]}")
         if state.get("store") != self._store_fingerprint():
             raise StateError(f"this state is of another store than {self.store.path} (its manifest differs)")
@@ -744,7 +778,9 @@ class ChunkedSequence:
                 + ", ".join(f"{k}={a!r} in the state, {b!r} here" for k, (a, b) in differ.items())
             )
         epoch, position = state.get("epoch"), state.get("position")
-        if not (isinstance(epoch, int) and epoch >= 0 and isinstance(position, int) and 0 <= position <= len(self)):
+        if not (
+            isinstance(epoch, int) and epoch >= 0 and isinstance(position, int) and 0 <= position <= len(self)
+        ):
             raise StateError(f"bad epoch/position in state: {epoch!r}/{position!r}")
         self.set_epoch(epoch)
         rt = self._rt
@@ -764,7 +800,9 @@ class ChunkedSequence:
         c = rt.cache
         workers = rt.prefetcher.worker_decodes if rt.prefetcher is not None else 0
         return {
-            "chunk_decodes": c.decodes, "cache_hits": c.hits, "peak_resident_chunks": c.peak_resident,
+            "chunk_decodes": c.decodes,
+            "cache_hits": c.hits,
+            "peak_resident_chunks": c.peak_resident,
             "worker_chunk_decodes": workers,
         }
 

@@ -261,7 +261,9 @@ class FieldView:
             idx = np.asarray(key)
             if idx.dtype == bool:
                 if idx.shape != (n,):
-                    raise OutOfRangeError(f"boolean index of shape {idx.shape}, field {self.name!r} has {n} samples")
+                    raise OutOfRangeError(
+                        f"boolean index of shape {idx.shape}, field {self.name!r} has {n} samples"
+                    )
                 idx = np.flatnonzero(idx)
             if idx.size == 0:  # np.asarray([]) is float64
                 idx = idx.astype(np.int64)

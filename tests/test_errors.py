@@ -62,7 +62,11 @@ def assert_nothing_left(dest: Path) -> None:
     """No store at ``dest`` and no hidden partial store next to it."""
     assert not dest.exists(), f"{dest} was left behind"
     if dest.parent.exists():
-        leftovers = [p.name for p in dest.parent.iterdir() if ".partial" in p.name or p.name.startswith(f".{dest.name}")]
+        leftovers = [
+            p.name
+            for p in dest.parent.iterdir()
+            if ".partial" in p.name or p.name.startswith(f".{dest.name}")
+        ]
         assert not leftovers, f"partial leftovers: {leftovers}"
 
 
@@ -665,12 +669,16 @@ HOSTILE_ARRAY_META: dict[str, Callable[[dict[str, Any]], Any]] = {
     "pickle-appended": lambda m: m["codecs"].append(PICKLE),
     "pickle-instead-of-blosc": lambda m: m.update(codecs=[m["codecs"][0], PICKLE]),
     "unknown-codec": lambda m: m["codecs"].append({"name": "no.such.codec", "configuration": {}}),
-    "transpose-codec": lambda m: m["codecs"].insert(0, {"name": "transpose", "configuration": {"order": [1, 0]}}),
+    "transpose-codec": lambda m: m["codecs"].insert(
+        0, {"name": "transpose", "configuration": {"order": [1, 0]}}
+    ),
     "unknown-data-type": lambda m: m.update(data_type="no_such_type"),
     "data-type-differs": lambda m: m.update(data_type="float64"),
     "negative-shape": lambda m: m.update(shape=[-1, 3]),
     "bad-chunk-grid": lambda m: m.update(chunk_grid={"name": "weird"}),
-    "chunk-key-v2": lambda m: m.update(chunk_key_encoding={"name": "v2", "configuration": {"separator": "."}}),
+    "chunk-key-v2": lambda m: m.update(
+        chunk_key_encoding={"name": "v2", "configuration": {"separator": "."}}
+    ),
     "node-type-group": lambda m: m.update(node_type="group"),
     "zarr-format-2": lambda m: m.update(zarr_format=2),
 }
@@ -783,7 +791,10 @@ def test_zarr_missing_chunk_never_reads_as_zeros(tmp_path: Path, field: str) -> 
         store.verify()
     check_error(e.value, CorruptStoreError, ValueError, *needles)
     # other chunks still read
-    np.testing.assert_array_equal(store[field][8:], (np.arange(30, dtype=np.float32).reshape(10, 3) if field == "x" else np.arange(10))[8:])
+    np.testing.assert_array_equal(
+        store[field][8:],
+        (np.arange(30, dtype=np.float32).reshape(10, 3) if field == "x" else np.arange(10))[8:],
+    )
     # a whole shuffled epoch through a ChunkedSequence
     seq = oocseq.ChunkedSequence(store, batch_size=3, seed=1)
     with pytest.raises(CorruptStoreError) as e:
@@ -813,7 +824,12 @@ def test_hdf5_unallocated_chunk_never_reads_as_zeros(tmp_path: Path, compression
         ds[8:10] = data[8:10]  # chunk 1 never written
     store = oocseq.open_store(path)
     np.testing.assert_array_equal(store.read_chunk("y", 0), np.arange(4))
-    for read in (lambda: store.read_chunk("y", 1), lambda: store["y"][:], lambda: store["y"][5], store.verify):
+    for read in (
+        lambda: store.read_chunk("y", 1),
+        lambda: store["y"][:],
+        lambda: store["y"][5],
+        store.verify,
+    ):
         with pytest.raises(CorruptStoreError) as e:
             read()
         check_error(e.value, CorruptStoreError, ValueError, "chunk 1", "'y'")
@@ -891,7 +907,9 @@ def test_hdf5_flipped_bytes_fail_verify(tmp_path: Path, compression: str | None,
     store = oocseq.open_store(path)
     # chunks 0 and 1 are intact
     for c in (0, 1):
-        np.testing.assert_array_equal(store.read_chunk(field, c), (x if field == "x" else y)[c * 8 : (c + 1) * 8])
+        np.testing.assert_array_equal(
+            store.read_chunk(field, c), (x if field == "x" else y)[c * 8 : (c + 1) * 8]
+        )
     with pytest.raises(CorruptStoreError) as e:
         store.verify()
     check_error(e.value, CorruptStoreError, ValueError, "chunk 2", f"'{field}'")

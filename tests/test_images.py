@@ -56,7 +56,9 @@ FILES = [
 ]
 
 
-def make_folder(root: Path, classes: list[str] = CLASSES, files: list = FILES, seed: int = 0) -> dict[str, str]:
+def make_folder(
+    root: Path, classes: list[str] = CLASSES, files: list = FILES, seed: int = 0
+) -> dict[str, str]:
     """Write an image folder; return {relative path: class name} of every image."""
     rng = np.random.default_rng(seed)
     expected: dict[str, str] = {}
@@ -115,7 +117,9 @@ def test_folder_round_trip(tmp_path: Path, folder: tuple[Path, dict[str, str]], 
         assert class_names[y[i]] == expected[src] == src.split("/")[0]
         np.testing.assert_array_equal(x[i], decode_image(str(root / src), options), err_msg=src)
         np.testing.assert_array_equal(x[i], reference_decode(root / src, SIZE), err_msg=src)
-    assert np.bincount(y, minlength=len(CLASSES)).tolist() == [Counter(expected.values())[c] for c in class_names]
+    assert np.bincount(y, minlength=len(CLASSES)).tolist() == [
+        Counter(expected.values())[c] for c in class_names
+    ]
     store.verify()
 
 
@@ -169,12 +173,17 @@ def test_preshuffle_is_a_seeded_permutation(folder: tuple[Path, dict[str, str]],
             s.close()
 
 
-def test_default_preshuffle_differs_between_seeds(tmp_path: Path, folder: tuple[Path, dict[str, str]]) -> None:
+def test_default_preshuffle_differs_between_seeds(
+    tmp_path: Path, folder: tuple[Path, dict[str, str]]
+) -> None:
     root, _ = folder
     default = oocseq.ingest_image_folder(root, tmp_path / "d.zarr", image_size=SIZE)
     assert default.metadata["preshuffle"] == {"seed": 0}
     s0 = [rel(s) for s in default.sources]
-    s1 = [rel(s) for s in oocseq.ingest_image_folder(root, tmp_path / "s1.zarr", image_size=SIZE, seed=1).sources]
+    s1 = [
+        rel(s)
+        for s in oocseq.ingest_image_folder(root, tmp_path / "s1.zarr", image_size=SIZE, seed=1).sources
+    ]
     assert s0 != s1
 
 
@@ -197,9 +206,17 @@ def test_metadata(tmp_path: Path, folder: tuple[Path, dict[str, str]]) -> None:
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize(("color_mode", "pil_mode", "channels"), [("grayscale", "L", 1), ("rgba", "RGBA", 4), ("rgb", "RGB", 3)])
-def test_color_modes(tmp_path: Path, folder: tuple[Path, dict[str, str]], fmt: str,
-                     color_mode: str, pil_mode: str, channels: int) -> None:
+@pytest.mark.parametrize(
+    ("color_mode", "pil_mode", "channels"), [("grayscale", "L", 1), ("rgba", "RGBA", 4), ("rgb", "RGB", 3)]
+)
+def test_color_modes(
+    tmp_path: Path,
+    folder: tuple[Path, dict[str, str]],
+    fmt: str,
+    color_mode: str,
+    pil_mode: str,
+    channels: int,
+) -> None:
     root, expected = folder
     store = oocseq.ingest_image_folder(root, tmp_path / f"c{fmt}", image_size=(5, 4), color_mode=color_mode)
     assert store.fields["x"].shape == (len(expected), 5, 4, channels)
@@ -214,7 +231,9 @@ def test_color_modes(tmp_path: Path, folder: tuple[Path, dict[str, str]], fmt: s
 def test_zarr_and_hdf5_agree(tmp_path: Path, folder: tuple[Path, dict[str, str]]) -> None:
     root, _ = folder
     z = oocseq.ingest_image_folder(root, tmp_path / "a.zarr", image_size=SIZE, seed=3, compression="zstd")
-    h = oocseq.ingest_image_folder(root, tmp_path / "a.h5", image_size=SIZE, seed=3, compression=None, chunk_len=2)
+    h = oocseq.ingest_image_folder(
+        root, tmp_path / "a.h5", image_size=SIZE, seed=3, compression=None, chunk_len=2
+    )
     np.testing.assert_array_equal(z["x"][:], h["x"][:])
     np.testing.assert_array_equal(z["y"][:], h["y"][:])
     assert [rel(s) for s in z.sources] == [rel(s) for s in h.sources]
@@ -242,8 +261,9 @@ def test_skipped_images_keep_labels_aligned(tmp_path: Path, fmt: str) -> None:
     for b in bad:
         (root / b).write_bytes(b"\x89PNG not really" * 3)
     with pytest.warns(UserWarning):
-        store = oocseq.ingest_image_folder(root, tmp_path / f"s{fmt}", image_size=SIZE, on_error="skip",
-                                           chunk_len=4, seed=11)
+        store = oocseq.ingest_image_folder(
+            root, tmp_path / f"s{fmt}", image_size=SIZE, on_error="skip", chunk_len=4, seed=11
+        )
     sources = [rel(s) for s in store.sources]
     assert sorted(sources) == sorted(expected)
     assert sorted(rel(s["path"]) for s in store.metadata["skipped"]) == sorted(bad)
@@ -286,8 +306,10 @@ def _frame_folder(root: Path, n: int, seed: int = 0) -> list[str]:
 
 
 @SETTINGS
-@given(labels=st.lists(st.sampled_from(["cat", "dog", "bird", "Ant", "10", "9"]), min_size=1, max_size=12),
-       fmt=st.sampled_from(FORMATS))
+@given(
+    labels=st.lists(st.sampled_from(["cat", "dog", "bird", "Ant", "10", "9"]), min_size=1, max_size=12),
+    fmt=st.sampled_from(FORMATS),
+)
 def test_dataframe_string_labels(labels: list[str], fmt: str) -> None:
     with tempfile.TemporaryDirectory() as d:
         root = Path(d) / "imgs"
@@ -309,8 +331,9 @@ def test_dataframe_preshuffle_keeps_rows_together(tmp_path: Path) -> None:
     files = _frame_folder(root, 12)
     labels = [["cat", "dog", "emu"][i % 3] for i in range(12)]
     df = pd.DataFrame({"filename": files, "class": labels})
-    store = oocseq.ingest_dataframe(df, tmp_path / "df.zarr", directory=root, image_size=(3, 3),
-                                    preshuffle=True, seed=5, chunk_len=5)
+    store = oocseq.ingest_dataframe(
+        df, tmp_path / "df.zarr", directory=root, image_size=(3, 3), preshuffle=True, seed=5, chunk_len=5
+    )
     sources = [rel(s) for s in store.sources]
     assert sources != files and sorted(sources) == sorted(files)
     by_file = dict(zip(files, labels, strict=True))
@@ -325,8 +348,9 @@ def test_dataframe_integer_labels_kept(tmp_path: Path) -> None:
     files = _frame_folder(root, 6)
     labels = [7, -2, 0, 7, 1000, 3]
     df = pd.DataFrame({"path": files, "target": labels}, index=[10, 20, 30, 40, 50, 60])
-    store = oocseq.ingest_dataframe(df, tmp_path / "df.h5", x_col="path", y_col="target",
-                                    directory=root, image_size=(3, 3))
+    store = oocseq.ingest_dataframe(
+        df, tmp_path / "df.h5", x_col="path", y_col="target", directory=root, image_size=(3, 3)
+    )
     assert store["y"][:].tolist() == labels
     assert store.fields["y"].dtype == np.int64
     assert "class_names" not in store.metadata or store.metadata["class_names"] is None
@@ -345,8 +369,9 @@ def test_dataframe_explicit_classes_order(tmp_path: Path) -> None:
     root = tmp_path / "imgs"
     files = _frame_folder(root, 4)
     df = pd.DataFrame({"filename": files, "class": ["z", "a", "m", "a"]})
-    store = oocseq.ingest_dataframe(df, tmp_path / "df.zarr", directory=root, image_size=(3, 3),
-                                    classes=["z", "m", "a"])
+    store = oocseq.ingest_dataframe(
+        df, tmp_path / "df.zarr", directory=root, image_size=(3, 3), classes=["z", "m", "a"]
+    )
     assert store.metadata["class_names"] == ["z", "m", "a"]
     assert store["y"][:].tolist() == [0, 2, 1, 2]
 

@@ -194,7 +194,11 @@ def test_as_pydataset_for_a_sequence_built_before_keras(store):
         print("OK")
         """
     )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]), "KERAS_BACKEND": keras.backend.backend()}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        "KERAS_BACKEND": keras.backend.backend(),
+    }
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO, timeout=300
     )

@@ -41,8 +41,12 @@ class InterruptAfter(keras.callbacks.Callback):
 def new_model(steps_per_execution: int = 1) -> Recorder:
     keras.utils.set_random_seed(0)
     model = Recorder()
-    model.compile(keras.optimizers.Adam(0.01), keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  run_eagerly=True, steps_per_execution=steps_per_execution)
+    model.compile(
+        keras.optimizers.Adam(0.01),
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        run_eagerly=True,
+        steps_per_execution=steps_per_execution,
+    )
     return model
 
 
@@ -68,7 +72,9 @@ def uninterrupted(tmp_path_factory):
         d = tmp_path_factory.mktemp("full")
         store = make_store(d / "s.zarr", N, CHUNK)
         model = new_model()
-        history = fit_resumable(model, new_seq(store), d / "backup", epochs=EPOCHS, save_freq=save_freq, verbose=0)
+        history = fit_resumable(
+            model, new_seq(store), d / "backup", epochs=EPOCHS, save_freq=save_freq, verbose=0
+        )
         runs[save_freq] = (store, model.steps, state_of(model), history)
         keras.backend.clear_session()
     return runs
@@ -94,8 +100,15 @@ def test_restart_trains_exactly_the_rest(tmp_path, uninterrupted, crash_after, s
     backup = tmp_path / "backup"
     model = new_model()
     with pytest.raises(Crash):
-        fit_resumable(model, new_seq(store), backup, epochs=EPOCHS, save_freq=save_freq, verbose=0,
-                      callbacks=[InterruptAfter(crash_after)])
+        fit_resumable(
+            model,
+            new_seq(store),
+            backup,
+            epochs=EPOCHS,
+            save_freq=save_freq,
+            verbose=0,
+            callbacks=[InterruptAfter(crash_after)],
+        )
     assert model.steps == full_steps[:crash_after]
     point = MidEpochBackup(new_seq(store), backup).resume_point()
     epoch, position = (0, 0) if point is None else point  # the crash came before the first save
@@ -120,7 +133,9 @@ def test_backup_of_another_plan_is_refused(tmp_path):
     backup = tmp_path / "backup"
     model = new_model()
     with pytest.raises(Crash):
-        fit_resumable(model, new_seq(store), backup, epochs=2, save_freq=2, verbose=0, callbacks=[InterruptAfter(3)])
+        fit_resumable(
+            model, new_seq(store), backup, epochs=2, save_freq=2, verbose=0, callbacks=[InterruptAfter(3)]
+        )
     with pytest.raises(StateError, match="seed=5 in the state, 6 here"):
         fit_resumable(new_model(), new_seq(store, seed=6), backup, epochs=2, verbose=0)
     other = make_store(tmp_path / "t.zarr", N + 1, CHUNK)
@@ -135,8 +150,15 @@ def test_a_damaged_backup_is_refused(tmp_path):
     (backup / "state.json").write_text("{not json")
     with pytest.raises(StateError, match="not valid JSON"):
         fit_resumable(new_model(), new_seq(store), backup, epochs=1, verbose=0)
-    good = {"format": "oocseq.MidEpochBackup", "version": 1, "epoch": 0, "position": 2, "number": 0,
-            "weights": "ckpt-0.weights.h5", "sequence": {"epoch": 0, "position": 2}}
+    good = {
+        "format": "oocseq.MidEpochBackup",
+        "version": 1,
+        "epoch": 0,
+        "position": 2,
+        "number": 0,
+        "weights": "ckpt-0.weights.h5",
+        "sequence": {"epoch": 0, "position": 2},
+    }
     for change, message in [
         ({"weights": "../../etc/x.weights.h5"}, "must name a .weights.h5 file"),
         ({"position": -1}, "ints >= 0"),
@@ -161,8 +183,15 @@ def test_a_stopped_fit_resumes_where_it_stopped(tmp_path, uninterrupted, stop_af
     _, full_steps, full_state, _ = uninterrupted["epoch"]
     store = make_store(tmp_path / "s.zarr", N, CHUNK)
     model = new_model()
-    fit_resumable(model, new_seq(store), tmp_path / "b", epochs=EPOCHS, save_freq="epoch", verbose=0,
-                  callbacks=[InterruptAfter(stop_after, stop=True)])
+    fit_resumable(
+        model,
+        new_seq(store),
+        tmp_path / "b",
+        epochs=EPOCHS,
+        save_freq="epoch",
+        verbose=0,
+        callbacks=[InterruptAfter(stop_after, stop=True)],
+    )
     assert model.steps == full_steps[:stop_after]
     model2 = new_model()
     fit_resumable(model2, new_seq(store), tmp_path / "b", epochs=EPOCHS, save_freq="epoch", verbose=0)
@@ -178,8 +207,15 @@ def test_resume_with_steps_per_execution(tmp_path, uninterrupted):
     store = make_store(tmp_path / "s.zarr", N, CHUNK)
     model = new_model(steps_per_execution=4)
     with pytest.raises(Crash):  # the 2nd call of on_train_batch_end: 8 batches trained
-        fit_resumable(model, new_seq(store), tmp_path / "b", epochs=EPOCHS, save_freq=3, verbose=0,
-                      callbacks=[InterruptAfter(2)])
+        fit_resumable(
+            model,
+            new_seq(store),
+            tmp_path / "b",
+            epochs=EPOCHS,
+            save_freq=3,
+            verbose=0,
+            callbacks=[InterruptAfter(2)],
+        )
     epoch, position = MidEpochBackup(new_seq(store), tmp_path / "b").resume_point()
     done = epoch * -(-N // BATCH) + position
     assert 0 < done <= 8
@@ -214,15 +250,36 @@ class HalveLearningRate(keras.callbacks.Callback):
 def test_saved_after_the_other_callbacks_epoch_end(tmp_path):
     store = make_store(tmp_path / "s.zarr", N, CHUNK)
     full = new_model()
-    fit_resumable(full, new_seq(store), tmp_path / "a", epochs=EPOCHS, save_freq="epoch", verbose=0,
-                  callbacks=[HalveLearningRate()])
+    fit_resumable(
+        full,
+        new_seq(store),
+        tmp_path / "a",
+        epochs=EPOCHS,
+        save_freq="epoch",
+        verbose=0,
+        callbacks=[HalveLearningRate()],
+    )
     model = new_model()
     with pytest.raises(Crash):  # in epoch 1, after the epoch-0 save
-        fit_resumable(model, new_seq(store), tmp_path / "b", epochs=EPOCHS, save_freq="epoch", verbose=0,
-                      callbacks=[HalveLearningRate(), InterruptAfter(15)])
+        fit_resumable(
+            model,
+            new_seq(store),
+            tmp_path / "b",
+            epochs=EPOCHS,
+            save_freq="epoch",
+            verbose=0,
+            callbacks=[HalveLearningRate(), InterruptAfter(15)],
+        )
     model = new_model()
-    fit_resumable(model, new_seq(store), tmp_path / "b", epochs=EPOCHS, save_freq="epoch", verbose=0,
-                  callbacks=[HalveLearningRate()])
+    fit_resumable(
+        model,
+        new_seq(store),
+        tmp_path / "b",
+        epochs=EPOCHS,
+        save_freq="epoch",
+        verbose=0,
+        callbacks=[HalveLearningRate()],
+    )
     for a, b in zip(state_of(model), state_of(full), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
@@ -232,10 +289,24 @@ def test_a_stop_at_the_end_of_the_resumed_epoch_is_kept(tmp_path, uninterrupted)
     _, full_steps, _, _ = uninterrupted[3]
     store = make_store(tmp_path / "s.zarr", N, CHUNK)
     with pytest.raises(Crash):
-        fit_resumable(new_model(), new_seq(store), tmp_path / "b", epochs=EPOCHS, save_freq=3, verbose=0,
-                      callbacks=[InterruptAfter(4)])  # saved at 3 batches
+        fit_resumable(
+            new_model(),
+            new_seq(store),
+            tmp_path / "b",
+            epochs=EPOCHS,
+            save_freq=3,
+            verbose=0,
+            callbacks=[InterruptAfter(4)],
+        )  # saved at 3 batches
     model = new_model()
-    fit_resumable(model, new_seq(store), tmp_path / "b", epochs=EPOCHS, save_freq=3, verbose=0,
-                  callbacks=[InterruptAfter(-(-N // BATCH) - 3, stop=True)])  # stops on the epoch's last batch
+    fit_resumable(
+        model,
+        new_seq(store),
+        tmp_path / "b",
+        epochs=EPOCHS,
+        save_freq=3,
+        verbose=0,
+        callbacks=[InterruptAfter(-(-N // BATCH) - 3, stop=True)],
+    )  # stops on the epoch's last batch
     assert model.steps == full_steps[3 : -(-N // BATCH)]  # and does not go on to the next epoch
     assert MidEpochBackup(new_seq(store), tmp_path / "b").resume_point() == (1, 0)

@@ -110,7 +110,11 @@ def test_same_order_in_a_fresh_process():
         "print(json.dumps({'orders': [epoch_order(*c).tolist() for c in cases], "
         "'perm': permutation(1000, 42).tolist()}))"
     )
-    env = {**os.environ, "PYTHONHASHSEED": "12345", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "PYTHONHASHSEED": "12345",
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
     out = subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,

@@ -39,8 +39,16 @@ def served(seq: ChunkedSequence, epochs: int = 2) -> list[list[list[int]]]:
 
 
 def planned(seq: ChunkedSequence, epochs: int = 2) -> list[list[list[int]]]:
-    ref = ChunkedSequence(seq.store, seq.batch_size, seed=seq.seed, window=seq.window, shuffle=seq.shuffle,
-                          drop_remainder=seq.drop_remainder, rank=seq.rank, world_size=seq.world_size)
+    ref = ChunkedSequence(
+        seq.store,
+        seq.batch_size,
+        seed=seq.seed,
+        window=seq.window,
+        shuffle=seq.shuffle,
+        drop_remainder=seq.drop_remainder,
+        rank=seq.rank,
+        world_size=seq.world_size,
+    )
     out = []
     for e in range(epochs):
         ref.set_epoch(e)
@@ -53,7 +61,9 @@ def stores(tmp_path_factory):
     d = tmp_path_factory.mktemp("prefetch")
     return {
         (fmt, n, cl): make_store(d / f"s{n}_{cl}{fmt}", n, cl)
-        for fmt in (".zarr", ".h5") for n in (1, 37, 203) for cl in (1, 4, 16)
+        for fmt in (".zarr", ".h5")
+        for n in (1, 37, 203)
+        for cl in (1, 4, 16)
     }
 
 
@@ -74,8 +84,16 @@ def test_worker_threads_serve_the_plan_with_each_chunk_decoded_once(
     rank, world = rank_world
     assume(-(-n // chunk_len) >= world)  # fewer chunks than ranks is refused (test_ranks)
     store = stores[(fmt, n, chunk_len)]
-    seq = ChunkedSequence(store, batch_size, window=window, seed=seed, workers=workers,
-                          max_queue_size=max_queue_size, rank=rank, world_size=world)
+    seq = ChunkedSequence(
+        store,
+        batch_size,
+        window=window,
+        seed=seed,
+        workers=workers,
+        max_queue_size=max_queue_size,
+        rank=rank,
+        world_size=world,
+    )
     alone = ChunkedSequence(store, batch_size, window=window, seed=seed, rank=rank, world_size=world)
     try:
         assert served(seq) == planned(seq) == served(alone)
@@ -174,7 +192,9 @@ class FailOn:
 @pytest.mark.parametrize("use_multiprocessing", [False, True], ids=["threads", "processes"])
 def test_a_failing_batch_raises_when_served_not_before(tmp_path, use_multiprocessing):
     store = make_store(tmp_path / "s.zarr", 200, 8)
-    seq = ChunkedSequence(store, 10, seed=4, window=2, workers=options(2, use_multiprocessing), transform=FailOn(123))
+    seq = ChunkedSequence(
+        store, 10, seed=4, window=2, workers=options(2, use_multiprocessing), transform=FailOn(123)
+    )
     bad = next(i for i in range(len(seq)) if 123 in seq.batch_indices(i))
     it = iter(seq)
     for i in range(bad):  # the batches before it are served, though the bad one is prepared already
@@ -201,7 +221,9 @@ class DieOn:
 @pytest.mark.timeout(120)
 def test_a_dead_worker_process_raises_instead_of_hanging(tmp_path):
     store = make_store(tmp_path / "s.h5", 200, 8)
-    seq = ChunkedSequence(store, 10, seed=4, window=2, workers=options(2, True), transform=DieOn(57, os.getpid()))
+    seq = ChunkedSequence(
+        store, 10, seed=4, window=2, workers=options(2, True), transform=DieOn(57, os.getpid())
+    )
     with pytest.raises(BrokenProcessPool):
         for _ in seq:
             pass
@@ -220,8 +242,13 @@ def test_unpicklable_transform_with_spawn_is_a_clear_error(tmp_path, start_metho
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(workers=-1), dict(workers=1.5), dict(use_multiprocessing="yes"), dict(max_queue_size=0),
-     dict(start_method="thread")],
+    [
+        dict(workers=-1),
+        dict(workers=1.5),
+        dict(use_multiprocessing="yes"),
+        dict(max_queue_size=0),
+        dict(start_method="thread"),
+    ],
 )
 def test_bad_worker_options(kwargs):
     with pytest.raises(ArgumentError):
@@ -285,8 +312,13 @@ def test_worker_processes_decode_each_window_once_per_run(tmp_path, batch_size, 
     """Worker processes get runs of consecutive blocks: a window is decoded twice only where a
     run (``prefetcher.run`` blocks) ends inside it."""
     store = make_store(tmp_path / "s.zarr", 2000, 10)
-    seq = ChunkedSequence(store, batch_size, seed=1, window=window,
-                          workers=WorkerOptions(2, True, max_queue_size, start_method=START))
+    seq = ChunkedSequence(
+        store,
+        batch_size,
+        seed=1,
+        window=window,
+        workers=WorkerOptions(2, True, max_queue_size, start_method=START),
+    )
     try:
         assert served(seq, 1) == planned(seq, 1)
         prefetcher = seq._rt.prefetcher
@@ -313,7 +345,9 @@ def test_augmentation_draws_do_not_depend_on_workers(tmp_path):
     store = make_store(tmp_path / "s.h5", 150, 8)
     results = []
     for workers, processes in [(1, False), (3, False), (2, True)]:
-        seq = ChunkedSequence(store, 16, seed=7, window=2, transform=Jitter(), workers=options(workers, processes))
+        seq = ChunkedSequence(
+            store, 16, seed=7, window=2, transform=Jitter(), workers=options(workers, processes)
+        )
         results.append([b[0] for _ in range(2) for b in seq])  # two epochs
         seq.close()
     for other in results[1:]:

@@ -23,7 +23,10 @@ from oocseq.plan import epoch_order, num_batches, rank_length, rank_orders
 
 
 def _plans(n, chunk_len, window, seed, epoch, world_size, remainder):
-    return [EpochPlan(n, chunk_len, window, seed, epoch, True, r, world_size, remainder) for r in range(world_size)]
+    return [
+        EpochPlan(n, chunk_len, window, seed, epoch, True, r, world_size, remainder)
+        for r in range(world_size)
+    ]
 
 
 def _full_chunks(n, chunk_len):
@@ -56,7 +59,12 @@ plan_args = st.fixed_dictionaries(
 @given(args=plan_args, batch_size=st.integers(1, 64))
 def test_ranks_partition_every_epoch(args, batch_size):
     n, cl, window, ws, seed, epoch, remainder = (
-        args["n"], args["chunk_len"], args["window"], args["world_size"], args["seed"], args["epoch"],
+        args["n"],
+        args["chunk_len"],
+        args["window"],
+        args["world_size"],
+        args["seed"],
+        args["epoch"],
         args["remainder"],
     )
     if _expected_error(n, cl, ws, remainder):
@@ -135,9 +143,7 @@ def test_fewer_chunks_than_ranks_is_refused():
     EpochPlan(25, 8, 2, 0, 0, True, 3, 4, "pad")  # 4 chunks: fine
 
 
-@pytest.mark.parametrize(
-    ("rank", "world_size"), [(2, 2), (5, 3), (-1, 2), (0, 0), (1.0, 2), (True, 2)]
-)
+@pytest.mark.parametrize(("rank", "world_size"), [(2, 2), (5, 3), (-1, 2), (0, 0), (1.0, 2), (True, 2)])
 def test_bad_rank_is_refused_by_the_plan(rank, world_size):
     with pytest.raises(ArgumentError):
         EpochPlan(100, 4, 2, 0, 0, True, rank, world_size, "pad")
@@ -322,7 +328,9 @@ def _distributed_worker(rank: int, world_size: int, init_method: str, store_path
                 seq.set_epoch(1)
                 batches = [ids_of(b[0]).tolist() for b in iter(seq)]
                 gathered: list = [None] * world_size
-                dist.all_gather_object(gathered, {"rank": seq.rank, "world_size": seq.world_size, "batches": batches})
+                dist.all_gather_object(
+                    gathered, {"rank": seq.rank, "world_size": seq.world_size, "batches": batches}
+                )
                 result[remainder] = gathered
             dist.barrier()
         finally:
@@ -342,7 +350,9 @@ def test_torch_distributed_two_ranks(tmp_path, fmt):
     init_method = (tmp_path / "rendezvous").as_uri()  # file:// rendezvous, no network
     ctx = multiprocessing.get_context("spawn")
     procs = [
-        ctx.Process(target=_distributed_worker, args=(r, world_size, init_method, str(store.path), str(tmp_path)))
+        ctx.Process(
+            target=_distributed_worker, args=(r, world_size, init_method, str(store.path), str(tmp_path))
+        )
         for r in range(world_size)
     ]
     for p in procs:

@@ -56,7 +56,9 @@ def stores(tmp_path_factory):
     before=st.sampled_from(["iter", "getitem"]),
     after=st.sampled_from(["iter", "getitem"]),
 )
-def test_resume_at_any_position(stores, data, which, batch_size, window, seed, epoch, drop_remainder, ranks, before, after):
+def test_resume_at_any_position(
+    stores, data, which, batch_size, window, seed, epoch, drop_remainder, ranks, before, after
+):
     store = stores[which]
     rank, world_size = ranks
     kw = dict(window=window, seed=seed, drop_remainder=drop_remainder, rank=rank, world_size=world_size)
@@ -167,7 +169,9 @@ def test_state_of_another_store_is_refused(tmp_path, fmt):
     a = make_store(tmp_path / f"a{fmt}", 103, 8)
     # same shape (n, chunk_len, fields, dtypes), different data
     idx = np.arange(103)
-    b = oocseq.ingest_arrays(tmp_path / f"b{fmt}", {"x": x_of(idx) + 1, "y": (idx % 10).astype(np.int64)}, chunk_len=8)
+    b = oocseq.ingest_arrays(
+        tmp_path / f"b{fmt}", {"x": x_of(idx) + 1, "y": (idx % 10).astype(np.int64)}, chunk_len=8
+    )
     assert len(a) == len(b) and a.chunk_len == b.chunk_len
     state = _state_after(ChunkedSequence(a, 10, seed=1), 3)
     with pytest.raises(StateError, match="store"):

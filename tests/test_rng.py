@@ -61,7 +61,9 @@ def test_draws_depend_on_the_sample_only(seed, epoch, indices, data):
 
 
 @settings(max_examples=100)
-@given(seed=seeds, epoch=epochs, indices=st.lists(st.integers(0, 10**9), min_size=2, max_size=30, unique=True))
+@given(
+    seed=seeds, epoch=epochs, indices=st.lists(st.integers(0, 10**9), min_size=2, max_size=30, unique=True)
+)
 def test_different_samples_epochs_seeds_differ(seed, epoch, indices):
     rng = SampleRandom(seed, epoch, np.asarray(indices))
     u = rng.random(4)  # 4 x 53 bits per sample: collisions are impossible in practice
@@ -87,7 +89,9 @@ def test_random_in_unit_interval(seed, epoch, indices, shape):
 
 
 @settings(max_examples=200)
-@given(seed=seeds, epoch=epochs, indices=index_sets, low=st.integers(-(2**50), 2**50), span=st.integers(1, 2**50))
+@given(
+    seed=seeds, epoch=epochs, indices=index_sets, low=st.integers(-(2**50), 2**50), span=st.integers(1, 2**50)
+)
 def test_integers_in_range(seed, epoch, indices, low, span):
     rng = SampleRandom(seed, epoch, np.asarray(indices))
     k = rng.integers(low, low + span, 5)

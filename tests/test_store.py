@@ -30,8 +30,20 @@ from hypothesis.extra import numpy as hnp
 import oocseq
 
 DTYPES = [
-    "bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
-    "float16", "float32", "float64", "complex64", "complex128",
+    "bool",
+    "int8",
+    "int16",
+    "int32",
+    "int64",
+    "uint8",
+    "uint16",
+    "uint32",
+    "uint64",
+    "float16",
+    "float32",
+    "float64",
+    "complex64",
+    "complex128",
 ]
 FORMATS = [".zarr", ".h5"]
 COMPRESSIONS = [None, "lz4", "zstd", "zlib"]
@@ -130,7 +142,9 @@ def array_cases(draw: st.DrawFn) -> tuple[dict[str, np.ndarray], int, str | None
     n = draw(st.integers(1, 25))
     chunk_len = draw(st.integers(1, 30))
     fields = {}
-    for name in draw(st.lists(st.sampled_from(["x", "y", "w.1", "Z-2"]), min_size=1, max_size=2, unique=True)):
+    for name in draw(
+        st.lists(st.sampled_from(["x", "y", "w.1", "Z-2"]), min_size=1, max_size=2, unique=True)
+    ):
         dtype = np.dtype(draw(st.sampled_from(DTYPES)))
         sample = draw(hnp.array_shapes(min_dims=0, max_dims=3, min_side=1, max_side=3))
         fields[name] = draw(hnp.arrays(dtype, (n, *sample)))
@@ -351,7 +365,9 @@ def test_default_chunk_len_streaming(tmp_path: Path, fmt: str, batches: int) -> 
 
     def gen(y=False):
         for b in range(batches):
-            yield np.arange(4 * b, 4 * b + 4) if y else np.full((4, 32, 32), b, dtype=np.float64)  # 8 KiB/sample
+            yield (
+                np.arange(4 * b, 4 * b + 4) if y else np.full((4, 32, 32), b, dtype=np.float64)
+            )  # 8 KiB/sample
 
     store = oocseq.ingest_arrays(tmp_path / f"s{fmt}", {"x": gen(), "y": gen(y=True)})
     assert len(store) == 4 * batches
@@ -371,8 +387,9 @@ def test_fields_len_and_metadata(tmp_path: Path, fmt: str, compression: str | No
     x = np.zeros((11, 2, 3), dtype=np.float16)
     y = np.arange(11, dtype=np.uint32)
     user = {"author": "me", "classes": ["a", "b"], "nested": {"k": [1, 2.5, None]}, "np": np.int64(3)}
-    store = oocseq.ingest_arrays(tmp_path / f"s{fmt}", {"x": x, "y": y}, chunk_len=4,
-                                 compression=compression, metadata=user)
+    store = oocseq.ingest_arrays(
+        tmp_path / f"s{fmt}", {"x": x, "y": y}, chunk_len=4, compression=compression, metadata=user
+    )
     assert len(store) == 11
     assert store.chunk_len == 4
     assert store.num_chunks == 3
@@ -403,7 +420,9 @@ def test_user_metadata_cannot_fake_format_facts(tmp_path: Path) -> None:
     either the reserved keys are refused, or the store's own values win."""
     user = {"format_version": 99, "compression": "none-at-all"}
     try:
-        store = oocseq.ingest_arrays(tmp_path / "s.zarr", {"x": np.arange(3)}, compression="zstd", metadata=user)
+        store = oocseq.ingest_arrays(
+            tmp_path / "s.zarr", {"x": np.arange(3)}, compression="zstd", metadata=user
+        )
     except ValueError:
         return
     assert store.metadata["format_version"] == 1
@@ -442,8 +461,9 @@ with h5py.File(d + "/s.h5", "r") as f:
 assert "oocseq" not in sys.modules
 print("ok")
 """
-    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True,
-                         timeout=120, cwd=tmp_path)
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
 

@@ -94,7 +94,9 @@ CONFIGS = [  # (store format, num_workers, multiprocessing context)
 ]
 
 
-@pytest.mark.parametrize(("suffix", "num_workers", "context"), CONFIGS, ids=[f"{s[1:]}-{n}-{c}" for s, n, c in CONFIGS])
+@pytest.mark.parametrize(
+    ("suffix", "num_workers", "context"), CONFIGS, ids=[f"{s[1:]}-{n}-{c}" for s, n, c in CONFIGS]
+)
 def test_dataloader_serves_the_plan_batches_once(tmp_path, suffix, num_workers, context):
     mixed = make_mixed_store(tmp_path / f"mixed{suffix}")
     seq = make_seq(mixed)
@@ -134,7 +136,9 @@ def test_set_epoch_changes_the_batches(mixed):
     assert seen[0] != seen[1] and seen[0] == seen[2]
 
 
-@pytest.mark.parametrize(("suffix", "context"), [(".h5", "fork"), (".zarr", "spawn")], ids=["h5-fork", "zarr-spawn"])
+@pytest.mark.parametrize(
+    ("suffix", "context"), [(".h5", "fork"), (".zarr", "spawn")], ids=["h5-fork", "zarr-spawn"]
+)
 def test_persistent_workers_see_set_epoch(tmp_path, suffix, context):
     mixed = make_mixed_store(tmp_path / f"mixed{suffix}")
     ds = TorchBatches(make_seq(mixed))

@@ -173,7 +173,9 @@ def run_fit_in_subprocess(tmp_path: Path, start_method: str, backend: str | None
         [sys.executable, str(script), arg], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=150
     )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    assert proc.returncode == 0 and lines, (
+        f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    )
     result = json.loads(lines[-1][len("RESULT ") :])
     assert result["backend"] == env["KERAS_BACKEND"]
     return result
@@ -275,8 +277,13 @@ def test_backends_and_worker_processes(tmp_path, backend, start_method, suffix, 
     store = make_store(tmp_path / f"s{suffix}", N, CHUNK)
     log = tmp_path / "prepared.log"
     result = run_fit_in_subprocess(
-        tmp_path, start_method, backend=backend, store_path=str(store.path), workers=workers,
-        use_multiprocessing=use_multiprocessing, log=str(log),
+        tmp_path,
+        start_method,
+        backend=backend,
+        store_path=str(store.path),
+        workers=workers,
+        use_multiprocessing=use_multiprocessing,
+        log=str(log),
     )
     check_run(store.path, result)
     pids = prepared_by(log)
@@ -320,7 +327,9 @@ def _bad_sample_and_check(store_path, error_text: str, sample: int) -> None:
     batch, epoch = int(m.group(1)), int(m.group(2))
     ref = ChunkedSequence(store_path, BATCH, seed=SEED, window=WINDOW)
     ref.set_epoch(epoch)
-    assert sample in ref.batch_indices(batch).tolist(), f"batch {batch} of epoch {epoch} does not hold {sample}"
+    assert sample in ref.batch_indices(batch).tolist(), (
+        f"batch {batch} of epoch {epoch} does not hold {sample}"
+    )
     assert f"cannot augment sample {sample}" in error_text
 
 

@@ -126,9 +126,13 @@ class MidEpochBackup(keras.callbacks.Callback):
             seed, batch size, ...), or unreadable.
     """
 
-    def __init__(self, seq: ChunkedSequence, backup_dir: str | os.PathLike[str], save_freq: int | str = 100) -> None:
+    def __init__(
+        self, seq: ChunkedSequence, backup_dir: str | os.PathLike[str], save_freq: int | str = 100
+    ) -> None:
         super().__init__()
-        if save_freq != "epoch" and (not isinstance(save_freq, int) or isinstance(save_freq, bool) or save_freq < 1):
+        if save_freq != "epoch" and (
+            not isinstance(save_freq, int) or isinstance(save_freq, bool) or save_freq < 1
+        ):
             raise ArgumentError(f"save_freq must be an int >= 1 or 'epoch', got {save_freq!r}")
         self.seq = seq
         self.backup_dir = Path(backup_dir)
@@ -153,14 +157,22 @@ class MidEpochBackup(keras.callbacks.Callback):
         try:
             state = json.loads(text)
         except json.JSONDecodeError as e:
-            raise StateError(f"{self.state_path} is not valid JSON ({e}); delete it to start afresh") from None
+            raise StateError(
+                f"{self.state_path} is not valid JSON ({e}); delete it to start afresh"
+            ) from None
+
         def count(value: Any) -> bool:
             return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
         ok = (
-            isinstance(state, dict) and state.get("format") == _BACKUP_FORMAT and state.get("version") == 1
-            and count(state.get("epoch")) and count(state.get("position")) and count(state.get("number"))
-            and isinstance(state.get("weights"), str) and isinstance(state.get("sequence"), Mapping)
+            isinstance(state, dict)
+            and state.get("format") == _BACKUP_FORMAT
+            and state.get("version") == 1
+            and count(state.get("epoch"))
+            and count(state.get("position"))
+            and count(state.get("number"))
+            and isinstance(state.get("weights"), str)
+            and isinstance(state.get("sequence"), Mapping)
         )
         if not ok:
             raise StateError(
@@ -169,7 +181,9 @@ class MidEpochBackup(keras.callbacks.Callback):
             )
         seq_state = state["sequence"]
         if (seq_state.get("epoch"), seq_state.get("position")) != (state["epoch"], state["position"]):
-            raise StateError(f"{self.state_path}: epoch/position differ from the sequence's; delete it to start afresh")
+            raise StateError(
+                f"{self.state_path}: epoch/position differ from the sequence's; delete it to start afresh"
+            )
         if Path(state["weights"]).name != state["weights"] or not state["weights"].endswith(".weights.h5"):
             raise StateError(
                 f"{self.state_path}: weights must name a .weights.h5 file in {self.backup_dir}, got {state['weights']!r}"
@@ -264,8 +278,13 @@ class MidEpochBackup(keras.callbacks.Callback):
         seq_state = self.seq.state_dict()
         seq_state.update(epoch=epoch, position=position)
         state = {
-            "format": _BACKUP_FORMAT, "version": 1, "epoch": epoch, "position": position,
-            "weights": name, "number": number, "sequence": seq_state,
+            "format": _BACKUP_FORMAT,
+            "version": 1,
+            "epoch": epoch,
+            "position": position,
+            "weights": name,
+            "number": number,
+            "sequence": seq_state,
         }
         fd, tmp = tempfile.mkstemp(prefix=".state.", suffix=".json", dir=self.backup_dir)
         with os.fdopen(fd, "w") as f:

@@ -191,7 +191,9 @@ class StoreWriter:
             n = next(iter(lengths.values()))
             for name, values in self._aux.items():
                 if len(values) != n:
-                    raise FieldLengthError(f"auxiliary array {name!r} has {len(values)} entries for {n} samples")
+                    raise FieldLengthError(
+                        f"auxiliary array {name!r} has {len(values)} entries for {n} samples"
+                    )
             if not self._created and n < self.chunk_len:
                 # A stream shorter than one chunk: one chunk of exactly its samples (a smaller
                 # store, and one that world_size ranks can share when n >= world_size).

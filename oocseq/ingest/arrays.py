@@ -75,7 +75,9 @@ def ingest_arrays(
             sources[name] = data
             continue
         if not isinstance(data, Iterable):
-            raise InvalidSourceError(f"field {name!r}: expected an array or an iterable of batches, got {type(data).__name__}")
+            raise InvalidSourceError(
+                f"field {name!r}: expected an array or an iterable of batches, got {type(data).__name__}"
+            )
         it = iter(data)
         try:
             head = np.asarray(next(it))
@@ -89,12 +91,14 @@ def ingest_arrays(
     lengths = {k: int(v.shape[0]) for k, v in sources.items() if _is_array(v)}
     if len(set(lengths.values())) > 1:
         raise FieldLengthError(
-            "fields have different numbers of samples: "
-            + ", ".join(f"{k}={v}" for k, v in lengths.items())
+            "fields have different numbers of samples: " + ", ".join(f"{k}={v}" for k, v in lengths.items())
         )
     specs = {
-        name: field_spec(name, tuple(first[name].shape[1:] if name in first else src.shape[1:]),
-                         first[name].dtype if name in first else src.dtype)
+        name: field_spec(
+            name,
+            tuple(first[name].shape[1:] if name in first else src.shape[1:]),
+            first[name].dtype if name in first else src.dtype,
+        )
         for name, src in sources.items()
     }
     total = next(iter(lengths.values())) if lengths else None

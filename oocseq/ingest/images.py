@@ -116,9 +116,11 @@ def _write_images(
     skipped: list[dict[str, str]] = []
     kept_sources: list[str] = []
     workers = workers or os.cpu_count() or 1
-    with StoreWriter(dest, specs, chunk_len=chunk_len, compression=compression, overwrite=overwrite) as w, \
-            ThreadPoolExecutor(workers, thread_name_prefix="oocseq-decode") as pool, \
-            progress_bar(progress, len(paths), f"ingest {os.fspath(dest)}", unit="img") as bar:
+    with (
+        StoreWriter(dest, specs, chunk_len=chunk_len, compression=compression, overwrite=overwrite) as w,
+        ThreadPoolExecutor(workers, thread_name_prefix="oocseq-decode") as pool,
+        progress_bar(progress, len(paths), f"ingest {os.fspath(dest)}", unit="img") as bar,
+    ):
         pending: deque[tuple[np.ndarray, list[Future[np.ndarray]]]] = deque()
         starts = iter(range(0, len(order), block))
 
@@ -173,7 +175,9 @@ def _write_images(
     return w.close()
 
 
-def list_image_folder(src: str | os.PathLike[str], follow_links: bool = False) -> tuple[list[str], list[str], np.ndarray]:
+def list_image_folder(
+    src: str | os.PathLike[str], follow_links: bool = False
+) -> tuple[list[str], list[str], np.ndarray]:
     """``(class_names, relative_paths, labels)`` of an image folder, in sorted order.
 
     Raises SourceNotFoundError for a missing folder, one without class subfolders, or one
@@ -256,13 +260,28 @@ def ingest_image_folder(
     counts = np.bincount(labels, minlength=len(class_names)).tolist()
     attrs = {
         "class_names": class_names,
-        "source": {"kind": "image_folder", "root": str(root), "files": len(rel),
-                   "files_per_class": dict(zip(class_names, counts, strict=True))},
+        "source": {
+            "kind": "image_folder",
+            "root": str(root),
+            "files": len(rel),
+            "files_per_class": dict(zip(class_names, counts, strict=True)),
+        },
     }
     return _write_images(
-        paths, labels, rel, dest, options=options, attrs=attrs, preshuffle=preshuffle, seed=seed,
-        chunk_len=chunk_len, compression=compression, on_error=on_error, overwrite=overwrite,
-        workers=workers, progress=progress,
+        paths,
+        labels,
+        rel,
+        dest,
+        options=options,
+        attrs=attrs,
+        preshuffle=preshuffle,
+        seed=seed,
+        chunk_len=chunk_len,
+        compression=compression,
+        on_error=on_error,
+        overwrite=overwrite,
+        workers=workers,
+        progress=progress,
     )
 
 
@@ -318,17 +337,37 @@ def ingest_dataframe(
     rel = [str(p) for p in df[x_col].tolist()]
     for row, p in enumerate(rel):
         if not p or p == "nan":
-            raise InvalidSourceError(f"DataFrame row {row} (index {df.index[row]!r}): column {x_col!r} has no path")
+            raise InvalidSourceError(
+                f"DataFrame row {row} (index {df.index[row]!r}): column {x_col!r} has no path"
+            )
     paths = [str(base / p) if base is not None else p for p in rel]
-    attrs: dict[str, Any] = {"source": {"kind": "dataframe", "directory": None if base is None else str(base.resolve()),
-                                        "x_col": x_col, "y_col": y_col, "rows": len(df)}}
+    attrs: dict[str, Any] = {
+        "source": {
+            "kind": "dataframe",
+            "directory": None if base is None else str(base.resolve()),
+            "x_col": x_col,
+            "y_col": y_col,
+            "rows": len(df),
+        }
+    }
     labels, class_names = _labels(df, y_col, classes)
     if class_names is not None:
         attrs["class_names"] = class_names
     return _write_images(
-        paths, labels, [f"{p}" for p in rel], dest, options=options, attrs=attrs, preshuffle=preshuffle,
-        seed=seed, chunk_len=chunk_len, compression=compression, on_error=on_error,
-        overwrite=overwrite, workers=workers, progress=progress,
+        paths,
+        labels,
+        [f"{p}" for p in rel],
+        dest,
+        options=options,
+        attrs=attrs,
+        preshuffle=preshuffle,
+        seed=seed,
+        chunk_len=chunk_len,
+        compression=compression,
+        on_error=on_error,
+        overwrite=overwrite,
+        workers=workers,
+        progress=progress,
     )
 
 

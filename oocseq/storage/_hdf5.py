@@ -92,7 +92,9 @@ class HDF5Reader(StorageReader):
         where = f"{self.path}: chunk {c} of field {name!r}"
         offset, size, skipped_filter = table.lookup(start)
         if offset < 0:
-            raise CorruptStoreError(f"{where} is missing; the store is incomplete or damaged. Ingest it again.")
+            raise CorruptStoreError(
+                f"{where} is missing; the store is incomplete or damaged. Ingest it again."
+            )
         shape = (ds.chunks[0], *ds.shape[1:])  # HDF5 stores whole chunks, the last one padded
         nbytes = int(np.prod(shape)) * ds.dtype.itemsize
         if table.blosc and not skipped_filter:

@@ -53,7 +53,9 @@ class MappedFile:
     def view(self, offset: int, nbytes: int, where: str) -> memoryview:
         """Bytes ``[offset, offset + nbytes)`` without copying (asks the kernel to read them)."""
         if offset < 0 or offset + nbytes > self.size or self.map is None:
-            raise CorruptStoreError(f"{where}: chunk at bytes {offset}..{offset + nbytes} lies outside the file")
+            raise CorruptStoreError(
+                f"{where}: chunk at bytes {offset}..{offset + nbytes} lies outside the file"
+            )
         if nbytes and hasattr(mmap, "MADV_WILLNEED"):
             page = offset - offset % mmap.PAGESIZE
             self.map.madvise(mmap.MADV_WILLNEED, page, offset + nbytes - page)
@@ -101,7 +103,9 @@ def read_file_into(path: os.PathLike[str] | str, out: np.ndarray, where: str) ->
     try:
         size = os.fstat(fd).st_size
         if size != out.nbytes:
-            raise CorruptStoreError(f"{where}: uncompressed chunk file has {size} bytes, expected {out.nbytes}")
+            raise CorruptStoreError(
+                f"{where}: uncompressed chunk file has {size} bytes, expected {out.nbytes}"
+            )
         read_exactly_into(fd, 0, out, where)
     finally:
         os.close(fd)

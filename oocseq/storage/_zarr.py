@@ -53,8 +53,7 @@ class ZarrReader(StorageReader):
         where = f"{self.path}: field {name!r}"
         if arr.shape != (n, *spec.shape) or arr.dtype != spec.dtype:
             raise CorruptStoreError(
-                f"{where} is {arr.shape} {arr.dtype}, the manifest says "
-                f"{(n, *spec.shape)} {spec.dtype}"
+                f"{where} is {arr.shape} {arr.dtype}, the manifest says {(n, *spec.shape)} {spec.dtype}"
             )
         if tuple(arr.chunks) != (chunk_len, *spec.shape) and not (n == 0 or 0 in spec.shape):
             raise CorruptStoreError(f"{where}: chunks {arr.chunks}, expected {(chunk_len, *spec.shape)}")
@@ -196,7 +195,10 @@ class ZarrWriter(StorageWriter):
         dtype: Any = str if values.dtype.kind in "US" else values.dtype
         chunks = (max(1, min(len(values), 65536)),)
         arr = self._group.create_array(
-            f"{AUX_GROUP}/{name}", shape=values.shape, chunks=chunks, dtype=dtype,
+            f"{AUX_GROUP}/{name}",
+            shape=values.shape,
+            chunks=chunks,
+            dtype=dtype,
             config={"write_empty_chunks": True},
         )
         if len(values):
