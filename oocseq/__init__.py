@@ -23,6 +23,7 @@ from .errors import (
     StateError,
     StoreExistsError,
     StoreNotFoundError,
+    StoreReadError,
     TransformError,
 )
 from .ingest.arrays import ingest_arrays
@@ -56,6 +57,7 @@ __all__ = [
     "SourceNotFoundError",
     "Store",
     "StoreExistsError",
+    "StoreReadError",
     "StateError",
     "StoreNotFoundError",
     "TransformError",

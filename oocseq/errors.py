@@ -12,6 +12,7 @@ __all__ = [
     "NotAStoreError",
     "CorruptStoreError",
     "StoreExistsError",
+    "StoreReadError",
     "FieldNotFoundError",
     "SourceNotFoundError",
     "InvalidSourceError",
@@ -40,6 +41,11 @@ class NotAStoreError(OocseqError, ValueError):
 
 class CorruptStoreError(OocseqError, ValueError):
     """A store's metadata or chunks are inconsistent, missing or fail their checksum."""
+
+
+class StoreReadError(OocseqError, OSError):
+    """The operating system refused a read of a store (too many open files, an I/O error).
+    ``errno`` is the system's error number; the message names the store and the file."""
 
 
 class StoreExistsError(OocseqError, FileExistsError):

@@ -15,10 +15,14 @@ from typing import Any
 
 import numpy as np
 
+from .checksum import CHECKSUMS, DEFAULT_CHECKSUM
 from .errors import ArgumentError, CorruptStoreError, NotAStoreError
 
 FORMAT_NAME = "oocseq"
-FORMAT_VERSION = 1
+#: Version written. 2: per-chunk CRC32C checksums, named in ``"checksum"``; 1: zlib CRC-32.
+FORMAT_VERSION = 2
+#: Versions read, and the checksum algorithm each one implies when the manifest names none.
+READ_VERSIONS = {1: "crc32", 2: None}
 ATTR_KEY = "oocseq"
 AUX_GROUP = "_oocseq"
 
@@ -44,6 +48,12 @@ ALLOWED_DTYPES = frozenset(
 )
 #: Compression codecs oocseq writes and reads (all Blosc, through numcodecs / hdf5plugin).
 COMPRESSIONS = ("lz4", "zstd", "zlib")
+#: Sanity bounds checked at open, so that a damaged or hostile manifest is refused with a clear
+#: error instead of asking for terabytes later. Decoded bytes of one chunk (what oocseq's
+#: writer and Blosc accept), samples, and chunks.
+MAX_CHUNK_BYTES = 1 << 31
+MAX_SAMPLES = 1 << 48
+MAX_CHUNKS = 1 << 26
 _FIELD_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,127}$")
 
 
@@ -107,9 +117,14 @@ class Manifest:
         chunk_len: samples per chunk; chunk ``c`` covers ``[c*chunk_len, min((c+1)*chunk_len, n))``.
         fields: field name -> :class:`FieldSpec`, in the order they were written.
         compression: Blosc settings, or ``None`` for uncompressed chunks.
-        checksums: field name -> CRC-32 of each chunk's decoded C-order bytes.
+        checksums: field name -> checksum of each chunk's decoded C-order bytes
+            (:func:`oocseq.checksum.chunk_checksum`); empty only for a store opened with
+            ``verify_checksums=False`` whose manifest has none.
         attrs: JSON metadata for users (class names, feature names, provenance summary, ...).
         aux: names of auxiliary per-sample arrays (e.g. ``"source"``: where each sample came from).
+        format_version: 1 (CRC-32 checksums) or 2 (CRC32C).
+        checksum: the checksum algorithm, ``"crc32c"`` or ``"crc32"`` (a name in
+            :data:`oocseq.checksum.CHECKSUMS`).
     """
 
     n: int
@@ -120,6 +135,7 @@ class Manifest:
     attrs: dict[str, Any] = field(default_factory=dict)
     aux: tuple[str, ...] = ()
     format_version: int = FORMAT_VERSION
+    checksum: str = DEFAULT_CHECKSUM
 
     @property
     def num_chunks(self) -> int:
@@ -130,8 +146,12 @@ class Manifest:
         start = c * self.chunk_len
         return start, min(start + self.chunk_len, self.n)
 
+    def has_checksums(self) -> bool:
+        """Whether every field has a checksum for every chunk."""
+        return all(name in self.checksums for name in self.fields)
+
     def to_json(self) -> dict[str, Any]:
-        return {
+        doc = {
             "format": FORMAT_NAME,
             "format_version": self.format_version,
             "complete": True,
@@ -143,14 +163,21 @@ class Manifest:
             "attrs": self.attrs,
             "aux": list(self.aux),
         }
+        if self.format_version >= 2:  # version 1 documents name no checksum (always CRC-32)
+            doc["checksum"] = self.checksum
+        return doc
 
     @classmethod
-    def from_json(cls, doc: Any, where: str) -> Manifest:
+    def from_json(cls, doc: Any, where: str, *, require_checksums: bool = True) -> Manifest:
         """Validate an untrusted manifest read from the store at ``where``.
+
+        ``require_checksums=False`` accepts a manifest without checksums (or without those of
+        some fields); oocseq always writes them, so their absence means damage.
 
         Raises:
             NotAStoreError: no oocseq manifest, an unfinished ingestion, or an unknown version.
-            CorruptStoreError: a manifest that is present but malformed.
+            CorruptStoreError: a manifest that is present but malformed, implausible sizes, or
+                missing checksums (unless ``require_checksums`` is false).
         """
         if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
             raise NotAStoreError(
@@ -160,10 +187,10 @@ class Manifest:
         if doc.get("complete") is not True:
             raise NotAStoreError(f"{where}: ingestion did not complete; ingest again")
         version = doc.get("format_version")
-        if version != FORMAT_VERSION:
+        if not _is_int(version) or version not in READ_VERSIONS:
             raise NotAStoreError(
-                f"{where}: store format version {version!r}; this oocseq reads version "
-                f"{FORMAT_VERSION}. Upgrade oocseq or ingest again."
+                f"{where}: store format version {version!r}; this oocseq reads versions "
+                f"{sorted(READ_VERSIONS)}. Upgrade oocseq or ingest again."
             )
 
         def bad(what: str) -> CorruptStoreError:
@@ -174,6 +201,13 @@ class Manifest:
             raise bad(f"'n' must be a non-negative int, got {n!r}")
         if not _is_int(chunk_len) or chunk_len < 1:
             raise bad(f"'chunk_len' must be a positive int, got {chunk_len!r}")
+        if n > MAX_SAMPLES or chunk_len > MAX_SAMPLES:
+            raise bad(f"implausible sizes n={n}, chunk_len={chunk_len} (at most {MAX_SAMPLES} each)")
+        if -(-n // chunk_len) > MAX_CHUNKS:
+            raise bad(
+                f"implausible {-(-n // chunk_len)} chunks (n={n}, chunk_len={chunk_len}); "
+                f"oocseq reads at most {MAX_CHUNKS}"
+            )
         raw_fields = doc.get("fields")
         if not isinstance(raw_fields, dict) or not raw_fields:
             raise bad("'fields' must be a non-empty object")
@@ -191,6 +225,14 @@ class Manifest:
             if not isinstance(dtype, str) or dtype not in ALLOWED_DTYPES:
                 raise bad(f"field {name!r}: dtype {dtype!r} is not one of {sorted(ALLOWED_DTYPES)}")
             fields[name] = FieldSpec(tuple(shape), np.dtype(dtype))
+            if (
+                any(s > MAX_CHUNK_BYTES for s in shape)
+                or chunk_len * fields[name].sample_nbytes > MAX_CHUNK_BYTES
+            ):
+                raise bad(
+                    f"field {name!r}: a chunk of {chunk_len} samples of shape {tuple(shape)} {dtype} "
+                    f"would decode to more than {MAX_CHUNK_BYTES} bytes (implausible sizes)"
+                )
         comp = doc.get("compression")
         compression = None
         if comp is not None:
@@ -200,10 +242,23 @@ class Manifest:
                 compression = Compression(comp.get("cname"), comp.get("clevel"))  # type: ignore[arg-type]
             except ValueError as e:
                 raise bad(str(e)) from None
+        algorithm = READ_VERSIONS[version] or doc.get("checksum")
+        if version == 1 and "checksum" in doc and doc["checksum"] != algorithm:
+            raise bad(f"format version 1 stores CRC-32 checksums, the manifest says {doc['checksum']!r}")
+        if not isinstance(algorithm, str) or algorithm not in CHECKSUMS:
+            raise bad(f"unknown checksum {algorithm!r} (known: {sorted(CHECKSUMS)})")
         num_chunks = -(-n // chunk_len)
         checksums = doc.get("checksums", {})
         if not isinstance(checksums, dict):
             raise bad("'checksums' must be an object")
+        missing = [name for name in fields if name not in checksums]
+        if require_checksums and missing:
+            raise CorruptStoreError(
+                f"{where}: the manifest has no checksums for field(s) {missing}; oocseq writes one "
+                "per chunk, so the store is damaged or was not written by oocseq, and its chunks "
+                "cannot be checked. Ingest it again, or open it with verify_checksums=False to "
+                "read it unchecked."
+            )
         for name, sums in checksums.items():
             if name not in fields:
                 raise bad(f"checksums for unknown field {name!r}")
@@ -212,14 +267,14 @@ class Manifest:
                 or len(sums) != num_chunks
                 or not all(_is_int(s) and 0 <= s < 2**32 for s in sums)
             ):
-                raise bad(f"checksums of field {name!r} must be {num_chunks} CRC-32 values")
+                raise bad(f"checksums of field {name!r} must be {num_chunks} unsigned 32-bit ints")
         attrs = doc.get("attrs", {})
         if not isinstance(attrs, dict):
             raise bad("'attrs' must be an object")
         aux = doc.get("aux", [])
         if not isinstance(aux, list) or not all(isinstance(a, str) and _FIELD_NAME.match(a) for a in aux):
             raise bad("'aux' must be a list of names")
-        return cls(n, chunk_len, fields, compression, dict(checksums), attrs, tuple(aux), version)
+        return cls(n, chunk_len, fields, compression, dict(checksums), attrs, tuple(aux), version, algorithm)
 
 
 def _is_int(v: object) -> bool:

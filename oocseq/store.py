@@ -2,13 +2,18 @@
 
 A ``Store`` pickles as its path: file handles are opened lazily in each process (keyed by
 ``os.getpid()``), so it works across fork, spawn and forkserver.
+
+Every chunk is checked against its manifest checksum before it is served, once per chunk per
+process (a committed store is immutable) or at every read (``verify_checksums="always"``).
+The record of checked chunks belongs to one set of open handles: a store reopened (in a new
+process, after :meth:`Store.close`) is checked again, and one that was replaced on disk since
+it was opened is refused.
 """
 
 from __future__ import annotations
 
 import os
 import threading
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,16 +21,19 @@ from typing import Any
 
 import numpy as np
 
+from .checksum import chunk_checksum
 from .errors import (
     ArgumentError,
     CorruptStoreError,
     FieldNotFoundError,
     NotAStoreError,
+    OocseqError,
     OutOfRangeError,
     StoreNotFoundError,
 )
 from .manifest import Manifest
 from .storage import StorageReader, open_reader, store_format
+from .storage._raw import os_error
 
 __all__ = ["Store", "FieldInfo", "FieldView", "open_store"]
 
@@ -48,29 +56,42 @@ class Store:
 
     Args:
         path: a ``*.zarr`` directory or ``*.h5`` / ``*.hdf5`` file written by oocseq.
-        fast: read chunks through oocseq's own reader (chunk bytes + numcodecs, memory maps
-            for uncompressed chunks) where the layout allows; ``False`` always reads through
-            zarr-python / h5py. Both give equal arrays.
+        fast: read chunks through oocseq's own reader (chunk bytes + numcodecs) where the
+            layout allows; ``False`` always reads through zarr-python / h5py. Both give equal
+            arrays.
+        verify_checksums: ``True`` (default): check each chunk against its manifest checksum
+            the first time this process reads it (through these handles); ``"always"``: at
+            every read; ``False``: never, which also opens a store whose manifest has no
+            checksums (oocseq always writes them: their absence means damage).
 
     Raises (when opening):
         StoreNotFoundError: ``path`` does not exist.
         NotAStoreError: ``path`` is not a complete oocseq store.
-        CorruptStoreError: the store's metadata or layout is inconsistent.
+        CorruptStoreError: the store's metadata or layout is inconsistent, its codecs are not
+            exactly those oocseq writes, sizes are implausible, a field is a link to another
+            file or a symbolic link leaves the store, or checksums are missing.
+        StoreReadError: the system refused the read (e.g. too many open files).
+
+    Reads raise CorruptStoreError, naming the field, the chunk and the file, for a chunk that
+    is missing, does not decode, or fails its checksum: no damaged sample is ever served.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, fast: bool = True) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], *, fast: bool = True, verify_checksums: bool | str = True
+    ) -> None:
+        if verify_checksums not in (True, False, "always"):
+            raise ArgumentError(f"verify_checksums must be True, False or 'always', not {verify_checksums!r}")
         self.path = Path(path)
         self.fast = fast
+        self.verify_checksums = verify_checksums
         self.format = store_format(self.path)
         if not self.path.exists():
             raise StoreNotFoundError(f"no store at {str(self.path)!r}")
         self._lock = threading.Lock()
         self._reader: StorageReader | None = None
+        self._verified: dict[str, np.ndarray] = {}
         self._pid = -1
-        reader = self._open()
-        self.manifest = Manifest.from_json(reader.manifest_doc(), str(self.path))
-        for name, spec in self.manifest.fields.items():
-            reader.check_layout(name, self.manifest.n, self.manifest.chunk_len, spec)
+        self._open()
 
     # -- handles: one per process, never pickled ---------------------------------------------
     def _open(self) -> StorageReader:
@@ -79,26 +100,64 @@ class Store:
             return reader
         with self._lock:
             if self._reader is None or self._pid != os.getpid():
-                try:
-                    self._reader = open_reader(self.path, self.format, self.fast)
-                except (NotAStoreError, CorruptStoreError):
-                    raise
-                except Exception as e:
-                    raise NotAStoreError(f"{self.path} is not a readable {self.format} store: {e}") from e
+                reader = self._new_reader()
+                # Chunks are checked again through new handles: they may see another file.
+                self._verified = {name: np.zeros(self.num_chunks, bool) for name in self.manifest.fields}
+                self._reader = reader
                 self._pid = os.getpid()
             return self._reader
 
+    def _new_reader(self) -> StorageReader:
+        """Open the store's files, read and check its manifest and layout. A reopened store
+        (another process, after ``close``) must still hold the manifest it was opened with."""
+        try:
+            reader = open_reader(self.path, self.format, self.fast)
+        except OocseqError:
+            raise
+        except OSError as e:
+            raise os_error(e, str(self.path)) from e
+        except Exception as e:
+            raise NotAStoreError(f"{self.path} is not a readable {self.format} store: {e}") from e
+        try:
+            opened = getattr(self, "manifest", None)
+            doc = reader.manifest_doc()
+            manifest = Manifest.from_json(
+                doc, str(self.path), require_checksums=self.verify_checksums is not False
+            )
+            if opened is not None and manifest != opened:
+                raise CorruptStoreError(
+                    f"{self.path} was replaced or changed since it was opened (its manifest "
+                    "differs); open it again to read the new store"
+                )
+            for name, spec in manifest.fields.items():
+                reader.check_layout(name, manifest.n, manifest.chunk_len, spec, manifest.compression)
+        except BaseException:
+            reader.close()
+            raise
+        self.manifest = manifest
+        return reader
+
     def __getstate__(self) -> dict[str, Any]:
-        return {"path": self.path, "format": self.format, "fast": self.fast, "manifest": self.manifest}
+        return {
+            "path": self.path,
+            "format": self.format,
+            "fast": self.fast,
+            "verify_checksums": self.verify_checksums,
+            "manifest": self.manifest,
+        }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        state.setdefault("verify_checksums", True)
         self.__dict__.update(state)
         self._lock = threading.Lock()
         self._reader = None
+        self._verified = {}
         self._pid = -1
 
     def close(self) -> None:
-        """Close this process's file handles (they reopen on the next read)."""
+        """Close this process's file handles (they reopen on the next read; chunks read then
+        are checked again). Handles of a store dropped without ``close`` are closed by the
+        garbage collector."""
         with self._lock:
             if self._reader is not None and self._pid == os.getpid():
                 self._reader.close()
@@ -131,13 +190,16 @@ class Store:
 
     @property
     def metadata(self) -> dict[str, Any]:
-        """User metadata: ``format_version``, ``compression``, and what the ingestion recorded
-        (``class_names``, ``feature_names``, ``label_mapping``, ``source``, ``preshuffle`` ...)."""
+        """User metadata: ``format_version``, ``compression``, ``checksum`` (the per-chunk
+        checksum algorithm: ``"crc32c"``, or ``"crc32"`` for format version 1) and what the
+        ingestion recorded (``class_names``, ``feature_names``, ``label_mapping``, ``source``,
+        ``preshuffle`` ...)."""
         comp = self.manifest.compression
         return {
             **self.manifest.attrs,
             "format_version": self.manifest.format_version,
             "compression": None if comp is None else comp.to_json(),
+            "checksum": self.manifest.checksum,
         }
 
     @property
@@ -166,15 +228,50 @@ class Store:
             )
 
     def read_chunk(self, name: str, c: int) -> np.ndarray:
-        """Chunk ``c`` of field ``name``, decoded: shape ``(stop - start, *sample_shape)``.
+        """Chunk ``c`` of field ``name``, decoded and checked: a new C-contiguous array of shape
+        ``(stop - start, *sample_shape)`` (memory of its own, never a view of a file).
 
         Raises FieldNotFoundError, IndexError for ``c`` outside ``range(num_chunks)``,
-        CorruptStoreError for a missing or undecodable chunk."""
+        CorruptStoreError for a missing or undecodable chunk or one that fails its checksum."""
         self._check_field(name)
         if not 0 <= c < self.num_chunks:
             raise OutOfRangeError(f"chunk {c} out of range: {self.path} has {self.num_chunks} chunks")
         start, stop = self.manifest.chunk_bounds(c)
-        return self._open().read_chunk(name, c, start, stop)
+        reader = self._open()
+        verified = self._verified
+        chunk = reader.read_chunk(name, c, start, stop)
+        self._check_sum(reader, verified, name, c, chunk)
+        return chunk
+
+    def _check_sum(
+        self,
+        reader: StorageReader,
+        verified: dict[str, np.ndarray],
+        name: str,
+        c: int,
+        chunk: np.ndarray,
+        force: bool = False,
+    ) -> None:
+        """Raise CorruptStoreError unless ``chunk`` matches its manifest checksum. Skipped
+        with ``verify_checksums=False``, and for a chunk already checked through the same
+        handles (unless ``"always"`` or ``force``)."""
+        if self.verify_checksums is False and not force:
+            return
+        done = verified.get(name)
+        if done is None:  # handles reopened since; check against the record of this read
+            done = np.zeros(self.num_chunks, bool)
+        if done[c] and self.verify_checksums != "always" and not force:
+            return
+        sums = self.manifest.checksums.get(name)
+        if sums is None:
+            raise CorruptStoreError(f"{self.path}: the manifest has no checksums for field {name!r}")
+        if chunk_checksum(chunk, self.manifest.checksum) != sums[c]:
+            raise CorruptStoreError(
+                f"{self.path}: chunk {c} of field {name!r} ({reader.chunk_location(name, c)}) fails "
+                f"its {self.manifest.checksum} checksum; the store is damaged (or was changed after "
+                "it was written). Ingest it again."
+            )
+        done[c] = True
 
     def advise_chunks(self, name: str, chunks: np.ndarray) -> None:
         """Hint the kernel to read these chunks of field ``name`` ahead (asynchronous; a no-op
@@ -190,7 +287,10 @@ class Store:
         start, stop = self.manifest.chunk_bounds(c)
         if out.shape[0] != stop - start:
             raise ArgumentError(f"chunk {c} of {name!r} has {stop - start} samples, out has {out.shape[0]}")
-        self._open().read_chunk_into(name, c, start, stop, out)
+        reader = self._open()
+        verified = self._verified
+        reader.read_chunk_into(name, c, start, stop, out)
+        self._check_sum(reader, verified, name, c, out)
 
     def __getitem__(self, name: str) -> FieldView:
         """A read-only view of field ``name`` that slices like an array."""
@@ -203,19 +303,29 @@ class Store:
     def __iter__(self) -> Iterator[str]:
         return iter(self.manifest.fields)
 
-    def verify(self) -> None:
-        """Read every chunk of every field and check it against the manifest's CRC-32.
+    def verify(self) -> int:
+        """Read every chunk of every field and check it against its manifest checksum (even
+        chunks checked before). Returns the number of chunks checked.
 
-        Raises CorruptStoreError naming the first field and chunk that fails."""
+        Raises CorruptStoreError naming the first field and chunk that fails, or when the
+        manifest has no checksums to check (a store opened with ``verify_checksums=False``):
+        it never reports success having checked nothing."""
+        missing = [name for name in self.manifest.fields if name not in self.manifest.checksums]
+        if missing:
+            raise CorruptStoreError(
+                f"{self.path}: cannot verify: the manifest has no checksums for field(s) {missing}; "
+                "the store is damaged or was not written by oocseq. Ingest it again."
+            )
+        checked = 0
         for name in self.manifest.fields:
-            sums = self.manifest.checksums.get(name)
             for c in range(self.num_chunks):
-                chunk = self.read_chunk(name, c)
-                if sums is not None and zlib.crc32(chunk.tobytes()) != sums[c]:
-                    raise CorruptStoreError(
-                        f"{self.path}: chunk {c} of field {name!r} fails its checksum; the store "
-                        "is damaged. Ingest it again."
-                    )
+                start, stop = self.manifest.chunk_bounds(c)
+                reader = self._open()
+                verified = self._verified
+                chunk = reader.read_chunk(name, c, start, stop)
+                self._check_sum(reader, verified, name, c, chunk, force=True)
+                checked += 1
+        return checked
 
 
 class FieldView:
@@ -256,7 +366,8 @@ class FieldView:
                 raise OutOfRangeError(f"index {i} out of range for field {self.name!r} of {n} samples")
             out = self._gather(np.array([i % n], dtype=np.int64))[0]
         elif isinstance(key, slice):
-            out = self._gather(np.arange(n, dtype=np.int64)[key])
+            r = range(n)[key]  # lazy: O(samples selected), not O(n)
+            out = self._gather(np.arange(r.start, r.stop, r.step, dtype=np.int64))
         else:
             idx = np.asarray(key)
             if idx.dtype == bool:
@@ -286,9 +397,13 @@ class FieldView:
         return out
 
 
-def open_store(path: str | os.PathLike[str]) -> Store:
+def open_store(path: str | os.PathLike[str], *, verify_checksums: bool | str = True) -> Store:
     """Open the oocseq store at ``path`` (``*.zarr`` directory or ``*.h5``/``*.hdf5`` file).
 
+    ``verify_checksums``: as for :class:`Store` (default ``True``: every chunk is checked the
+    first time it is read; ``False`` also opens a store whose manifest lacks checksums).
+
     Raises StoreNotFoundError, NotAStoreError (not a complete oocseq store, e.g. an interrupted
-    ingestion), CorruptStoreError (inconsistent metadata or layout, disallowed codecs)."""
-    return Store(path)
+    ingestion), CorruptStoreError (inconsistent metadata or layout, disallowed codecs, missing
+    checksums, implausible sizes, links out of the store), StoreReadError."""
+    return Store(path, verify_checksums=verify_checksums)

@@ -12,13 +12,13 @@ import math
 import os
 import shutil
 import uuid
-import zlib
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import numpy as np
 
+from ..checksum import chunk_checksum
 from ..errors import ArgumentError, FieldLengthError, InvalidSourceError, StoreExistsError
 from ..manifest import ALLOWED_DTYPES, Compression, FieldSpec, Manifest, check_field_name
 from ..storage import create_writer, store_format
@@ -166,7 +166,7 @@ class StoreWriter:
         self._create_fields()
         chunk = parts[0] if len(parts) == 1 else np.concatenate(parts)
         self._backend.write_chunk(name, self._chunks_done[name], self.chunk_len, chunk)
-        self._checksums[name].append(zlib.crc32(chunk.tobytes()))
+        self._checksums[name].append(chunk_checksum(chunk))
         self._chunks_done[name] += 1
         self._buffers[name] = []
         self._buffered[name] = 0

@@ -35,14 +35,18 @@ class StorageReader(ABC):
         """The raw (untrusted) manifest document, or ``None`` if there is none."""
 
     @abstractmethod
-    def check_layout(self, name: str, n: int, chunk_len: int, spec: FieldSpec) -> None:
+    def check_layout(
+        self, name: str, n: int, chunk_len: int, spec: FieldSpec, compression: Compression | None = None
+    ) -> None:
         """Raise :class:`~oocseq.errors.CorruptStoreError` unless field ``name`` is stored as
         the manifest says: shape ``(n, *spec.shape)``, ``spec.dtype``, chunks of ``chunk_len``
-        along axis 0 only, and only codecs oocseq allows."""
+        along axis 0 only, and exactly the codecs oocseq writes for ``compression``
+        (configuration included). Must be called for a field before it is read."""
 
     def read_chunk(self, name: str, c: int, start: int, stop: int) -> np.ndarray:
-        """Samples ``[start, stop)`` of chunk ``c`` of field ``name``, decoded, C-contiguous
-        (possibly a read-only view of a memory map).
+        """Samples ``[start, stop)`` of chunk ``c`` of field ``name``, decoded, C-contiguous,
+        in memory of its own (never a view of a memory map: a file truncated later cannot
+        fault it).
 
         Raises CorruptStoreError if the chunk is missing (never returns fill values) or does
         not decode to the expected size."""
@@ -58,6 +62,10 @@ class StorageReader(ABC):
         if self.fast and self.read_chunk_fast(name, c, start, stop, out) is not None:
             return
         out[...] = self.read_chunk_library(name, c, start, stop)
+
+    def chunk_location(self, name: str, c: int) -> str:
+        """Where chunk ``c`` of field ``name`` is stored (a file path), for error messages."""
+        return str(self.path)
 
     def advise_chunks(self, name: str, chunks: np.ndarray) -> None:  # noqa: B027 (optional hook)
         """Hint the kernel to read these chunks' stored bytes ahead, asynchronously

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -14,24 +16,40 @@ import numpy as np
 from ..errors import CorruptStoreError, NotAStoreError
 from ..manifest import ATTR_KEY, AUX_GROUP, Compression, FieldSpec
 from ._base import StorageReader, StorageWriter
-from ._raw import MappedFile, _into, blosc_decode_into
+from ._raw import BLOSC_MAX_OVERHEAD, Handles, blosc_decode_into, os_error, read_exactly, read_exactly_into
 
 _BLOSC_FILTER = 32001
+#: Blosc compressor codes in the filter's parameters (hdf5plugin / c-blosc).
+_BLOSC_CODES = {"blosclz": 0, "lz4": 1, "lz4hc": 2, "snappy": 3, "zlib": 4, "zstd": 5}
 
 
 class HDF5Reader(StorageReader):
+    """Reads an HDF5 store.
+
+    The file is opened once, by h5py; the fast path reads chunk bytes with ``pread`` from a
+    duplicate of h5py's own file descriptor, so the chunk table and the bytes always come from
+    the same file. Fields and auxiliary arrays must be plain datasets of this file: external
+    and soft links, virtual datasets and external raw storage are refused."""
+
     format = "hdf5"
 
     def __init__(self, path: Path, fast: bool = True) -> None:
         super().__init__(path, fast)
+        self._handles = Handles(self)
         try:
-            self._file = h5py.File(path, "r")
+            self._file = self._handles.add(h5py.File(path, "r"))
         except OSError as e:
+            if e.errno is not None:
+                raise os_error(e, str(path)) from None
             raise NotAStoreError(f"{path} is not an HDF5 file ({e})") from None
-        self._datasets: dict[str, Any] = {}
-        self._chunk_tables: dict[str, _ChunkTable | None] = {}
+        if self._file.driver != "sec2":
+            raise NotAStoreError(f"{path}: HDF5 driver {self._file.driver!r}, expected 'sec2'")
         # Opened now, not lazily: read-ahead hints and decodes come from several threads.
-        self._mapped: MappedFile | None = MappedFile(path) if fast else None
+        self._fd = self._handles.add_fd(os.dup(self._file.id.get_vfd_handle()))
+        self._size = os.fstat(self._fd).st_size
+        self._datasets: dict[str, Any] = {}
+        self._chunk_tables: dict[str, _ChunkTable] = {}
+        self._lock = threading.Lock()
 
     def manifest_doc(self) -> Any:
         raw = self._file.attrs.get(ATTR_KEY)
@@ -45,49 +63,94 @@ class HDF5Reader(StorageReader):
     def _dataset(self, name: str) -> Any:
         ds = self._datasets.get(name)
         if ds is None:
-            ds = self._file.get(name)
+            group = self._file
+            parts = name.split("/")
+            for i, part in enumerate(parts):
+                link = group.get(part, getlink=True) if isinstance(group, h5py.Group) else None
+                if link is None:
+                    raise CorruptStoreError(f"{self.path}: dataset {name!r} is missing")
+                if not isinstance(link, h5py.HardLink):
+                    raise CorruptStoreError(
+                        f"{self.path}: {'/'.join(parts[: i + 1])!r} is a {type(link).__name__}; "
+                        "oocseq reads only datasets stored in the file itself"
+                    )
+                group = group[part]
+            ds = group
             if not isinstance(ds, h5py.Dataset):
-                raise CorruptStoreError(f"{self.path}: dataset {name!r} is missing")
+                raise CorruptStoreError(f"{self.path}: {name!r} is not a dataset")
+            if ds.is_virtual or ds.external:
+                raise CorruptStoreError(
+                    f"{self.path}: dataset {name!r} is {'virtual' if ds.is_virtual else 'stored in external files'}; "
+                    "oocseq reads only datasets stored in the file itself"
+                )
             self._datasets[name] = ds
         return ds
 
-    def check_layout(self, name: str, n: int, chunk_len: int, spec: FieldSpec) -> None:
+    def check_layout(
+        self, name: str, n: int, chunk_len: int, spec: FieldSpec, compression: Compression | None = None
+    ) -> None:
         ds = self._dataset(name)
         where = f"{self.path}: field {name!r}"
         if ds.shape != (n, *spec.shape) or ds.dtype != spec.dtype:
             raise CorruptStoreError(
                 f"{where} is {ds.shape} {ds.dtype}, the manifest says {(n, *spec.shape)} {spec.dtype}"
             )
-        if ds.chunks != (chunk_len, *spec.shape):
+        if ds.chunks != (chunk_len, *spec.shape) or ds.id.get_create_plist().get_layout() != h5py.h5d.CHUNKED:
             raise CorruptStoreError(f"{where}: chunks {ds.chunks}, expected {(chunk_len, *spec.shape)}")
-        filters = set(_filter_ids(ds))
-        if not filters <= {_BLOSC_FILTER}:
-            raise CorruptStoreError(f"{where}: HDF5 filters {sorted(filters)} are not allowed")
+        if not np.little_endian or ds.dtype.byteorder not in "=|<":
+            raise CorruptStoreError(
+                f"{where}: oocseq reads little-endian data on little-endian machines only"
+            )
+        filters = _filters(ds)
+        if compression is None:
+            if filters:
+                raise CorruptStoreError(
+                    f"{where}: HDF5 filters {[f[0] for f in filters]}; the manifest says no compression"
+                )
+            return
+        if [f[0] for f in filters] != [_BLOSC_FILTER]:
+            raise CorruptStoreError(
+                f"{where}: HDF5 filters {[f[0] for f in filters]} are not allowed; oocseq writes "
+                f"one Blosc filter ({_BLOSC_FILTER})"
+            )
+        params = tuple(filters[0][2])
+        chunk_bytes = chunk_len * spec.sample_nbytes
+        ok = (
+            len(params) == 7
+            and params[2] == spec.dtype.itemsize
+            and params[3] == chunk_bytes
+            and params[4] in range(10)
+            and params[5] == 1  # byte shuffle
+            and params[6] == _BLOSC_CODES[compression.cname]
+        )
+        if not ok:
+            raise CorruptStoreError(
+                f"{where}: Blosc filter parameters {params}, expected typesize {spec.dtype.itemsize}, "
+                f"{chunk_bytes} bytes, byte shuffle and compressor {compression.cname!r}"
+            )
 
-    def _table(self, name: str) -> _ChunkTable | None:
-        if name not in self._chunk_tables:
-            ds = self._dataset(name)
-            ok = ds.chunks is not None and ds.dtype.byteorder in "=|<" and np.little_endian
-            self._chunk_tables[name] = _ChunkTable(ds) if ok else None
-        return self._chunk_tables[name]
+    def _table(self, name: str) -> _ChunkTable:
+        table = self._chunk_tables.get(name)
+        if table is None:
+            with self._lock:  # h5py holds its own lock; this one keeps one table per field
+                table = self._chunk_tables.get(name)
+                if table is None:
+                    table = self._chunk_tables[name] = _ChunkTable(self._dataset(name))
+        return table
 
     def advise_chunks(self, name: str, chunks: np.ndarray) -> None:
-        table = self._table(name) if self.fast else None
-        if table is None or self._mapped is None or not hasattr(os, "posix_fadvise"):
+        if not self.fast or not hasattr(os, "posix_fadvise"):
             return
+        table = self._table(name)
         for c in chunks.tolist():
             offset, size, _ = table.lookup(c * table.chunk_len)
             if offset >= 0:
-                os.posix_fadvise(self._mapped.fd, offset, size, os.POSIX_FADV_WILLNEED)
+                os.posix_fadvise(self._fd, offset, size, os.POSIX_FADV_WILLNEED)
 
     def read_chunk_fast(
         self, name: str, c: int, start: int, stop: int, out: np.ndarray | None = None
     ) -> np.ndarray | None:
         table = self._table(name)
-        if table is None:
-            return None
-        if self._mapped is None:  # fast=False: no map, and read_chunk never comes here
-            return None
         ds = self._dataset(name)
         where = f"{self.path}: chunk {c} of field {name!r}"
         offset, size, skipped_filter = table.lookup(start)
@@ -95,22 +158,32 @@ class HDF5Reader(StorageReader):
             raise CorruptStoreError(
                 f"{where} is missing; the store is incomplete or damaged. Ingest it again."
             )
+        if offset + size > self._size:
+            raise CorruptStoreError(
+                f"{where}: chunk at bytes {offset}..{offset + size} lies outside the file"
+            )
         shape = (ds.chunks[0], *ds.shape[1:])  # HDF5 stores whole chunks, the last one padded
-        nbytes = int(np.prod(shape)) * ds.dtype.itemsize
+        nbytes = math.prod(shape) * ds.dtype.itemsize
+        # Decoded straight into the window buffer when the chunk fills it.
+        chunk = out if out is not None and stop - start == shape[0] else np.empty(shape, dtype=ds.dtype)
         if table.blosc and not skipped_filter:
-            if out is not None and stop - start == shape[0]:
-                blosc_decode_into(self._mapped.pread(offset, size), out, where)  # in place
-                return out
-            chunk = np.empty(shape, dtype=ds.dtype)
-            blosc_decode_into(self._mapped.pread(offset, size), chunk, where)
+            if size > nbytes + BLOSC_MAX_OVERHEAD:
+                raise CorruptStoreError(
+                    f"{where}: compressed chunk has {size} bytes, more than the {nbytes} bytes it "
+                    "decodes to plus the Blosc header"
+                )
+            blosc_decode_into(read_exactly(self._fd, offset, size, where), chunk, where)
         else:
             if size != nbytes:
                 raise CorruptStoreError(f"{where}: stored chunk has {size} bytes, expected {nbytes}")
-            if out is not None and stop - start == shape[0]:
-                self._mapped.pread_into(offset, out, where)  # one kernel copy, no page faults
-                return out
-            chunk = np.frombuffer(self._mapped.view(offset, size, where), dtype=ds.dtype).reshape(shape)
-        return _into(chunk[: stop - start], out)
+            read_exactly_into(self._fd, offset, chunk, where)  # one kernel copy
+        if chunk is out:
+            return out
+        part = chunk[: stop - start]
+        if out is None:
+            return part
+        np.copyto(out, part)
+        return out
 
     def read_chunk_library(self, name: str, c: int, start: int, stop: int) -> np.ndarray:
         ds = self._dataset(name)
@@ -131,6 +204,8 @@ class HDF5Reader(StorageReader):
 
     def read_aux(self, name: str) -> np.ndarray:
         ds = self._dataset(f"{AUX_GROUP}/{name}")
+        if ds.id.get_create_plist().get_nfilters():
+            raise CorruptStoreError(f"{self.path}: auxiliary array {name!r} has filters; oocseq writes none")
         if h5py.check_string_dtype(ds.dtype) is not None:
             return np.asarray(ds.asstr()[...], dtype=str)
         return np.asarray(ds[...])
@@ -140,13 +215,8 @@ class HDF5Reader(StorageReader):
 
     def close(self) -> None:
         self._datasets.clear()
-        if self._mapped is not None:
-            self._mapped.close()
-            self._mapped = None
-        try:
-            self._file.close()
-        except Exception:  # closing after the interpreter started shutting down
-            pass
+        self._chunk_tables.clear()
+        self._handles.close()
 
 
 class _ChunkTable:
@@ -159,7 +229,7 @@ class _ChunkTable:
         self.offsets = np.full(num, -1, dtype=np.int64)
         self.sizes = np.zeros(num, dtype=np.int64)
         self.masks = np.zeros(num, dtype=np.int64)
-        self.blosc = _BLOSC_FILTER in _filter_ids(ds)
+        self.blosc = _BLOSC_FILTER in [f[0] for f in _filters(ds)]
 
         def visit(info: Any) -> None:
             c = info.chunk_offset[0] // self.chunk_len
@@ -175,9 +245,9 @@ class _ChunkTable:
         return int(self.offsets[c]), int(self.sizes[c]), bool(self.masks[c] & 1)
 
 
-def _filter_ids(ds: Any) -> list[int]:
+def _filters(ds: Any) -> list[tuple[Any, ...]]:
     plist = ds.id.get_create_plist()
-    return [plist.get_filter(i)[0] for i in range(plist.get_nfilters())]
+    return [plist.get_filter(i) for i in range(plist.get_nfilters())]
 
 
 class HDF5Writer(StorageWriter):

@@ -3,31 +3,45 @@
 h5py holds a global lock and zarr-python costs ~1 ms of event-loop work per call; reading a
 chunk's bytes ourselves (a Zarr chunk file; ``os.pread`` at an HDF5 chunk's offset) and
 decoding them with numcodecs releases the GIL, so a thread pool decodes chunks in parallel.
-Uncompressed chunks are not copied at all: they are views of a read-only memory map.
 
-Stored bytes are untrusted: sizes are checked against the manifest before decoding, and
-decoding writes into a buffer of exactly the expected size.
+Stored bytes are untrusted: sizes are checked against the manifest before anything is read
+or decoded (a Blosc frame's header states its decoded size), and decoding writes into a
+buffer of exactly the expected size. Bytes are read with ``pread`` into memory oocseq owns,
+never handed out as views of a memory map: a file truncated later cannot fault (SIGBUS) an
+array already returned.
 """
 
 from __future__ import annotations
 
-import mmap
+import errno
 import os
+import stat
 import struct
+import weakref
+from typing import Any
 
 import numcodecs.blosc
 import numpy as np
 
-from ..errors import CorruptStoreError
+from ..errors import CorruptStoreError, StoreReadError
 
-_BLOSC_HEADER = 16
+BLOSC_HEADER = 16
+#: Blosc (v1) never stores more than the decoded bytes plus its 16-byte header; a larger file
+#: is refused before it is read.
+BLOSC_MAX_OVERHEAD = 16
 
 
-def blosc_decode_into(raw: bytes | memoryview, out: np.ndarray, where: str) -> None:
-    """Decode one Blosc frame into ``out`` (C-contiguous), checking its header first."""
-    if len(raw) < _BLOSC_HEADER:
+def blosc_header(raw: bytes | bytearray | memoryview, where: str) -> tuple[int, int]:
+    """``(decoded bytes, stored bytes)`` from a Blosc frame's header."""
+    if len(raw) < BLOSC_HEADER:
         raise CorruptStoreError(f"{where}: compressed chunk of {len(raw)} bytes is truncated")
     nbytes, _blocksize, cbytes = struct.unpack_from("<III", raw, 4)
+    return nbytes, cbytes
+
+
+def blosc_decode_into(raw: bytes | bytearray | memoryview, out: np.ndarray, where: str) -> None:
+    """Decode one Blosc frame into ``out`` (C-contiguous), checking its header first."""
+    nbytes, cbytes = blosc_header(raw, where)
     if nbytes != out.nbytes or cbytes != len(raw):
         raise CorruptStoreError(
             f"{where}: compressed chunk says {nbytes} bytes decoded / {cbytes} stored, "
@@ -39,88 +53,96 @@ def blosc_decode_into(raw: bytes | memoryview, out: np.ndarray, where: str) -> N
         raise CorruptStoreError(f"{where}: cannot decode chunk: {e}") from e
 
 
-class MappedFile:
-    """A read-only memory map of a whole file, opened once per process (by its reader)."""
-
-    def __init__(self, path: os.PathLike[str] | str) -> None:
-        self.fd = os.open(path, os.O_RDONLY)
-        self.size = os.fstat(self.fd).st_size
-        self.map = mmap.mmap(self.fd, self.size, access=mmap.ACCESS_READ) if self.size else None
-        if self.map is not None and hasattr(mmap, "MADV_RANDOM"):
-            # Chunks are read whole but in shuffled order: no kernel read-ahead past a chunk.
-            self.map.madvise(mmap.MADV_RANDOM)
-
-    def view(self, offset: int, nbytes: int, where: str) -> memoryview:
-        """Bytes ``[offset, offset + nbytes)`` without copying (asks the kernel to read them)."""
-        if offset < 0 or offset + nbytes > self.size or self.map is None:
-            raise CorruptStoreError(
-                f"{where}: chunk at bytes {offset}..{offset + nbytes} lies outside the file"
-            )
-        if nbytes and hasattr(mmap, "MADV_WILLNEED"):
-            page = offset - offset % mmap.PAGESIZE
-            self.map.madvise(mmap.MADV_WILLNEED, page, offset + nbytes - page)
-        return memoryview(self.map)[offset : offset + nbytes]
-
-    def pread(self, offset: int, nbytes: int) -> bytes:
-        return os.pread(self.fd, nbytes, offset)
-
-    def pread_into(self, offset: int, out: np.ndarray, where: str) -> None:
-        """Read ``out.nbytes`` bytes at ``offset`` straight into ``out`` (one kernel copy, no
-        page faults on a mapping)."""
-        read_exactly_into(self.fd, offset, out, where)
-
-    def close(self) -> None:
-        if self.map is not None:
-            try:
-                self.map.close()
-            except BufferError:  # views still in use keep the map alive; the GC closes it
-                pass
-        os.close(self.fd)
-
-
-def _into(chunk: np.ndarray, out: np.ndarray | None) -> np.ndarray:
-    """``chunk`` copied into ``out`` if given (then ``out``), else ``chunk`` itself."""
-    if out is None:
-        return chunk
-    np.copyto(out, chunk)
-    return out
-
-
 def read_exactly_into(fd: int, offset: int, out: np.ndarray, where: str) -> None:
     """``os.preadv`` of ``out.nbytes`` bytes at ``offset`` into C-contiguous ``out``."""
     view = memoryview(out.reshape(-1).view(np.uint8))
     done = 0
     while done < len(view):
-        got = os.preadv(fd, [view[done:]], offset + done)
+        try:
+            got = os.preadv(fd, [view[done:]], offset + done)
+        except OSError as e:
+            raise os_error(e, where) from e
         if got <= 0:
             raise CorruptStoreError(f"{where}: file ends {len(view) - done} bytes before the chunk does")
         done += got
 
 
-def read_file_into(path: os.PathLike[str] | str, out: np.ndarray, where: str) -> None:
-    """Read a file that must hold exactly ``out.nbytes`` bytes into ``out``."""
-    fd = os.open(path, os.O_RDONLY)
+def read_exactly(fd: int, offset: int, nbytes: int, where: str) -> bytearray:
+    """``nbytes`` bytes at ``offset`` (a new buffer)."""
+    buf = bytearray(nbytes)
+    read_exactly_into(fd, offset, np.frombuffer(buf, np.uint8), where)
+    return buf
+
+
+def os_error(e: OSError, where: str) -> StoreReadError | CorruptStoreError:
+    """An OSError met while reading a store, as an oocseq error naming the store."""
+    if e.errno in (errno.ENOENT, errno.ENOTDIR):
+        return CorruptStoreError(f"{where}: missing ({e.strerror}); the store is incomplete or damaged")
+    if e.errno == errno.ELOOP:
+        return CorruptStoreError(
+            f"{where}: is a symbolic link; oocseq reads no links inside a store (a link can lead "
+            "outside it). Copy the store with its files (cp -L) or ingest it again."
+        )
+    if e.errno in (errno.EMFILE, errno.ENFILE):
+        return StoreReadError(
+            e.errno,
+            f"{where}: too many open files; close stores and sequences you no longer use "
+            "(store.close(), seq.close()) or raise the limit (ulimit -n)",
+        )
+    return StoreReadError(e.errno, f"{where}: {e.strerror or e}")
+
+
+def open_beneath(dir_fd: int, parts: list[str], where: str) -> int:
+    """Open the regular file ``dir_fd/parts[0]/.../parts[-1]`` read-only, refusing symbolic
+    links at every step and anything that is not a regular file (a FIFO cannot block: it is
+    opened non-blocking, then refused). Returns a new fd; raises CorruptStoreError."""
+    fds: list[int] = []
     try:
-        size = os.fstat(fd).st_size
-        if size != out.nbytes:
-            raise CorruptStoreError(
-                f"{where}: uncompressed chunk file has {size} bytes, expected {out.nbytes}"
-            )
-        read_exactly_into(fd, 0, out, where)
+        cur = dir_fd
+        for part in parts[:-1]:
+            cur = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=cur)
+            fds.append(cur)
+        fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=cur)
+    except OSError as e:
+        raise os_error(e, where) from None
     finally:
+        for d in fds:
+            os.close(d)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
+        raise CorruptStoreError(f"{where}: not a regular file; the store is damaged")
+    return fd
 
 
-def read_whole_file(path: os.PathLike[str] | str) -> bytes:
-    with open(path, "rb", buffering=0) as f:
-        return f.read()
+class Handles:
+    """File descriptors (and other closables) that a reader owns, closed by :meth:`close` or,
+    if the reader is dropped without closing, by the garbage collector."""
 
+    def __init__(self, owner: object) -> None:
+        self.fds: list[int] = []
+        self.objects: list[Any] = []
+        self._finalizer = weakref.finalize(owner, Handles._close_all, self.fds, self.objects)
 
-def map_whole_file(path: os.PathLike[str] | str, nbytes: int, where: str) -> memoryview:
-    """A read-only memory map of a file that must hold exactly ``nbytes`` bytes."""
-    with open(path, "rb", buffering=0) as f:
-        size = os.fstat(f.fileno()).st_size
-        if size != nbytes:
-            raise CorruptStoreError(f"{where}: uncompressed chunk file has {size} bytes, expected {nbytes}")
-        m = mmap.mmap(f.fileno(), nbytes, access=mmap.ACCESS_READ)
-    return memoryview(m)
+    def add_fd(self, fd: int) -> int:
+        self.fds.append(fd)
+        return fd
+
+    def add(self, obj: Any) -> Any:
+        self.objects.append(obj)
+        return obj
+
+    def close(self) -> None:
+        self._finalizer()
+
+    @staticmethod
+    def _close_all(fds: list[int], objects: list[Any]) -> None:
+        while fds:
+            try:
+                os.close(fds.pop())
+            except OSError:
+                pass
+        while objects:
+            try:
+                objects.pop().close()
+            except Exception:  # closing after the interpreter started shutting down
+                pass

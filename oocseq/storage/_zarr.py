@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -12,28 +14,59 @@ import zarr
 from ..errors import CorruptStoreError
 from ..manifest import ATTR_KEY, AUX_GROUP, Compression, FieldSpec
 from ._base import StorageReader, StorageWriter
-from ._raw import _into, blosc_decode_into, map_whole_file, read_file_into, read_whole_file
+from ._raw import (
+    BLOSC_HEADER,
+    BLOSC_MAX_OVERHEAD,
+    Handles,
+    blosc_decode_into,
+    blosc_header,
+    open_beneath,
+    os_error,
+    read_exactly,
+    read_exactly_into,
+)
 
-# Codecs a store may use. Anything else (notably numcodecs.pickle, which runs arbitrary code
-# when decoding) is refused before zarr ever decodes a chunk.
-_ALLOWED_CODECS = frozenset({"bytes", "blosc", "zstd", "gzip", "vlen-utf8"})
+#: Codecs of auxiliary arrays (per-sample sources: variable-length strings, zstd as zarr
+#: writes them). Fields allow exactly what oocseq writes: see :func:`_check_field_codecs`.
+_AUX_CODECS = (["vlen-utf8", "zstd"], ["vlen-utf8"], ["bytes", "zstd"], ["bytes"])
 
 
 class ZarrReader(StorageReader):
+    """Reads a Zarr v3 directory store.
+
+    The store's directory is opened once; zarr reads its metadata through that open directory
+    (``/proc/self/fd/N`` where there is one) and chunk files are opened relative to it, one path
+    component at a time with ``O_NOFOLLOW``: a symbolic link anywhere below the store's root is
+    refused, and a store replaced on disk after it was opened is never mixed with this one."""
+
     format = "zarr"
 
     def __init__(self, path: Path, fast: bool = True) -> None:
         super().__init__(path, fast)
-        self._group = zarr.open_group(str(path), mode="r")
+        self._handles = Handles(self)
+        try:
+            self._root = self._handles.add_fd(os.open(path, os.O_RDONLY | os.O_DIRECTORY))
+        except OSError as e:
+            raise os_error(e, str(path)) from None
+        pinned = f"/proc/self/fd/{self._root}"
+        self._group = zarr.open_group(pinned if os.path.isdir(pinned) else str(path), mode="r")
         self._arrays: dict[str, Any] = {}
-        self._fast_kind: dict[str, str | None] = {}
+        self._chunk_dirs: dict[str, int] = {}
+        self._kinds: dict[str, str] = {}
+        self._lock = threading.Lock()
 
     def manifest_doc(self) -> Any:
+        self._no_link("zarr.json")
         return self._group.attrs.asdict().get(ATTR_KEY)
+
+    def _no_link(self, *parts: str) -> None:
+        """Refuse a metadata file reached through a symbolic link below the store's root."""
+        os.close(open_beneath(self._root, list(parts), f"{self.path}/{'/'.join(parts)}"))
 
     def _array(self, name: str) -> Any:
         arr = self._arrays.get(name)
         if arr is None:
+            self._no_link(*name.split("/"), "zarr.json")
             try:
                 arr = self._group[name]
             except KeyError:
@@ -44,11 +77,18 @@ class ZarrReader(StorageReader):
                 ) from None
             if not isinstance(arr, zarr.Array):
                 raise CorruptStoreError(f"{self.path}: {name!r} is not an array")
-            _check_codecs(arr, f"{self.path}/{name}")
+            if getattr(arr.metadata, "zarr_format", 3) != 3:
+                raise CorruptStoreError(f"{self.path}/{name}: not a Zarr v3 array")
+            if name.startswith(AUX_GROUP + "/"):
+                codecs = [c.to_dict()["name"] for c in arr.metadata.codecs]
+                if codecs not in _AUX_CODECS:
+                    raise CorruptStoreError(f"{self.path}/{name}: codecs {codecs} are not allowed")
             self._arrays[name] = arr
         return arr
 
-    def check_layout(self, name: str, n: int, chunk_len: int, spec: FieldSpec) -> None:
+    def check_layout(
+        self, name: str, n: int, chunk_len: int, spec: FieldSpec, compression: Compression | None = None
+    ) -> None:
         arr = self._array(name)
         where = f"{self.path}: field {name!r}"
         if arr.shape != (n, *spec.shape) or arr.dtype != spec.dtype:
@@ -60,43 +100,61 @@ class ZarrReader(StorageReader):
         enc = arr.metadata.chunk_key_encoding
         if getattr(enc, "name", None) != "default" or getattr(enc, "separator", None) != "/":
             raise CorruptStoreError(f"{where}: unsupported chunk key encoding {enc!r}")
+        self._kinds[name] = _check_field_codecs(arr, spec, compression, where)
 
-    def _chunk_file(self, name: str, c: int, ndim: int) -> Path:
-        # zarr returns the fill value for a missing chunk file; a missing chunk is corruption.
-        key = self.path / name / "c" / str(c)
-        for _ in range(ndim - 1):
-            key = key / "0"
-        if not key.is_file():
-            raise CorruptStoreError(
-                f"{self.path}: chunk {c} of field {name!r} is missing ({key}); the store is "
-                "incomplete or damaged. Ingest it again."
-            )
-        return key
+    def _chunk_dir(self, name: str) -> int:
+        """An open fd of the field's ``c`` directory (links refused)."""
+        fd = self._chunk_dirs.get(name)
+        if fd is None:
+            with self._lock:
+                fd = self._chunk_dirs.get(name)
+                if fd is None:
+                    where = f"{self.path}: chunks of field {name!r} ({self.path / name / 'c'})"
+                    fd = self._open_dir(self._root, [*name.split("/"), "c"], where)
+                    self._chunk_dirs[name] = self._handles.add_fd(fd)
+        return fd
 
-    def _kind(self, name: str) -> str | None:
-        """``"blosc"`` or ``"raw"`` when the chunk files hold a Blosc frame or the plain
-        little-endian bytes of a whole chunk; ``None`` for anything else."""
-        if name not in self._fast_kind:
-            arr = self._array(name)
-            codecs = [c.to_dict() for c in arr.metadata.codecs]
-            kind: str | None = None
-            if codecs and codecs[0]["name"] == "bytes" and arr.dtype.byteorder in "=|<":
-                endian = (codecs[0].get("configuration") or {}).get("endian", "little")
-                rest = [c["name"] for c in codecs[1:]]
-                if endian == "little" and np.little_endian:
-                    kind = "raw" if not rest else "blosc" if rest == ["blosc"] else None
-            self._fast_kind[name] = kind
-        return self._fast_kind[name]
+    @staticmethod
+    def _open_dir(dir_fd: int, parts: list[str], where: str) -> int:
+        cur = dir_fd
+        try:
+            for part in parts:
+                nxt = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=cur)
+                if cur != dir_fd:
+                    os.close(cur)
+                cur = nxt
+        except OSError as e:
+            if cur != dir_fd:
+                os.close(cur)
+            raise os_error(e, where) from None
+        return cur
+
+    def chunk_location(self, name: str, c: int) -> str:
+        return str(self.path / name / "c" / "/".join([str(c)] + ["0"] * (len(self._array(name).shape) - 1)))
+
+    def _open_chunk(self, name: str, c: int) -> tuple[int, str]:
+        """``(fd, where)`` of chunk ``c``'s file, opened without following links. A missing
+        chunk file is corruption (zarr would serve the fill value)."""
+        ndim = self._array(name).ndim
+        parts = [str(c)] + ["0"] * (ndim - 1)
+        where = f"{self.path}: chunk {c} of field {name!r} ({self.path / name / 'c' / '/'.join(parts)})"
+        try:
+            return open_beneath(self._chunk_dir(name), parts, where), where
+        except CorruptStoreError as e:
+            if "missing" in str(e):
+                raise CorruptStoreError(
+                    f"{where} is missing; the store is incomplete or damaged. Ingest it again."
+                ) from None
+            raise
 
     def advise_chunks(self, name: str, chunks: np.ndarray) -> None:
         if not self.fast or not hasattr(os, "posix_fadvise"):
             return
-        ndim = self._array(name).ndim
         for c in chunks.tolist():
             try:
-                fd = os.open(self._chunk_file(name, c, ndim), os.O_RDONLY)
-            except (OSError, CorruptStoreError):
-                continue  # a missing chunk is reported when it is read
+                fd, _ = self._open_chunk(name, c)
+            except Exception:
+                continue  # a missing or refused chunk is reported when it is read
             try:
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
             finally:
@@ -105,56 +163,99 @@ class ZarrReader(StorageReader):
     def read_chunk_fast(
         self, name: str, c: int, start: int, stop: int, out: np.ndarray | None = None
     ) -> np.ndarray | None:
-        kind = self._kind(name)
-        if kind is None:
-            return None
         arr = self._array(name)
-        path = self._chunk_file(name, c, arr.ndim)
+        kind = self._kinds[name]
         shape = (arr.chunks[0], *arr.shape[1:])  # files hold whole chunks, the last one padded
-        where = f"{self.path}: chunk {c} of field {name!r} ({path})"
-        if kind == "raw" and out is not None and stop - start == shape[0]:
-            read_file_into(path, out, where)  # one kernel copy into the window buffer
-            return out
-        if kind == "raw":
-            nbytes = int(np.prod(shape)) * arr.dtype.itemsize
-            chunk = np.frombuffer(map_whole_file(path, nbytes, where), dtype=arr.dtype).reshape(shape)
-            return _into(chunk[: stop - start], out)
-        if out is not None and stop - start == shape[0]:
-            blosc_decode_into(read_whole_file(path), out, where)  # straight into the window buffer
-            return out
-        chunk = np.empty(shape, dtype=arr.dtype)
-        blosc_decode_into(read_whole_file(path), chunk, where)
-        return _into(chunk[: stop - start], out)
+        nbytes = math.prod(shape) * arr.dtype.itemsize
+        # Decoded straight into the window buffer when the chunk fills it.
+        chunk = out if out is not None and stop - start == shape[0] else np.empty(shape, dtype=arr.dtype)
+        whole = chunk is out
+        fd, where = self._open_chunk(name, c)
+        try:
+            size = os.fstat(fd).st_size
+            if kind == "raw":
+                if size != nbytes:
+                    raise CorruptStoreError(
+                        f"{where}: uncompressed chunk file has {size} bytes, expected {nbytes}"
+                    )
+                read_exactly_into(fd, 0, chunk, where)  # one kernel copy, into the window buffer
+            else:
+                if size > nbytes + BLOSC_MAX_OVERHEAD:
+                    raise CorruptStoreError(
+                        f"{where}: compressed chunk file has {size} bytes, more than the {nbytes} "
+                        "bytes it decodes to plus the Blosc header"
+                    )
+                blosc_decode_into(read_exactly(fd, 0, size, where), chunk, where)
+        finally:
+            os.close(fd)
+        if whole:
+            return chunk
+        part = chunk[: stop - start]
+        if out is None:
+            return part
+        np.copyto(out, part)
+        return out
 
     def read_chunk_library(self, name: str, c: int, start: int, stop: int) -> np.ndarray:
         arr = self._array(name)
-        key = self._chunk_file(name, c, arr.ndim)
+        fd, where = self._open_chunk(name, c)
+        try:
+            if self._kinds[name] == "blosc":  # its decoded size, before zarr decodes it
+                shape = (arr.chunks[0], *arr.shape[1:])
+                nbytes = math.prod(shape) * arr.dtype.itemsize
+                said, _ = blosc_header(
+                    read_exactly(fd, 0, min(BLOSC_HEADER, os.fstat(fd).st_size), where), where
+                )
+                if said != nbytes:
+                    raise CorruptStoreError(
+                        f"{where}: compressed chunk says {said} bytes decoded, expected {nbytes}"
+                    )
+        finally:
+            os.close(fd)
         try:
             return np.ascontiguousarray(arr[start:stop])
         except Exception as e:  # a decoding failure is a damaged chunk file
-            raise CorruptStoreError(
-                f"{self.path}: cannot decode chunk {c} of field {name!r} ({key}): {e}"
-            ) from e
+            raise CorruptStoreError(f"{where}: cannot decode chunk: {e}") from e
 
     def read_aux(self, name: str) -> np.ndarray:
         return np.asarray(self._array(f"{AUX_GROUP}/{name}")[...])
 
     def stored_nbytes(self, name: str) -> int:
         root = self.path / name / "c"
-        return sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) if root.exists() else 0
+        return sum(p.lstat().st_size for p in root.rglob("*") if p.is_file()) if root.exists() else 0
 
     def close(self) -> None:
         self._arrays.clear()
+        self._chunk_dirs.clear()
+        self._handles.close()
 
 
-def _check_codecs(arr: Any, where: str) -> None:
-    meta = arr.metadata
-    codecs = [c.to_dict()["name"] for c in getattr(meta, "codecs", ())]
-    if getattr(meta, "zarr_format", 3) != 3:
-        raise CorruptStoreError(f"{where}: not a Zarr v3 array")
-    bad = [c for c in codecs if c not in _ALLOWED_CODECS]
-    if bad:
-        raise CorruptStoreError(f"{where}: codecs {bad} are not allowed (allowed: {sorted(_ALLOWED_CODECS)})")
+def _check_field_codecs(arr: Any, spec: FieldSpec, compression: Compression | None, where: str) -> str:
+    """``"raw"`` or ``"blosc"``: the field's codecs must be exactly what oocseq writes, with the
+    configuration it writes (little-endian bytes; Blosc with the manifest's compressor,
+    byte shuffle and the dtype's size), else CorruptStoreError."""
+    codecs = [c.to_dict() for c in arr.metadata.codecs]
+    names = [c["name"] for c in codecs]
+    expected = ["bytes"] if compression is None else ["bytes", "blosc"]
+    if names != expected:
+        raise CorruptStoreError(
+            f"{where}: codecs {names}, expected {expected} (the manifest says "
+            f"{'no compression' if compression is None else compression.to_json()}); oocseq reads "
+            "only the codecs it writes"
+        )
+    endian = (codecs[0].get("configuration") or {}).get("endian")
+    if endian not in (None, "little") or (endian is None and spec.dtype.itemsize > 1):
+        raise CorruptStoreError(f"{where}: bytes codec with endian {endian!r}; oocseq writes little-endian")
+    if not np.little_endian:  # the fast path reads little-endian bytes as native values
+        raise CorruptStoreError(f"{where}: oocseq reads stores on little-endian machines only")
+    if compression is None:
+        return "raw"
+    conf = codecs[1].get("configuration") or {}
+    want = {"typesize": spec.dtype.itemsize, "cname": compression.cname, "shuffle": "shuffle", "blocksize": 0}
+    got = {k: conf.get(k) for k in want}
+    if got != want or conf.get("clevel") not in range(10) or set(conf) - {*want, "clevel"}:
+        raise CorruptStoreError(f"{where}: Blosc configuration {conf}, expected {want} and a clevel in 0..9")
+    return "blosc"
 
 
 class ZarrWriter(StorageWriter):
