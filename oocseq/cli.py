@@ -274,9 +274,10 @@ def _run_verify(args: argparse.Namespace) -> None:
     from .store import open_store
 
     store = open_store(args.store)
-    store.verify()
+    checked = store.verify()
     print(
-        f"OK {store.path}: all {store.num_chunks} chunks of {len(store.fields)} field(s) match their checksums"
+        f"OK {store.path}: all {checked} chunks ({store.num_chunks} per field, {len(store.fields)} "
+        f"field(s)) match their {store.manifest.checksum} checksums"
     )
 
 
@@ -308,6 +309,7 @@ def describe(store: Any) -> str:
         f"samples:      {len(store)}",
         f"chunk_len:    {store.chunk_len} ({store.num_chunks} chunk{'' if store.num_chunks == 1 else 's'})",
         f"compression:  {_compression(meta['compression'])}",
+        f"checksums:    {meta['checksum'].upper()} per chunk, checked when a chunk is first read",
         "",
         *_field_table(store),
     ]

@@ -33,7 +33,7 @@ from .errors import (
 )
 from .manifest import Manifest
 from .storage import StorageReader, open_reader, store_format
-from .storage._raw import os_error
+from .storage._raw import SYSTEM_ERRNOS, os_error
 
 __all__ = ["Store", "FieldInfo", "FieldView", "open_store"]
 
@@ -115,7 +115,9 @@ class Store:
         except OocseqError:
             raise
         except OSError as e:
-            raise os_error(e, str(self.path)) from e
+            if e.errno in SYSTEM_ERRNOS:
+                raise os_error(e, str(self.path)) from e
+            raise NotAStoreError(f"{self.path} is not a readable {self.format} store: {e}") from e
         except Exception as e:
             raise NotAStoreError(f"{self.path} is not a readable {self.format} store: {e}") from e
         try:

@@ -399,7 +399,8 @@ def test_fields_len_and_metadata(tmp_path: Path, fmt: str, compression: str | No
     }
     assert "x" in store and "nope" not in store and list(store) == ["x", "y"]
     meta = store.metadata
-    assert meta["format_version"] == 1
+    assert meta["format_version"] == 2
+    assert meta["checksum"] == "crc32c"
     assert meta["author"] == "me"
     assert meta["classes"] == ["a", "b"]
     assert meta["nested"] == {"k": [1, 2.5, None]}
@@ -425,7 +426,7 @@ def test_user_metadata_cannot_fake_format_facts(tmp_path: Path) -> None:
         )
     except ValueError:
         return
-    assert store.metadata["format_version"] == 1
+    assert store.metadata["format_version"] == 2
     assert store.metadata["compression"]["cname"] == "zstd"
 
 
@@ -435,8 +436,8 @@ def test_verify_passes_on_good_store(tmp_path: Path, fmt: str) -> None:
     store = oocseq.ingest_arrays(
         tmp_path / f"s{fmt}", {"x": rng.standard_normal((23, 3)), "y": rng.integers(0, 9, 23)}, chunk_len=5
     )
-    assert store.verify() is None
-    assert oocseq.open_store(tmp_path / f"s{fmt}").verify() is None
+    assert store.verify() == 2 * 5  # chunks checked: 2 fields of 5 chunks
+    assert oocseq.open_store(tmp_path / f"s{fmt}").verify() == 10
 
 
 def test_store_opens_without_oocseq(tmp_path: Path) -> None:

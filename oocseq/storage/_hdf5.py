@@ -16,7 +16,15 @@ import numpy as np
 from ..errors import CorruptStoreError, NotAStoreError
 from ..manifest import ATTR_KEY, AUX_GROUP, Compression, FieldSpec
 from ._base import StorageReader, StorageWriter
-from ._raw import BLOSC_MAX_OVERHEAD, Handles, blosc_decode_into, os_error, read_exactly, read_exactly_into
+from ._raw import (
+    BLOSC_MAX_OVERHEAD,
+    SYSTEM_ERRNOS,
+    Handles,
+    blosc_decode_into,
+    os_error,
+    read_exactly,
+    read_exactly_into,
+)
 
 _BLOSC_FILTER = 32001
 #: Blosc compressor codes in the filter's parameters (hdf5plugin / c-blosc).
@@ -39,7 +47,7 @@ class HDF5Reader(StorageReader):
         try:
             self._file = self._handles.add(h5py.File(path, "r"))
         except OSError as e:
-            if e.errno is not None:
+            if e.errno in SYSTEM_ERRNOS:
                 raise os_error(e, str(path)) from None
             raise NotAStoreError(f"{path} is not an HDF5 file ({e})") from None
         if self._file.driver != "sec2":

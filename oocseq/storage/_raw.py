@@ -74,6 +74,10 @@ def read_exactly(fd: int, offset: int, nbytes: int, where: str) -> bytearray:
     return buf
 
 
+#: errno values that say the system refused a read (not that the path is no store).
+SYSTEM_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.EIO, errno.EACCES, errno.EPERM, errno.ENOMEM})
+
+
 def os_error(e: OSError, where: str) -> StoreReadError | CorruptStoreError:
     """An OSError met while reading a store, as an oocseq error naming the store."""
     if e.errno in (errno.ENOENT, errno.ENOTDIR):

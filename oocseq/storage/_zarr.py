@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import threading
@@ -11,12 +12,13 @@ from typing import Any
 import numpy as np
 import zarr
 
-from ..errors import CorruptStoreError
+from ..errors import CorruptStoreError, NotAStoreError
 from ..manifest import ATTR_KEY, AUX_GROUP, Compression, FieldSpec
 from ._base import StorageReader, StorageWriter
 from ._raw import (
     BLOSC_HEADER,
     BLOSC_MAX_OVERHEAD,
+    SYSTEM_ERRNOS,
     Handles,
     blosc_decode_into,
     blosc_header,
@@ -47,26 +49,38 @@ class ZarrReader(StorageReader):
         try:
             self._root = self._handles.add_fd(os.open(path, os.O_RDONLY | os.O_DIRECTORY))
         except OSError as e:
-            raise os_error(e, str(path)) from None
+            if e.errno in SYSTEM_ERRNOS:
+                raise os_error(e, str(path)) from None
+            raise NotAStoreError(f"{path} is not a Zarr store directory ({e.strerror})") from None
         pinned = f"/proc/self/fd/{self._root}"
-        self._group = zarr.open_group(pinned if os.path.isdir(pinned) else str(path), mode="r")
+        try:
+            self._group = zarr.open_group(pinned if os.path.isdir(pinned) else str(path), mode="r")
+        except Exception as e:
+            raise NotAStoreError(f"{path} is not a readable zarr store: {e}") from None
         self._arrays: dict[str, Any] = {}
         self._chunk_dirs: dict[str, int] = {}
         self._kinds: dict[str, str] = {}
         self._lock = threading.Lock()
 
     def manifest_doc(self) -> Any:
-        self._no_link("zarr.json")
+        self._no_link("zarr.json", missing=f"{self.path}: not a Zarr v3 store (no zarr.json)")
         return self._group.attrs.asdict().get(ATTR_KEY)
 
-    def _no_link(self, *parts: str) -> None:
-        """Refuse a metadata file reached through a symbolic link below the store's root."""
-        os.close(open_beneath(self._root, list(parts), f"{self.path}/{'/'.join(parts)}"))
+    def _no_link(self, *parts: str, missing: str) -> None:
+        """Refuse a metadata file reached through a symbolic link below the store's root;
+        ``missing``: the message if it does not exist."""
+        try:
+            fd = open_beneath(self._root, list(parts), f"{self.path}/{'/'.join(parts)}")
+        except CorruptStoreError as e:
+            if isinstance(e.__context__, OSError) and e.__context__.errno in (errno.ENOENT, errno.ENOTDIR):
+                raise CorruptStoreError(missing) from None
+            raise
+        os.close(fd)
 
     def _array(self, name: str) -> Any:
         arr = self._arrays.get(name)
         if arr is None:
-            self._no_link(*name.split("/"), "zarr.json")
+            self._no_link(*name.split("/"), "zarr.json", missing=f"{self.path}: array {name!r} is missing")
             try:
                 arr = self._group[name]
             except KeyError:
