@@ -267,7 +267,7 @@ def test_blosc_header_bomb_refused_before_decoding(tmp_path: Path, fmt: str) -> 
     """A Blosc frame whose header claims a huge decoded size is refused from the header."""
     path = tmp_path / f"s{fmt}"
     make(path, "lz4").close()
-    f, offset, size = chunk_span(path, "x", 1)
+    f, offset, _ = chunk_span(path, "x", 1)
     with open(f, "r+b") as fh:
         fh.seek(offset + 4)
         fh.write((1 << 31).to_bytes(4, "little"))
