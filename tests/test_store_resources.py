@@ -1,0 +1,143 @@
+"""Resources of opened stores: no file handle outlives ``close()`` or garbage collection, memory
+stays flat over many open/close cycles, and slicing costs the chunks it touches, not ``n``."""
+
+from __future__ import annotations
+
+import gc
+import os
+import subprocess
+import sys
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import oocseq
+
+FORMATS = [".zarr", ".h5"]
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def _rss_anon_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1])
+    return 0
+
+
+pytestmark = pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("closing", ["close", "with", "gc"])
+def test_no_handle_outlives_close_or_gc(tmp_path: Path, fmt: str, closing: str) -> None:
+    path = tmp_path / f"s{fmt}"
+    oocseq.ingest_arrays(path, {"x": np.arange(400.0).reshape(100, 4)}, chunk_len=16).close()
+    gc.collect()
+    before = _fds()
+    for _ in range(30):
+        if closing == "with":
+            with oocseq.open_store(path) as store:
+                store["x"][5:40]
+                store.advise_chunks("x", np.arange(3))
+            continue
+        store = oocseq.open_store(path)
+        store["x"][5:40]
+        store.advise_chunks("x", np.arange(3))
+        pickle_copy = __import__("pickle").loads(__import__("pickle").dumps(store))
+        pickle_copy.read_chunk("x", 1)  # opens its own handles
+        if closing == "close":
+            store.close()
+            pickle_copy.close()
+        else:
+            del store, pickle_copy
+            gc.collect()
+    gc.collect()
+    assert _fds() == before
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_many_stores_under_a_low_fd_limit(tmp_path: Path, fmt: str) -> None:
+    """With ``ulimit -n 64``, hundreds of stores opened and closed (or dropped) in turn work;
+    running out of descriptors is a StoreReadError that says so."""
+    path = tmp_path / f"s{fmt}"
+    oocseq.ingest_arrays(path, {"x": np.arange(400.0).reshape(100, 4)}, chunk_len=16).close()
+    code = f"""
+import gc, resource, sys
+sys.path.insert(0, {str(REPO)!r})
+import numpy as np
+import oocseq
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+for i in range(300):
+    s = oocseq.open_store({str(path)!r})
+    s["x"][3:30]
+    if i % 2:
+        s.close()
+    else:
+        del s
+        gc.collect()
+held = []
+try:
+    for i in range(100):
+        held.append(oocseq.open_store({str(path)!r}))
+        held[-1].read_chunk("x", 0)
+except oocseq.StoreReadError as e:
+    assert isinstance(e, OSError) and "too many open files" in str(e), e
+    print("limit", len(held))
+else:
+    print("no limit reached")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.startswith("limit"), out.stdout
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_memory_flat_over_open_close_cycles(tmp_path: Path, fmt: str) -> None:
+    path = tmp_path / f"s{fmt}"
+    oocseq.ingest_arrays(path, {"x": np.random.rand(2000, 64).astype("f4")}, chunk_len=256).close()
+
+    def cycle(k: int) -> None:
+        for _ in range(k):
+            with oocseq.open_store(path) as store:
+                store["x"][100:900]
+        gc.collect()
+
+    cycle(20)  # warm: imports, caches of zarr / h5py
+    fds, rss = _fds(), _rss_anon_kib()
+    cycle(150)
+    assert _fds() == fds
+    assert _rss_anon_kib() - rss < 8 << 10  # KiB: under 8 MiB of growth over 150 cycles
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_slice_costs_the_chunks_it_touches(tmp_path: Path, fmt: str) -> None:
+    """``store["x"][5:10]`` of a long store allocates about one chunk, not O(n)."""
+    n, chunk_len = 4_000_000, 1 << 14
+    path = tmp_path / f"s{fmt}"
+    oocseq.ingest_arrays(path, {"x": np.zeros(n, np.uint8)}, chunk_len=chunk_len, compression="lz4").close()
+    store = oocseq.open_store(path)
+    store["x"][0:1]  # warm up
+    reads: list[int] = []
+    real = store.read_chunk
+
+    def counted(name: str, c: int) -> np.ndarray:
+        reads.append(c)
+        return real(name, c)
+
+    store.read_chunk = counted  # type: ignore[method-assign]
+    tracemalloc.start()
+    try:
+        got = store["x"][5:10]
+        got2 = store["x"][n - 3 : n : 2]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert got.shape == (5,) and got2.shape == (2,)
+    assert reads == [0, (n - 1) // chunk_len]
+    assert peak < 8 * chunk_len + (1 << 20)  # a chunk or so, not 8 * n bytes of indices
