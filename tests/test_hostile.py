@@ -569,3 +569,24 @@ print("ok")
     assert out.returncode == 0 and out.stdout.strip() == "ok", (out.returncode, out.stderr[-2000:])
     with pytest.raises((CorruptStoreError, NotAStoreError)):
         oocseq.open_store(path).read_chunk("x", 15)
+
+
+def test_zarr_aux_zstd_bomb_refused_before_inflating(tmp_path: Path) -> None:
+    from PIL import Image
+
+    for k in range(3):
+        (tmp_path / "src" / "a").mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (4, 4), (k, 0, 0)).save(tmp_path / "src" / "a" / f"{k}.png")
+    path = tmp_path / "i.zarr"
+    oocseq.ingest_image_folder(tmp_path / "src", path, image_size=(4, 4)).close()
+    assert len(oocseq.open_store(path).sources) == 3
+    (path / "_oocseq" / "source" / "c" / "0").write_bytes(
+        numcodecs.Zstd(level=1).encode(np.zeros(256 << 20, np.uint8))
+    )
+    tracemalloc.start()
+    try:
+        with pytest.raises(CorruptStoreError, match="auxiliary array 'source'"):
+            _ = oocseq.open_store(path).sources
+        assert tracemalloc.get_traced_memory()[1] < 16 << 20
+    finally:
+        tracemalloc.stop()

@@ -33,6 +33,26 @@ from ._raw import (
 _AUX_CODECS = (["vlen-utf8", "zstd"], ["vlen-utf8"], ["bytes", "zstd"], ["bytes"])
 
 
+#: Bytes one auxiliary string (a source path) may take, decoded, with its length prefix.
+_MAX_AUX_STR_BYTES = 4 + 65536
+
+
+def zstd_content_size(head: bytes) -> int | None:
+    """The decoded size a zstd frame's header states (``None`` if it states none or ``head``
+    is no zstd frame): read before decompressing, so that a small frame cannot inflate to an
+    unbounded size."""
+    if len(head) < 5 or head[:4] != b"\x28\xb5\x2f\xfd":
+        return None
+    fhd = head[4]
+    fcs_flag, single = fhd >> 6, (fhd >> 5) & 1
+    pos = 5 + (0 if single else 1) + (0, 1, 2, 4)[fhd & 3]
+    width = (1 if single else 0, 2, 4, 8)[fcs_flag]
+    if width == 0 or len(head) < pos + width:
+        return None
+    value = int.from_bytes(head[pos : pos + width], "little")
+    return value + 256 if width == 2 else value
+
+
 class ZarrReader(StorageReader):
     """Reads a Zarr v3 directory store.
 
@@ -232,7 +252,38 @@ class ZarrReader(StorageReader):
             raise CorruptStoreError(f"{where}: cannot decode chunk: {e}") from e
 
     def read_aux(self, name: str) -> np.ndarray:
-        return np.asarray(self._array(f"{AUX_GROUP}/{name}")[...])
+        key = f"{AUX_GROUP}/{name}"
+        arr = self._array(key)
+        if arr.ndim != 1:
+            raise CorruptStoreError(
+                f"{self.path}: auxiliary array {name!r} has shape {arr.shape}, expected 1-D"
+            )
+        codecs = [c.to_dict()["name"] for c in arr.metadata.codecs]
+        if "zstd" in codecs:  # zarr's default for these arrays: check decoded sizes first
+            per_item = _MAX_AUX_STR_BYTES if codecs[0] == "vlen-utf8" else arr.dtype.itemsize
+            limit = arr.chunks[0] * per_item
+            for c in range(-(-arr.shape[0] // arr.chunks[0])):
+                where = f"{self.path}: chunk {c} of auxiliary array {name!r}"
+                try:
+                    fd = open_beneath(self._root, [*key.split("/"), "c", str(c)], where)
+                except CorruptStoreError as e:
+                    if isinstance(e.__context__, OSError) and e.__context__.errno == errno.ENOENT:
+                        raise CorruptStoreError(f"{where} is missing; ingest the store again") from None
+                    raise
+                try:
+                    head = read_exactly(fd, 0, min(os.fstat(fd).st_size, 18), where)
+                finally:
+                    os.close(fd)
+                size = zstd_content_size(bytes(head))
+                if size is None or size > limit:
+                    raise CorruptStoreError(
+                        f"{where}: zstd frame of {'unstated' if size is None else size} decoded bytes, "
+                        f"at most {limit} expected"
+                    )
+        try:
+            return np.asarray(arr[...])
+        except Exception as e:
+            raise CorruptStoreError(f"{self.path}: cannot decode auxiliary array {name!r}: {e}") from None
 
     def stored_nbytes(self, name: str) -> int:
         root = self.path / name / "c"
