@@ -22,7 +22,7 @@ def _crc32c(data: np.ndarray) -> int:
 
 
 def _crc32(data: np.ndarray) -> int:
-    return zlib.crc32(data)
+    return zlib.crc32(data.data)
 
 
 #: Checksum algorithm name (as recorded in the manifest) -> function of a C-contiguous uint8
