@@ -88,24 +88,28 @@ class Store:
         if not self.path.exists():
             raise StoreNotFoundError(f"no store at {str(self.path)!r}")
         self._lock = threading.Lock()
-        self._reader: StorageReader | None = None
-        self._verified: dict[str, np.ndarray] = {}
+        # This process's handles and the record of chunks checked through them: one tuple,
+        # swapped whole, so a check is never recorded against other handles.
+        self._handles: tuple[StorageReader, dict[str, np.ndarray]] | None = None
         self._pid = -1
         self._open()
 
     # -- handles: one per process, never pickled ---------------------------------------------
     def _open(self) -> StorageReader:
-        reader = self._reader
-        if reader is not None and self._pid == os.getpid():
-            return reader
+        return self._open_handles()[0]
+
+    def _open_handles(self) -> tuple[StorageReader, dict[str, np.ndarray]]:
+        handles = self._handles
+        if handles is not None and self._pid == os.getpid():
+            return handles
         with self._lock:
-            if self._reader is None or self._pid != os.getpid():
+            if self._handles is None or self._pid != os.getpid():
                 reader = self._new_reader()
                 # Chunks are checked again through new handles: they may see another file.
-                self._verified = {name: np.zeros(self.num_chunks, bool) for name in self.manifest.fields}
-                self._reader = reader
+                verified = {name: np.zeros(self.num_chunks, bool) for name in self.manifest.fields}
+                self._handles = (reader, verified)
                 self._pid = os.getpid()
-            return self._reader
+            return self._handles
 
     def _new_reader(self) -> StorageReader:
         """Open the store's files, read and check its manifest and layout. A reopened store
@@ -152,8 +156,7 @@ class Store:
         state.setdefault("verify_checksums", True)
         self.__dict__.update(state)
         self._lock = threading.Lock()
-        self._reader = None
-        self._verified = {}
+        self._handles = None
         self._pid = -1
 
     def close(self) -> None:
@@ -161,9 +164,9 @@ class Store:
         are checked again). Handles of a store dropped without ``close`` are closed by the
         garbage collector."""
         with self._lock:
-            if self._reader is not None and self._pid == os.getpid():
-                self._reader.close()
-            self._reader = None
+            if self._handles is not None and self._pid == os.getpid():
+                self._handles[0].close()
+            self._handles = None
 
     def __enter__(self) -> Store:
         return self
@@ -239,8 +242,7 @@ class Store:
         if not 0 <= c < self.num_chunks:
             raise OutOfRangeError(f"chunk {c} out of range: {self.path} has {self.num_chunks} chunks")
         start, stop = self.manifest.chunk_bounds(c)
-        reader = self._open()
-        verified = self._verified
+        reader, verified = self._open_handles()
         chunk = reader.read_chunk(name, c, start, stop)
         self._check_sum(reader, verified, name, c, chunk)
         return chunk
@@ -289,8 +291,7 @@ class Store:
         start, stop = self.manifest.chunk_bounds(c)
         if out.shape[0] != stop - start:
             raise ArgumentError(f"chunk {c} of {name!r} has {stop - start} samples, out has {out.shape[0]}")
-        reader = self._open()
-        verified = self._verified
+        reader, verified = self._open_handles()
         reader.read_chunk_into(name, c, start, stop, out)
         self._check_sum(reader, verified, name, c, out)
 
@@ -322,8 +323,7 @@ class Store:
         for name in self.manifest.fields:
             for c in range(self.num_chunks):
                 start, stop = self.manifest.chunk_bounds(c)
-                reader = self._open()
-                verified = self._verified
+                reader, verified = self._open_handles()
                 chunk = reader.read_chunk(name, c, start, stop)
                 self._check_sum(reader, verified, name, c, chunk, force=True)
                 checked += 1
