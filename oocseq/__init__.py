@@ -23,6 +23,7 @@ from .errors import (
     StateError,
     StoreExistsError,
     StoreNotFoundError,
+    StoreWriteError,
     TransformError,
 )
 from .ingest.arrays import ingest_arrays
@@ -58,6 +59,7 @@ __all__ = [
     "StoreExistsError",
     "StateError",
     "StoreNotFoundError",
+    "StoreWriteError",
     "TransformError",
     "__version__",
     "epoch_order",

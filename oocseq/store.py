@@ -25,7 +25,7 @@ from .errors import (
     StoreNotFoundError,
 )
 from .manifest import Manifest
-from .storage import StorageReader, open_reader, store_format
+from .storage import StorageReader, _commit, open_reader, store_format
 
 __all__ = ["Store", "FieldInfo", "FieldView", "open_store"]
 
@@ -62,7 +62,7 @@ class Store:
         self.path = Path(path)
         self.fast = fast
         self.format = store_format(self.path)
-        if not self.path.exists():
+        if not self.path.exists() and not _commit.recover(self.path):
             raise StoreNotFoundError(f"no store at {str(self.path)!r}")
         self._lock = threading.Lock()
         self._reader: StorageReader | None = None

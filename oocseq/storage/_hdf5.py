@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -181,10 +182,19 @@ def _filter_ids(ds: Any) -> list[int]:
 
 
 class HDF5Writer(StorageWriter):
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, resume: bool = False) -> None:
         super().__init__(path)
-        self._file = h5py.File(path, "w-")
+        self._file = h5py.File(path, "r+" if resume else "w-")
         self._datasets: dict[str, Any] = {}
+
+    def reopen_field(self, name: str) -> None:
+        ds = self._file[name]
+        if not isinstance(ds, h5py.Dataset):
+            raise KeyError(name)
+        self._datasets[name] = ds
+
+    def flush(self) -> None:
+        self._file.flush()
 
     def create_field(
         self, name: str, spec: FieldSpec, chunk_len: int, compression: Compression | None
@@ -214,6 +224,8 @@ class HDF5Writer(StorageWriter):
         ds[start:stop] = data
 
     def write_aux(self, name: str, values: np.ndarray) -> None:
+        if f"{AUX_GROUP}/{name}" in self._file:  # a resumed ingestion may have written it before
+            del self._file[f"{AUX_GROUP}/{name}"]
         if values.dtype.kind in "US":
             values = np.asarray(values, dtype=object)
             self._file.create_dataset(f"{AUX_GROUP}/{name}", data=values, dtype=h5py.string_dtype())
@@ -229,4 +241,17 @@ class HDF5Writer(StorageWriter):
 
     def close(self) -> None:
         self._datasets.clear()
-        self._file.close()
+        try:
+            self._file.close()
+        finally:
+            # A failed flush (ENOSPC) leaves the file open; close it regardless, so that the
+            # space of the deleted partial file is freed now, not when the process exits.
+            fid = self._file.id
+            if fid.valid:
+                with contextlib.suppress(Exception):
+                    for oid in h5py.h5f.get_obj_ids(fid, h5py.h5f.OBJ_ALL & ~h5py.h5f.OBJ_FILE):
+                        while oid.valid:
+                            oid._close()
+                with contextlib.suppress(Exception):
+                    while fid.valid:
+                        fid._close()

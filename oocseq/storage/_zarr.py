@@ -158,10 +158,16 @@ def _check_codecs(arr: Any, where: str) -> None:
 
 
 class ZarrWriter(StorageWriter):
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, resume: bool = False) -> None:
         super().__init__(path)
-        self._group = zarr.open_group(str(path), mode="w-")
+        self._group = zarr.open_group(str(path), mode="r+" if resume else "w-")
         self._arrays: dict[str, Any] = {}
+
+    def reopen_field(self, name: str) -> None:
+        arr = self._group[name]
+        if not isinstance(arr, zarr.Array):
+            raise KeyError(name)
+        self._arrays[name] = arr
 
     def create_field(
         self, name: str, spec: FieldSpec, chunk_len: int, compression: Compression | None
@@ -200,6 +206,7 @@ class ZarrWriter(StorageWriter):
             chunks=chunks,
             dtype=dtype,
             config={"write_empty_chunks": True},
+            overwrite=True,  # a resumed ingestion may have written it before
         )
         if len(values):
             arr[...] = values
