@@ -173,7 +173,7 @@ class StoreWriter:
         self._created = False
         self._backend: Any = None
         self._lock: OwnerLock | None = None
-        self._fingerprint = None if job is None or self._shrinkable else self._fingerprint_of(job)
+        self._fingerprint = None if job is None else self._fingerprint_of(job)
         self.dest.parent.mkdir(parents=True, exist_ok=True)
         taken = self._claim(resume, job is not None)
         try:
