@@ -182,7 +182,7 @@ class StoreWriter:
         except BaseException as e:
             self.abort()
             if isinstance(e, OSError) and not isinstance(e, OocseqError):
-                raise StoreWriteError(e.errno, f"cannot create a store next to {self.dest}: {e}") from e
+                raise StoreWriteError(e.errno, f"cannot create a store next to {self.dest}: {_why(e)}") from e
             raise
 
     # -- claiming the destination ------------------------------------------------------------
@@ -209,8 +209,8 @@ class StoreWriter:
             if "lock" in parts and lock is None:
                 continue  # its owner still runs
             journal = None
-            if lock is not None and "journal" in parts and "partial" in parts:
-                if resume and self._fingerprint is not None:
+            if lock is not None and "partial" in parts:  # an interrupted ingestion's store
+                if resume and self._fingerprint is not None and "journal" in parts:
                     journal = _read_journal(parts["journal"], self._fingerprint)
                 if journal is None:
                     why = (
@@ -218,7 +218,7 @@ class StoreWriter:
                         if not resume
                         else "a stream of batches cannot be replayed"
                         if not replayable
-                        else "its source or arguments differ"
+                        else "its source or arguments differ from this call's"
                     )
                     warnings.warn(
                         f"discarding the partial store of an interrupted ingestion into {self.dest} "
@@ -373,7 +373,7 @@ class StoreWriter:
             self._backend.write_chunk(name, c, self.chunk_len, chunk)
         except OSError as e:
             raise StoreWriteError(
-                e.errno, f"cannot write chunk {c} of field {name!r} of {self.dest}: {e}"
+                e.errno, f"cannot write chunk {c} of field {name!r} of {self.dest}: {_why(e)}"
             ) from e
         self._checksums[name].append(crc)
         self._chunks_done[name] += 1
@@ -389,7 +389,7 @@ class StoreWriter:
         try:
             self._backend.flush()
         except OSError as e:
-            raise StoreWriteError(e.errno, f"cannot write {self.dest}: {e}") from e
+            raise StoreWriteError(e.errno, f"cannot write {self.dest}: {_why(e)}") from e
         lines = []
         for k in range(self._journaled + 1, done + 1):
             bound = (k - 1) * self.chunk_len  # replay must start at or before chunk k-1
@@ -461,7 +461,7 @@ class StoreWriter:
             except OSError as e:
                 if isinstance(e, OocseqError):
                     raise
-                raise StoreWriteError(e.errno, f"cannot write {self.dest}: {e}") from e
+                raise StoreWriteError(e.errno, f"cannot write {self.dest}: {_why(e)}") from e
         except BaseException:
             self.abort()
             raise
@@ -490,8 +490,7 @@ class StoreWriter:
     def abort(self) -> None:
         """Drop the partial store (and its journal and lock)."""
         if self._backend is not None:
-            with contextlib.suppress(Exception):
-                self._backend.close()
+            self._backend.discard()
         if self._journal is not None:
             with contextlib.suppress(Exception):
                 self._journal.close()
@@ -499,6 +498,10 @@ class StoreWriter:
         if getattr(self, "_id", None) is not None:
             _discard(self.dest, self._id, self._lock)
             self._lock = None
+
+
+def _why(e: OSError) -> str:
+    return f"{e.strerror} ({e.filename})" if e.strerror and e.filename else e.strerror or str(e)
 
 
 def _discard(dest: Path, job_id: str, lock: OwnerLock | None) -> None:

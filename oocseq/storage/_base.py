@@ -121,3 +121,10 @@ class StorageWriter(ABC):
 
     @abstractmethod
     def close(self) -> None: ...
+
+    def discard(self) -> None:
+        """Let go of a store that is about to be deleted (after a failure: never raises)."""
+        try:
+            self.close()
+        except Exception:
+            pass

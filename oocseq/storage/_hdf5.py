@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -194,7 +197,8 @@ class HDF5Writer(StorageWriter):
         self._datasets[name] = ds
 
     def flush(self) -> None:
-        self._file.flush()
+        with self._failing():
+            self._file.flush()
 
     def create_field(
         self, name: str, spec: FieldSpec, chunk_len: int, compression: Compression | None
@@ -219,9 +223,10 @@ class HDF5Writer(StorageWriter):
         ds = self._datasets[name]
         start = c * chunk_len
         stop = start + len(data)
-        if ds.shape[0] < stop:
-            ds.resize(max(stop, 2 * ds.shape[0]), axis=0)
-        ds[start:stop] = data
+        with self._failing():
+            if ds.shape[0] < stop:
+                ds.resize(max(stop, 2 * ds.shape[0]), axis=0)
+            ds[start:stop] = data
 
     def write_aux(self, name: str, values: np.ndarray) -> None:
         if f"{AUX_GROUP}/{name}" in self._file:  # a resumed ingestion may have written it before
@@ -237,21 +242,37 @@ class HDF5Writer(StorageWriter):
             if ds.shape[0] != n:
                 ds.resize(n, axis=0)
         self._file.attrs[ATTR_KEY] = json.dumps(manifest_doc)
-        self._file.flush()
+        with self._failing():
+            self._file.flush()
 
     def close(self) -> None:
         self._datasets.clear()
-        try:
+        with self._failing():
             self._file.close()
-        finally:
-            # A failed flush (ENOSPC) leaves the file open; close it regardless, so that the
-            # space of the deleted partial file is freed now, not when the process exits.
-            fid = self._file.id
-            if fid.valid:
-                with contextlib.suppress(Exception):
-                    for oid in h5py.h5f.get_obj_ids(fid, h5py.h5f.OBJ_ALL & ~h5py.h5f.OBJ_FILE):
-                        while oid.valid:
-                            oid._close()
-                with contextlib.suppress(Exception):
-                    while fid.valid:
-                        fid._close()
+
+    @contextlib.contextmanager
+    def _failing(self) -> Iterator[None]:
+        """Raise a failed write as OSError (h5py reports a full disk while flushing as
+        RuntimeError), after emptying the file: once a write failed, the store is discarded,
+        and h5py can neither flush nor close it until there is space again (and forcing its
+        id closed crashes the interpreter: h5py 3.14, HDF5 1.14)."""
+        try:
+            yield
+        except (OSError, RuntimeError) as e:
+            with contextlib.suppress(OSError):
+                os.truncate(self.path, 0)
+            if isinstance(e, OSError):
+                raise
+            m = re.search(r"errno = (\d+)", str(e))
+            code = int(m.group(1)) if m else errno.EIO
+            raise OSError(code, f"{os.strerror(code)} ({str(e).splitlines()[0]})") from e
+
+    def discard(self) -> None:
+        # After ENOSPC, h5py can neither flush nor close the file, and forcing its id closed
+        # crashes the interpreter (h5py 3.14, HDF5 1.14). Emptying the file first frees its
+        # space, after which the close's flush succeeds.
+        self._datasets.clear()
+        with contextlib.suppress(OSError):
+            os.truncate(self.path, 0)
+        with contextlib.suppress(Exception):
+            self._file.close()
