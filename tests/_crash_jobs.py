@@ -23,7 +23,7 @@ import numpy as np
 import oocseq
 
 
-def arrays_data(seed: int, n: int = 3000) -> dict[str, np.ndarray]:
+def arrays_data(seed: int, n: int = 1200) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     return {"x": rng.random((n, 16)).astype(np.float32), "y": rng.integers(0, 10, n)}
 
@@ -42,14 +42,14 @@ def run(job: dict[str, Any]) -> oocseq.Store:
             f"{src}/t.csv", dest, label_column="label", chunk_len=100, block_rows=250, **kw
         )
     if kind == "images":
-        return oocseq.ingest_image_folder(src, dest, image_size=(8, 8), chunk_len=4, workers=2, **kw)
+        return oocseq.ingest_image_folder(src, dest, image_size=(8, 8), chunk_len=5, workers=2, **kw)
     if kind == "dataframe":
         import pandas as pd
 
         rows = json.loads(Path(src, "rows.json").read_text())
         df = pd.DataFrame(rows, columns=["filename", "class"])
         return oocseq.ingest_dataframe(
-            df, dest, directory=src, image_size=(8, 8), chunk_len=4, workers=2, **kw
+            df, dest, directory=src, image_size=(8, 8), chunk_len=5, workers=2, **kw
         )
     raise ValueError(kind)
 

@@ -46,7 +46,7 @@ class Server:
             [sys.executable, str(Path(__file__).with_name("_crash_jobs.py"))],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
+            stderr=open(os.environ.get("OOCSEQ_CRASH_LOG", os.devnull), "a"),  # noqa: SIM115
             text=True,
             env=env,
         )
@@ -78,14 +78,14 @@ def server():
 
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """Small sources of about 30 chunks each."""
+    """Small sources of 12 chunks each."""
     root = tmp_path_factory.mktemp("sources")
     rng = np.random.default_rng(0)
     images = root / "images"
     rows = []
     for c in ("ant", "bee", "cat"):
         (images / c).mkdir(parents=True)
-        for i in range(40):
+        for i in range(20):
             Image.fromarray(rng.integers(0, 256, (6 + i % 5, 9, 3), dtype=np.uint8)).save(
                 images / c / f"{i}.png"
             )
@@ -94,12 +94,12 @@ def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     npy = root / "npy"
     npy.mkdir()
     data = _crash_jobs.arrays_data(3)
-    np.save(npy / "x0.npy", data["x"][:1700])
-    np.save(npy / "x1.npy", data["x"][1700:])
+    np.save(npy / "x0.npy", data["x"][:700])
+    np.save(npy / "x1.npy", data["x"][700:])
     np.save(npy / "y.npy", data["y"])
     csv = root / "csv"
     csv.mkdir()
-    table = rng.normal(size=(3000, 8)).round(4)
+    table = rng.normal(size=(1200, 8)).round(4)
     lines = ["a,b,c,d,e,f,g,h,label"] + [",".join(map(str, r)) + f",{i % 7}" for i, r in enumerate(table)]
     (csv / "t.csv").write_text("\n".join(lines) + "\n")
     return {"arrays": "", "npy": str(npy), "csv": str(csv), "images": str(images), "dataframe": str(images)}
@@ -306,7 +306,7 @@ def test_a_changed_source_is_not_resumed(server: Server, tmp_path: Path) -> None
     data = _crash_jobs.arrays_data(1)
     server.start({"kind": "arrays", "dest": str(dest), "aim": {"at": "rename", "k": 1}})
     assert server.wait() == [-signal.SIGKILL]
-    data["x"][2950] += 1
+    data["x"][1150] += 1
     with pytest.raises(oocseq.InvalidSourceError, match="source changed"):
         oocseq.ingest_arrays(dest, data, chunk_len=100)
     assert leftovers(dest) == [] and not dest.exists()

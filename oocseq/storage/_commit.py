@@ -305,27 +305,24 @@ def _looks_complete(old: Path) -> bool:
 def recover(dest: Path) -> bool:
     """Finish what a crash during a commit into ``dest`` left: move the old store back to
     ``dest`` if ``dest`` is missing, delete moved-aside old stores once ``dest`` is there.
-    Returns whether a store was moved back. Never raises for a folder it cannot write."""
+    Returns whether something is at ``dest`` now (it may also have been put there by a
+    concurrent commit, which this waits for). Never raises for a folder it cannot write."""
     olds = [p["old"] for p in siblings(dest).values() if "old" in p]
-    if not olds:
-        return False
-    moved = False
     try:
-        with folder_lock(dest.parent):
+        with folder_lock(dest.parent):  # waits for a commit in progress
             olds = [p for p in olds if os.path.lexists(p)]
             if not os.path.lexists(dest):
                 candidates = sorted((p for p in olds if _looks_complete(p)), key=lambda p: p.stat().st_mtime)
                 if candidates:
                     os.rename(candidates[-1], dest)
                     fsync_path(dest.parent)
-                    moved = True
-                    olds = [p for p in olds if p != candidates[-1]]
+                    olds.remove(candidates[-1])
             if os.path.lexists(dest):
                 for p in olds:
                     remove(p)
     except OSError:
-        return moved
-    return moved
+        pass
+    return os.path.lexists(dest)
 
 
 def commit(tmp: Path, dest: Path, overwrite: bool, job_id: str) -> None:
