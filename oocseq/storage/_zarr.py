@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -212,9 +213,17 @@ class ZarrWriter(StorageWriter):
             arr[...] = values
 
     def finalize(self, n: int, manifest_doc: dict[str, Any]) -> None:
-        for arr in self._arrays.values():
+        for name, arr in self._arrays.items():
             if arr.shape[0] != n:
                 arr.resize((n, *arr.shape[1:]))
+            # A process killed inside an earlier finalize of a resumed ingestion may have left
+            # chunks past the end (resize writes the shape before deleting them).
+            num = -(-n // arr.chunks[0])
+            chunk_dir = self.path / name / "c"
+            if chunk_dir.is_dir():
+                for entry in os.listdir(chunk_dir):
+                    if entry.isdigit() and int(entry) >= num:
+                        shutil.rmtree(chunk_dir / entry, ignore_errors=True)
         self._group.attrs[ATTR_KEY] = manifest_doc
 
     def close(self) -> None:
