@@ -30,7 +30,7 @@ import oocseq
 from oocseq.ingest import _writer
 
 sys.path.insert(0, str(Path(__file__).parent))
-import _crash_jobs  # noqa: E402
+import _crash_jobs
 
 REPO = Path(__file__).resolve().parents[1]
 KINDS = ("arrays", "npy", "csv", "images", "dataframe")
@@ -42,11 +42,13 @@ class Server:
 
     def __init__(self) -> None:
         env = {**os.environ, "PYTHONPATH": str(REPO)}
+        # the children's errors, for debugging: OOCSEQ_CRASH_LOG=file
+        self.log = open(os.environ.get("OOCSEQ_CRASH_LOG", os.devnull), "a")
         self.proc = subprocess.Popen(
             [sys.executable, str(Path(__file__).with_name("_crash_jobs.py"))],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            stderr=open(os.environ.get("OOCSEQ_CRASH_LOG", os.devnull), "a"),  # noqa: SIM115
+            stderr=self.log,
             text=True,
             env=env,
         )
@@ -67,6 +69,7 @@ class Server:
         self.proc.wait(timeout=30)
         if self.proc.stdout:
             self.proc.stdout.close()
+        self.log.close()
 
 
 @pytest.fixture(scope="module")

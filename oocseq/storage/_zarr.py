@@ -168,7 +168,8 @@ class ZarrWriter(StorageWriter):
         arr = self._group[name]
         if not isinstance(arr, zarr.Array):
             raise KeyError(name)
-        self._arrays[name] = arr
+        # As at creation: every chunk is written, also one equal to the fill value.
+        self._arrays[name] = arr.with_config(write_empty_chunks=True)
 
     def create_field(
         self, name: str, spec: FieldSpec, chunk_len: int, compression: Compression | None
