@@ -89,7 +89,8 @@ def decode_image(path: str, options: ImageOptions) -> np.ndarray:
                     img = img.resize((w, h), getattr(Image.Resampling, options.interpolation.upper()))
                 arr = np.asarray(img, dtype=np.uint8)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-            raise ImageDecodeError(path, f"{type(e).__name__}: {e}") from e
+            # Pillow names the file object it was given; name the path (stable across runs).
+            raise ImageDecodeError(path, f"{type(e).__name__}: {str(e).replace(repr(f), repr(path))}") from e
     return arr[..., None] if arr.ndim == 2 else arr
 
 

@@ -169,7 +169,7 @@ class ZarrWriter(StorageWriter):
         if not isinstance(arr, zarr.Array):
             raise KeyError(name)
         # As at creation: every chunk is written, also one equal to the fill value.
-        self._arrays[name] = arr.with_config(write_empty_chunks=True)
+        self._arrays[name] = arr.with_config({"write_empty_chunks": True})
 
     def create_field(
         self, name: str, spec: FieldSpec, chunk_len: int, compression: Compression | None
