@@ -174,9 +174,9 @@ class StoreWriter:
         self._backend: Any = None
         self._lock: OwnerLock | None = None
         self._fingerprint = None if job is None else self._fingerprint_of(job)
-        self.dest.parent.mkdir(parents=True, exist_ok=True)
-        taken = self._claim(resume, job is not None)
         try:
+            self.dest.parent.mkdir(parents=True, exist_ok=True)
+            taken = self._claim(resume, job is not None)
             if taken is None or not self._take_over(*taken):
                 self._start()
         except BaseException as e:
