@@ -61,6 +61,7 @@ def test_store_write_error_is_both() -> None:
     assert issubclass(oocseq.StoreWriteError, OSError)
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names fds through /proc")
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_data_and_folders_are_fsynced_before_the_rename(tmp_path: Path, fmt: str, monkeypatch) -> None:
     events: list[tuple[str, str]] = []
