@@ -24,6 +24,7 @@ from .errors import (
     StoreExistsError,
     StoreNotFoundError,
     StoreReadError,
+    StoreWriteError,
     TransformError,
 )
 from .ingest.arrays import ingest_arrays
@@ -60,6 +61,7 @@ __all__ = [
     "StoreReadError",
     "StateError",
     "StoreNotFoundError",
+    "StoreWriteError",
     "TransformError",
     "__version__",
     "epoch_order",

@@ -116,3 +116,8 @@ class TransformError(OocseqError, RuntimeError):
 
 class StateError(OocseqError, ValueError):
     """A ``state_dict`` that does not belong to this sequence (other store, other plan)."""
+
+
+class StoreWriteError(OocseqError, OSError):
+    """Writing or committing a store failed in the operating system (disk full, permissions,
+    ...). ``errno`` is the system's error number; nothing is left at the destination."""

@@ -32,7 +32,7 @@ from .errors import (
     StoreNotFoundError,
 )
 from .manifest import Manifest
-from .storage import StorageReader, open_reader, store_format
+from .storage import StorageReader, _commit, open_reader, store_format
 from .storage._raw import SYSTEM_ERRNOS, os_error
 
 __all__ = ["Store", "FieldInfo", "FieldView", "open_store"]
@@ -85,7 +85,7 @@ class Store:
         self.fast = fast
         self.verify_checksums = verify_checksums
         self.format = store_format(self.path)
-        if not self.path.exists():
+        if not self.path.exists() and not _commit.recover(self.path):
             raise StoreNotFoundError(f"no store at {str(self.path)!r}")
         self._lock = threading.Lock()
         # This process's handles and the record of chunks checked through them: one tuple,

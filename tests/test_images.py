@@ -424,3 +424,89 @@ def test_dataframe_missing_file(tmp_path: Path, fmt: str) -> None:
     assert Path(e.value.path).name == "ghost.png"
     assert not dest.exists()
     assert not [p for p in tmp_path.iterdir() if ".partial" in p.name]
+
+
+def test_a_fifo_is_skipped_unopened_and_reported(tmp_path: Path) -> None:
+    """A FIFO named like an image would block forever if opened; it is left out and listed."""
+    import os
+
+    (tmp_path / "src" / "a").mkdir(parents=True)
+    Image.new("RGB", (4, 4), (10, 20, 30)).save(tmp_path / "src" / "a" / "ok.png")
+    os.mkfifo(tmp_path / "src" / "a" / "pipe.png")
+    for on_error in ("raise", "skip"):
+        with pytest.warns(UserWarning, match="pipe.png"):
+            store = oocseq.ingest_image_folder(
+                tmp_path / "src", tmp_path / f"{on_error}.zarr", image_size=(4, 4), on_error=on_error
+            )
+        assert len(store) == 1
+        assert [s["path"] for s in store.metadata["skipped"]] == ["a/pipe.png"]
+        assert "not a regular file" in store.metadata["skipped"][0]["error"]
+    # Decoding a path that is a FIFO (a DataFrame row) fails at once, naming it.
+    with pytest.raises(ImageDecodeError, match="not a regular file") as info:
+        decode_image(str(tmp_path / "src" / "a" / "pipe.png"), ImageOptions((4, 4)))
+    assert info.value.path.endswith("pipe.png")
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I"])
+def test_16_bit_images_are_scaled_not_clipped(tmp_path: Path, mode: str) -> None:
+    values = (np.arange(192).reshape(12, 16) * 300).astype(np.uint16)  # 0..57300
+    img = Image.fromarray(values) if mode == "I;16" else Image.fromarray(values.astype(np.int32), "I")
+    path = tmp_path / ("g16.png" if mode == "I;16" else "g32.tif")  # PNG cannot hold mode I
+    img.save(path)
+    out = decode_image(str(path), ImageOptions((12, 16), color_mode="grayscale"))
+    np.testing.assert_array_equal(out[..., 0], (values.astype(np.uint32) * 255 + 32767) // 65535)
+    assert out.max() == round(57300 * 255 / 65535)
+
+
+def test_float_pixels_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "f.tif"
+    Image.fromarray(np.ones((4, 4), np.float32)).save(path)
+    with pytest.raises(ImageDecodeError, match="floating-point"):
+        decode_image(str(path), ImageOptions((4, 4)))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_image_folder_ingestion_resumes_after_an_interrupt(tmp_path: Path, fmt: str, monkeypatch) -> None:
+    """KeyboardInterrupt keeps the partial store; the same call resumes it (skipped files
+    before the interruption stay listed) and gives the store an uninterrupted run gives."""
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (tmp_path / "src" / c).mkdir(parents=True)
+        for i in range(12):
+            _img(rng, "RGB", (5, 5)).save(tmp_path / "src" / c / f"{i}.png")
+    (tmp_path / "src" / "a" / "3.png").write_bytes(b"not a png")
+    kw = {"image_size": (4, 4), "chunk_len": 3, "on_error": "skip", "workers": 1}
+    with pytest.warns(UserWarning):
+        ref = oocseq.ingest_image_folder(tmp_path / "src", tmp_path / f"ref{fmt}", **kw)
+    from oocseq.ingest import _writer
+
+    real_append, calls = _writer.StoreWriter.append, [0]
+
+    def interrupted(self, name, data):
+        calls[0] += 1
+        if calls[0] == 9:
+            raise KeyboardInterrupt
+        real_append(self, name, data)
+
+    monkeypatch.setattr(_writer.StoreWriter, "append", interrupted)
+    dest = tmp_path / f"s{fmt}"
+    with pytest.raises(KeyboardInterrupt):
+        oocseq.ingest_image_folder(tmp_path / "src", dest, **kw)
+    assert not dest.exists() and any(p.name.endswith(".partial") for p in tmp_path.iterdir())
+    monkeypatch.setattr(_writer.StoreWriter, "append", real_append)
+    taken = []
+    real_take = _writer.StoreWriter._take_over
+    monkeypatch.setattr(
+        _writer.StoreWriter,
+        "_take_over",
+        lambda self, *a: real_take(self, *a) and not taken.append(a[2]["k"]),
+    )
+    with pytest.warns(UserWarning, match="skipped 1"):
+        store = oocseq.ingest_image_folder(tmp_path / "src", dest, **kw)
+    assert taken and taken[0] >= 2
+    np.testing.assert_array_equal(store["x"][:], ref["x"][:])
+    np.testing.assert_array_equal(store["y"][:], ref["y"][:])
+    assert list(store.sources) == list(ref.sources)
+    assert store.metadata == ref.metadata
+    assert store.manifest.checksums == ref.manifest.checksums
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["src", f"ref{fmt}", f"s{fmt}"])

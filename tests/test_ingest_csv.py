@@ -284,3 +284,23 @@ def test_encoding(tmp_path: Path) -> None:
         ingest_csv(tmp_path / "t.csv", tmp_path / "s.zarr", label_column="label")
     store = ingest_csv(tmp_path / "t.csv", tmp_path / "s.zarr", label_column="label", encoding="latin-1")
     assert store.metadata["class_names"] == ["café", "thé"]
+
+
+@pytest.mark.parametrize(
+    ("text", "row", "column"),
+    [
+        ("a,b,label\n1,1e39,0\n3,4,1\n", 0, "b"),
+        ("a,b,label\n1,2,0\n3,-4e40,1\n", 1, "b"),
+        ("a,b,label\n1,2,1e39\n3,4,1.5\n", 0, "label"),
+    ],
+)
+def test_float32_overflow_is_an_error_naming_row_and_column(
+    tmp_path, text: str, row: int, column: str
+) -> None:
+    """A finite value that float32 would store as inf is refused, never stored as inf."""
+    src = tmp_path / "t.csv"
+    src.write_text(text)
+    with pytest.raises(CSVValueError, match="float32") as info:
+        ingest_csv(src, tmp_path / "t.zarr", label_column="label")
+    assert (info.value.row, info.value.column) == (row, column)
+    assert not (tmp_path / "t.zarr").exists()

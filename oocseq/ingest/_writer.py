@@ -2,16 +2,28 @@
 
 Samples are appended per field, buffered up to one chunk, and written chunk by chunk, so
 memory holds at most one chunk per field. The store is built at a hidden temporary path next
-to ``dest`` and renamed into place only after the manifest (written last) says it is complete:
-an interrupted ingestion never leaves anything at ``dest`` that opens as a store.
+to ``dest`` and put in place by the commit protocol of :mod:`oocseq.storage._commit` only after
+the manifest (written last) says it is complete: an interrupted ingestion never leaves anything
+at ``dest`` that opens as a store, and never loses the store it was replacing.
+
+Resumable ingestion: a source that can replay its samples passes a ``job`` (what identifies
+its input and arguments) and calls :meth:`StoreWriter.checkpoint` before each block it
+appends. After every chunk written to all fields, one line goes to the progress journal
+``.NAME.<id>.journal``: the chunk's checksums and the last checkpoint before the chunk's first
+sample. A later ingestion with the same job into the same ``dest`` whose owner is gone takes
+over the partial store, re-derives the last journaled chunk from the source (its checksums
+must match the journal's, else the source changed and the ingestion stops, discarding the
+partial store) and goes on.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import math
 import os
-import shutil
-import uuid
+import warnings
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -19,14 +31,34 @@ from typing import Any
 import numpy as np
 
 from ..checksum import chunk_checksum
-from ..errors import ArgumentError, FieldLengthError, InvalidSourceError, StoreExistsError
+from ..errors import (
+    ArgumentError,
+    FieldLengthError,
+    InvalidSourceError,
+    OocseqError,
+    StoreExistsError,
+    StoreWriteError,
+)
 from ..manifest import ALLOWED_DTYPES, Compression, FieldSpec, Manifest, check_field_name
 from ..storage import create_writer, store_format
+from ..storage._commit import (
+    OwnerLock,
+    check_replaceable,
+    commit,
+    new_job_id,
+    recover,
+    remove,
+    sibling,
+    siblings,
+)
 from ..store import Store
 
 #: Target decoded bytes per chunk of the widest field when ``chunk_len`` is not given. DESIGN.md:
 #: chunks of 1-8 MiB are the sweet spot (per-chunk overhead vs. window memory).
 TARGET_CHUNK_BYTES = 4 << 20
+#: The largest chunk (decoded bytes of one field) oocseq writes: under Blosc's 2 GiB limit.
+MAX_CHUNK_BYTES = (1 << 31) - 1 - 16
+JOURNAL_VERSION = 1
 
 
 def choose_chunk_len(
@@ -61,12 +93,23 @@ class StoreWriter:
         specs: field name -> :class:`FieldSpec`.
         chunk_len: samples per chunk; ``None`` picks about 4 MiB for the widest field, or
             fewer: as many as there are samples, when the data ends before filling one chunk
-            (for streams of unknown length).
+            (for streams of unknown length). Capped at ``n`` when ``n`` is given; a chunk of
+            the widest field may hold at most :data:`MAX_CHUNK_BYTES`.
         compression: ``None``, ``"lz4"``, ``"zstd"``, ``"zlib"`` or a Compression.
-        overwrite: replace an existing ``dest``.
+        overwrite: replace an existing ``dest`` (only an oocseq store: anything else raises
+            NotAStoreError).
+        n: the number of samples, when the source knows it (an upper bound will do).
+        job: JSON-able identity of a replayable source and its arguments (``None``: a stream
+            that cannot be replayed). Enables the progress journal and resuming.
+        resume: take over the partial store of an interrupted ingestion of the same ``job``
+            into ``dest`` (default); ``False`` discards it and starts over.
 
-    On leaving the ``with`` block normally, :meth:`close` finishes the store (then
-    ``writer.store`` is the opened :class:`Store`); on an exception, nothing is left behind.
+    After construction, ``resume_state`` is ``None`` for a fresh start, or the state the
+    source passed to :meth:`checkpoint` from which it must now replay; ``resumed_chunks`` is
+    the number of chunks taken over. On leaving the ``with`` block normally, :meth:`close`
+    finishes the store (then ``writer.store`` is the opened :class:`Store`); on an error,
+    nothing is left behind. On KeyboardInterrupt or SystemExit, a resumable ingestion keeps
+    its partial store and journal for the next run.
     """
 
     def __init__(
@@ -77,36 +120,175 @@ class StoreWriter:
         chunk_len: int | None = None,
         compression: str | Compression | None = "lz4",
         overwrite: bool = False,
+        n: int | None = None,
+        job: Any = None,
+        resume: bool = True,
     ) -> None:
         self.dest = Path(dest)
         self.format = store_format(self.dest)
         if not specs:
             raise InvalidSourceError("nothing to ingest: no fields given")
-        if self.dest.exists() and not overwrite:
-            raise StoreExistsError(f"{self.dest} already exists; pass overwrite=True to replace it")
+        for name, value in (("overwrite", overwrite), ("resume", resume)):
+            if not isinstance(value, bool):
+                raise ArgumentError(f"{name} must be True or False, got {value!r}")
+        recover(self.dest)  # a crash during an earlier commit may have moved the old store aside
+        if os.path.lexists(self.dest):
+            if not overwrite:
+                raise StoreExistsError(f"{self.dest} already exists; pass overwrite=True to replace it")
+            check_replaceable(self.dest)
         self._shrinkable = chunk_len is None  # the fields are created at the first full chunk
         if chunk_len is None:
-            chunk_len = choose_chunk_len(specs)
-        if not isinstance(chunk_len, int) or isinstance(chunk_len, bool) or chunk_len < 1:
+            chunk_len = choose_chunk_len(specs, n)
+        if not isinstance(chunk_len, (int, np.integer)) or isinstance(chunk_len, bool) or chunk_len < 1:
             raise ArgumentError(f"chunk_len must be a positive int, got {chunk_len!r}")
+        chunk_len = int(chunk_len)
+        if n:  # a chunk longer than the data would be padded on disk
+            chunk_len = min(chunk_len, int(n))
+        widest = max(s.sample_nbytes for s in specs.values())
+        if chunk_len * widest > MAX_CHUNK_BYTES:
+            raise ArgumentError(
+                f"chunk_len={chunk_len} makes chunks of {chunk_len * widest} bytes; at most "
+                f"{MAX_CHUNK_BYTES // max(widest, 1)} samples of {widest} bytes fit in one chunk "
+                "(choose 1-8 MiB per chunk, or leave chunk_len=None)"
+            )
         self.specs = specs
         self.chunk_len = chunk_len
         self.compression = Compression.parse(compression)
         self.overwrite = overwrite
         self.attrs: dict[str, Any] = {}
         self.store: Store | None = None
+        self.resume_state: Any = None
+        self.resumed_chunks = 0
         self._aux: dict[str, np.ndarray] = {}
-        self._tmp = self.dest.with_name(f".{self.dest.name}.{uuid.uuid4().hex[:8]}.partial")
-        self.dest.parent.mkdir(parents=True, exist_ok=True)
-        self._backend = create_writer(self._tmp, self.format)
         self._buffers: dict[str, list[np.ndarray]] = {k: [] for k in specs}
         self._buffered = dict.fromkeys(specs, 0)
         self._chunks_done = dict.fromkeys(specs, 0)
         self._checksums: dict[str, list[int]] = {k: [] for k in specs}
+        self._pos = dict.fromkeys(specs, 0)  # samples the source has appended (replayed ones too)
+        self._drop_until = 0  # on resume: samples already in the partial store are dropped
+        self._verify: tuple[int, dict[str, int]] | None = None  # (chunk, checksums) to re-derive
+        self._checkpoints: list[tuple[Any, dict[str, int]]] = []
+        self._journaled = 0
+        self._journal: Any = None
         self._created = False
+        self._backend: Any = None
+        self._lock: OwnerLock | None = None
+        self._fingerprint = None if job is None else self._fingerprint_of(job)
+        try:
+            self.dest.parent.mkdir(parents=True, exist_ok=True)
+            taken = self._claim(resume, job is not None)
+            if taken is None or not self._take_over(*taken):
+                self._start()
+        except BaseException as e:
+            self.abort()
+            if isinstance(e, OSError) and not isinstance(e, OocseqError):
+                raise StoreWriteError(e.errno, f"cannot create a store next to {self.dest}: {_why(e)}") from e
+            raise
+
+    # -- claiming the destination ------------------------------------------------------------
+    def _fingerprint_of(self, job: Any) -> str:
+        doc = {
+            "version": JOURNAL_VERSION,
+            "format": self.format,
+            "job": _jsonable(job),
+            "chunk_len": self.chunk_len,
+            "compression": repr(self.compression),
+            "fields": {k: [list(s.shape), s.dtype.str] for k, s in self.specs.items()},
+        }
+        return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+    def _claim(self, resume: bool, replayable: bool) -> tuple[str, OwnerLock, dict[str, Any]] | None:
+        """Clean up the leftovers of ingestions into ``dest`` whose owners are gone, and return
+        ``(id, lock, journal)`` of the one to resume, if any. Leftovers of live ingestions are
+        left alone."""
+        best: tuple[str, OwnerLock, dict[str, Any]] | None = None
+        for job_id, parts in siblings(self.dest).items():
+            if set(parts) == {"old"}:
+                continue  # recover() handles those
+            lock = OwnerLock.adopt(parts["lock"]) if "lock" in parts else None
+            if "lock" in parts and lock is None:
+                continue  # its owner still runs
+            journal = None
+            if lock is not None and "partial" in parts:  # an interrupted ingestion's store
+                if resume and self._fingerprint is not None and "journal" in parts:
+                    journal = _read_journal(parts["journal"], self._fingerprint)
+                if journal is None:
+                    why = (
+                        "resume=False"
+                        if not resume
+                        else "a stream of batches cannot be replayed"
+                        if not replayable
+                        else "its source or arguments differ from this call's"
+                    )
+                    warnings.warn(
+                        f"discarding the partial store of an interrupted ingestion into {self.dest} "
+                        f"({why}); this ingestion starts over",
+                        stacklevel=4,
+                    )
+            if journal is not None and (best is None or journal["k"] > best[2]["k"]):
+                if best is not None:
+                    _discard(self.dest, best[0], best[1])
+                best = (job_id, lock, journal)  # type: ignore[assignment]
+            else:
+                _discard(self.dest, job_id, lock)
+        return best
+
+    def _start(self) -> None:
+        self._id = new_job_id()
+        self._lock = OwnerLock.create(self.dest, self._id)
+        self._tmp = sibling(self.dest, self._id, "partial")
+        self._backend = create_writer(self._tmp, self.format)
+        if self._fingerprint is not None:
+            self._open_journal([])
         if not self._shrinkable:
             self._create_fields()
 
+    def _take_over(self, job_id: str, lock: OwnerLock, journal: dict[str, Any]) -> bool:
+        """Reopen an interrupted ingestion's partial store; False (and it is discarded) if it
+        cannot be reopened."""
+        self._id, self._lock = job_id, lock
+        self._tmp = sibling(self.dest, job_id, "partial")
+        k = journal["k"]
+        try:
+            self._backend = create_writer(self._tmp, self.format, resume=True)
+            for name in self.specs:
+                self._backend.reopen_field(name)
+        except Exception as e:
+            warnings.warn(
+                f"cannot reopen the partial store of an interrupted ingestion into {self.dest} "
+                f"({type(e).__name__}: {e}); this ingestion starts over",
+                stacklevel=4,
+            )
+            self.abort()
+            self.store = None
+            return False
+        self._created = True
+        entries = journal["entries"]
+        for name in self.specs:
+            self._chunks_done[name] = k - 1
+            self._checksums[name] = [e["crc"][name] for e in entries[: k - 1]]
+        self._verify = (k - 1, entries[k - 1]["crc"])
+        state, counts = journal["checkpoint"]
+        self._pos = {name: int(counts[name]) for name in self.specs}
+        self._drop_until = (k - 1) * self.chunk_len
+        self._journaled = k
+        self.resume_state = state
+        self.resumed_chunks = k
+        self._open_journal(entries)
+        return True
+
+    def _open_journal(self, entries: list[dict[str, Any]]) -> None:
+        """(Re)write the journal: its header and ``entries``, then keep it open to append."""
+        path = sibling(self.dest, self._id, "journal")
+        tmp = path.with_name(path.name + "-new")
+        with open(tmp, "w") as f:
+            f.write(json.dumps({"oocseq_journal": JOURNAL_VERSION, "fingerprint": self._fingerprint}) + "\n")
+            for e in entries:
+                f.write(json.dumps(e) + "\n")
+        os.replace(tmp, path)
+        self._journal = open(path, "a")
+
+    # -- writing -------------------------------------------------------------------------------
     def _create_fields(self) -> None:
         if not self._created:
             for name, spec in self.specs.items():
@@ -121,11 +303,20 @@ class StoreWriter:
     ) -> None:
         if exc_type is None:
             self.close()
+        elif issubclass(exc_type, (KeyboardInterrupt, SystemExit)) and self._journal is not None:
+            self._suspend()
         else:
             self.abort()
 
     def samples_written(self, name: str) -> int:
         return self._chunks_done[name] * self.chunk_len + self._buffered[name]
+
+    def checkpoint(self, state: Any) -> None:
+        """Mark a point the source can replay from: the samples appended after this call are
+        those the source yields when it restarts from ``state`` (JSON-able: e.g. a row or
+        block number). Call it before each block; it costs nothing without a journal."""
+        if self._journal is not None:
+            self._checkpoints.append((_jsonable(state), dict(self._pos)))
 
     def append(self, name: str, data: Any) -> None:
         """Append samples (an array of shape ``(k, *sample_shape)``) to field ``name``.
@@ -151,6 +342,11 @@ class StoreWriter:
                     f"samples of dtype {spec.dtype}; give every batch the same dtype"
                 )
             arr = arr.astype(spec.dtype)
+        if self._pos[name] < self._drop_until:  # replayed samples already in the partial store
+            drop = min(len(arr), self._drop_until - self._pos[name])
+            self._pos[name] += drop
+            arr = arr[drop:]
+        self._pos[name] += len(arr)
         while len(arr):
             take = min(len(arr), self.chunk_len - self._buffered[name])
             self._buffers[name].append(np.array(arr[:take], copy=True, order="C"))
@@ -165,19 +361,65 @@ class StoreWriter:
             return
         self._create_fields()
         chunk = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        self._backend.write_chunk(name, self._chunks_done[name], self.chunk_len, chunk)
-        self._checksums[name].append(chunk_checksum(chunk))
+        c = self._chunks_done[name]
+        crc = chunk_checksum(chunk)  # the one place chunk checksums are computed
+        if self._verify is not None and c == self._verify[0] and crc != self._verify[1][name]:
+            raise InvalidSourceError(
+                f"cannot resume the interrupted ingestion into {self.dest}: chunk {c} of field "
+                f"{name!r} comes out differently from the source now than it did then (the source "
+                "changed). The partial store is discarded: run the ingestion again to start over"
+            )
+        try:
+            self._backend.write_chunk(name, c, self.chunk_len, chunk)
+        except OSError as e:
+            raise StoreWriteError(
+                e.errno, f"cannot write chunk {c} of field {name!r} of {self.dest}: {_why(e)}"
+            ) from e
+        self._checksums[name].append(crc)
         self._chunks_done[name] += 1
         self._buffers[name] = []
         self._buffered[name] = 0
+        if self._journal is not None:
+            self._journal_progress()
+
+    def _journal_progress(self) -> None:
+        done = min(self._chunks_done.values())
+        if done <= self._journaled:
+            return
+        try:
+            self._backend.flush()
+        except OSError as e:
+            raise StoreWriteError(e.errno, f"cannot write {self.dest}: {_why(e)}") from e
+        lines = []
+        for k in range(self._journaled + 1, done + 1):
+            bound = (k - 1) * self.chunk_len  # replay must start at or before chunk k-1
+            while len(self._checkpoints) > 1 and all(v <= bound for v in self._checkpoints[1][1].values()):
+                self._checkpoints.pop(0)
+            cp = self._checkpoints[0] if self._checkpoints else None
+            if cp is None or any(v > bound for v in cp[1].values()):
+                cp = None
+            lines.append(
+                json.dumps(
+                    {
+                        "k": k,
+                        "crc": {f: self._checksums[f][k - 1] for f in self.specs},
+                        "checkpoint": None if cp is None else [cp[0], cp[1]],
+                    }
+                )
+            )
+        self._journal.write("".join(line + "\n" for line in lines))
+        self._journal.flush()  # to the OS: it survives a killed process
+        self._journaled = done
 
     def set_aux(self, name: str, values: np.ndarray) -> None:
         """Record a per-sample auxiliary array (e.g. ``"source"``: where each sample came from)."""
         self._aux[name] = np.asarray(values)
 
     def close(self) -> Store:
-        """Flush, check that every field has the same length, write the manifest, rename the
-        store into place and open it. Raises FieldLengthError (and removes the partial store)."""
+        """Flush, check that every field has the same length, write the manifest, commit the
+        store into place and open it. Raises FieldLengthError (and removes the partial store),
+        StoreExistsError if another ingestion committed to ``dest`` first (``overwrite``
+        false), StoreWriteError if the system refuses a write (disk full ...)."""
         if self.store is not None:
             return self.store
         try:
@@ -201,8 +443,6 @@ class StoreWriter:
             self._create_fields()
             for name in self.specs:
                 self._flush(name)
-            for name, values in self._aux.items():
-                self._backend.write_aux(name, values)
             manifest = Manifest(
                 n=n,
                 chunk_len=self.chunk_len,
@@ -212,31 +452,97 @@ class StoreWriter:
                 attrs=_jsonable(self.attrs),
                 aux=tuple(self._aux),
             )
-            self._backend.finalize(n, manifest.to_json())
-            self._backend.close()
-            if self.dest.exists():  # overwrite=True was checked in __init__
-                _remove(self.dest)
-            os.replace(self._tmp, self.dest)
+            try:
+                for name, values in self._aux.items():
+                    self._backend.write_aux(name, values)
+                self._backend.finalize(n, manifest.to_json())
+                self._backend.close()
+                commit(self._tmp, self.dest, self.overwrite, self._id)
+            except OSError as e:
+                if isinstance(e, OocseqError):
+                    raise
+                raise StoreWriteError(e.errno, f"cannot write {self.dest}: {_why(e)}") from e
         except BaseException:
             self.abort()
             raise
+        self._finish()
         self.store = Store(self.dest)
         return self.store
 
-    def abort(self) -> None:
-        """Drop the partial store."""
-        try:
+    def _finish(self) -> None:
+        if self._journal is not None:
+            self._journal.close()
+            self._journal = None
+        remove(sibling(self.dest, self._id, "journal"))
+        if self._lock is not None:
+            self._lock.release(delete=True)
+
+    def _suspend(self) -> None:
+        """Keep the partial store and journal for a later run; let go of them."""
+        with contextlib.suppress(Exception):
             self._backend.close()
-        except Exception:
-            pass
-        _remove(self._tmp)
+        with contextlib.suppress(Exception):
+            self._journal.close()
+        self._journal = None
+        if self._lock is not None:
+            self._lock.release(delete=False)
+
+    def abort(self) -> None:
+        """Drop the partial store (and its journal and lock)."""
+        if self._backend is not None:
+            self._backend.discard()
+        if self._journal is not None:
+            with contextlib.suppress(Exception):
+                self._journal.close()
+            self._journal = None
+        if getattr(self, "_id", None) is not None:
+            _discard(self.dest, self._id, self._lock)
+            self._lock = None
 
 
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
+def _why(e: OSError) -> str:
+    return f"{e.strerror} ({e.filename})" if e.strerror and e.filename else e.strerror or str(e)
+
+
+def _discard(dest: Path, job_id: str, lock: OwnerLock | None) -> None:
+    """Delete an ingestion's partial store and journal, then its lock file (last: while it
+    exists, nobody else takes the others)."""
+    remove(sibling(dest, job_id, "partial"))
+    remove(sibling(dest, job_id, "journal"))
+    if lock is not None:
+        lock.release(delete=True)
+    else:
+        remove(sibling(dest, job_id, "lock"))
+
+
+def _read_journal(path: Path, fingerprint: str) -> dict[str, Any] | None:
+    """``{"k", "entries", "checkpoint"}`` of the last resumable point of a journal of the job
+    ``fingerprint``; ``None`` if it belongs to another job or holds no resumable point. A torn
+    last line (the process died while writing it) is ignored."""
+    try:
+        with open(path) as f:
+            lines = f.read().split("\n")
+    except OSError:
+        return None
+    try:
+        head = json.loads(lines[0])
+    except ValueError:
+        return None
+    if not isinstance(head, dict) or head.get("fingerprint") != fingerprint:
+        return None
+    entries: list[dict[str, Any]] = []
+    best = None
+    for line in lines[1:]:
+        try:
+            e = json.loads(line)
+        except ValueError:
+            break
+        if not isinstance(e, dict) or e.get("k") != len(entries) + 1:
+            break
+        entries.append(e)
+        if e.get("checkpoint") is not None:
+            best = {"k": e["k"], "entries": list(entries), "checkpoint": e["checkpoint"]}
+    return best
 
 
 def _jsonable(obj: Any) -> Any:

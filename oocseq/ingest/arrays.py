@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -29,6 +30,7 @@ def ingest_arrays(
     overwrite: bool = False,
     metadata: Mapping[str, Any] | None = None,
     progress: bool = False,
+    resume: bool = True,
 ) -> Store:
     """Write arrays (or iterables of batches) into a new store at ``dest``.
 
@@ -45,6 +47,10 @@ def ingest_arrays(
         overwrite: replace an existing store at ``dest``.
         metadata: JSON-serialisable user metadata kept in ``store.metadata``.
         progress: show a progress bar.
+        resume: if an earlier run of the same call (same arrays, ``dest`` and arguments) was
+            interrupted, go on from its last written chunk (default); ``False`` starts over.
+            Only arrays can be resumed: with an iterable of batches the ingestion starts over
+            (with a warning), as a stream cannot be replayed.
 
     Returns:
         The opened :class:`~oocseq.Store`.
@@ -52,6 +58,8 @@ def ingest_arrays(
     Raises:
         FieldLengthError: fields differ in length. InvalidSourceError: unsupported dtype, an
         empty batch iterable, or batches whose shape or dtype changes. StoreExistsError.
+        NotAStoreError: ``overwrite`` is true and ``dest`` is not an oocseq store.
+        ArgumentError: a ``chunk_len`` over 2 GiB per chunk. StoreWriteError: disk full ...
     """
     if not fields:
         raise InvalidSourceError("ingest_arrays needs at least one field")
@@ -105,13 +113,32 @@ def ingest_arrays(
     if chunk_len is None and total is not None:
         chunk_len = choose_chunk_len(specs, total)
     # Unknown length and no chunk_len: the writer picks one, shrunk to the data if it is shorter.
-    with StoreWriter(dest, specs, chunk_len=chunk_len, compression=compression, overwrite=overwrite) as w:
+    job = None
+    if not first:  # arrays can be replayed: the ingestion can resume
+        job = {
+            "kind": "arrays",
+            "fields": {name: _identity(src) for name, src in sources.items()},
+            "metadata": dict(metadata or {}),
+        }
+    with StoreWriter(
+        dest,
+        specs,
+        chunk_len=chunk_len,
+        compression=compression,
+        overwrite=overwrite,
+        n=total,
+        job=job,
+        resume=resume,
+    ) as w:
         chunk_len = w.chunk_len
         w.attrs.update(dict(metadata or {}))
         w.attrs.setdefault("source", {"kind": "arrays"})
         with progress_bar(progress, total, f"ingest {os.fspath(dest)}") as bar:
             if not first:  # all arrays: read chunk-sized slices, all fields in step
-                for start in range(0, total or 0, chunk_len):
+                begin = int(w.resume_state["start"]) if w.resume_state else 0
+                bar.update(begin)
+                for start in range(begin, total or 0, chunk_len):
+                    w.checkpoint({"start": start})
                     for name, src in sources.items():
                         w.append(name, np.asarray(src[start : start + chunk_len]))
                     bar.update(min(chunk_len, total - start))
@@ -131,3 +158,23 @@ def _batches(src: Any, chunk_len: int) -> Iterator[np.ndarray]:
     else:
         for batch in src:
             yield np.asarray(batch)
+
+
+def _identity(src: Any) -> dict[str, Any]:
+    """What identifies an array across runs: its file (for a memory map) or its shape, dtype
+    and a checksum of a few rows (the first chunk re-derived on resume checks the rest)."""
+    out: dict[str, Any] = {"shape": list(src.shape), "dtype": str(np.dtype(src.dtype))}
+    filename = getattr(src, "filename", None)
+    if isinstance(src, np.memmap) and filename:
+        st = os.stat(filename)
+        out.update(
+            file=os.path.abspath(filename), size=st.st_size, mtime_ns=st.st_mtime_ns, offset=src.offset
+        )
+        return out
+    n = int(src.shape[0])
+    rows = sorted({int(i) for i in np.linspace(0, n - 1, num=min(n, 17))}) if n else []
+    crc = 0
+    for i in rows:
+        crc = zlib.crc32(np.ascontiguousarray(src[i]).tobytes(), crc)
+    out["rows_crc"] = crc
+    return out

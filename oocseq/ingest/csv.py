@@ -50,6 +50,7 @@ MISSING_MARKERS = frozenset(
         "-1.#QNAN",
     ]
 )
+_FLOAT32_RANGE = "a number within float32's range (magnitude at most 3.4e38)"
 _MISSING_HINT = (
     "a number: the cell is empty or a missing-value marker; pass allow_missing=True to store "
     "missing features as NaN"
@@ -137,7 +138,7 @@ class _Labels:
     def dtype(self) -> np.dtype:
         return np.dtype(np.float32 if self.kind == "float" else np.int64)
 
-    def encode(self, values: pd.Series) -> np.ndarray:
+    def encode(self, values: pd.Series, start: int = 0, path: str = "") -> np.ndarray:
         import pandas as pd
 
         if self.kind == "class":
@@ -148,7 +149,16 @@ class _Labels:
                     "the file changed while being ingested"
                 )
             return codes
-        return pd.to_numeric(values).to_numpy(self.dtype)
+        wide = pd.to_numeric(values).to_numpy(np.float64 if self.kind == "float" else self.dtype)
+        if self.kind != "float":
+            return wide
+        with np.errstate(over="ignore"):
+            out = wide.astype(self.dtype)
+        overflow = np.isinf(out) & np.isfinite(wide)
+        if overflow.any():
+            i = int(np.argmax(overflow))
+            raise CSVValueError(path, start + i, self.column, str(values.iloc[i]), _FLOAT32_RANGE)
+        return out
 
 
 def ingest_csv(
@@ -165,6 +175,7 @@ def ingest_csv(
     compression: str | Compression | None = "lz4",
     overwrite: bool = False,
     progress: bool = False,
+    resume: bool = True,
 ) -> Store:
     """Ingest a CSV file with a header line: feature columns -> ``x``, the label column -> ``y``.
 
@@ -193,6 +204,9 @@ def ingest_csv(
         compression: ``None``, ``"lz4"``, ``"zstd"`` or ``"zlib"``.
         overwrite: replace an existing store at ``dest``.
         progress: show a progress bar.
+        resume: if an earlier run of the same call (same file, size and modification time,
+            same ``dest`` and arguments) was interrupted, go on from its last written chunk
+            (default); ``False`` starts over.
 
     Returns:
         The opened Store: ``x`` float32 ``(n, len(feature_columns))``; ``y`` ``(n,)`` int64 or
@@ -206,8 +220,9 @@ def ingest_csv(
         InvalidSourceError: ``label_column`` or a feature column is not in the header (the
             message lists the header), the file cannot be parsed, or a label is missing
             (naming the row).
-        CSVValueError: a feature cell is not a number, or is missing without
-            ``allow_missing`` (naming the file, the 0-based data row and the column).
+        CSVValueError: a feature cell is not a number, is missing without
+            ``allow_missing``, or is out of float32's range (e.g. ``1e39``; naming the file,
+            the 0-based data row and the column); the same for a float label.
         StoreExistsError: ``dest`` exists and ``overwrite`` is false.
     """
     if not isinstance(block_rows, int) or isinstance(block_rows, bool) or block_rows < 1:
@@ -230,15 +245,42 @@ def ingest_csv(
     dtype = {label_column: str} if label_column is not None else None
     rows = 0
     total = labels.rows if labels is not None else None
+    st = path.stat()
+    job = {
+        "kind": "csv",
+        "path": str(path.resolve()),
+        "size": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
+        "label_column": label_column,
+        "features": features,
+        "allow_missing": allow_missing,
+        "delimiter": delimiter,
+        "encoding": encoding,
+        "block_rows": block_rows,
+    }
     with (
-        StoreWriter(dest, specs, chunk_len=chunk_len, compression=compression, overwrite=overwrite) as w,
+        StoreWriter(
+            dest,
+            specs,
+            chunk_len=chunk_len,
+            compression=compression,
+            overwrite=overwrite,
+            n=total,
+            job=job,
+            resume=resume,
+        ) as w,
         progress_bar(progress, total, f"ingest {os.fspath(dest)}", unit="row") as bar,
     ):
+        begin = int(w.resume_state["row"]) if w.resume_state else 0
         for start, block in reader.blocks(dtype=dtype):  # all columns, so extra fields are errors
+            rows = start + len(block)
+            if start < begin:  # written before the interruption (checkpoints are block starts)
+                bar.update(len(block))
+                continue
+            w.checkpoint({"row": start})
             w.append("x", _features(block, features, start, str(path), allow_missing))
             if labels is not None:
-                w.append("y", labels.encode(block[labels.column]))
-            rows = start + len(block)
+                w.append("y", labels.encode(block[labels.column], start, str(path)))
             bar.update(len(block))
         w.attrs.update(_attrs(path, rows, features, labels))
     return w.close()
@@ -324,28 +366,27 @@ def _features(
 ) -> np.ndarray:
     """The block's feature columns as float32 ``(rows, len(features))``.
 
-    Raises CSVValueError for the first (by row, then column) cell that is not a number, or is
-    missing while ``allow_missing`` is false."""
+    Raises CSVValueError for the first (by row, then column) cell that is not a number, is
+    missing while ``allow_missing`` is false, or overflows float32 (a finite value that would
+    be stored as ``inf``)."""
     out = np.empty((len(block), len(features)), dtype=np.float32)
-    first: tuple[int, int, bool] | None = None  # (row in block, column index, is missing)
+    first: tuple[int, int, str] | None = None  # (row in block, column index, what is expected)
     for j, name in enumerate(features):
         values, missing, bad = _numeric_column(block[name])
         problem = bad | missing if not allow_missing else bad
+        with np.errstate(over="ignore"):
+            out[:, j] = values
+        overflow = np.isinf(out[:, j]) & np.isfinite(values)
+        problem = problem | overflow
         if problem.any():
             i = int(np.argmax(problem))
             if first is None or (i, j) < first[:2]:
-                first = (i, j, bool(missing[i]))
-        out[:, j] = values
+                expected = _MISSING_HINT if missing[i] else _FLOAT32_RANGE if overflow[i] else "a number"
+                first = (i, j, expected)
     if first is not None:
-        i, j, is_missing = first
+        i, j, expected = first
         value = block[features[j]].iloc[i]
-        raise CSVValueError(
-            path,
-            start + i,
-            features[j],
-            "" if _is_na(value) else str(value),
-            _MISSING_HINT if is_missing else "a number",
-        )
+        raise CSVValueError(path, start + i, features[j], "" if _is_na(value) else str(value), expected)
     return out
 
 

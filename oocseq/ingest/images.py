@@ -7,7 +7,9 @@ resizing), in deterministic order, and written chunk by chunk. Fields: ``x`` uin
 
 from __future__ import annotations
 
+import hashlib
 import os
+import stat
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -63,21 +65,54 @@ class ImageOptions:
 def decode_image(path: str, options: ImageOptions) -> np.ndarray:
     """Decode, convert and resize one image: uint8 array of shape ``options.sample_shape``.
 
-    Raises ImageDecodeError (naming ``path``) for a missing, unreadable or corrupt file."""
+    16-bit images are scaled to 0..255 (``round(v * 255 / 65535)``), never clipped; EXIF
+    orientation is not applied (as Keras's ``load_img``). Raises ImageDecodeError (naming
+    ``path``) for a missing, unreadable or corrupt file, one that is not a regular file (a FIFO
+    or device: opened without blocking, never read), or floating-point pixels."""
     from PIL import Image
 
     mode = _MODES[options.color_mode][0]
     h, w = options.image_size
     try:
-        with Image.open(path) as img:
-            img.load()  # decode fully here: truncated files fail now, with their path
-            img = img.convert(mode)
-            if img.size != (w, h):
-                img = img.resize((w, h), getattr(Image.Resampling, options.interpolation.upper()))
-            arr = np.asarray(img, dtype=np.uint8)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as e:
         raise ImageDecodeError(path, f"{type(e).__name__}: {e}") from e
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise ImageDecodeError(path, "not a regular file (a FIFO, device or socket)")
+        try:
+            with Image.open(f) as img:
+                img.load()  # decode fully here: truncated files fail now, with their path
+                img = _to_8bit(img, path)
+                img = img.convert(mode)
+                if img.size != (w, h):
+                    img = img.resize((w, h), getattr(Image.Resampling, options.interpolation.upper()))
+                arr = np.asarray(img, dtype=np.uint8)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            # Pillow names the file object it was given; name the path (stable across runs).
+            raise ImageDecodeError(path, f"{type(e).__name__}: {str(e).replace(repr(f), repr(path))}") from e
     return arr[..., None] if arr.ndim == 2 else arr
+
+
+def _to_8bit(img: Any, path: str) -> Any:
+    """16-bit grayscale (Pillow modes ``I;16*`` and ``I``) scaled to 8 bits; Pillow's own
+    ``convert`` would clip every value above 255."""
+    from PIL import Image
+
+    if img.mode == "F":
+        raise ImageDecodeError(
+            path, "floating-point pixels (mode F) have no uint8 scale; save the image with 8 or 16 bits"
+        )
+    if not (img.mode.startswith("I;16") or img.mode == "I"):
+        return img
+    a = np.asarray(img)
+    if a.size and (int(a.min()) < 0 or int(a.max()) > 65535):
+        raise ImageDecodeError(
+            path,
+            f"32-bit pixels ({int(a.min())}..{int(a.max())}) outside 0..65535; save it with 8 or 16 bits",
+        )
+    scaled = (a.astype(np.uint32) * 255 + 32767) // 65535
+    return Image.fromarray(scaled.astype(np.uint8), "L")
 
 
 def _check_on_error(on_error: str) -> None:
@@ -101,9 +136,13 @@ def _write_images(
     overwrite: bool,
     workers: int | None,
     progress: bool,
+    job: dict[str, Any],
+    resume: bool,
+    special: Sequence[str] = (),
 ) -> Store:
     """Decode ``paths`` in parallel (in order) and write ``x``, ``y`` and the ``source`` of
-    every sample. Memory: about three chunks of decoded images."""
+    every sample. Memory: about three chunks of decoded images. ``special``: files left out
+    unopened (not regular files), reported as skipped."""
     _check_on_error(on_error)
     order = permutation(len(paths), seed) if preshuffle else np.arange(len(paths))
     specs = {
@@ -112,30 +151,53 @@ def _write_images(
     }
     if chunk_len is None:
         chunk_len = choose_chunk_len(specs, len(paths))
-    block = chunk_len
-    skipped: list[dict[str, str]] = []
-    kept_sources: list[str] = []
+    job = {**job, "options": [list(options.image_size), options.color_mode, options.interpolation]}
+    job.update(preshuffle=preshuffle, seed=seed, on_error=on_error)
+    not_regular = [{"path": p, "error": "not a regular file (a FIFO, device or socket)"} for p in special]
     workers = workers or os.cpu_count() or 1
     with (
-        StoreWriter(dest, specs, chunk_len=chunk_len, compression=compression, overwrite=overwrite) as w,
+        StoreWriter(
+            dest,
+            specs,
+            chunk_len=chunk_len,
+            compression=compression,
+            overwrite=overwrite,
+            n=len(paths),
+            job=job,
+            resume=resume,
+        ) as w,
         ThreadPoolExecutor(workers, thread_name_prefix="oocseq-decode") as pool,
         progress_bar(progress, len(paths), f"ingest {os.fspath(dest)}", unit="img") as bar,
     ):
-        pending: deque[tuple[np.ndarray, list[Future[np.ndarray]]]] = deque()
-        starts = iter(range(0, len(order), block))
+        block = w.chunk_len
+        # Skipped images as (index into paths, reason): what a resumed run needs to rebuild
+        # the sources of the samples written before the interruption.
+        skipped_at: list[list[Any]] = []
+        first_block = 0
+        if w.resume_state is not None:
+            first_block = int(w.resume_state["block"])
+            skipped_at = [list(e) for e in w.resume_state["skipped"]]
+        gone = {int(i) for i, _ in skipped_at}
+        kept_sources = [sources[i] for i in order[: first_block * block].tolist() if i not in gone]
+        bar.update(first_block * block)
+        pending: deque[tuple[int, np.ndarray, list[Future[np.ndarray]]]] = deque()
+        starts = iter(range(first_block * block, len(order), block))
 
         def submit() -> None:
             start = next(starts, None)
             if start is not None:
                 sel = order[start : start + block]
-                pending.append((sel, [pool.submit(decode_image, paths[i], options) for i in sel]))
+                pending.append(
+                    (start // block, sel, [pool.submit(decode_image, paths[i], options) for i in sel])
+                )
 
         submit()
         submit()  # decode one block ahead of the one being written
         try:
             while pending:
-                sel, futures = pending.popleft()
+                b, sel, futures = pending.popleft()
                 submit()
+                w.checkpoint({"block": b, "skipped": skipped_at})
                 images, keep = [], []
                 for i, fut in zip(sel.tolist(), futures, strict=True):
                     try:
@@ -143,7 +205,7 @@ def _write_images(
                     except ImageDecodeError as e:
                         if on_error == "raise":
                             raise
-                        skipped.append({"path": sources[i], "error": e.reason})
+                        skipped_at = [*skipped_at, [i, e.reason]]
                         continue
                     keep.append(i)
                     kept_sources.append(sources[i])
@@ -152,10 +214,11 @@ def _write_images(
                     w.append("y", labels[keep])
                 bar.update(len(sel))
         except BaseException:
-            for _, futures in pending:
+            for _, _, futures in pending:
                 for fut in futures:
                     fut.cancel()
             raise
+        skipped = not_regular + [{"path": sources[i], "error": reason} for i, reason in skipped_at]
         if not kept_sources:
             raise InvalidSourceError(f"no image could be decoded ({len(skipped)} skipped); nothing to write")
         w.attrs.update(attrs)
@@ -168,20 +231,34 @@ def _write_images(
         import warnings
 
         warnings.warn(
-            f"skipped {len(skipped)} unreadable image(s), e.g. {skipped[0]['path']!r}: "
+            f"skipped {len(skipped)} image file(s), e.g. {skipped[0]['path']!r}: "
             f"{skipped[0]['error']}; all are listed in store.metadata['skipped']",
             stacklevel=3,
         )
     return w.close()
 
 
+def _files_identity(paths: Sequence[str]) -> str:
+    """A digest of every file's path, size and modification time (a missing file counts)."""
+    h = hashlib.sha256()
+    for p in paths:
+        try:
+            st = os.stat(p)
+            h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{p}\0missing\n".encode())
+    return h.hexdigest()
+
+
 def list_image_folder(
-    src: str | os.PathLike[str], follow_links: bool = False
+    src: str | os.PathLike[str], follow_links: bool = False, special: list[str] | None = None
 ) -> tuple[list[str], list[str], np.ndarray]:
     """``(class_names, relative_paths, labels)`` of an image folder, in sorted order.
 
-    Raises SourceNotFoundError for a missing folder, one without class subfolders, or one
-    without images."""
+    Files with an image extension that are not regular files (FIFOs, devices, sockets,
+    folders) are left out without being opened; their relative paths are appended to
+    ``special`` if given. Raises SourceNotFoundError for a missing folder, one without class
+    subfolders, or one without images."""
     root = Path(src)
     if not root.is_dir():
         raise SourceNotFoundError(f"image folder {str(root)!r} does not exist or is not a folder")
@@ -198,7 +275,15 @@ def list_image_folder(
             dirnames.sort()
             for f in filenames:
                 if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."):
-                    found.append(os.path.relpath(os.path.join(dirpath, f), root))
+                    full = os.path.join(dirpath, f)
+                    try:
+                        regular = stat.S_ISREG(os.stat(full).st_mode)
+                    except OSError:  # e.g. a dangling symlink: kept, so decoding reports it
+                        regular = True
+                    if regular:
+                        found.append(os.path.relpath(full, root))
+                    elif special is not None:
+                        special.append(os.path.relpath(full, root))
         found.sort()
         rel.extend(found)
         labels.extend([label] * len(found))
@@ -226,6 +311,7 @@ def ingest_image_folder(
     overwrite: bool = False,
     workers: int | None = None,
     progress: bool = False,
+    resume: bool = True,
 ) -> Store:
     """Ingest a folder with one subfolder per class, as Keras ``image_dataset_from_directory``
     reads it: class names are the sorted subfolder names, the label is the class's index.
@@ -242,9 +328,14 @@ def ingest_image_folder(
         chunk_len: samples per chunk (default: about 4 MiB of ``x``).
         compression: ``None``, ``"lz4"``, ``"zstd"``, ``"zlib"``.
         on_error: ``"raise"`` (default) stops at the first unreadable image; ``"skip"`` leaves
-            it out, warns, and lists it in ``store.metadata["skipped"]``.
+            it out, warns, and lists it in ``store.metadata["skipped"]``. Files with an image
+            extension that are not regular files (FIFOs, devices) are never opened: they are
+            left out, with a warning, and listed there too.
         workers: decoding threads (default: all cores).
         progress: show a progress bar.
+        resume: if an earlier run of the same call (same files, sizes and modification
+            times, same ``dest`` and arguments) was interrupted, go on from its last written
+            chunk (default); ``False`` starts over.
 
     Returns:
         The opened Store: ``x`` uint8 ``(n, H, W, C)``, ``y`` int64 ``(n,)``; metadata
@@ -254,7 +345,8 @@ def ingest_image_folder(
         SourceNotFoundError, ImageDecodeError (naming the file), StoreExistsError.
     """
     options = ImageOptions(image_size, color_mode, interpolation)
-    class_names, rel, labels = list_image_folder(src, follow_links)
+    special: list[str] = []
+    class_names, rel, labels = list_image_folder(src, follow_links, special)
     root = Path(src).resolve()
     paths = [str(root / r) for r in rel]
     counts = np.bincount(labels, minlength=len(class_names)).tolist()
@@ -282,6 +374,9 @@ def ingest_image_folder(
         overwrite=overwrite,
         workers=workers,
         progress=progress,
+        job={"kind": "image_folder", "root": str(root), "files": _files_identity(paths)},
+        resume=resume,
+        special=special,
     )
 
 
@@ -304,6 +399,7 @@ def ingest_dataframe(
     overwrite: bool = False,
     workers: int | None = None,
     progress: bool = False,
+    resume: bool = True,
 ) -> Store:
     """Ingest a pandas DataFrame of image paths and labels, as Keras ``flow_from_dataframe``
     takes it.
@@ -368,6 +464,13 @@ def ingest_dataframe(
         overwrite=overwrite,
         workers=workers,
         progress=progress,
+        job={
+            "kind": "dataframe",
+            "files": _files_identity(paths),
+            "labels": hashlib.sha256(np.ascontiguousarray(labels).tobytes()).hexdigest(),
+            "attrs": attrs,
+        },
+        resume=resume,
     )
 
 

@@ -35,6 +35,7 @@ def ingest_npy(
     compression: str | Compression | None = "lz4",
     overwrite: bool = False,
     progress: bool = False,
+    resume: bool = True,
 ) -> Store:
     """Ingest one or more ``.npy`` files, concatenated along axis 0, into a new store.
 
@@ -49,6 +50,9 @@ def ingest_npy(
         compression: ``None``, ``"lz4"``, ``"zstd"`` or ``"zlib"``.
         overwrite: replace an existing store at ``dest``.
         progress: show a progress bar.
+        resume: if an earlier run of the same call (same files, sizes and modification
+            times, same ``dest`` and arguments) was interrupted, go on from its last written
+            chunk (default); ``False`` starts over.
 
     Returns:
         The opened Store. Field ``name`` has shape ``(n, *sample_shape)`` and the files'
@@ -80,11 +84,28 @@ def ingest_npy(
     specs = {name: c.spec for name, c in fields.items()}
     if chunk_len is None:
         chunk_len = choose_chunk_len(specs, n)
+    job = {
+        "kind": "npy",
+        "files": {name: [_file_identity(p) for p in c.files] for name, c in fields.items()},
+    }
     with (
-        StoreWriter(dest, specs, chunk_len=chunk_len, compression=compression, overwrite=overwrite) as w,
+        StoreWriter(
+            dest,
+            specs,
+            chunk_len=chunk_len,
+            compression=compression,
+            overwrite=overwrite,
+            n=n,
+            job=job,
+            resume=resume,
+        ) as w,
         progress_bar(progress, n, f"ingest {os.fspath(dest)}") as bar,
     ):
-        for start in range(0, n, chunk_len):
+        chunk_len = w.chunk_len
+        begin = int(w.resume_state["start"]) if w.resume_state else 0
+        bar.update(begin)
+        for start in range(begin, n, chunk_len):
+            w.checkpoint({"start": start})
             stop = min(start + chunk_len, n)
             for name, source in fields.items():
                 w.append(name, source.rows(start, stop))
@@ -98,6 +119,11 @@ def ingest_npy(
             ],
         }
     return w.close()
+
+
+def _file_identity(path: Path) -> list[Any]:
+    st = path.stat()
+    return [str(path.resolve()), st.st_size, st.st_mtime_ns]
 
 
 def _file_lists(paths: NpyPaths | Mapping[str, NpyPaths], field: str) -> dict[str, list[Path]]:

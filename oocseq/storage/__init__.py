@@ -36,11 +36,12 @@ def open_reader(path: Path, fmt: str, fast: bool = True) -> StorageReader:
     return HDF5Reader(path, fast)
 
 
-def create_writer(path: Path, fmt: str) -> StorageWriter:
+def create_writer(path: Path, fmt: str, resume: bool = False) -> StorageWriter:
+    """A writer of a new store at ``path``, or (``resume``) of the partial store there."""
     if fmt == "zarr":
         from ._zarr import ZarrWriter
 
-        return ZarrWriter(path)
+        return ZarrWriter(path, resume)
     from ._hdf5 import HDF5Writer
 
-    return HDF5Writer(path)
+    return HDF5Writer(path, resume)

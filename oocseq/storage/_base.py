@@ -106,6 +106,15 @@ class StorageWriter(ABC):
         self, name: str, spec: FieldSpec, chunk_len: int, compression: Compression | None
     ) -> None: ...
 
+    def reopen_field(self, name: str) -> None:
+        """Open field ``name`` of a partial store opened with ``resume=True`` for more chunks
+        (KeyError or OSError if it is not there)."""
+        raise NotImplementedError
+
+    def flush(self) -> None:  # noqa: B027 (optional hook)
+        """Push what was written to the operating system, so that a killed process leaves a
+        partial store that reopens with every chunk written so far."""
+
     @abstractmethod
     def write_chunk(self, name: str, c: int, chunk_len: int, data: np.ndarray) -> None:
         """Write chunk ``c`` (``len(data) <= chunk_len`` samples), growing the field as needed."""
@@ -120,3 +129,10 @@ class StorageWriter(ABC):
 
     @abstractmethod
     def close(self) -> None: ...
+
+    def discard(self) -> None:
+        """Let go of a store that is about to be deleted (after a failure: never raises)."""
+        try:
+            self.close()
+        except Exception:
+            pass

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import math
 import os
+import re
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -259,10 +263,20 @@ def _filters(ds: Any) -> list[tuple[Any, ...]]:
 
 
 class HDF5Writer(StorageWriter):
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, resume: bool = False) -> None:
         super().__init__(path)
-        self._file = h5py.File(path, "w-")
+        self._file = h5py.File(path, "r+" if resume else "w-")
         self._datasets: dict[str, Any] = {}
+
+    def reopen_field(self, name: str) -> None:
+        ds = self._file[name]
+        if not isinstance(ds, h5py.Dataset):
+            raise KeyError(name)
+        self._datasets[name] = ds
+
+    def flush(self) -> None:
+        with self._failing():
+            self._file.flush()
 
     def create_field(
         self, name: str, spec: FieldSpec, chunk_len: int, compression: Compression | None
@@ -287,11 +301,14 @@ class HDF5Writer(StorageWriter):
         ds = self._datasets[name]
         start = c * chunk_len
         stop = start + len(data)
-        if ds.shape[0] < stop:
-            ds.resize(max(stop, 2 * ds.shape[0]), axis=0)
-        ds[start:stop] = data
+        with self._failing():
+            if ds.shape[0] < stop:
+                ds.resize(max(stop, 2 * ds.shape[0]), axis=0)
+            ds[start:stop] = data
 
     def write_aux(self, name: str, values: np.ndarray) -> None:
+        if f"{AUX_GROUP}/{name}" in self._file:  # a resumed ingestion may have written it before
+            del self._file[f"{AUX_GROUP}/{name}"]
         if values.dtype.kind in "US":
             values = np.asarray(values, dtype=object)
             self._file.create_dataset(f"{AUX_GROUP}/{name}", data=values, dtype=h5py.string_dtype())
@@ -303,8 +320,37 @@ class HDF5Writer(StorageWriter):
             if ds.shape[0] != n:
                 ds.resize(n, axis=0)
         self._file.attrs[ATTR_KEY] = json.dumps(manifest_doc)
-        self._file.flush()
+        with self._failing():
+            self._file.flush()
 
     def close(self) -> None:
         self._datasets.clear()
-        self._file.close()
+        with self._failing():
+            self._file.close()
+
+    @contextlib.contextmanager
+    def _failing(self) -> Iterator[None]:
+        """Raise a failed write as OSError (h5py reports a full disk while flushing as
+        RuntimeError), after emptying the file: once a write failed, the store is discarded,
+        and h5py can neither flush nor close it until there is space again (and forcing its
+        id closed crashes the interpreter: h5py 3.14, HDF5 1.14)."""
+        try:
+            yield
+        except (OSError, RuntimeError) as e:
+            with contextlib.suppress(OSError):
+                os.truncate(self.path, 0)
+            if isinstance(e, OSError):
+                raise
+            m = re.search(r"errno = (\d+)", str(e))
+            code = int(m.group(1)) if m else errno.EIO
+            raise OSError(code, f"{os.strerror(code)} ({str(e).splitlines()[0]})") from e
+
+    def discard(self) -> None:
+        # After ENOSPC, h5py can neither flush nor close the file, and forcing its id closed
+        # crashes the interpreter (h5py 3.14, HDF5 1.14). Emptying the file first frees its
+        # space, after which the close's flush succeeds.
+        self._datasets.clear()
+        with contextlib.suppress(OSError):
+            os.truncate(self.path, 0)
+        with contextlib.suppress(Exception):
+            self._file.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import math
 import os
+import shutil
 import threading
 from pathlib import Path
 from typing import Any
@@ -324,10 +325,17 @@ def _check_field_codecs(arr: Any, spec: FieldSpec, compression: Compression | No
 
 
 class ZarrWriter(StorageWriter):
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, resume: bool = False) -> None:
         super().__init__(path)
-        self._group = zarr.open_group(str(path), mode="w-")
+        self._group = zarr.open_group(str(path), mode="r+" if resume else "w-")
         self._arrays: dict[str, Any] = {}
+
+    def reopen_field(self, name: str) -> None:
+        arr = self._group[name]
+        if not isinstance(arr, zarr.Array):
+            raise KeyError(name)
+        # As at creation: every chunk is written, also one equal to the fill value.
+        self._arrays[name] = arr.with_config({"write_empty_chunks": True})
 
     def create_field(
         self, name: str, spec: FieldSpec, chunk_len: int, compression: Compression | None
@@ -366,14 +374,23 @@ class ZarrWriter(StorageWriter):
             chunks=chunks,
             dtype=dtype,
             config={"write_empty_chunks": True},
+            overwrite=True,  # a resumed ingestion may have written it before
         )
         if len(values):
             arr[...] = values
 
     def finalize(self, n: int, manifest_doc: dict[str, Any]) -> None:
-        for arr in self._arrays.values():
+        for name, arr in self._arrays.items():
             if arr.shape[0] != n:
                 arr.resize((n, *arr.shape[1:]))
+            # A process killed inside an earlier finalize of a resumed ingestion may have left
+            # chunks past the end (resize writes the shape before deleting them).
+            num = -(-n // arr.chunks[0])
+            chunk_dir = self.path / name / "c"
+            if chunk_dir.is_dir():
+                for entry in os.listdir(chunk_dir):
+                    if entry.isdigit() and int(entry) >= num:
+                        shutil.rmtree(chunk_dir / entry, ignore_errors=True)
         self._group.attrs[ATTR_KEY] = manifest_doc
 
     def close(self) -> None:

@@ -1,0 +1,166 @@
+"""The commit protocol and the writer's guards, step by step (the crash suite kills real
+processes; these check each rule on its own)."""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import oocseq
+from oocseq.ingest import _writer
+from oocseq.storage import _commit
+
+FORMATS = [".zarr", ".h5"]
+
+
+def data(n: int = 40, seed: int = 0) -> dict[str, np.ndarray]:
+    return {"x": np.random.default_rng(seed).random((n, 3)).astype(np.float32), "y": np.arange(n)}
+
+
+def test_overwrite_refuses_what_is_not_an_oocseq_store(tmp_path: Path) -> None:
+    thesis = tmp_path / "precious.zarr"
+    thesis.mkdir()
+    (thesis / "thesis.tex").write_text("years of work")
+    other = tmp_path / "other.h5"
+    other.write_bytes(b"not hdf5 at all")
+    import h5py
+
+    with h5py.File(tmp_path / "plain.h5", "w") as f:
+        f["a"] = np.arange(3)
+    for dest in (thesis, other, tmp_path / "plain.h5"):
+        with pytest.raises(oocseq.NotAStoreError, match="not an oocseq store"):
+            oocseq.ingest_arrays(dest, data(), overwrite=True)
+    assert (thesis / "thesis.tex").read_text() == "years of work"
+    assert other.read_bytes() == b"not hdf5 at all"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other.h5", "plain.h5", "precious.zarr"]
+    # An empty folder, or an oocseq store (even a damaged one), may be replaced.
+    (tmp_path / "empty.zarr").mkdir()
+    oocseq.ingest_arrays(tmp_path / "empty.zarr", data(), overwrite=True).close()
+    oocseq.ingest_arrays(tmp_path / "empty.zarr", data(seed=1), overwrite=True).close()
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_chunk_len_is_capped(tmp_path: Path, fmt: str) -> None:
+    store = oocseq.ingest_arrays(
+        tmp_path / f"a{fmt}", {"x": np.zeros(3)}, chunk_len=50_000_000, compression=None
+    )
+    assert store.chunk_len == 3
+    assert sum(f.stat().st_size for f in tmp_path.rglob("*") if f.is_file()) < 100_000
+    with pytest.raises(oocseq.ArgumentError, match="chunk_len"):
+        oocseq.ingest_arrays(tmp_path / f"b{fmt}", {"x": iter([np.zeros((3, 4))])}, chunk_len=10**9)
+    assert not (tmp_path / f"b{fmt}").exists()
+
+
+def test_store_write_error_is_both() -> None:
+    assert issubclass(oocseq.StoreWriteError, oocseq.OocseqError)
+    assert issubclass(oocseq.StoreWriteError, OSError)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names fds through /proc")
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_data_and_folders_are_fsynced_before_the_rename(tmp_path: Path, fmt: str, monkeypatch) -> None:
+    events: list[tuple[str, str]] = []
+    real_fsync, real_rename = os.fsync, os.rename
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def rename(src, dst) -> None:
+        events.append(("rename", str(dst)))
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", rename)
+    dest = tmp_path / f"s{fmt}"
+    oocseq.ingest_arrays(dest, data(), chunk_len=8).close()
+    events.clear()
+    oocseq.ingest_arrays(dest, data(seed=1), chunk_len=8, overwrite=True).close()
+    renames = [i for i, e in enumerate(events) if e == ("rename", str(dest))]
+    assert renames, events
+    before = [p for op, p in events[: renames[-1]] if op == "fsync"]
+    after = [p for op, p in events[renames[-1] :] if op == "fsync"]
+    partial = [p for p in before if ".partial" in p]
+    if fmt == ".zarr":  # every chunk file, and the folders
+        assert len({p for p in partial if re.search(r"/x/c/\d+/0$", p)}) == 5
+        assert any(p.endswith(".partial") for p in partial)
+    else:
+        assert any(p.endswith(".partial") for p in partial)
+    assert str(tmp_path) in after  # the rename itself is made durable
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_an_old_store_left_aside_is_recovered_by_open_and_by_ingest(tmp_path: Path, fmt: str) -> None:
+    dest = tmp_path / f"s{fmt}"
+    old = oocseq.ingest_arrays(dest, data(), chunk_len=8)
+    expected = old["x"][:]
+    old.close()
+    aside = _commit.sibling(dest, "abc123", "old")
+    os.rename(dest, aside)  # what a crash between the two renames of a commit leaves
+    np.testing.assert_array_equal(oocseq.open_store(dest)["x"][:], expected)
+    assert not aside.exists()
+    os.rename(dest, aside)
+    with pytest.raises(oocseq.StoreExistsError):  # the ingestion sees the recovered store
+        oocseq.ingest_arrays(dest, data(seed=2), chunk_len=8)
+    np.testing.assert_array_equal(oocseq.open_store(dest)["x"][:], expected)
+    # dest and an old one both there: the old one is what the crash left after the commit.
+    (_commit.sibling(dest, "def456", "old")).mkdir()
+    oocseq.ingest_arrays(dest, data(seed=3), chunk_len=8, overwrite=True).close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [dest.name]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("native", [True, False])
+def test_rename_noreplace(tmp_path: Path, fmt: str, native: bool, monkeypatch) -> None:
+    if not native:
+        monkeypatch.setattr(_commit, "_renameat2", None)
+    a, b = tmp_path / f"a{fmt}", tmp_path / f"b{fmt}"
+    oocseq.ingest_arrays(a, data()).close()
+    oocseq.ingest_arrays(b, data(seed=1)).close()
+    with pytest.raises(FileExistsError):
+        _commit.rename_noreplace(a, b)
+    assert a.exists() and oocseq.open_store(b)["x"][0, 0] == data(seed=1)["x"][0, 0]
+    _commit.rename_noreplace(a, tmp_path / f"c{fmt}")
+    assert not a.exists() and (tmp_path / f"c{fmt}").exists()
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_resume_false_and_streams_start_over(tmp_path: Path, fmt: str, monkeypatch) -> None:
+    dest = tmp_path / f"s{fmt}"
+    real_append, calls = _writer.StoreWriter.append, [0]
+
+    def interrupted(self, name, values):
+        calls[0] += 1
+        if calls[0] == 5:
+            raise KeyboardInterrupt
+        real_append(self, name, values)
+
+    monkeypatch.setattr(_writer.StoreWriter, "append", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        oocseq.ingest_arrays(dest, data(), chunk_len=8)
+    monkeypatch.setattr(_writer.StoreWriter, "append", real_append)
+    assert {p.name.rsplit(".", 1)[1] for p in tmp_path.iterdir()} == {"partial", "journal", "lock"}
+    with pytest.warns(UserWarning, match="stream of batches cannot be replayed"):
+        store = oocseq.ingest_arrays(dest, {"x": iter([data()["x"]]), "y": data()["y"]}, chunk_len=8)
+    np.testing.assert_array_equal(store["x"][:], data()["x"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == [dest.name]
+
+
+def test_a_live_ingestions_files_are_left_alone(tmp_path: Path) -> None:
+    dest = tmp_path / "s.zarr"
+    lock = _commit.OwnerLock.create(dest, "live01")
+    assert _commit.OwnerLock.adopt(lock.path) is None  # held
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        oocseq.ingest_arrays(dest, data()).close()
+    assert lock.path.exists()
+    lock.release(delete=False)
+    adopted = _commit.OwnerLock.adopt(lock.path)
+    assert adopted is not None
+    adopted.release(delete=True)
+    assert not lock.path.exists()
