@@ -1,7 +1,8 @@
 """oocseq: train on datasets larger than RAM.
 
 Ingest raw files into chunked Zarr v3 / HDF5 stores, then serve shuffled, chunk-aligned
-batches with :class:`ChunkedSequence` (a ``keras.utils.PyDataset`` when Keras is in use).
+batches with :class:`ChunkedSequence` (a ``keras.utils.PyDataset`` when Keras is in use), from a
+stateless batch core (:class:`ChunkedBatches`).
 Importing oocseq imports no ML framework.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 from .errors import (
     ArgumentError,
+    ArgumentTypeError,
     BatchIndexError,
     CorruptStoreError,
     CSVValueError,
@@ -29,16 +31,22 @@ from .ingest.arrays import ingest_arrays
 from .ingest.csv import ingest_csv
 from .ingest.images import ingest_dataframe, ingest_image_folder
 from .ingest.npy import ingest_npy
+from .batches import ChunkedBatches
+from .memory import ArraySource
+from .options import ReadOptions, ShardOptions, WorkerOptions
 from .plan import EpochPlan, epoch_order
-from .sequence import ChunkedSequence, ReadOptions, WorkerOptions
+from .sequence import ChunkedSequence
 from .store import FieldInfo, FieldView, Store, open_store
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ArgumentError",
+    "ArgumentTypeError",
+    "ArraySource",
     "BatchIndexError",
     "CSVValueError",
+    "ChunkedBatches",
     "ChunkedSequence",
     "CorruptStoreError",
     "EpochPlan",
@@ -52,13 +60,14 @@ __all__ = [
     "OocseqError",
     "OutOfRangeError",
     "ReadOptions",
-    "WorkerOptions",
+    "ShardOptions",
     "SourceNotFoundError",
     "Store",
     "StoreExistsError",
     "StateError",
     "StoreNotFoundError",
     "TransformError",
+    "WorkerOptions",
     "__version__",
     "epoch_order",
     "ingest_arrays",

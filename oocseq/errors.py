@@ -8,6 +8,7 @@ from __future__ import annotations
 
 __all__ = [
     "OocseqError",
+    "ArgumentTypeError",
     "StoreNotFoundError",
     "NotAStoreError",
     "CorruptStoreError",
@@ -110,3 +111,7 @@ class TransformError(OocseqError, RuntimeError):
 
 class StateError(OocseqError, ValueError):
     """A ``state_dict`` that does not belong to this sequence (other store, other plan)."""
+
+
+class ArgumentTypeError(ArgumentError, TypeError):
+    """An argument of the wrong type (a dict where a field name was expected, ...)."""
