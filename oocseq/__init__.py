@@ -8,6 +8,7 @@ Importing oocseq imports no ML framework.
 
 from __future__ import annotations
 
+from .batches import ChunkedBatches
 from .errors import (
     ArgumentError,
     ArgumentTypeError,
@@ -31,7 +32,6 @@ from .ingest.arrays import ingest_arrays
 from .ingest.csv import ingest_csv
 from .ingest.images import ingest_dataframe, ingest_image_folder
 from .ingest.npy import ingest_npy
-from .batches import ChunkedBatches
 from .memory import ArraySource
 from .options import ReadOptions, ShardOptions, WorkerOptions
 from .plan import EpochPlan, epoch_order

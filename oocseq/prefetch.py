@@ -26,7 +26,6 @@ import pickle
 import threading
 import traceback
 import weakref
-from collections.abc import Hashable
 from concurrent.futures import (
     BrokenExecutor,
     CancelledError,
