@@ -382,7 +382,7 @@ class ChunkedSequence:
         with rt.lock:
             if self._in_pass:
                 self._in_pass = False
-                advance = self._position >= len(self)
+                advance = 0 < len(self) <= self._position
             else:
                 advance = self._position > 0 or self._touched or bool(self._taken)
         if advance:
@@ -401,14 +401,7 @@ class ChunkedSequence:
             ArgumentTypeError: ``i`` is not an int.
         """
         k, epoch = self._claim(i)
-        try:
-            return self._serve(k, epoch)
-        except Exception as e:
-            # Worker threads and processes hand exceptions back: say where they came from.
-            e.add_note(
-                f"oocseq: while serving seq[{i}] (plan batch {k}, epoch {epoch}) from {self.store.path}"
-            )
-            raise
+        return self._serve(k, epoch, i)
 
     def _claim(self, i: Any) -> tuple[int, int]:
         """Which plan batch, of which epoch, answers request ``i``."""
@@ -441,13 +434,22 @@ class ChunkedSequence:
         self._rt.last_served = (-1, -1)
         # The prefetcher drops other epochs' tasks at its next request by itself.
 
-    def _serve(self, k: int, epoch: int) -> tuple[Any, ...]:
+    def _serve(self, k: int, epoch: int, request: int | None = None) -> tuple[Any, ...]:
+        try:
+            return self._compute(k, epoch)
+        except Exception as e:
+            # Worker threads and processes hand exceptions back: say where they came from.
+            asked = f"seq[{request}], " if request is not None else ""
+            e.add_note(f"oocseq: while serving {asked}plan batch {k}, epoch {epoch} from {self.store.path}")
+            raise
+
+    def _compute(self, k: int, epoch: int) -> tuple[Any, ...]:
         """Plan batch ``k`` of ``epoch``: from the workers when they prepare batches ahead and
         requests come in plan order, else computed here."""
         rt = self._rt
         opts = self.worker_options
         with rt.lock:
-            in_order = rt.last_served == (epoch, k - 1)
+            in_order = k == 0 or rt.last_served == (epoch, k - 1)
             rt.last_served = (epoch, k)
             prefetcher = None
             if opts.parallel and in_order and os.getpid() == self._owner_pid:
@@ -466,7 +468,7 @@ class ChunkedSequence:
         epoch = self._epoch
         rt = self._rt
         with rt.lock:
-            in_order = rt.last_served == (epoch, i - 1)
+            in_order = i == 0 or rt.last_served == (epoch, i - 1)
             rt.last_served = (epoch, i)
         return self.core.get(epoch, i, readahead=in_order)
 
