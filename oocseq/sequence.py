@@ -15,7 +15,9 @@ Which plan batch answers a request:
   (``predict``, ``evaluate``, ``fit(shuffle=False)``) therefore get plan batch ``i`` for
   index ``i``; the shuffled requests of ``fit(shuffle=True)`` get the plan's batches in plan
   order, which keeps chunk locality. A pass that ends before the epoch's batches are all
-  handed out (``steps_per_epoch < len(seq)``) goes on in the next pass.
+  handed out goes on in the next pass when Keras continues its requests there
+  (``steps_per_epoch < len(seq)``); one cut short otherwise (the batch Keras reads to build a
+  model) is not counted: the next pass starts where it started.
 """
 
 from __future__ import annotations
@@ -200,6 +202,8 @@ class ChunkedSequence:
         self._position = 0  # plan batches of the epoch handed out (by a Keras pass or iteration)
         self._taken: dict[int, int] = {}  # this epoch's Keras requests: index -> plan batch
         self._in_pass = False  # between Keras's on_epoch_begin and on_epoch_end
+        self._pass_start = (0, 0)  # (epoch, position) when the pass began
+        self._pass_continues = False  # the next pass goes on with this one's requests
         self._touched = False  # a batch of this epoch was read by index (outside a pass)
         self._keras_offset = 0  # batches of the epoch trained before this fit (fit_resumable)
         self._owner_pid = os.getpid()  # the cursor is this process's
@@ -367,13 +371,16 @@ class ChunkedSequence:
             )
         with self._rt.lock:
             self._in_pass = True
+            self._pass_start = (self._epoch, self._position)
+            # Keras goes on with the same requests in the next pass only with steps_per_epoch.
+            self._pass_continues = steps is not None
 
     def on_epoch_end(self) -> None:
         """End a pass (Keras) or an epoch (plain loops).
 
         At the end of a Keras pass: move to the next epoch if all its batches were handed out,
-        else keep going through it in the next pass (``steps_per_epoch < len(seq)``, or the
-        batch Keras reads to build a model). Called outside a pass (by a plain loop, or by
+        else keep going through it in the next pass (``steps_per_epoch < len(seq)``); a pass
+        cut short otherwise (the batch Keras reads to build a model) is not counted. Called outside a pass (by a plain loop, or by
         Keras when ``fit`` / ``evaluate`` / ``predict`` start): move to the next epoch if any
         batch of this one was served; with none served, nothing changes, so no epoch is
         skipped. :meth:`set_epoch` pins the epoch; so does
@@ -383,6 +390,13 @@ class ChunkedSequence:
             if self._in_pass:
                 self._in_pass = False
                 advance = 0 < len(self) <= self._position
+                epoch, start = self._pass_start
+                if not advance and not self._pass_continues and epoch == self._epoch:
+                    # A pass cut short without steps_per_epoch (the batch Keras reads to build a
+                    # model, a stopped fit): its batches were not trained; the next pass,
+                    # with requests of its own, starts where this one started.
+                    self._position = start
+                    self._taken = {}
             else:
                 advance = self._position > 0 or self._touched or bool(self._taken)
         if advance:

@@ -248,7 +248,7 @@ def test_sequence_refuses_half_given_ranks(store):
 def test_sequence_ranks_each_epoch_equal_batches(store):
     """Every rank serves len(seq) batches in every epoch, and epochs deal other chunks."""
     ws = 3
-    seqs = [ChunkedSequence(store, 7, rank=r, world_size=ws, seed=1, window=2) for r in range(ws)]
+    seqs = [ChunkedSequence(store, 7, shard=ShardOptions(r, ws), seed=1, window=2) for r in range(ws)]
     chunk_sets = []
     for epoch in range(4):
         counts, seen = [], []
