@@ -227,11 +227,29 @@ class Prefetcher:
                     block.left -= 1
                     if block.left <= 0 and self._blocks.get((epoch, b)) is block:
                         self._drop((epoch, b))
-        if out is None:  # cancelled, or served before (index requests repeated): compute it here
-            out = self._source.prepare(epoch, i, i + 1)[0]
+        if out is None:  # cancelled, or served before (a request repeated): compute it again
+            out = self._again(epoch, b, i)
         if isinstance(out, Failed):
             raise out.error
         return out
+
+    def _again(self, epoch: int, b: int, i: int) -> Any:
+        """Plan batch ``i`` once more, by the workers when they run (a ``transform`` made for
+        worker processes stays out of this one), else here."""
+        pool = None
+        with self._lock:
+            if not self._closed:
+                pool = self._executor(b)
+        if pool is not None:
+            try:
+                if self.options.use_multiprocessing:
+                    future = pool.submit(_process_block, epoch, i, i + 1)
+                    future.add_done_callback(self._count_decodes)
+                    return future.result()[0][0]
+                return pool.submit(self._source.prepare, epoch, i, i + 1).result()[0]
+            except (BrokenExecutor, CancelledError, RuntimeError):  # (RuntimeError: shut down meanwhile)
+                pass
+        return self._source.prepare(epoch, i, i + 1)[0]
 
     def reset(self) -> None:
         """Drop everything computed ahead (the epoch changed)."""

@@ -204,7 +204,8 @@ class ChunkedSequence:
         self._in_pass = False  # between Keras's on_epoch_begin and on_epoch_end
         self._pass_start = (0, 0)  # (epoch, position) when the pass began
         self._pass_continues = False  # the next pass goes on with this one's requests
-        self._touched = False  # a batch of this epoch was read by index (outside a pass)
+        self._continuing = False  # this pass goes on with the last one's requests
+        self._peeked: set[int] = set()  # batches of this epoch read by index (outside a pass)
         self._keras_offset = 0  # batches of the epoch trained before this fit (fit_resumable)
         self._owner_pid = os.getpid()  # the cursor is this process's
         self._rt_pid = -1
@@ -347,7 +348,8 @@ class ChunkedSequence:
             self._epoch = int(epoch)
             self._position = 0
             self._taken = {}
-            self._touched = False
+            self._peeked = set()
+            self._continuing = False
             rt.last_served = (-1, -1)
             prefetcher = rt.prefetcher
         if prefetcher is not None:  # outside rt.lock: the prefetcher takes its lock, then rt.lock
@@ -362,7 +364,7 @@ class ChunkedSequence:
             ArgumentError: Keras was asked for more steps per epoch than the sequence has
                 batches (``steps_per_epoch`` / ``steps`` > ``len(seq)``).
         """
-        steps = _keras_steps(self)
+        steps = _keras_steps(_keras_iterator(self))
         if steps is not None and steps > self.num_batches:
             raise ArgumentError(
                 f"Keras was asked for {steps} steps per epoch from a sequence of {self.num_batches} "
@@ -370,6 +372,11 @@ class ChunkedSequence:
                 "through the plan where the last one stopped."
             )
         with self._rt.lock:
+            if not self._continuing and self._position > self._keras_offset:
+                # A new pass asks for a whole epoch: not the rest of one that iteration or an
+                # earlier pass began.
+                self._next_epoch_locked()
+            self._continuing = False
             self._in_pass = True
             self._pass_start = (self._epoch, self._position)
             # Keras goes on with the same requests in the next pass only with steps_per_epoch.
@@ -381,16 +388,21 @@ class ChunkedSequence:
         At the end of a Keras pass: move to the next epoch if all its batches were handed out,
         else keep going through it in the next pass (``steps_per_epoch < len(seq)``); a pass
         cut short otherwise (the batch Keras reads to build a model) is not counted. Called outside a pass (by a plain loop, or by
-        Keras when ``fit`` / ``evaluate`` / ``predict`` start): move to the next epoch if any
-        batch of this one was served; with none served, nothing changes, so no epoch is
-        skipped. :meth:`set_epoch` pins the epoch; so does
+        Keras when ``fit`` / ``evaluate`` / ``predict`` start): move to the next epoch if
+        batches of this one were handed out (by iteration or a Keras pass) or every batch of it
+        was read by index (``for i in range(len(seq)): seq[i]``); a few peeks, or nothing
+        served, change nothing, so no epoch is skipped. :meth:`set_epoch` pins the epoch; so does
         ``oocseq.adapters.keras.SyncEpoch`` in ``fit``."""
+        it = _keras_iterator(self) if self._in_pass else None
+        if it is not None and getattr(it, "_current_iterator", True) is None:
+            self._pass_continues = False  # Keras dropped its requests (reset after a model build)
         rt = self._rt
         with rt.lock:
             if self._in_pass:
                 self._in_pass = False
                 advance = 0 < len(self) <= self._position
                 epoch, start = self._pass_start
+                self._continuing = not advance and self._pass_continues
                 if not advance and not self._pass_continues and epoch == self._epoch:
                     # A pass cut short without steps_per_epoch (the batch Keras reads to build a
                     # model, a stopped fit): its batches were not trained; the next pass,
@@ -398,7 +410,9 @@ class ChunkedSequence:
                     self._position = start
                     self._taken = {}
             else:
-                advance = self._position > 0 or self._touched or bool(self._taken)
+                # Not for a few peeks (Keras's TensorFlow backend reads two batches to learn
+                # their shapes): for batches handed out, or every batch read by index.
+                advance = self._position > 0 or 0 < len(self) <= len(self._peeked)
         if advance:
             self.set_epoch(self._epoch + 1)
 
@@ -422,9 +436,9 @@ class ChunkedSequence:
         rt = self._rt
         with rt.lock:
             if not self._in_pass or os.getpid() != self._owner_pid:
-                self.core.check_index(i)
-                self._touched = True
-                return int(i), self._epoch
+                i = self.core.check_index(i)
+                self._peeked.add(i)
+                return i, self._epoch
             i = self.core.check_index(i)
             if i >= self.num_batches:
                 raise BatchIndexError(
@@ -444,7 +458,8 @@ class ChunkedSequence:
         self._epoch += 1
         self._position = 0
         self._taken = {}
-        self._touched = False
+        self._peeked = set()
+        self._continuing = False
         self._rt.last_served = (-1, -1)
         # The prefetcher drops other epochs' tasks at its next request by itself.
 
@@ -531,6 +546,7 @@ class ChunkedSequence:
         self.set_epoch(epoch)
         with self._rt.lock:
             self._position = position
+            self._continuing = position > 0  # the next Keras pass goes on from here
 
     @property
     def stats(self) -> dict[str, int]:
@@ -586,20 +602,25 @@ def check_state(core: ChunkedBatches, state: Any) -> None:
         )
 
 
-def _keras_steps(seq: ChunkedSequence) -> int | None:
-    """The ``steps_per_epoch`` (``steps``) of the Keras epoch iterator calling
-    ``seq.on_epoch_begin``, if one is (Keras does not tell the dataset)."""
-    frame = sys._getframe(2)
+def _keras_iterator(seq: ChunkedSequence) -> Any:
+    """The Keras epoch iterator calling ``seq.on_epoch_begin`` / ``on_epoch_end`` (through its
+    data adapter), if one is: Keras tells the dataset neither its ``steps_per_epoch`` nor
+    whether the next epoch goes on with the same requests."""
+    frame = sys._getframe(3)
     for _ in range(4):
         if frame is None:
             return None
         it = frame.f_locals.get("self")
         adapter = getattr(it, "data_adapter", None)
         if adapter is not None and getattr(adapter, "py_dataset", None) is seq:
-            steps = getattr(it, "steps_per_epoch", None)
-            return steps if isinstance(steps, int) and not isinstance(steps, bool) else None
+            return it
         frame = frame.f_back
     return None
+
+
+def _keras_steps(it: Any) -> int | None:
+    steps = getattr(it, "steps_per_epoch", None)
+    return steps if isinstance(steps, int) and not isinstance(steps, bool) else None
 
 
 def _legacy_arguments(

@@ -214,16 +214,22 @@ def test_on_epoch_end_before_serving_does_not_advance(store):
     assert seq.epoch == 1
 
 
-def test_on_epoch_end_after_one_batch_advances(store):
-    """on_epoch_end advances once any batch of the epoch was served (a partial epoch, e.g.
-    ``steps_per_epoch`` < ``len(seq)``, still ends the epoch)."""
+def test_on_epoch_end_after_peeks_does_not_advance(store):
+    """A few batches read by index (peeks, or Keras reading shapes) do not end an epoch; a
+    whole epoch read by index, or one batch handed out by iteration, does."""
     seq = ChunkedSequence(store, 10, seed=1)
     first = seq.batch_indices(0)
     seq[0]
+    seq[3]
+    seq.on_epoch_end()
+    assert seq.epoch == 0
+    for i in range(len(seq)):
+        seq[i]
     seq.on_epoch_end()
     assert seq.epoch == 1
     assert not np.array_equal(seq.batch_indices(0), first)
     np.testing.assert_array_equal(ids_of(seq[0][0]), seq.batch_indices(0))
+    next(iter(seq))
     seq.on_epoch_end()
     assert seq.epoch == 2
 
