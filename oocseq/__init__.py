@@ -1,14 +1,17 @@
 """oocseq: train on datasets larger than RAM.
 
 Ingest raw files into chunked Zarr v3 / HDF5 stores, then serve shuffled, chunk-aligned
-batches with :class:`ChunkedSequence` (a ``keras.utils.PyDataset`` when Keras is in use).
+batches with :class:`ChunkedSequence` (a ``keras.utils.PyDataset`` when Keras is in use), from a
+stateless batch core (:class:`ChunkedBatches`).
 Importing oocseq imports no ML framework.
 """
 
 from __future__ import annotations
 
+from .batches import ChunkedBatches
 from .errors import (
     ArgumentError,
+    ArgumentTypeError,
     BatchIndexError,
     CorruptStoreError,
     CSVValueError,
@@ -31,16 +34,21 @@ from .ingest.arrays import ingest_arrays
 from .ingest.csv import ingest_csv
 from .ingest.images import ingest_dataframe, ingest_image_folder
 from .ingest.npy import ingest_npy
+from .memory import ArraySource
+from .options import ReadOptions, ShardOptions, WorkerOptions
 from .plan import EpochPlan, epoch_order
-from .sequence import ChunkedSequence, ReadOptions, WorkerOptions
+from .sequence import ChunkedSequence
 from .store import FieldInfo, FieldView, Store, open_store
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ArgumentError",
+    "ArgumentTypeError",
+    "ArraySource",
     "BatchIndexError",
     "CSVValueError",
+    "ChunkedBatches",
     "ChunkedSequence",
     "CorruptStoreError",
     "EpochPlan",
@@ -54,7 +62,7 @@ __all__ = [
     "OocseqError",
     "OutOfRangeError",
     "ReadOptions",
-    "WorkerOptions",
+    "ShardOptions",
     "SourceNotFoundError",
     "Store",
     "StoreExistsError",
@@ -63,6 +71,7 @@ __all__ = [
     "StoreNotFoundError",
     "StoreWriteError",
     "TransformError",
+    "WorkerOptions",
     "__version__",
     "epoch_order",
     "ingest_arrays",

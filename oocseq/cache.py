@@ -4,9 +4,9 @@ A window's chunks are decoded straight into one buffer per field, back to back, 
 threads (numcodecs and memcpy release the GIL, so they run in parallel with the thread that
 serves batches). A batch is then one ``np.take`` per window it spans: one copy per sample.
 
-The sequence tells the cache which windows it still needs (:meth:`WindowCache.retain`);
-everything else is dropped, so memory is bounded by the windows in use plus the read-ahead,
-never by the store's size. Counters bound the work done, for tests: ``decodes`` (chunks of
+Batches in flight *hold* the windows they use (:meth:`WindowCache.hold`, a context manager);
+:meth:`WindowCache.drop_unheld` drops every other window, so memory is bounded by the windows
+in use plus the read-ahead, never by the store's size. Counters bound the work done, for tests: ``decodes`` (chunks of
 one field read and decoded), ``hits`` (window requests served from the cache),
 ``peak_resident`` (most chunks, over all fields, held at once).
 """
@@ -30,6 +30,28 @@ Decoder = Callable[[str, int, np.ndarray], None]
 class FieldLayout:
     sample_shape: tuple[int, ...]
     dtype: np.dtype
+
+
+class Hold:
+    """Windows kept in a :class:`WindowCache` until :meth:`release` (or the end of a ``with``
+    block). Releasing twice is harmless."""
+
+    def __init__(self, cache: WindowCache, keys: list[Hashable]) -> None:
+        self._cache = cache
+        self.keys = keys
+        self._released = False
+
+    def release(self) -> None:
+        with self._cache._lock:
+            if not self._released:
+                self._released = True
+                self._cache._holds.pop(id(self), None)
+
+    def __enter__(self) -> Hold:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 class _Window:
@@ -81,6 +103,7 @@ class WindowCache:
         self._pool: ThreadPoolExecutor | None = None
         self._items: dict[Hashable, _Window] = {}
         self._lock = threading.Lock()
+        self._holds: dict[int, Hold] = {}
         self.decodes = 0
         self.hits = 0
         self.peak_resident = 0
@@ -188,6 +211,30 @@ class WindowCache:
             del self._items[key]
         self._recycle(window)
 
+    def hold(self, keys: Iterable[Hashable]) -> Hold:
+        """Keep the windows ``keys`` (decoded now or later) until the returned :class:`Hold` is
+        released: ``with cache.hold(keys): ...``, or ``h = cache.hold(keys)`` ... ``h.release()``
+        for windows held across calls (batches queued for workers)."""
+        h = Hold(self, list(keys))
+        with self._lock:
+            self._holds[id(h)] = h
+        return h
+
+    @property
+    def held(self) -> set[Hashable]:
+        """The keys held now (by any unreleased :class:`Hold`)."""
+        with self._lock:
+            return {k for h in self._holds.values() for k in h.keys}
+
+    def drop_unheld(self) -> None:
+        """Drop every window no :class:`Hold` keeps (decodes already running finish, then their
+        buffers are reused)."""
+        with self._lock:
+            keep = {k for h in self._holds.values() for k in h.keys}
+            dropped = [self._items.pop(k) for k in [k for k in self._items if k not in keep]]
+        for window in dropped:
+            self._recycle(window)
+
     def retain(self, keys: Iterable[Hashable]) -> None:
         """Drop every window not in ``keys`` (decodes already running finish, then their
         buffers are reused)."""
@@ -202,6 +249,7 @@ class WindowCache:
 
     def close(self) -> None:
         with self._lock:
+            self._holds.clear()
             self._items.clear()
             self._free.clear()
             pool, self._pool = self._pool, None

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 __all__ = [
     "OocseqError",
+    "ArgumentTypeError",
     "StoreNotFoundError",
     "NotAStoreError",
     "CorruptStoreError",
     "StoreExistsError",
     "StoreReadError",
+    "StoreWriteError",
     "FieldNotFoundError",
     "SourceNotFoundError",
     "InvalidSourceError",
@@ -121,3 +123,7 @@ class StateError(OocseqError, ValueError):
 class StoreWriteError(OocseqError, OSError):
     """Writing or committing a store failed in the operating system (disk full, permissions,
     ...). ``errno`` is the system's error number; nothing is left at the destination."""
+
+
+class ArgumentTypeError(ArgumentError, TypeError):
+    """An argument of the wrong type (a dict where a field name was expected, ...)."""

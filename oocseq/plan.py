@@ -1,6 +1,6 @@
 """The epoch plan: which sample each position of an epoch serves. Pure functions of integers.
 
-Algorithm (chunk-aligned shuffle, as in DESIGN.md):
+Algorithm (chunk-aligned shuffle):
 
 1. Permute the chunk ids ``0..num_chunks-1``.
 2. Group the permuted chunks into *windows* of ``window`` consecutive chunks.
@@ -11,10 +11,9 @@ consecutive positions of it, so it touches at most ``2 * window + batch_size // 
 distinct chunks (two partial windows at its ends, whole windows between them, plus the short
 last chunk), against about ``batch_size`` for a global shuffle.
 
-Randomness comes from a counter-based hash (SplitMix64, Steele, Lea & Flood, "Fast splittable
-pseudorandom number generators", OOPSLA 2014) of ``(seed, epoch, stream, id)``: a permutation
-is ``argsort`` of hashed keys. Nothing depends on numpy's generator streams, so the order is the
-same across numpy versions, platforms and processes; ``tests/test_plan.py`` pins it.
+Randomness comes from the counter-based hash of :mod:`oocseq.rng` (a permutation is ``argsort``
+of hashed keys), so the order is the same across numpy versions, platforms and processes; the
+tests pin it.
 
 Nothing here materialises the whole order unless asked (:func:`epoch_order`): an
 :class:`EpochPlan` holds ``O(num_chunks)`` integers and shuffles one window on demand.
@@ -29,6 +28,7 @@ from collections import OrderedDict
 import numpy as np
 
 from .errors import ArgumentError
+from .rng import STREAMS, hash_keys, permutation, shuffled
 
 __all__ = [
     "EpochPlan",
@@ -42,41 +42,8 @@ __all__ = [
     "DEFAULT_MIN_WINDOW",
 ]
 
-_MASK = (1 << 64) - 1
-_STREAM_CHUNKS = 1
-_STREAM_SAMPLES = 2
-_STREAM_PRESHUFFLE = 3
-
 #: Chunks per window when none is given (at least; see :func:`default_window`).
 DEFAULT_MIN_WINDOW = 8
-
-
-def _mix_int(x: int) -> int:
-    """SplitMix64 finaliser on a Python int (no overflow warnings)."""
-    x = (x + 0x9E3779B97F4A7C15) & _MASK
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK
-    return x ^ (x >> 31)
-
-
-def _mix_array(x: np.ndarray) -> np.ndarray:
-    """SplitMix64 finaliser on a uint64 array (wrapping arithmetic)."""
-    with np.errstate(over="ignore"):
-        x = x + np.uint64(0x9E3779B97F4A7C15)
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return x ^ (x >> np.uint64(31))
-
-
-def _keys(seed: int, epoch: int, stream: int, ids: np.ndarray) -> np.ndarray:
-    base = _mix_int(_mix_int(_mix_int(seed & _MASK) ^ (epoch & _MASK)) ^ stream)
-    with np.errstate(over="ignore"):
-        return _mix_array(ids.astype(np.uint64) ^ np.uint64(base))
-
-
-def _permutation(seed: int, epoch: int, stream: int, ids: np.ndarray) -> np.ndarray:
-    """``ids`` reordered by their hashed keys (a uniform-looking random permutation)."""
-    return ids[np.argsort(_keys(seed, epoch, stream, ids), kind="stable")]
 
 
 def default_window(chunk_len: int, batch_size: int) -> int:
@@ -156,7 +123,7 @@ class EpochPlan:
                 "needs a chunk of its own. Ingest with a smaller chunk_len or use fewer ranks."
             )
         chunk_ids = np.arange(num_chunks, dtype=np.int64)
-        order = _permutation(self.seed, self.epoch, _STREAM_CHUNKS, chunk_ids) if self.shuffle else chunk_ids
+        order = shuffled(self.seed, self.epoch, STREAMS["chunks"], chunk_ids) if self.shuffle else chunk_ids
         if self.world_size > 1 and remainder == "drop":
             # Leave out the short last chunk, then the full chunks that do not go round evenly.
             full = order[order != self.n // self.chunk_len] if self.n % self.chunk_len else order
@@ -215,7 +182,7 @@ class EpochPlan:
                 return cached
         samples = self.window_samples(w)
         if self.shuffle:
-            rows = np.argsort(_keys(self.seed, self.epoch, _STREAM_SAMPLES, samples), kind="stable")
+            rows = np.argsort(hash_keys(self.seed, self.epoch, STREAMS["samples"], samples), kind="stable")
         else:
             rows = np.arange(len(samples), dtype=np.int64)
         rows.flags.writeable = False
@@ -305,10 +272,3 @@ def rank_orders(
         for r in range(world_size)
     ]
     return [plan.indices(0, len(plan)) for plan in plans]
-
-
-def permutation(n: int, seed: int) -> np.ndarray:
-    """A seeded permutation of ``range(n)`` (int64), independent of any epoch order; used for
-    the pre-shuffle at ingestion."""
-    ids = np.arange(_check("n", n, 0), dtype=np.int64)
-    return _permutation(_check("seed", seed, 0), 0, _STREAM_PRESHUFFLE, ids)

@@ -26,7 +26,6 @@ import pickle
 import threading
 import traceback
 import weakref
-from collections.abc import Hashable
 from concurrent.futures import (
     BrokenExecutor,
     CancelledError,
@@ -39,61 +38,12 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from .errors import ArgumentError, OocseqError
+from .options import WorkerOptions
 
-__all__ = ["WorkerOptions"]
-
-
-@dataclass(frozen=True)
-class WorkerOptions:
-    """Who prepares batches ahead of the training loop (Keras's ``PyDataset`` arguments).
-
-    Attributes:
-        workers: threads (or processes) that prepare batches (read, gather, ``transform``)
-            ahead, in plan order. ``1`` (default) with ``use_multiprocessing=False``: batches
-            are prepared when asked for (the window cache still decodes ahead in its own
-            threads, see :class:`~oocseq.ReadOptions`).
-        use_multiprocessing: workers are processes (of ``multiprocessing``'s start method:
-            fork, spawn or forkserver), for a ``transform`` that holds the GIL. Each process
-            reopens the store and keeps its own window cache; batches come back pickled.
-        max_queue_size: batches prepared ahead at most (rounded up to whole blocks, and at
-            least one block per worker).
-        start_method: ``"fork"``, ``"spawn"`` or ``"forkserver"`` for the worker processes;
-            None (default): ``multiprocessing``'s default. Forking a process that runs threads
-            (JAX, TensorFlow, oocseq's decode threads) can deadlock the child if a thread held
-            a lock at that moment; ``"forkserver"`` (Python 3.14's default) avoids it, and
-            needs a picklable ``transform``.
-    """
-
-    workers: int = 1
-    use_multiprocessing: bool = False
-    max_queue_size: int = 10
-    start_method: str | None = None
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.workers, int) or isinstance(self.workers, bool) or self.workers < 0:
-            raise ArgumentError(f"workers must be an int >= 0, got {self.workers!r}")
-        if not isinstance(self.use_multiprocessing, bool):
-            raise ArgumentError(
-                f"use_multiprocessing must be True or False, got {self.use_multiprocessing!r}"
-            )
-        if (
-            not isinstance(self.max_queue_size, int)
-            or isinstance(self.max_queue_size, bool)
-            or self.max_queue_size < 1
-        ):
-            raise ArgumentError(f"max_queue_size must be an int >= 1, got {self.max_queue_size!r}")
-        methods = multiprocessing.get_all_start_methods()
-        if self.start_method is not None and self.start_method not in methods:
-            raise ArgumentError(f"start_method must be None or one of {methods}, got {self.start_method!r}")
-
-    @property
-    def parallel(self) -> bool:
-        """Whether batches are prepared ahead by workers (Keras's rule: ``workers > 1``, or
-        ``use_multiprocessing`` with ``workers >= 1``)."""
-        return self.workers > 1 or (self.use_multiprocessing and self.workers >= 1)
+__all__ = ["Failed", "Prefetcher", "TaskSource", "WorkerOptions"]
 
 
-class _Failed:
+class Failed:
     """A batch whose preparation raised: re-raised when (and only if) that batch is served."""
 
     def __init__(self, error: BaseException) -> None:
@@ -105,36 +55,34 @@ class _Failed:
         self.error = error
 
 
-class BlockSource(Protocol):
-    """What the prefetcher needs of a sequence."""
+class TaskSource(Protocol):
+    """What the prefetcher needs: :class:`~oocseq.batches.ChunkedBatches` provides it."""
 
-    def _prepare_block(self, epoch: int, start: int, stop: int) -> list[Any]:
+    def prepare(self, epoch: int, start: int, stop: int) -> list[Any]:
         """Plan batches ``range(start, stop)`` of ``epoch``: one entry each (a batch, or a
-        :class:`_Failed`)."""
+        :class:`Failed`)."""
 
-    def _reserve_block(self, epoch: int, start: int, stop: int) -> Hashable:
-        """Keep the windows of a block queued in this process until :meth:`_release_block`."""
+    def hold(self, epoch: int, start: int, stop: int) -> Any:
+        """Keep the windows of a queued task decoded until the returned hold's ``release()``."""
 
-    def _release_block(self, token: Hashable) -> None: ...
-
-    def _worker_copy(self) -> Any:
-        """The sequence as worker processes get it (inherited by fork, pickled otherwise)."""
+    def for_processes(self) -> Any:
+        """The source as worker processes get it (inherited by fork, pickled otherwise)."""
 
 
 # -- worker processes -------------------------------------------------------------------------
-_worker_seq: Any = None
+_worker_source: Any = None
 
 
-def _init_process(seq: Any) -> None:
-    global _worker_seq
-    _worker_seq = seq
+def _init_process(source: Any) -> None:
+    global _worker_source
+    _worker_source = source
 
 
 def _process_block(epoch: int, start: int, stop: int) -> tuple[list[Any], int]:
-    """A block prepared in a worker process, and the chunk decodes that took there."""
-    before = _worker_seq.stats["chunk_decodes"]
-    entries = _worker_seq._prepare_block(epoch, start, stop)
-    return entries, _worker_seq.stats["chunk_decodes"] - before
+    """A task prepared in a worker process, and the chunk decodes that took there."""
+    before = _worker_source.stats["chunk_decodes"]
+    entries = _worker_source.prepare(epoch, start, stop)
+    return entries, _worker_source.stats["chunk_decodes"] - before
 
 
 @dataclass
@@ -145,7 +93,7 @@ class _Block:
     future: Future[Any]
     pool: Executor
     left: int
-    token: Hashable | None = None
+    hold: Any = None
 
 
 class Prefetcher:
@@ -155,11 +103,11 @@ class Prefetcher:
         options: the workers.
         block: plan batches per task.
         ahead: blocks queued ahead of the one served.
-        source: the sequence (threads call its ``_prepare_block``; processes get
-            ``_worker_copy()`` and call its).
+        source: the batch core (threads call its ``prepare``; processes get
+            ``for_processes()`` and call its).
     """
 
-    def __init__(self, options: WorkerOptions, block: int, ahead: int, source: BlockSource) -> None:
+    def __init__(self, options: WorkerOptions, block: int, ahead: int, source: TaskSource) -> None:
         self.options = options
         self.block = max(1, block)
         self.ahead = max(1, ahead)
@@ -183,7 +131,7 @@ class Prefetcher:
             n = max(1, self.options.workers)
             if self.options.use_multiprocessing:
                 context = multiprocessing.get_context(self.options.start_method)
-                copy = self._source._worker_copy()
+                copy = self._source.for_processes()
                 if context.get_start_method() != "fork":  # the copy travels pickled: say so now
                     try:
                         pickle.dumps(copy)
@@ -206,7 +154,7 @@ class Prefetcher:
         """Queue block ``b`` of ``epoch``. Call with the lock held."""
         start, stop = b * self.block, min((b + 1) * self.block, num_batches)
         pool = self._executor(b)
-        token = None
+        hold = None
         if self.options.use_multiprocessing:
             try:
                 future = pool.submit(_process_block, epoch, start, stop)
@@ -221,13 +169,13 @@ class Prefetcher:
             # it is served (or dropped). Released when computed instead, a block done early would
             # let other threads drop the window it shares with the next block, not yet
             # submitted, which would then decode it a second time.
-            token = self._source._reserve_block(epoch, start, stop)
+            hold = self._source.hold(epoch, start, stop)
             try:
-                future = pool.submit(self._source._prepare_block, epoch, start, stop)
+                future = pool.submit(self._source.prepare, epoch, start, stop)
             except BaseException:
-                self._source._release_block(token)
+                hold.release()
                 raise
-        self._blocks[(epoch, b)] = _Block(future, pool, stop - start, token)
+        self._blocks[(epoch, b)] = _Block(future, pool, stop - start, hold)
 
     def _count_decodes(self, future: Future[Any]) -> None:
         if not future.cancelled() and future.exception() is None:
@@ -240,8 +188,8 @@ class Prefetcher:
         if block is None:
             return
         block.future.cancel()
-        if block.token is not None:
-            self._source._release_block(block.token)
+        if block.hold is not None:
+            block.hold.release()
 
     def get(self, epoch: int, i: int, num_batches: int) -> Any:
         """Plan batch ``i`` of ``epoch`` (computing it and the next blocks ahead). Safe to call
@@ -279,11 +227,29 @@ class Prefetcher:
                     block.left -= 1
                     if block.left <= 0 and self._blocks.get((epoch, b)) is block:
                         self._drop((epoch, b))
-        if out is None:  # cancelled, or served before (index requests repeated): compute it here
-            out = self._source._prepare_block(epoch, i, i + 1)[0]
-        if isinstance(out, _Failed):
+        if out is None:  # cancelled, or served before (a request repeated): compute it again
+            out = self._again(epoch, b, i)
+        if isinstance(out, Failed):
             raise out.error
         return out
+
+    def _again(self, epoch: int, b: int, i: int) -> Any:
+        """Plan batch ``i`` once more, by the workers when they run (a ``transform`` made for
+        worker processes stays out of this one), else here."""
+        pool = None
+        with self._lock:
+            if not self._closed:
+                pool = self._executor(b)
+        if pool is not None:
+            try:
+                if self.options.use_multiprocessing:
+                    future = pool.submit(_process_block, epoch, i, i + 1)
+                    future.add_done_callback(self._count_decodes)
+                    return future.result()[0][0]
+                return pool.submit(self._source.prepare, epoch, i, i + 1).result()[0]
+            except (BrokenExecutor, CancelledError, RuntimeError):  # (RuntimeError: shut down meanwhile)
+                pass
+        return self._source.prepare(epoch, i, i + 1)[0]
 
     def reset(self) -> None:
         """Drop everything computed ahead (the epoch changed)."""

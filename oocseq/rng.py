@@ -1,4 +1,10 @@
-"""Per-sample random numbers for augmentation, independent of workers, threads and ranks.
+"""Counter-based randomness: the one hash every order and draw comes from, and per-sample
+random numbers for augmentation, independent of workers, threads and ranks.
+
+The hash is SplitMix64's finaliser (Steele, Lea & Flood, "Fast splittable pseudorandom number
+generators", OOPSLA 2014) of ``(seed, epoch, stream, id)``. Each use has its own *stream*
+(:data:`STREAMS`), so no two uses draw the same numbers. Nothing depends on numpy's generator
+streams: orders are the same across numpy versions, platforms and processes.
 
 Every sample gets its own stream, keyed by ``(seed, epoch, sample index)``: the draws for a
 sample do not depend on which batch, worker, process or rank serves it, nor on the other
@@ -12,12 +18,62 @@ import math
 
 import numpy as np
 
-from .plan import _keys, _mix_array
+from .errors import ArgumentError
 
-__all__ = ["SampleRandom"]
+__all__ = ["STREAMS", "SampleRandom", "hash_keys", "permutation"]
 
-_STREAM_AUGMENT = 1000
+_MASK = (1 << 64) - 1
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+#: Stream ids: one per use of the hash. Changing one changes every order pinned by the tests.
+STREAMS = {
+    "chunks": 1,  # the permutation of chunk ids in an epoch plan
+    "samples": 2,  # the shuffle of samples inside a window
+    "preshuffle": 3,  # the sample order written at ingestion
+    "augment": 1000,  # SampleRandom: 1000 + draw counter
+}
+
+
+def _mix_int(x: int) -> int:
+    """SplitMix64 finaliser on a Python int (no overflow warnings)."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK
+    return x ^ (x >> 31)
+
+
+def mix_array(x: np.ndarray) -> np.ndarray:
+    """SplitMix64 finaliser on a uint64 array (wrapping arithmetic)."""
+    with np.errstate(over="ignore"):
+        x = x + _GOLDEN
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+def hash_keys(seed: int, epoch: int, stream: int, ids: np.ndarray) -> np.ndarray:
+    """One uint64 key per id of ``ids``, a pure function of ``(seed, epoch, stream, id)``."""
+    base = _mix_int(_mix_int(_mix_int(seed & _MASK) ^ (epoch & _MASK)) ^ stream)
+    with np.errstate(over="ignore"):
+        return mix_array(ids.astype(np.uint64) ^ np.uint64(base))
+
+
+def shuffled(seed: int, epoch: int, stream: int, ids: np.ndarray) -> np.ndarray:
+    """``ids`` reordered by their hashed keys (a uniform-looking random permutation)."""
+    return ids[np.argsort(hash_keys(seed, epoch, stream, ids), kind="stable")]
+
+
+def permutation(n: int, seed: int) -> np.ndarray:
+    """A seeded permutation of ``range(n)`` (int64), independent of any epoch order; used for
+    the pre-shuffle at ingestion.
+
+    Raises:
+        ArgumentError: ``n`` or ``seed`` is not an int >= 0.
+    """
+    for name, value in (("n", n), ("seed", seed)):
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
+            raise ArgumentError(f"{name} must be an int >= 0, got {value!r}")
+    return shuffled(int(seed), 0, STREAMS["preshuffle"], np.arange(int(n), dtype=np.int64))
 
 
 class SampleRandom:
@@ -43,12 +99,12 @@ class SampleRandom:
 
     def _bits(self, shape: tuple[int, ...]) -> np.ndarray:
         """uint64 array ``(batch, *shape)`` of fresh hashed bits."""
-        per_sample = _keys(self._seed, self._epoch, _STREAM_AUGMENT + self._draws, self.indices)
+        per_sample = hash_keys(self._seed, self._epoch, STREAMS["augment"] + self._draws, self.indices)
         self._draws += 1
         m = math.prod(shape)
         with np.errstate(over="ignore"):
             counters = (np.arange(1, m + 1, dtype=np.uint64) * _GOLDEN)[None, :]
-            bits = _mix_array(per_sample[:, None] ^ counters)
+            bits = mix_array(per_sample[:, None] ^ counters)
         return bits.reshape((len(self.indices), *shape))
 
     def random(self, shape: tuple[int, ...] | int = ()) -> np.ndarray:
@@ -63,7 +119,7 @@ class SampleRandom:
     def integers(self, low: int, high: int, shape: tuple[int, ...] | int = ()) -> np.ndarray:
         """Integers in ``[low, high)``, int64 ``(batch, *shape)``."""
         if high <= low:
-            raise ValueError(f"integers needs low < high, got {low}, {high}")
+            raise ArgumentError(f"integers needs low < high, got {low}, {high}")
         return low + np.floor(self.random(shape) * (high - low)).astype(np.int64)
 
     def normal(self, loc: float = 0.0, scale: float = 1.0, shape: tuple[int, ...] | int = ()) -> np.ndarray:

@@ -1,290 +1,240 @@
-"""``ChunkedSequence``: shuffled, chunk-aligned batches from a store, for Keras and plain loops.
+"""``ChunkedSequence``: the cursor over the batch core, for Keras, PyTorch and plain loops.
 
-Data path: epoch plan (:mod:`oocseq.plan`) -> sample indices of batch ``i`` -> the chunks they
-live in, from a bounded cache of decoded windows (:mod:`oocseq.cache`) -> gathered into new batch
-arrays -> ``transform`` -> ``(x, y[, sample_weight])``.
+The batches themselves come from :class:`~oocseq.batches.ChunkedBatches`, a pure function of
+``(epoch, i)``. This module keeps what changes: the epoch, how far into it the batches were
+handed out, which plan batch answers which request during a Keras pass, resume state and the
+workers that prepare batches ahead (:mod:`oocseq.prefetch`).
+
+Which plan batch answers a request:
+
+- ``seq[i]`` from user code (outside a Keras pass) is plan batch ``i`` of the current epoch:
+  a pure read that never moves the cursor, so looking at a batch shifts nothing.
+- During a Keras pass (``on_epoch_begin`` ... ``on_epoch_end``, which ``fit``, ``evaluate`` and
+  ``predict`` call), the k-th *distinct* index requested gets the plan's next batch (and the
+  same index asked again gets the same batch). Requests in order ``0, 1, 2, ...``
+  (``predict``, ``evaluate``, ``fit(shuffle=False)``) therefore get plan batch ``i`` for
+  index ``i``; the shuffled requests of ``fit(shuffle=True)`` get the plan's batches in plan
+  order, which keeps chunk locality. A pass that ends before the epoch's batches are all
+  handed out goes on in the next pass when Keras continues its requests there
+  (``steps_per_epoch < len(seq)``); one cut short otherwise (the batch Keras reads to build a
+  model) is not counted: the next pass starts where it started.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import inspect
-import json
 import os
 import sys
 import threading
 import warnings
-import zlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+import weakref
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
 
-from .cache import FieldLayout, WindowCache, default_threads
-from .distributed import detect_rank
-from .errors import (
-    ArgumentError,
-    BatchIndexError,
-    FieldNotFoundError,
-    InvalidSourceError,
-    StateError,
-    TransformError,
-)
-from .plan import EpochPlan, default_window, num_batches
-from .prefetch import Prefetcher, WorkerOptions, _Failed
-from .rng import SampleRandom
+from .batches import Batch, ChunkedBatches, FieldSelection
+from .errors import ArgumentError, ArgumentTypeError, BatchIndexError, StateError
+from .options import ReadOptions, ShardOptions, WorkerOptions
+from .plan import EpochPlan
+from .prefetch import Prefetcher
 from .store import Store
 
-__all__ = ["ChunkedSequence", "FieldSelection", "ReadOptions", "WorkerOptions"]
+__all__ = ["ChunkedSequence", "FieldSelection", "ReadOptions", "ShardOptions", "WorkerOptions"]
 
-#: How ``x`` / ``y`` name fields: one name (an array), a list of names (a tuple of arrays, for
-#: multi-input models), or a dict ``{input_name: field}`` (a dict of arrays), or None (``y`` only).
-FieldSelection = str | Sequence[str] | Mapping[str, str] | None
-Batch = dict[str, np.ndarray]
-
-
-@dataclass(frozen=True)
-class ReadOptions:
-    """How a :class:`ChunkedSequence` reads ahead.
-
-    Attributes:
-        readahead: windows decoded in the background ahead of the one being served, when
-            batches are served in order (0: none).
-        threads: decoding threads (default: the cores less one, 1 to 4); 0 decodes in the calling
-            thread only. numcodecs releases the GIL, so threads decode in parallel.
-    """
-
-    readahead: int = 1
-    threads: int | None = None
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.readahead, int) or self.readahead < 0:
-            raise ArgumentError(f"readahead must be an int >= 0, got {self.readahead!r}")
-        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 0):
-            raise ArgumentError(f"threads must be None or an int >= 0, got {self.threads!r}")
-
-
-def _takes_two_args(fn: Callable[..., Any]) -> bool:
-    """Whether ``fn`` accepts a second positional argument (the per-sample random numbers)."""
-    try:
-        params = list(inspect.signature(fn).parameters.values())
-    except (TypeError, ValueError):  # builtins without a signature: call with the batch only
-        return False
-    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    return any(p.kind is p.VAR_POSITIONAL for p in params) or len(positional) >= 2
+KERAS_ORDERS = ("plan", "index")
+_SERVE_TO_ORDER = {"arrival": "plan", "index": "index"}
 
 
 class _Runtime:
-    """One process's serving state (never pickled; rebuilt after fork or unpickling)."""
+    """One process's serving machinery (never pickled; rebuilt after fork or unpickling)."""
 
-    def __init__(self, seq: ChunkedSequence) -> None:
-        store = seq.store
-        compressed = store.manifest.compression is not None
-        threads = seq.read.threads if seq.read.threads is not None else default_threads(compressed)
-        fields = store.fields
-        self.layouts = {f: FieldLayout(fields[f].shape[1:], fields[f].dtype) for f in seq._fields}
-        self.cache = WindowCache(
-            store.read_chunk_into,
-            self.layouts,
-            store.chunk_len,
-            len(store),
-            seq.window,
-            threads,
-            store.advise_chunks,
-        )
+    def __init__(self) -> None:
         self.lock = threading.RLock()
-        self.plan: EpochPlan | None = None
-        self.plans: dict[int, EpochPlan] = {}  # of other epochs, for batches prepared ahead
         self.prefetcher: Prefetcher | None = None
-        self.last_served = -1  # plan batch served last (to tell in-order requests)
-        self.position = 0  # next plan batch to serve in arrival order
-        self.requests = 0  # requests served this epoch
-        self.next_position = 0  # sample position right after the last batch read
-        self.warned = False
-        self.begun = False  # on_epoch_begin() called since the last epoch change
-        self.in_flight: dict[object, list[tuple[int, int]]] = {}  # request -> (epoch, window)s
+        self.last_served = (-1, -1)  # (epoch, plan batch) served last: to tell in-order requests
 
 
-def _names(sel: FieldSelection, what: str) -> list[str]:
-    if sel is None:
-        return []
-    if isinstance(sel, str):
-        return [sel]
-    if isinstance(sel, Mapping):
-        values = list(sel.values())
-    elif isinstance(sel, Sequence):
-        values = list(sel)
-    else:
-        raise TypeError(f"{what} must be a field name, a list of names or a dict, got {type(sel).__name__}")
-    if not values or not all(isinstance(v, str) for v in values):
-        raise TypeError(f"{what} must name at least one field by its name (str), got {sel!r}")
-    return values
+_KERAS_CLASSES: weakref.WeakKeyDictionary[type, type] = weakref.WeakKeyDictionary()
 
 
-def _select(sel: FieldSelection, batch: Batch) -> Any:
-    if isinstance(sel, str):
-        return batch[sel]
-    if isinstance(sel, Mapping):
-        return {k: batch[v] for k, v in sel.items()}
-    return tuple(batch[v] for v in sel)  # type: ignore[union-attr]
+def _keras_class(cls: type) -> type:
+    """``cls`` as a ``keras.utils.PyDataset`` too (Keras is imported already; oocseq never
+    imports it): a subclass with the same name that also derives from ``PyDataset``, made once
+    per class, so a user's subclass of ChunkedSequence is one as well."""
+    pydataset = sys.modules["keras"].utils.PyDataset
+    if issubclass(cls, pydataset):
+        return cls
+    made = _KERAS_CLASSES.get(cls)
+    if made is None:
+        made = type(
+            cls.__name__,
+            (cls, pydataset),
+            {"__module__": cls.__module__, "__qualname__": cls.__qualname__, "_plain_class": cls},
+        )
+        _KERAS_CLASSES[cls] = made
+    return made
+
+
+def _rebuild(cls: type) -> ChunkedSequence:
+    """Unpickling: an empty instance of ``cls`` (a PyDataset too when Keras is imported here)."""
+    return ChunkedSequence.__new__(cls)  # type: ignore[no-any-return]
 
 
 class ChunkedSequence:
-    """Shuffled batches from a chunked store, reading whole chunks.
+    """Shuffled batches from a chunked store (or in-memory arrays), reading whole chunks.
 
-    When Keras is imported before construction, the instance is a ``keras.utils.PyDataset``
-    (``model.fit(seq)`` accepts it); oocseq itself never imports Keras.
+    When Keras has been imported (before or after oocseq), every ``ChunkedSequence``, and every
+    instance of a subclass of it, is also a ``keras.utils.PyDataset``: ``model.fit(seq)``,
+    ``evaluate`` and ``predict`` accept it. oocseq itself never imports Keras; for a sequence
+    built before Keras was imported, see :func:`oocseq.adapters.keras.as_pydataset`.
 
     Args:
-        store: an opened :class:`~oocseq.Store` or a store path.
+        store: an opened :class:`~oocseq.Store`, a store path, or a dict ``{field: array}`` of
+            equal-length numpy arrays (served from memory with the same plan; see
+            :class:`~oocseq.memory.ArraySource` for the chunk length).
         batch_size: samples per batch (the last batch may be shorter; see ``drop_remainder``).
         x: the input field(s): a name, a list of names (tuple of arrays) or a dict
             ``{input_name: field}`` for multi-input models.
         y: the target field(s), same forms, or ``None`` for unlabeled data (batches are ``(x,)``).
+        sample_weight: a field of per-sample weights, served as the third element.
         shuffle: serve a new chunk-aligned shuffled order each epoch; ``False`` serves samples
-            in store order.
+            in store order. This, not ``model.fit(shuffle=...)``, decides the order trained.
         seed: seed of the shuffle (int >= 0). The order is a pure function of
             ``(seed, epoch, n, chunk_len, window)``.
         window: chunks whose samples are shuffled together (default: at least 8, and enough
-            for two batches; see :func:`oocseq.plan.default_window`). Larger windows mix more
-            and hold more decoded chunks in memory.
+            for two batches; at most the number of chunks). Larger windows mix more and hold
+            more decoded chunks in memory.
         drop_remainder: drop the last, short batch so every batch has ``batch_size`` samples.
         transform: ``f(batch) -> batch`` or ``f(batch, rng) -> batch``, applied to each batch
             as a dict ``{field: array}`` (of the fields named by ``x``, ``y``,
             ``sample_weight``) before it is assembled, e.g.
-            ``lambda b: {**b, "x": b["x"].astype("float32") / 255}``. ``rng`` is a
+            ``lambda b: {**b, "x": b["x"].astype("float32") / 255}``. Every field it returns
+            must keep the batch's leading length. ``rng`` is a
             :class:`~oocseq.rng.SampleRandom`: per-sample random numbers keyed by
-            ``(seed, epoch, sample index)``, the same whatever worker, process or rank serves
-            the sample. An exception in it is raised as TransformError naming the samples.
+            ``(seed, epoch, sample index)``. A subclass may define a ``transform`` method
+            instead. Errors in it are raised as TransformError naming the samples.
         num_classes: one-hot encode ``y`` (one integer field) into float32 ``(batch, num_classes)``.
-        sample_weight: a field of per-sample weights, served as the third element.
         class_weight: ``{class: weight}``: per-sample weights from the integer ``y``, served as
             the third element. Not together with ``sample_weight``.
-        serve: ``"arrival"`` (default): the n-th request of an epoch gets the plan's n-th batch,
-            whatever index it asks for, so Keras's shuffled calls keep chunk locality;
-            ``"index"``: ``seq[i]`` is always the plan's batch ``i``. See :meth:`__getitem__`.
-        read: :class:`ReadOptions` (read-ahead windows, decoding threads).
-        rank, world_size: this process's data-parallel shard; ranks serve disjoint,
-            chunk-aligned shares of every epoch and the same number of batches. Default: from
-            ``torch.distributed``, JAX or ``RANK`` / ``WORLD_SIZE`` (see
-            :func:`oocseq.distributed.detect_rank`), else one rank.
-        remainder: ``"pad"`` (default: repeat a rank's own samples so that every sample is
-            served each epoch) or ``"drop"`` (serve no sample twice; up to a chunk per rank is
-            left out each epoch, others each epoch). See :class:`~oocseq.plan.EpochPlan`.
-        workers, use_multiprocessing, max_queue_size: Keras's ``PyDataset`` arguments,
-            carried out by oocseq (see :class:`~oocseq.WorkerOptions`): ``workers`` threads,
-            or processes with ``use_multiprocessing``, prepare the next batches of the plan
-            (read, gather, ``transform``), about ``max_queue_size`` ahead. Keras itself
-            sees a sequential dataset, because its own enqueuer re-serves batches across
-            epochs (see :mod:`oocseq.prefetch`). ``workers`` may also be a
-            :class:`~oocseq.WorkerOptions` (e.g. with ``start_method="forkserver"``).
+        keras_order: during a Keras pass, ``"plan"`` (default): the k-th distinct index Keras
+            asks for gets the plan's k-th batch, so ``fit``'s shuffled requests keep chunk
+            locality; ``"index"``: index ``i`` gets plan batch ``i``. Requests in order get
+            the same batches either way. See the module docstring.
+        read: :class:`~oocseq.ReadOptions` (read-ahead windows, decoding threads).
+        shard: :class:`~oocseq.ShardOptions`: this process's rank and world size; ranks serve
+            disjoint, chunk-aligned shares of every epoch and the same number of batches.
+            Default: :meth:`ShardOptions.detect` (``torch.distributed``, JAX or ``RANK`` /
+            ``WORLD_SIZE``, else one rank).
+        workers: Keras's ``PyDataset`` argument, carried out by oocseq: threads (or processes,
+            with ``use_multiprocessing=True``) that prepare the next batches of the plan
+            (read, gather, ``transform``), about ``max_queue_size`` ahead; or a
+            :class:`~oocseq.WorkerOptions` (e.g. with ``start_method="forkserver"``). Keras
+            itself sees a sequential dataset, so its own enqueuer never re-serves batches.
+        **kwargs: ``use_multiprocessing`` and ``max_queue_size`` (Keras's other ``PyDataset``
+            arguments, as in ``super().__init__(**kwargs)``).
 
     ``seq[i]`` returns a tuple ``(x, y)``, ``(x, y, sample_weight)`` or ``(x,)``; arrays keep
     the store's dtypes (``uint8`` images stay ``uint8`` unless ``transform`` converts them).
-    ``seq.batch(i)`` is the plan's batch ``i`` whatever the order of requests.
 
     Memory: at most :attr:`max_resident_chunks` decoded chunks per field while a batch is
     served (see ``stats``), independent of the store's size.
 
     Raises:
         FieldNotFoundError: ``x``/``y``/``sample_weight`` names a field the store lacks.
-        ValueError: a bad argument (batch_size < 1, conflicting weights, ...).
+        ArgumentError: a bad argument (batch_size < 1, conflicting weights, ...).
+        ArgumentTypeError: an argument of the wrong type.
     """
 
     def __new__(cls, *args: Any, **kwargs: Any) -> ChunkedSequence:
         # Be a keras.utils.PyDataset when Keras is in use, without ever importing it ourselves.
-        if cls is ChunkedSequence and "keras" in sys.modules:
-            from .adapters.keras import KerasChunkedSequence
-
-            cls = KerasChunkedSequence
+        if "keras" in sys.modules:
+            cls = _keras_class(cls)
         return super().__new__(cls)
 
     def __init__(
         self,
-        store: Store | str | os.PathLike[str],
+        store: Store | str | os.PathLike[str] | Mapping[str, Any],
         batch_size: int,
         *,
         x: FieldSelection = "x",
         y: FieldSelection = "y",
+        sample_weight: str | None = None,
         shuffle: bool = True,
         seed: int = 0,
         window: int | None = None,
         drop_remainder: bool = False,
         transform: Callable[..., Batch] | None = None,
         num_classes: int | None = None,
-        sample_weight: str | None = None,
         class_weight: Mapping[int, float] | None = None,
-        serve: str = "arrival",
+        keras_order: str = "plan",
         read: ReadOptions | None = None,
-        rank: int | None = None,
-        world_size: int | None = None,
-        remainder: str = "pad",
+        shard: ShardOptions | None = None,
         workers: int | WorkerOptions = 1,
-        use_multiprocessing: bool = False,
-        max_queue_size: int = 10,
+        **kwargs: Any,
     ) -> None:
-        self.store = store if isinstance(store, Store) else Store(store)
-        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-            raise ArgumentError(f"batch_size must be a positive int, got {batch_size!r}")
-        if not isinstance(seed, int) or seed < 0:
-            raise ArgumentError(f"seed must be an int >= 0, got {seed!r}")
-        if x is None:
-            raise ArgumentError("x must name at least one field")
-        if serve not in ("arrival", "index"):
-            raise ArgumentError(f"serve must be 'arrival' or 'index', got {serve!r}")
-        self.batch_size = batch_size
-        self.x, self.y = x, y
-        self.shuffle = bool(shuffle)
-        self.seed = seed
-        self.window = default_window(self.store.chunk_len, batch_size) if window is None else window
-        if not isinstance(self.window, int) or self.window < 1:
-            raise ArgumentError(f"window must be a positive int (chunks), got {window!r}")
-        self.drop_remainder = bool(drop_remainder)
-        self.transform = transform
-        self._transform_takes_rng = transform is not None and _takes_two_args(transform)
-        self.num_classes = num_classes
-        self.sample_weight = sample_weight
-        self.class_weight = dict(class_weight) if class_weight is not None else None
-        self.serve = serve
-        self.read = read if read is not None else ReadOptions()
-        if rank is None and world_size is None:
-            rank, world_size = detect_rank()
-        elif rank is None or world_size is None:
-            raise ArgumentError(
-                f"give both rank and world_size, or neither (then they come from torch.distributed, "
-                f"JAX or RANK / WORLD_SIZE); got rank={rank!r}, world_size={world_size!r}"
-            )
-        self.rank, self.world_size = rank, world_size
-        self.remainder = remainder
-        # Validates rank / world_size / remainder against the store now, not at the first batch.
-        self._length = len(self._new_plan(0))
-        self._check_targets()
-        self._fields = list(
-            dict.fromkeys(_names(x, "x") + _names(y, "y") + _names(sample_weight, "sample_weight"))
-        )
-        for name in self._fields:
-            if name not in self.store:
-                raise FieldNotFoundError(
-                    f"{self.store.path} has no field {name!r}; its fields are {sorted(self.store.fields)}"
-                )
-        if isinstance(workers, WorkerOptions):
-            if (use_multiprocessing, max_queue_size) != (False, 10):
-                raise ArgumentError(
-                    "give use_multiprocessing and max_queue_size inside WorkerOptions, not beside it"
-                )
-            self.worker_options = workers
+        keras_order, shard, worker_options = _legacy_arguments(keras_order, shard, workers, kwargs)
+        if keras_order not in KERAS_ORDERS:
+            raise ArgumentError(f"keras_order must be one of {KERAS_ORDERS}, got {keras_order!r}")
+        if transform is None and callable(getattr(type(self), "transform", None)):
+            transform = self.transform  # a subclass's transform method (a bound method pickles)
         else:
-            self.worker_options = WorkerOptions(workers, use_multiprocessing, max_queue_size)
+            self.transform = transform
+        self.core = ChunkedBatches(
+            store,
+            batch_size,
+            x=x,
+            y=y,
+            sample_weight=sample_weight,
+            shuffle=shuffle,
+            seed=seed,
+            window=window,
+            drop_remainder=drop_remainder,
+            transform=transform,
+            num_classes=num_classes,
+            class_weight=class_weight,
+            shard=shard if shard is not None else ShardOptions.detect(),
+            read=read,
+        )
+        self.keras_order = keras_order
+        self.worker_options = worker_options
         self._epoch = 0
-        self._owner_pid = os.getpid()  # arrival order is kept by this process only
+        self._position = 0  # plan batches of the epoch handed out (by a Keras pass or iteration)
+        self._taken: dict[int, int] = {}  # this epoch's Keras requests: index -> plan batch
+        self._in_pass = False  # between Keras's on_epoch_begin and on_epoch_end
+        self._pass_start = (0, 0)  # (epoch, position) when the pass began
+        self._pass_continues = False  # the next pass goes on with this one's requests
+        self._continuing = False  # this pass goes on with the last one's requests
+        self._peeked: set[int] = set()  # batches of this epoch read by index (outside a pass)
+        self._keras_offset = 0  # batches of the epoch trained before this fit (fit_resumable)
+        self._owner_pid = os.getpid()  # the cursor is this process's
         self._rt_pid = -1
 
+    # -- what the core decides, read-only here --------------------------------------------------
+    store = property(lambda self: self.core.source, doc="The store (or in-memory arrays) read.")
+    batch_size = property(lambda self: self.core.batch_size, doc="Samples per batch.")
+    x = property(lambda self: self.core.x, doc="The input field selection.")
+    y = property(lambda self: self.core.y, doc="The target field selection.")
+    sample_weight = property(lambda self: self.core.sample_weight, doc="The weight field, if any.")
+    shuffle = property(lambda self: self.core.shuffle, doc="Whether epochs are shuffled.")
+    seed = property(lambda self: self.core.seed, doc="Seed of the shuffle.")
+    window = property(lambda self: self.core.window, doc="Chunks per window.")
+    drop_remainder = property(
+        lambda self: self.core.drop_remainder, doc="Whether the short batch is dropped."
+    )
+    num_classes = property(lambda self: self.core.num_classes, doc="One-hot classes, if any.")
+    class_weight = property(lambda self: self.core.class_weight, doc="Class weights, if any.")
+    read = property(lambda self: self.core.read, doc="The :class:`ReadOptions`.")
+    shard = property(lambda self: self.core.shard, doc="The :class:`ShardOptions`.")
+    rank = property(lambda self: self.core.shard.rank, doc="This process's rank.")
+    world_size = property(lambda self: self.core.shard.world_size, doc="Ranks in all.")
+
+    # -- what Keras reads to decide on its own enqueuer (PyDataset's attributes) -----------------
     @property
     def workers(self) -> int:
-        """Threads (or processes, with ``use_multiprocessing``) preparing batches ahead; see
-        :attr:`worker_options`. Setting it takes effect at the next batch."""
-        return self.worker_options.workers
+        """At most 1: what Keras sees (oocseq runs ``worker_options.workers`` itself); setting
+        it sets ``worker_options.workers``."""
+        return min(self.worker_options.workers, 1)
 
     @workers.setter
     def workers(self, value: int) -> None:
@@ -292,8 +242,8 @@ class ChunkedSequence:
 
     @property
     def use_multiprocessing(self) -> bool:
-        """Whether the workers are processes; see :attr:`worker_options`."""
-        return self.worker_options.use_multiprocessing
+        """False: what Keras sees; setting it sets ``worker_options.use_multiprocessing``."""
+        return False
 
     @use_multiprocessing.setter
     def use_multiprocessing(self, value: bool) -> None:
@@ -308,32 +258,28 @@ class ChunkedSequence:
     def max_queue_size(self, value: int) -> None:
         self._set_worker_options(max_queue_size=value)
 
+    @property
+    def num_batches(self) -> int:
+        """Batches Keras is shown: ``len(seq)``, less those of the epoch trained before a
+        resumed ``fit`` (:func:`~oocseq.adapters.keras.fit_resumable`)."""
+        return len(self) - self._keras_offset
+
     def _set_worker_options(self, **changes: Any) -> None:
         if getattr(self, "_rt_pid", None) != os.getpid():  # no runtime yet (or another process's)
             self.worker_options = dataclasses.replace(self.worker_options, **changes)
             return
-        rt = self._runtime
+        rt = self._rt
         with rt.lock:
             self.worker_options = dataclasses.replace(self.worker_options, **changes)
             old, rt.prefetcher = rt.prefetcher, None  # the next batch starts workers of the new kind
         if old is not None:
             old.close()  # outside rt.lock: the prefetcher's lock comes first
 
-    def _check_targets(self) -> None:
-        if self.sample_weight is not None and self.class_weight is not None:
-            raise ArgumentError("give sample_weight or class_weight, not both")
-        if (self.num_classes is not None or self.class_weight is not None) and not isinstance(self.y, str):
-            raise ArgumentError("num_classes and class_weight need y to be one integer field")
-        if self.num_classes is not None and (not isinstance(self.num_classes, int) or self.num_classes < 1):
-            raise ArgumentError(f"num_classes must be a positive int, got {self.num_classes!r}")
-
-    # -- per-process state: locks, the cache and its threads, the position in the epoch --------
+    # -- per-process state, pickling --------------------------------------------------------------
     @property
     def _rt(self) -> _Runtime:
-        """This process's runtime state, created on first use after construction, unpickling
-        or a fork (threads and locks do not survive a fork)."""
         if self._rt_pid != os.getpid():
-            self._runtime = _Runtime(self)
+            self._runtime = _Runtime()
             self._rt_pid = os.getpid()
         return self._runtime
 
@@ -346,448 +292,261 @@ class ChunkedSequence:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
 
-    def _copy_as(self, cls: type[ChunkedSequence]) -> Any:
-        """This sequence's arguments and epoch as a new ``cls`` instance (its own runtime):
-        a plain ChunkedSequence for worker processes, a Keras one for ``as_pydataset``."""
-        new = object.__new__(cls)
-        new.__setstate__(self.__getstate__())
-        return new
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        # By the user's class, not the PyDataset flavour made at run time (it has no import path).
+        cls = type(self).__dict__.get("_plain_class", type(self))
+        return _rebuild, (cls,), self.__getstate__()
 
     # -- the plan -----------------------------------------------------------------------------
+    def __len__(self) -> int:
+        """Batches per epoch (of this rank; the same on every rank)."""
+        return len(self.core)
+
+    @property
+    def epoch(self) -> int:
+        """The epoch whose order is served (starts at 0)."""
+        return self._epoch
+
+    @property
+    def plan(self) -> EpochPlan:
+        """The current epoch's :class:`~oocseq.plan.EpochPlan`."""
+        return self.core.plan(self._epoch)
+
+    def batch_indices(self, i: int) -> np.ndarray:
+        """Sample indices (int64) of batch ``i`` of the current epoch's plan."""
+        return self.core.batch_indices(self._epoch, i)
+
     @property
     def max_resident_chunks(self) -> int:
-        """Bound on decoded chunks held per field while one batch is being served:
-        ``2 * window + batch_size // chunk_len + 1`` for the batch (the locality bound) plus
-        ``read.readahead * window`` decoded ahead. With worker threads (``workers > 1``), the
-        windows of every block of batches queued (``ahead`` blocks of ``block`` batches, see
-        :mod:`oocseq.prefetch`): ``ahead * (block * batch_size // (window * chunk_len) + 4 +
-        readahead) * window`` (a block's positions span whole windows, and at most two short
-        ones and one wrap-around of ``remainder="pad"``); with worker processes, the
-        one-batch bound in each. Decoded memory is at most
-        ``(max_resident_chunks + 2 * window) * chunk_bytes`` summed over the fields served
-        (``chunk_bytes = chunk_len * sample bytes``; the ``2 * window`` are reusable buffers of
-        dropped windows), plus one such term per extra request served concurrently, plus the
-        batches prepared ahead (``max_queue_size`` rounded up to whole blocks)."""
+        """Bound on decoded chunks held per field while one batch is being served (see the
+        README's "Memory" section for the formula with worker threads)."""
         w, cl, ra = self.window, self.store.chunk_len, self.read.readahead
         opts = self.worker_options
         if not opts.parallel or opts.use_multiprocessing:
             return 2 * w + self.batch_size // cl + 1 + ra * w
-        block, ahead = self._block_shape()
-        return ahead * (block * self.batch_size // (w * cl) + 4 + ra) * w
+        task, ahead = self._task_shape()
+        return ahead * (task * self.batch_size // (w * cl) + 4 + ra) * w
 
-    def _block_shape(self) -> tuple[int, int]:
-        """Worker tasks: ``(batches per block, blocks queued ahead)``: a block is about one
-        window of batches; enough blocks for ``max_queue_size`` batches and one per worker."""
+    def _task_shape(self) -> tuple[int, int]:
+        """Worker tasks: ``(batches per task, tasks queued ahead)``: a task is about one
+        window of batches; enough tasks for ``max_queue_size`` batches and one per worker."""
         opts = self.worker_options
-        block = -(-self.window * self.store.chunk_len // self.batch_size)
-        return block, max(opts.workers, -(-opts.max_queue_size // block))
+        task = -(-self.window * self.store.chunk_len // self.batch_size)
+        return task, max(opts.workers, -(-opts.max_queue_size // task))
 
-    @property
-    def epoch(self) -> int:
-        """The epoch whose order is served (starts at 0; :meth:`on_epoch_end` adds one)."""
-        return self._epoch
-
+    # -- epochs -------------------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
-        """Serve epoch ``epoch``'s order from now on, from its first batch."""
-        if not isinstance(epoch, int) or epoch < 0:
+        """Serve epoch ``epoch``'s order from now on, from its first batch.
+
+        Raises:
+            ArgumentError: ``epoch`` is not an int >= 0.
+        """
+        if not isinstance(epoch, (int, np.integer)) or isinstance(epoch, bool) or epoch < 0:
             raise ArgumentError(f"epoch must be an int >= 0, got {epoch!r}")
         rt = self._rt
         with rt.lock:
-            self._epoch = epoch
-            rt.plan = None
-            rt.position = 0
-            rt.requests = 0
-            rt.begun = False
-            rt.warned = False
-            rt.last_served = -1
+            self._epoch = int(epoch)
+            self._position = 0
+            self._taken = {}
+            self._peeked = set()
+            self._continuing = False
+            rt.last_served = (-1, -1)
             prefetcher = rt.prefetcher
         if prefetcher is not None:  # outside rt.lock: the prefetcher takes its lock, then rt.lock
             prefetcher.reset()
 
     def on_epoch_begin(self) -> None:
-        """Keras calls this before each epoch; it marks the epoch as begun, so that the
-        ``on_epoch_end`` that follows moves on even when the batches were served by worker
-        processes (``use_multiprocessing=True``) and none by this one."""
-        self._rt.begun = True
+        """Keras calls this when a pass over the data begins (each ``fit`` epoch, ``evaluate``,
+        ``predict``): requests until :meth:`on_epoch_end` are answered in the plan's order
+        (see the module docstring).
+
+        Raises:
+            ArgumentError: Keras was asked for more steps per epoch than the sequence has
+                batches (``steps_per_epoch`` / ``steps`` > ``len(seq)``).
+        """
+        steps = _keras_steps(_keras_iterator(self))
+        if steps is not None and steps > self.num_batches:
+            raise ArgumentError(
+                f"Keras was asked for {steps} steps per epoch from a sequence of {self.num_batches} "
+                "batches; give steps_per_epoch (steps) <= len(seq). With fewer, each Keras epoch goes on "
+                "through the plan where the last one stopped."
+            )
+        with self._rt.lock:
+            if not self._continuing and self._position > self._keras_offset:
+                # A new pass asks for a whole epoch: not the rest of one that iteration or an
+                # earlier pass began.
+                self._next_epoch_locked()
+            self._continuing = False
+            self._in_pass = True
+            self._pass_start = (self._epoch, self._position)
+            # Keras goes on with the same requests in the next pass only with steps_per_epoch.
+            self._pass_continues = steps is not None
 
     def on_epoch_end(self) -> None:
-        """Move to the next epoch's order, if any batch of this epoch has been served.
+        """End a pass (Keras) or an epoch (plain loops).
 
-        Keras also calls this when ``fit`` / ``evaluate`` start (``EpochIterator.reset``);
-        with no batch served and no :meth:`on_epoch_begin` since the last epoch change, that
-        call is ignored. But when ``fit`` must first build the
-        model, Keras reads one batch before that call, so its first epoch trains plan epoch 1.
-        To make plan epoch ``k`` train in Keras epoch ``k`` (for reproducing or resuming a run),
-        pass the callback ``oocseq.adapters.keras.SyncEpoch(seq)`` to ``fit``; elsewhere use
-        :meth:`set_epoch`."""
-        rt = self._rt
-        if rt.requests or rt.begun:
-            self.set_epoch(self._epoch + 1)
-
-    @property
-    def plan(self) -> EpochPlan:
-        """The current epoch's :class:`~oocseq.plan.EpochPlan`."""
+        At the end of a Keras pass: move to the next epoch if all its batches were handed out,
+        else keep going through it in the next pass (``steps_per_epoch < len(seq)``); a pass
+        cut short otherwise (the batch Keras reads to build a model) is not counted. Called outside a pass (by a plain loop, or by
+        Keras when ``fit`` / ``evaluate`` / ``predict`` start): move to the next epoch if
+        batches of this one were handed out (by iteration or a Keras pass) or every batch of it
+        was read by index (``for i in range(len(seq)): seq[i]``); a few peeks, or nothing
+        served, change nothing, so no epoch is skipped. :meth:`set_epoch` pins the epoch; so does
+        ``oocseq.adapters.keras.SyncEpoch`` in ``fit``."""
+        it = _keras_iterator(self) if self._in_pass else None
+        if it is not None and getattr(it, "_current_iterator", True) is None:
+            self._pass_continues = False  # Keras dropped its requests (reset after a model build)
         rt = self._rt
         with rt.lock:
-            if rt.plan is None:
-                rt.plan = self._new_plan(self._epoch)
-            return rt.plan
-
-    def _new_plan(self, epoch: int) -> EpochPlan:
-        return EpochPlan(
-            len(self.store),
-            self.store.chunk_len,
-            self.window,
-            self.seed,
-            epoch,
-            self.shuffle,
-            self.rank,
-            self.world_size,
-            self.remainder,
-        )
-
-    def __len__(self) -> int:
-        """Batches per epoch (of this rank; the same on every rank)."""
-        return num_batches(self._length, self.batch_size, self.drop_remainder)
-
-    def _check_index(self, i: int) -> int:
-        n_batches = len(self)
-        if not isinstance(i, (int, np.integer)) or isinstance(i, bool):
-            raise TypeError(f"batch index must be an int, got {type(i).__name__}")
-        if not 0 <= i < n_batches:
-            raise BatchIndexError(
-                f"batch index {i} out of range: this sequence has {n_batches} batches (len(seq))"
-            )
-        return int(i)
-
-    def batch_indices(self, i: int) -> np.ndarray:
-        """Sample indices (int64) of batch ``i`` of the current epoch's plan."""
-        start = self._check_index(i) * self.batch_size
-        return self.plan.indices(start, start + self.batch_size)
+            if self._in_pass:
+                self._in_pass = False
+                advance = 0 < len(self) <= self._position
+                epoch, start = self._pass_start
+                self._continuing = not advance and self._pass_continues
+                if not advance and not self._pass_continues and epoch == self._epoch:
+                    # A pass cut short without steps_per_epoch (the batch Keras reads to build a
+                    # model, a stopped fit): its batches were not trained; the next pass,
+                    # with requests of its own, starts where this one started.
+                    self._position = start
+                    self._taken = {}
+            else:
+                # Not for a few peeks (Keras's TensorFlow backend reads two batches to learn
+                # their shapes): for batches handed out, or every batch read by index.
+                advance = self._position > 0 or 0 < len(self) <= len(self._peeked)
+        if advance:
+            self.set_epoch(self._epoch + 1)
 
     # -- serving ------------------------------------------------------------------------------
     def __getitem__(self, i: int) -> tuple[Any, ...]:
-        """The next batch of the epoch's plan (``serve="arrival"``), or batch ``i`` of it
-        (``serve="index"``, and in processes other than the one that built the sequence).
+        """Batch ``i``: ``(x, y)``, ``(x, y, sample_weight)`` or ``(x,)``.
 
-        Returns ``(x, y)``, ``(x, y, sample_weight)`` or ``(x,)``. Requested in order
-        ``0, 1, 2, ...`` both modes serve :meth:`batch_indices` ``(i)``. Requested in any other
-        order (Keras's ``model.fit`` shuffles batch indices by default), arrival order still
-        serves the plan's batches in order, so each window is decoded once per epoch; every
-        sample is served exactly once per epoch in both modes."""
-        k, epoch = self._claim(self._check_index(i))
-        try:
-            return self._serve(k, epoch)
-        except Exception as e:
-            # Worker threads and processes hand exceptions back: say where they came from.
-            if hasattr(e, "add_note"):
-                e.add_note(
-                    f"oocseq: while serving seq[{i}] (plan batch {k}, epoch {epoch}) from {self.store.path}"
-                )
-            raise
+        Outside a Keras pass, plan batch ``i`` of the current epoch (the cursor does not move).
+        During one, the plan batch that the pass's request order maps ``i`` to (see the module
+        docstring); every sample is served exactly once per epoch.
 
-    def _serve(self, k: int, epoch: int) -> tuple[Any, ...]:
-        """Plan batch ``k`` of ``epoch`` (the epoch when it was claimed): from the workers
-        when they prepare batches ahead and requests come in plan order (always so in arrival
-        order), else computed here."""
-        rt = self._rt
-        opts = self.worker_options
-        with rt.lock:
-            # Arrival order claims plan batches in order by construction (even when several
-            # threads ask at once); by index, read ahead only for requests made in order.
-            in_order = self.serve == "arrival" or k == rt.last_served + 1
-            rt.last_served = k
-            prefetcher = rt.prefetcher
-            if opts.parallel and in_order and os.getpid() == self._owner_pid:
-                if prefetcher is None:
-                    prefetcher = rt.prefetcher = Prefetcher(opts, *self._block_shape(), self)
-            else:
-                prefetcher = None
-            current = epoch == self._epoch
-        if prefetcher is not None and current:  # (a late request of a past epoch: computed here)
-            return prefetcher.get(epoch, k, len(self))
-        if current:
-            return self.batch(k)
-        return self._batch_of(self._plan_for(epoch), k, readahead=False)  # the epoch changed meanwhile
+        Raises:
+            BatchIndexError: ``i`` outside ``range(len(seq))``.
+            ArgumentTypeError: ``i`` is not an int.
+        """
+        k, epoch = self._claim(i)
+        return self._serve(k, epoch, i)
 
-    def _worker_copy(self) -> ChunkedSequence:
-        """This sequence for worker processes: a plain ChunkedSequence (a Keras-flavoured one
-        would make each spawned worker import Keras) that prepares batches when asked."""
-        plain = self._copy_as(ChunkedSequence)
-        plain.worker_options = WorkerOptions()
-        # A process decodes only its own blocks' windows: read-ahead would decode the next
-        # block's, which another process serves.
-        plain.read = dataclasses.replace(self.read, readahead=0)
-        return plain
-
-    def _prepare_block(self, epoch: int, start: int, stop: int) -> list[Any]:
-        """Plan batches ``start:stop`` of ``epoch`` (a worker's task); a batch that fails is
-        kept as its exception, raised when that batch is served."""
-        plan = self._plan_for(epoch)
-        token = self._reserve_block(epoch, start, stop)
-        out: list[Any] = []
-        try:
-            for i in range(start, stop):
-                try:
-                    out.append(self._batch_of(plan, i, readahead=True))
-                except Exception as e:
-                    out.append(_Failed(e))
-        finally:
-            self._release_block(token)
-        return out
-
-    def _reserve_block(self, epoch: int, start: int, stop: int) -> object:
-        """Keep the windows of plan batches ``start:stop`` of ``epoch`` (and the read-ahead
-        beyond them) in the cache until :meth:`_release_block`: another worker's batch would
-        otherwise drop them between two batches of this block."""
-        plan = self._plan_for(epoch)
-        windows = [w for w, _ in plan.window_spans(start * self.batch_size, stop * self.batch_size)]
-        if windows:
-            windows += range(windows[-1] + 1, min(windows[-1] + 1 + self.read.readahead, plan.num_windows))
-        keys = [(epoch, w) for w in windows]
-        token = object()
-        rt = self._rt
-        with rt.lock:
-            rt.in_flight[token] = keys
-        return token
-
-    def _release_block(self, token: object) -> None:
-        rt = self._rt
-        with rt.lock:
-            rt.in_flight.pop(token, None)
-
-    def _claim(self, i: int) -> tuple[int, int]:
+    def _claim(self, i: Any) -> tuple[int, int]:
         """Which plan batch, of which epoch, answers request ``i``."""
         rt = self._rt
         with rt.lock:
-            rt.requests += 1
-            epoch = self._epoch
-            if self.serve == "index" or os.getpid() != self._owner_pid:
-                return i, epoch
-            k = rt.position
-            rt.position += 1
-            if k < len(self):
-                return k, epoch
-            if not rt.warned:
-                rt.warned = True
-                warnings.warn(
-                    f"{len(self) + 1} batches were requested from a sequence of {len(self)} batches in "
-                    f"epoch {self._epoch} without on_epoch_end(): the extra requests are served by "
-                    "index, so some batches repeat. Call on_epoch_end() or set_epoch() between epochs "
-                    "(Keras's model.fit does).",
-                    RuntimeWarning,
-                    stacklevel=3,
+            if not self._in_pass or os.getpid() != self._owner_pid:
+                i = self.core.check_index(i)
+                self._peeked.add(i)
+                return i, self._epoch
+            i = self.core.check_index(i)
+            if i >= self.num_batches:
+                raise BatchIndexError(
+                    f"batch index {i} out of range: Keras is shown {self.num_batches} batches "
+                    f"(the rest of a resumed epoch of {len(self)})"
                 )
-            return i, epoch
+            k = self._taken.get(i)
+            if k is None:
+                if self._position >= len(self):  # more than an epoch in one pass: the next epoch
+                    self._next_epoch_locked()
+                k = self._keras_offset + i if self.keras_order == "index" else self._position
+                self._taken[i] = k
+                self._position += 1
+            return k, self._epoch
+
+    def _next_epoch_locked(self) -> None:
+        self._epoch += 1
+        self._position = 0
+        self._taken = {}
+        self._peeked = set()
+        self._continuing = False
+        self._rt.last_served = (-1, -1)
+        # The prefetcher drops other epochs' tasks at its next request by itself.
+
+    def _serve(self, k: int, epoch: int, request: int | None = None) -> tuple[Any, ...]:
+        try:
+            return self._compute(k, epoch)
+        except Exception as e:
+            # Worker threads and processes hand exceptions back: say where they came from.
+            asked = f"seq[{request}], " if request is not None else ""
+            e.add_note(f"oocseq: while serving {asked}plan batch {k}, epoch {epoch} from {self.store.path}")
+            raise
+
+    def _compute(self, k: int, epoch: int) -> tuple[Any, ...]:
+        """Plan batch ``k`` of ``epoch``: from the workers when they prepare batches ahead and
+        requests come in plan order, else computed here."""
+        rt = self._rt
+        opts = self.worker_options
+        with rt.lock:
+            in_order = k == 0 or rt.last_served == (epoch, k - 1)
+            rt.last_served = (epoch, k)
+            prefetcher = None
+            if opts.parallel and in_order and os.getpid() == self._owner_pid:
+                if rt.prefetcher is None:
+                    rt.prefetcher = Prefetcher(opts, *self._task_shape(), self.core)
+                prefetcher = rt.prefetcher
+            current = epoch == self._epoch
+        if prefetcher is not None and current:
+            return prefetcher.get(epoch, k, len(self))  # type: ignore[no-any-return]
+        # Read ahead only when batches come in order: a random-access caller would waste it.
+        return self.core.get(epoch, k, readahead=in_order)
 
     def batch(self, i: int) -> tuple[Any, ...]:
-        """Batch ``i`` of the current epoch's plan (independent of the order of requests),
+        """Plan batch ``i`` of the current epoch (the same as ``seq[i]`` outside a Keras pass),
         computed in the calling thread."""
-        start = self._check_index(i) * self.batch_size
-        rt = self._rt
-        # Read ahead only when batches come in order: a random-access caller would waste it.
-        sequential = start == rt.next_position
-        rt.next_position = min(start + self.batch_size, self._length)
-        return self._batch_of(self.plan, i, readahead=sequential)
-
-    def _plan_for(self, epoch: int) -> EpochPlan:
-        """The plan of ``epoch`` (the current one, or one of two others kept)."""
+        epoch = self._epoch
         rt = self._rt
         with rt.lock:
-            if epoch == self._epoch:
-                return self.plan
-            plan = rt.plans.get(epoch)
-            if plan is None:
-                if len(rt.plans) >= 2:
-                    rt.plans.pop(next(iter(rt.plans)))
-                plan = rt.plans[epoch] = self._new_plan(epoch)
-            return plan
-
-    def _batch_of(self, plan: EpochPlan, i: int, readahead: bool) -> tuple[Any, ...]:
-        start = i * self.batch_size
-        stop = start + self.batch_size
-        rt = self._rt
-        sequential = readahead  # read ahead (and advise the kernel) beyond this batch's windows
-        spans = plan.window_spans(start, stop)
-        last = spans[-1][0]
-        ahead = range(last + 1, min(last + 1 + (self.read.readahead if sequential else 0), plan.num_windows))
-        keys = [(plan.epoch, w) for w, _ in spans]
-        token = object()
-        with rt.lock:
-            rt.in_flight[token] = keys + [(plan.epoch, w) for w in ahead]
-            rt.cache.retain(k for ks in rt.in_flight.values() for k in ks)
-        try:
-            if sequential:  # disk read-ahead one window beyond the decoded read-ahead
-                for w in range(last + 1, min(ahead.stop + 1, plan.num_windows)):
-                    rt.cache.advise((plan.epoch, w), plan.window_chunks(w))
-            for w in [w for w, _ in spans] + list(ahead):
-                rt.cache.prefetch((plan.epoch, w), plan.window_chunks(w))
-            n = sum(len(rows) for _, rows in spans)
-            batch: Batch = {}
-            for name, layout in rt.layouts.items():  # not store.fields: it builds a dict per call
-                batch[name] = np.empty((n, *layout.sample_shape), dtype=layout.dtype)
-            pos = 0
-            for w, rows in spans:
-                buffers = rt.cache.get((plan.epoch, w), plan.window_chunks(w))
-                for name in self._fields:  # one copy per sample, straight into the batch
-                    np.take(buffers[name], rows, axis=0, out=batch[name][pos : pos + len(rows)], mode="clip")
-                pos += len(rows)
-        finally:
-            with rt.lock:
-                del rt.in_flight[token]
-        # Sample indices only where they are used (transform, label checks): ~40 us a batch.
-        indices = None
-        if self.transform is not None or self.num_classes is not None or self.class_weight is not None:
-            indices = plan.span_indices(spans)  # spans as computed above: not twice
-        if self.transform is not None:
-            batch = self._apply_transform(self.transform, batch, indices, plan.epoch)
-        return self._assemble(batch, indices)
-
-    def _apply_transform(
-        self, transform: Callable[..., Batch], batch: Batch, indices: np.ndarray, epoch: int
-    ) -> Batch:
-        try:
-            if self._transform_takes_rng:
-                out = transform(batch, SampleRandom(self.seed, epoch, indices))
-            else:
-                out = transform(batch)
-        except Exception as e:
-            raise TransformError(
-                f"transform failed on samples {indices[:8].tolist()}{'...' if len(indices) > 8 else ''} "
-                f"of {self.store.path}: {type(e).__name__}: {e}"
-            ) from e
-        if not isinstance(out, Mapping):
-            raise TypeError(f"transform must return a dict of fields, got {type(out).__name__}")
-        return dict(out)
-
-    def read_batch(self, indices: np.ndarray) -> Batch:
-        """The raw fields (``{field: array}``) of arbitrary sample indices, in that order
-        (through the store's chunk reads, not the window cache)."""
-        return {name: self.store[name][np.asarray(indices, dtype=np.int64)] for name in self._fields}
-
-    def _assemble(self, batch: Batch, idx: np.ndarray | None) -> tuple[Any, ...]:
-        xs = _select(self.x, batch)
-        if self.y is None:
-            return (xs,)
-        ys = _select(self.y, batch)
-        labels = ys
-        if self.num_classes is not None:
-            ys = self._one_hot(labels, idx)
-        if self.sample_weight is not None:
-            return xs, ys, np.asarray(batch[self.sample_weight])
-        if self.class_weight is not None:
-            return xs, ys, self._class_weights(labels, idx)
-        return xs, ys
-
-    def _label_error(
-        self, labels: np.ndarray, bad: np.ndarray, idx: np.ndarray, expected: str
-    ) -> InvalidSourceError:
-        k = int(np.flatnonzero(bad)[0])
-        return InvalidSourceError(
-            f"{self.store.path}: sample {int(idx[k])} has label {labels[k]!r} in field {self.y!r}; "
-            f"expected {expected}"
-        )
-
-    def _one_hot(self, labels: np.ndarray, idx: np.ndarray) -> np.ndarray:
-        k = self.num_classes
-        labels = np.asarray(labels)
-        if labels.ndim != 1 or labels.dtype.kind not in "iu":
-            raise ArgumentError(
-                f"num_classes needs a 1-D integer y field, {self.y!r} is {labels.dtype} {labels.shape[1:]}"
-            )
-        bad = (labels < 0) | (labels >= k)
-        if bad.any():
-            raise self._label_error(labels, bad, idx, f"an int in [0, {k}) (num_classes={k})")
-        out = np.zeros((len(labels), k), dtype=np.float32)
-        out[np.arange(len(labels)), labels] = 1.0
-        return out
-
-    def _class_weights(self, labels: np.ndarray, idx: np.ndarray) -> np.ndarray:
-        weights = self.class_weight or {}
-        labels = np.asarray(labels)
-        bad = ~np.isin(labels, np.fromiter(weights.keys(), dtype=np.int64))
-        if bad.any():
-            raise self._label_error(labels, bad, idx, f"one of the class_weight keys {sorted(weights)}")
-        table = {int(c): float(w) for c, w in weights.items()}
-        return np.fromiter((table[int(v)] for v in labels), dtype=np.float32, count=len(labels))
+            in_order = i == 0 or rt.last_served == (epoch, i - 1)
+            rt.last_served = (epoch, i)
+        return self.core.get(epoch, i, readahead=in_order)
 
     def __iter__(self) -> Iterator[tuple[Any, ...]]:
-        """The rest of the current epoch's batches, in order; if the current epoch has been
-        served in full, first moves to the next one. So ``for x, y in seq`` in a loop trains
-        epoch after epoch, and after :meth:`load_state_dict` it resumes mid-epoch."""
-        if self._rt.position >= len(self):
-            self.on_epoch_end()
-        for i in range(self._rt.position, len(self)):
-            yield self[i]
+        """The rest of the current epoch's batches, in plan order; if the current epoch has
+        been handed out in full, first moves to the next one. So ``for x, y in seq`` in a
+        loop trains epoch after epoch, and after :meth:`load_state_dict` it resumes mid-epoch."""
+        if self._position >= len(self):
+            self.set_epoch(self._epoch + 1)
+        while True:
+            with self._rt.lock:
+                if self._position >= len(self):
+                    return
+                k, epoch = self._position, self._epoch
+                self._position += 1
+            yield self._serve(k, epoch)
 
     # -- resuming -----------------------------------------------------------------------------
-    def _plan_args(self) -> dict[str, Any]:
-        return {
-            "n": len(self.store),
-            "chunk_len": self.store.chunk_len,
-            "window": self.window,
-            "batch_size": self.batch_size,
-            "seed": self.seed,
-            "shuffle": self.shuffle,
-            "drop_remainder": self.drop_remainder,
-            "rank": self.rank,
-            "world_size": self.world_size,
-            "remainder": self.remainder,
-        }
-
-    def _store_fingerprint(self) -> int:
-        """CRC-32 of the store's manifest: tells this store from another of the same shape."""
-        doc = json.dumps(self.store.manifest.to_json(), sort_keys=True).encode()
-        return zlib.crc32(doc)
-
     def state_dict(self) -> dict[str, Any]:
         """Where this sequence stands, as a small JSON-serialisable dict: the epoch, the number
-        of batches served in it (``position``), the arguments that shape the plan and a
+        of its batches handed out (``position``), the arguments that shape the plan and a
         fingerprint of the store. :meth:`load_state_dict` resumes from it."""
         return {
             "format": "oocseq.ChunkedSequence",
             "version": 1,
             "epoch": self._epoch,
-            "position": self._rt.position,
-            "plan": self._plan_args(),
-            "store": self._store_fingerprint(),
+            "position": self._position,
+            "plan": self.core.plan_args(),
+            "store": self.core.fingerprint(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Resume from :meth:`state_dict`: the next requests get the batches that the
-        uninterrupted run would have served next (plan batches ``position, position+1, ...``
-        of epoch ``epoch``).
+        """Resume from :meth:`state_dict`: the next batches handed out (by iteration or a Keras
+        pass) are plan batches ``position, position+1, ...`` of epoch ``epoch``.
 
-        Raises StateError for a state of another store, of another plan (seed, batch size,
-        window, ranks, ...) or an unknown format, naming what differs."""
-        if (
-            not isinstance(state, Mapping)
-            or state.get("format") != "oocseq.ChunkedSequence"
-            or state.get("version") != 1
-        ):
-            raise StateError(f"not a ChunkedSequence state (format/version 1): {str(state)[:200]}")
-        if state.get("store") != self._store_fingerprint():
-            raise StateError(f"this state is of another store than {self.store.path} (its manifest differs)")
-        mine, theirs = self._plan_args(), state.get("plan")
-        if not isinstance(theirs, Mapping):
-            raise StateError("the state has no plan arguments")
-        differ = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
-        if differ:
-            raise StateError(
-                "the state is of another plan: "
-                + ", ".join(f"{k}={a!r} in the state, {b!r} here" for k, (a, b) in differ.items())
-            )
-        epoch, position = state.get("epoch"), state.get("position")
+        Raises:
+            StateError: a state of another store, of another plan (seed, batch size, window,
+                ranks, ...) or an unknown format, naming what differs.
+        """
+        check_state(self.core, state)
+        epoch, position = state["epoch"], state["position"]
         if not (
             isinstance(epoch, int) and epoch >= 0 and isinstance(position, int) and 0 <= position <= len(self)
         ):
             raise StateError(f"bad epoch/position in state: {epoch!r}/{position!r}")
         self.set_epoch(epoch)
-        rt = self._rt
-        with rt.lock:
-            rt.position = position
-            rt.requests = position
-            rt.next_position = position * self.batch_size
+        with self._rt.lock:
+            self._position = position
+            self._continuing = position > 0  # the next Keras pass goes on from here
 
     @property
     def stats(self) -> dict[str, int]:
@@ -796,26 +555,113 @@ class ChunkedSequence:
         ``peak_resident_chunks`` (decoded chunks held at once, all fields together); and
         ``worker_chunk_decodes``, the chunk decodes of the current worker processes
         (``use_multiprocessing=True``) for the batches they prepared."""
-        rt = self._rt
-        c = rt.cache
-        workers = rt.prefetcher.worker_decodes if rt.prefetcher is not None else 0
+        prefetcher = self._rt.prefetcher
         return {
-            "chunk_decodes": c.decodes,
-            "cache_hits": c.hits,
-            "peak_resident_chunks": c.peak_resident,
-            "worker_chunk_decodes": workers,
+            **self.core.stats,
+            "worker_chunk_decodes": prefetcher.worker_decodes if prefetcher is not None else 0,
         }
 
     def close(self) -> None:
-        """Stop this process's read-ahead threads and drop its decoded chunks."""
+        """Stop this process's workers and read-ahead threads and drop its decoded chunks."""
         if self._rt_pid == os.getpid():
             if self._runtime.prefetcher is not None:
                 self._runtime.prefetcher.close()
-            self._runtime.cache.close()
-            self._rt_pid = -1
+                self._runtime.prefetcher = None
+        self.core.close()
 
     def __repr__(self) -> str:
         return (
-            f"<oocseq.ChunkedSequence {str(self.store.path)!r} batches={len(self)} batch_size={self.batch_size} "
-            f"window={self.window} shuffle={self.shuffle} seed={self.seed} epoch={self._epoch}>"
+            f"<oocseq.{type(self).__name__} {str(self.store.path)!r} batches={len(self)} "
+            f"batch_size={self.batch_size} window={self.window} shuffle={self.shuffle} seed={self.seed} "
+            f"epoch={self._epoch}>"
         )
+
+
+def check_state(core: ChunkedBatches, state: Any) -> None:
+    """Check that ``state`` (a :meth:`ChunkedSequence.state_dict`) is of ``core``'s store and plan.
+
+    Raises:
+        StateError: naming what differs.
+    """
+    if (
+        not isinstance(state, Mapping)
+        or state.get("format") != "oocseq.ChunkedSequence"
+        or state.get("version") != 1
+    ):
+        raise StateError(f"not a ChunkedSequence state (format/version 1): {str(state)[:200]}")
+    if state.get("store") != core.fingerprint():
+        raise StateError(f"this state is of another store than {core.source.path} (its manifest differs)")
+    mine, theirs = core.plan_args(), state.get("plan")
+    if not isinstance(theirs, Mapping):
+        raise StateError("the state has no plan arguments")
+    differ = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
+    if differ:
+        raise StateError(
+            "the state is of another plan: "
+            + ", ".join(f"{k}={a!r} in the state, {b!r} here" for k, (a, b) in differ.items())
+        )
+
+
+def _keras_iterator(seq: ChunkedSequence) -> Any:
+    """The Keras epoch iterator calling ``seq.on_epoch_begin`` / ``on_epoch_end`` (through its
+    data adapter), if one is: Keras tells the dataset neither its ``steps_per_epoch`` nor
+    whether the next epoch goes on with the same requests."""
+    frame = sys._getframe(3)
+    for _ in range(4):
+        if frame is None:
+            return None
+        it = frame.f_locals.get("self")
+        adapter = getattr(it, "data_adapter", None)
+        if adapter is not None and getattr(adapter, "py_dataset", None) is seq:
+            return it
+        frame = frame.f_back
+    return None
+
+
+def _keras_steps(it: Any) -> int | None:
+    steps = getattr(it, "steps_per_epoch", None)
+    return steps if isinstance(steps, int) and not isinstance(steps, bool) else None
+
+
+def _legacy_arguments(
+    keras_order: str, shard: ShardOptions | None, workers: int | WorkerOptions, kwargs: dict[str, Any]
+) -> tuple[str, ShardOptions | None, WorkerOptions]:
+    """Keyword arguments of earlier versions and Keras's ``PyDataset`` keywords."""
+    kwargs = dict(kwargs)
+    if "serve" in kwargs:
+        serve = kwargs.pop("serve")
+        warnings.warn("serve= is now keras_order= ('arrival' -> 'plan')", DeprecationWarning, stacklevel=3)
+        if serve not in _SERVE_TO_ORDER:
+            raise ArgumentError(f"serve must be 'arrival' or 'index', got {serve!r}")
+        keras_order = _SERVE_TO_ORDER[serve]
+    flat = {k: kwargs.pop(k) for k in ("rank", "world_size", "remainder") if k in kwargs}
+    if flat:
+        warnings.warn(
+            "rank=, world_size= and remainder= are now shard=ShardOptions(rank, world_size, balance)",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        if shard is not None:
+            raise ArgumentError("give shard=ShardOptions(...) or rank/world_size, not both")
+        rank, world_size = flat.get("rank"), flat.get("world_size")
+        if (rank is None) != (world_size is None):
+            raise ArgumentError(
+                f"give both rank and world_size, or neither (then they come from torch.distributed, "
+                f"JAX or RANK / WORLD_SIZE); got rank={rank!r}, world_size={world_size!r}"
+            )
+        balance = flat.get("remainder", "pad")
+        shard = ShardOptions.detect(balance) if rank is None else ShardOptions(rank, world_size, balance)
+    use_mp = kwargs.pop("use_multiprocessing", None)
+    queue = kwargs.pop("max_queue_size", None)
+    if kwargs:
+        raise ArgumentTypeError(f"ChunkedSequence got unexpected keyword argument(s) {sorted(kwargs)}")
+    if isinstance(workers, WorkerOptions):
+        if use_mp is not None or queue is not None:
+            raise ArgumentError(
+                "give use_multiprocessing and max_queue_size inside WorkerOptions, not beside it"
+            )
+        return keras_order, shard, workers
+    options = WorkerOptions(
+        workers, use_mp if use_mp is not None else False, queue if queue is not None else 10
+    )
+    return keras_order, shard, options

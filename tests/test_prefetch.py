@@ -16,7 +16,7 @@ from conftest import ids_of, make_store
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from oocseq import ArgumentError, ChunkedSequence, TransformError, WorkerOptions
+from oocseq import ArgumentError, ChunkedSequence, ShardOptions, TransformError, WorkerOptions
 
 # Worker processes are started by a fork server: this test process runs JAX's threads (Keras is
 # imported by conftest's neighbours), and forking a multithreaded process can deadlock the child.
@@ -46,8 +46,7 @@ def planned(seq: ChunkedSequence, epochs: int = 2) -> list[list[list[int]]]:
         window=seq.window,
         shuffle=seq.shuffle,
         drop_remainder=seq.drop_remainder,
-        rank=seq.rank,
-        world_size=seq.world_size,
+        shard=seq.shard,
     )
     out = []
     for e in range(epochs):
@@ -91,17 +90,16 @@ def test_worker_threads_serve_the_plan_with_each_chunk_decoded_once(
         seed=seed,
         workers=workers,
         max_queue_size=max_queue_size,
-        rank=rank,
-        world_size=world,
+        shard=ShardOptions(rank, world),
     )
-    alone = ChunkedSequence(store, batch_size, window=window, seed=seed, rank=rank, world_size=world)
+    alone = ChunkedSequence(store, batch_size, window=window, seed=seed, shard=ShardOptions(rank, world))
     try:
         assert served(seq) == planned(seq) == served(alone)
         # each chunk of the rank decoded once per epoch and field (x, y), again only where
         # remainder="pad" comes back to it; read-ahead may decode one window past an epoch's end
         low = high = 0
         for e in range(2):
-            plan = seq._new_plan(e)
+            plan = seq.core.plan(e)
             visits = [w for w, _ in plan.window_spans(0, len(plan))]
             runs = [w for j, w in enumerate(visits) if j == 0 or visits[j - 1] != w]
             low += len(plan.chunk_order)
@@ -302,7 +300,7 @@ def test_changing_workers_mid_epoch_keeps_the_epoch(tmp_path):
     seq.workers = 2
     got += [ids_of(b[0]).tolist() for b in it]
     assert got == planned(seq, 1)[0]
-    assert seq._rt.in_flight == {}  # no window reservation left behind
+    assert seq.core._local.cache.held == set()  # no window reservation left behind
     seq.close()
 
 

@@ -17,7 +17,7 @@ from conftest import ids_of, make_store, y_of
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from oocseq import ArgumentError, ChunkedSequence, EpochPlan
+from oocseq import ArgumentError, ChunkedSequence, EpochPlan, ShardOptions
 from oocseq.distributed import detect_rank
 from oocseq.plan import epoch_order, num_batches, rank_length, rank_orders
 
@@ -152,8 +152,8 @@ def test_bad_rank_is_refused_by_the_plan(rank, world_size):
 def test_unknown_remainder_is_refused(store):
     with pytest.raises(ArgumentError, match="remainder"):
         EpochPlan(100, 4, 2, 0, 0, True, 0, 2, "wrap")
-    with pytest.raises(ArgumentError, match="remainder"):
-        ChunkedSequence(store, 8, rank=0, world_size=2, remainder="wrap")
+    with pytest.raises(ArgumentError, match="balance"):
+        ShardOptions(0, 2, "wrap")
 
 
 # -- ChunkedSequence with ranks ------------------------------------------------------------------
@@ -174,22 +174,22 @@ def rank_stores(tmp_path_factory):
     epoch=st.integers(0, 5),
     remainder=st.sampled_from(["pad", "drop"]),
     drop_remainder=st.booleans(),
-    serve=st.sampled_from(["arrival", "index"]),
+    keras_order=st.sampled_from(["plan", "index"]),
 )
 def test_sequence_serves_its_rank_plan(
-    rank_stores, data, batch_size, window, seed, epoch, remainder, drop_remainder, serve
+    rank_stores, data, batch_size, window, seed, epoch, remainder, drop_remainder, keras_order
 ):
     store = data.draw(st.sampled_from(rank_stores), label="store")
     n, cl = len(store), store.chunk_len
     ws = data.draw(st.integers(1, 8), label="world_size")
-    kw = dict(window=window, seed=seed, remainder=remainder, drop_remainder=drop_remainder, serve=serve)
+    kw = dict(window=window, seed=seed, drop_remainder=drop_remainder, keras_order=keras_order)
     if _expected_error(n, cl, ws, remainder):
         with pytest.raises(ArgumentError):
-            ChunkedSequence(store, batch_size, rank=0, world_size=ws, **kw)
+            ChunkedSequence(store, batch_size, shard=ShardOptions(0, ws, remainder), **kw)
         return
     served_sets, lengths = [], set()
     for r in range(ws):
-        seq = ChunkedSequence(store, batch_size, rank=r, world_size=ws, **kw)
+        seq = ChunkedSequence(store, batch_size, shard=ShardOptions(r, ws, remainder), **kw)
         assert (seq.rank, seq.world_size) == (r, ws)
         seq.set_epoch(epoch)
         plan = EpochPlan(n, cl, window, seed, epoch, True, r, ws, remainder)
@@ -197,11 +197,12 @@ def test_sequence_serves_its_rank_plan(
         assert len(seq) == expected_len
         lengths.add(len(seq))
         ids = []
-        # Keras-like shuffled requests: seq[i] is plan batch i with serve="index"; with
-        # serve="arrival" the k-th request gets plan batch k whatever index it names
+        # Keras-like shuffled requests in a pass: seq[i] is plan batch i with
+        # keras_order="index"; with "plan" the k-th request gets plan batch k
         requests = data.draw(st.permutations(range(len(seq))), label="requests")
+        seq.on_epoch_begin()
         for k, i in enumerate(requests):
-            b = i if serve == "index" else k
+            b = i if keras_order == "index" else k
             want = plan.indices(b * batch_size, (b + 1) * batch_size)
             np.testing.assert_array_equal(seq.batch_indices(b), want)
             x, y = seq[i]
@@ -224,28 +225,30 @@ def test_sequence_serves_its_rank_plan(
 
 def test_sequence_refuses_bad_ranks(store):
     with pytest.raises(ArgumentError):
-        ChunkedSequence(store, 8, rank=2, world_size=2)
+        ShardOptions(2, 2)
     with pytest.raises(ArgumentError):
-        ChunkedSequence(store, 8, rank=-1, world_size=2)
+        ShardOptions(-1, 2)
     with pytest.raises(ArgumentError):
-        ChunkedSequence(store, 8, rank=0, world_size=0)
+        ShardOptions(0, 0)
     with pytest.raises(ArgumentError, match="chunk"):
-        ChunkedSequence(store, 8, rank=0, world_size=14)  # 13 chunks
-    ChunkedSequence(store, 8, rank=12, world_size=13)
+        ChunkedSequence(store, 8, shard=ShardOptions(0, 14))  # 13 chunks
+    ChunkedSequence(store, 8, shard=ShardOptions(12, 13))
+    with pytest.warns(DeprecationWarning, match="ShardOptions"):  # the earlier spelling
+        assert ChunkedSequence(store, 8, rank=1, world_size=2).shard == ShardOptions(1, 2)
 
 
 def test_sequence_refuses_half_given_ranks(store):
     """A rank without a world size (or the reverse) is a mistake, not rank 0 of 1."""
-    with pytest.raises(ArgumentError, match="both rank and world_size"):
+    with pytest.warns(DeprecationWarning), pytest.raises(ArgumentError, match="both rank and world_size"):
         ChunkedSequence(store, 8, world_size=2)
-    with pytest.raises(ArgumentError, match="both rank and world_size"):
+    with pytest.warns(DeprecationWarning), pytest.raises(ArgumentError, match="both rank and world_size"):
         ChunkedSequence(store, 8, rank=1)
 
 
 def test_sequence_ranks_each_epoch_equal_batches(store):
     """Every rank serves len(seq) batches in every epoch, and epochs deal other chunks."""
     ws = 3
-    seqs = [ChunkedSequence(store, 7, rank=r, world_size=ws, seed=1, window=2) for r in range(ws)]
+    seqs = [ChunkedSequence(store, 7, shard=ShardOptions(r, ws), seed=1, window=2) for r in range(ws)]
     chunk_sets = []
     for epoch in range(4):
         counts, seen = [], []
@@ -281,12 +284,12 @@ def test_rank_from_environment(store, no_rank_env, rank, world_size):
     assert detect_rank() == (rank, world_size)
     seq = ChunkedSequence(store, 8, seed=3)
     assert (seq.rank, seq.world_size) == (rank, world_size)
-    explicit = ChunkedSequence(store, 8, seed=3, rank=rank, world_size=world_size)
+    explicit = ChunkedSequence(store, 8, seed=3, shard=ShardOptions(rank, world_size))
     assert len(seq) == len(explicit)
     for i in range(len(seq)):
         np.testing.assert_array_equal(seq.batch_indices(i), explicit.batch_indices(i))
     # explicit arguments win over the environment
-    mine = ChunkedSequence(store, 8, seed=3, rank=0, world_size=1)
+    mine = ChunkedSequence(store, 8, seed=3, shard=ShardOptions(0, 1))
     assert (mine.rank, mine.world_size) == (0, 1)
 
 
@@ -324,7 +327,7 @@ def _distributed_worker(rank: int, world_size: int, init_method: str, store_path
         dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size)
         try:
             for remainder in ("pad", "drop"):
-                seq = ChunkedSequence(store_path, 7, seed=11, window=2, remainder=remainder)
+                seq = ChunkedSequence(store_path, 7, seed=11, window=2, shard=ShardOptions.detect(remainder))
                 seq.set_epoch(1)
                 batches = [ids_of(b[0]).tolist() for b in iter(seq)]
                 gathered: list = [None] * world_size

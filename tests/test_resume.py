@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import oocseq
-from oocseq import ChunkedSequence, StateError
+from oocseq import ChunkedSequence, ShardOptions, StateError
 
 
 def _ids(batch) -> list[int]:
@@ -61,7 +61,7 @@ def test_resume_at_any_position(
 ):
     store = stores[which]
     rank, world_size = ranks
-    kw = dict(window=window, seed=seed, drop_remainder=drop_remainder, rank=rank, world_size=world_size)
+    kw = dict(window=window, seed=seed, drop_remainder=drop_remainder, shard=ShardOptions(rank, world_size))
 
     def fresh() -> ChunkedSequence:
         seq = ChunkedSequence(store, batch_size, **kw)
@@ -80,7 +80,8 @@ def test_resume_at_any_position(
         it = iter(first)
         got = [_ids(next(it)) for _ in range(k)]
         it.close()
-    else:  # Keras-style shuffled indices; arrival order serves the plan's batches in order
+    else:  # Keras-style shuffled indices in a pass: the plan's batches in order
+        first.on_epoch_begin()
         requests = random.Random(seed).sample(range(len(first)), k)
         got = [_ids(first[i]) for i in requests]
     assert got == full[:k]
@@ -99,10 +100,11 @@ def test_resume_at_any_position(
             assert rest == full[k:]
             assert _epoch(second) == nxt
     else:
+        second.on_epoch_begin()
         requests = random.Random(seed + 1).sample(range(len(second)), len(full) - k)
         rest = [_ids(second[i]) for i in requests]
         assert rest == full[k:]
-        second.on_epoch_end()  # as Keras does: moves on once a batch of the epoch was served
+        second.on_epoch_end()  # as Keras does: the pass handed out the epoch's last batch
         assert second.epoch == epoch + (1 if full else 0)
         if full:
             assert [_ids(second[i]) for i in range(len(second))] == nxt
@@ -119,11 +121,13 @@ def test_resumed_sequence_moves_on_with_on_epoch_end(stores, k):
 
     seq = ChunkedSequence(store, 8, seed=2, window=2)
     seq.set_epoch(3)
-    for _ in range(k):
-        seq[0]
+    seq.on_epoch_begin()  # a Keras pass that stopped after k batches
+    for i in range(k):
+        seq[i]
     state = _roundtrip(seq.state_dict())
     resumed = ChunkedSequence(store, 8, seed=2, window=2)
     resumed.load_state_dict(state)
+    resumed.on_epoch_begin()
     rest = [_ids(resumed[i]) for i in range(len(resumed) - k)]
     assert rest == full[k:]
     resumed.on_epoch_end()
@@ -186,18 +190,18 @@ def test_state_of_another_store_is_refused(tmp_path, fmt):
         ({"seed": 2}, "seed"),
         ({"batch_size": 11}, "batch_size"),
         ({"window": 3}, "window"),
-        ({"rank": 0, "world_size": 2}, "world_size"),
-        ({"rank": 1, "world_size": 2}, "rank"),
+        ({"shard": ShardOptions(0, 2)}, "world_size"),
+        ({"shard": ShardOptions(1, 2)}, "rank"),
         ({"shuffle": False}, "shuffle"),
         ({"drop_remainder": True}, "drop_remainder"),
-        ({"rank": 0, "world_size": 2, "remainder": "drop"}, "remainder"),
+        ({"shard": ShardOptions(0, 2, "drop")}, "remainder"),
     ],
 )
 def test_state_of_another_plan_is_refused(stores, other, named):
     store = stores[".zarr"]
-    base = dict(batch_size=10, seed=1, window=2, rank=0, world_size=1)
+    base = dict(batch_size=10, seed=1, window=2, shard=ShardOptions(0, 1))
     if "remainder" in other:
-        base.update(rank=0, world_size=2)
+        base.update(shard=ShardOptions(0, 2))
     state = _state_after(ChunkedSequence(store, **base), 2)
     seq = ChunkedSequence(store, **{**base, **other})
     with pytest.raises(StateError, match=named):

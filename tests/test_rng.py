@@ -11,7 +11,7 @@ from conftest import ids_of
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from oocseq import ChunkedSequence, TransformError
+from oocseq import ChunkedSequence, ShardOptions, TransformError
 from oocseq.rng import SampleRandom
 
 seeds = st.integers(0, 2**63)
@@ -190,12 +190,12 @@ def _serve(store, epochs, **kw) -> dict:
 LAYOUTS = [
     dict(batch_size=7, window=2),
     dict(batch_size=32, window=5),
-    dict(batch_size=1, window=1, serve="index"),
+    dict(batch_size=1, window=1, keras_order="index"),
     dict(batch_size=10, window=3, shuffle=False),
-    dict(batch_size=9, window=2, rank=0, world_size=3),
-    dict(batch_size=9, window=2, rank=1, world_size=3),
-    dict(batch_size=9, window=2, rank=2, world_size=3),
-    dict(batch_size=5, window=2, rank=1, world_size=4, remainder="drop"),
+    dict(batch_size=9, window=2, shard=ShardOptions(0, 3)),
+    dict(batch_size=9, window=2, shard=ShardOptions(1, 3)),
+    dict(batch_size=9, window=2, shard=ShardOptions(2, 3)),
+    dict(batch_size=5, window=2, shard=ShardOptions(1, 4, "drop")),
 ]
 
 

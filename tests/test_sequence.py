@@ -113,10 +113,11 @@ def test_any_request_order_serves_every_sample_once(store, batch_size, seed, dat
     data=st.data(),
 )
 def test_arrival_order_keeps_locality(store_cache, fmt, n, chunk_len, batch_size, window, seed, data):
-    """Requests in any order of ``i`` (as Keras makes them) are answered with the plan's batches
-    in order: each chunk is still decoded once per epoch."""
+    """Requests in any order of ``i`` during a Keras pass (as ``fit`` makes them) are answered
+    with the plan's batches in order: each chunk is still decoded once per epoch."""
     store = store_cache(fmt, n, chunk_len)
     seq = ChunkedSequence(store, batch_size, window=window, seed=seed)
+    seq.on_epoch_begin()
     order = data.draw(st.permutations(range(len(seq))))
     served = [ids_of(seq[i][0]) for i in order]
     for k, ids in enumerate(served):  # the k-th request got the plan's batch k
@@ -124,8 +125,9 @@ def test_arrival_order_keeps_locality(store_cache, fmt, n, chunk_len, batch_size
     assert seq.stats["chunk_decodes"] == store.num_chunks * 2
 
 
-def test_serve_index_answers_by_index(store):
-    seq = ChunkedSequence(store, 10, seed=3, serve="index")
+def test_keras_order_index_answers_by_index(store):
+    seq = ChunkedSequence(store, 10, seed=3, keras_order="index")
+    seq.on_epoch_begin()
     order = np.random.default_rng(0).permutation(len(seq))
     served = []
     for i in order:
@@ -133,8 +135,10 @@ def test_serve_index_answers_by_index(store):
         np.testing.assert_array_equal(ids, seq.batch_indices(int(i)))
         served.append(ids)
     np.testing.assert_array_equal(np.sort(np.concatenate(served)), np.arange(len(store)))
-    with pytest.raises(ValueError, match="serve"):
-        ChunkedSequence(store, 10, serve="random")
+    with pytest.raises(ValueError, match="keras_order"):
+        ChunkedSequence(store, 10, keras_order="random")
+    with pytest.warns(DeprecationWarning, match="keras_order"):
+        assert ChunkedSequence(store, 10, serve="index").keras_order == "index"
 
 
 def test_batch_is_by_index_whatever_the_requests(store):
@@ -147,12 +151,13 @@ def test_batch_is_by_index_whatever_the_requests(store):
         seq.batch(len(seq))
 
 
-def test_more_requests_than_batches_warn(store):
+def test_requests_outside_a_pass_are_by_index(store):
+    """seq[i] from user code is plan batch i, in any order and any number of times: a peek
+    moves nothing."""
     seq = ChunkedSequence(store, 10, seed=3)
-    for i in range(len(seq)):
-        seq[i]
-    with pytest.warns(RuntimeWarning, match="on_epoch_end"):
-        seq[0]
+    for i in [3, 0, 3, len(seq) - 1, 1, 0]:
+        np.testing.assert_array_equal(ids_of(seq[i][0]), seq.batch_indices(i))
+    assert seq.state_dict()["position"] == 0 and seq.epoch == 0
 
 
 # -- epochs --------------------------------------------------------------------------------------
@@ -209,16 +214,22 @@ def test_on_epoch_end_before_serving_does_not_advance(store):
     assert seq.epoch == 1
 
 
-def test_on_epoch_end_after_one_batch_advances(store):
-    """on_epoch_end advances once any batch of the epoch was served (a partial epoch, e.g.
-    ``steps_per_epoch`` < ``len(seq)``, still ends the epoch)."""
+def test_on_epoch_end_after_peeks_does_not_advance(store):
+    """A few batches read by index (peeks, or Keras reading shapes) do not end an epoch; a
+    whole epoch read by index, or one batch handed out by iteration, does."""
     seq = ChunkedSequence(store, 10, seed=1)
     first = seq.batch_indices(0)
     seq[0]
+    seq[3]
+    seq.on_epoch_end()
+    assert seq.epoch == 0
+    for i in range(len(seq)):
+        seq[i]
     seq.on_epoch_end()
     assert seq.epoch == 1
     assert not np.array_equal(seq.batch_indices(0), first)
     np.testing.assert_array_equal(ids_of(seq[0][0]), seq.batch_indices(0))
+    next(iter(seq))
     seq.on_epoch_end()
     assert seq.epoch == 2
 
@@ -327,8 +338,29 @@ def test_transform_is_applied(store):
 
 def test_transform_returning_a_non_dict_raises(store):
     seq = ChunkedSequence(store, 9, transform=lambda b: (b["x"], b["y"]))
-    with pytest.raises(TypeError, match="dict"):
+    with pytest.raises(oocseq.TransformError, match="dict"):
         seq[0]
+
+
+@pytest.mark.parametrize(
+    ("transform", "match"),
+    [
+        (lambda b: {**b, "x": b["x"][:3]}, r"field 'x' of shape \(3, 3\) for a batch of 9"),
+        (lambda b: {**b, "extra": np.float32(1.0)}, "field 'extra' of shape"),
+        (lambda b: {"x": b["x"]}, "no field 'y'"),
+    ],
+)
+def test_transform_output_is_checked(store, transform, match):
+    """Every field a transform returns keeps the batch's leading length; x/y stay present."""
+    seq = ChunkedSequence(store, 9, transform=transform)
+    with pytest.raises(oocseq.TransformError, match=match):
+        seq[0]
+
+
+def test_window_is_capped_at_the_number_of_chunks(store):
+    seq = ChunkedSequence(store, 10, window=10**9)
+    assert seq.window == store.num_chunks
+    np.testing.assert_array_equal(np.sort(np.concatenate(epoch_ids(seq))), np.arange(len(store)))
 
 
 # -- errors --------------------------------------------------------------------------------------

@@ -5,8 +5,8 @@ stores, on the JAX, PyTorch and TensorFlow backends.
 What the model trains on is recorded in ``train_step`` (``run_eagerly=True``). oocseq runs the
 workers itself (Keras's own enqueuer re-serves batches across epochs on JAX and PyTorch, see
 :mod:`oocseq.prefetch`), so in every configuration Keras epoch ``k`` must train exactly the
-batches of plan epoch ``k + 1`` (``k`` with ``SyncEpoch``; ``fit`` reads a batch to build the
-model first), in plan order: every sample exactly once, and the same batches whatever the
+batches of plan epoch ``k`` (also with ``SyncEpoch``; the batch ``fit`` reads to build the
+model first is not counted), in plan order: every sample exactly once, and the same batches whatever the
 configuration.
 
 Runs on another backend or with worker processes happen in a fresh Python process (the backend
@@ -206,14 +206,14 @@ def describe(batches: list[list[int]], store_path, epoch: int) -> str:
 
 
 def check_run(store_path, result: dict, *, sync: bool = False, epochs: int = EPOCHS) -> None:
-    """Keras epoch k trained exactly plan epoch k + 1 (k with SyncEpoch), in plan order, and
+    """Keras epoch k trained exactly plan epoch k, in plan order, and
     oocseq had nothing to warn about."""
     assert result["error"] is None, result["error"]
     assert result["warnings"] == [], result["warnings"]
     assert result["len"] == -(-N // BATCH)
     assert len(result["epochs"]) == epochs
     for k, batches in enumerate(result["epochs"]):
-        e = k if sync else k + 1
+        e = k
         assert batches == plan_epoch(store_path, e), f"Keras epoch {k} vs plan epoch {e}: " + describe(
             batches, store_path, e
         )

@@ -1,14 +1,15 @@
-"""Keras: :class:`KerasChunkedSequence` is a ``ChunkedSequence`` that is also a
-``keras.utils.PyDataset``, so ``model.fit(seq)`` accepts it; :class:`SyncEpoch` pins plan epochs
-to Keras epochs; :class:`MidEpochBackup` and :func:`fit_resumable` resume an interrupted
-``fit`` mid-epoch.
+"""Keras: :class:`KerasChunkedSequence` (a ``ChunkedSequence`` that is always a
+``keras.utils.PyDataset``, to subclass explicitly), :func:`as_pydataset` for a sequence built
+before Keras was imported, :class:`SyncEpoch` to pin plan epochs to Keras epochs, and
+:class:`MidEpochBackup` / :func:`fit_resumable` to resume an interrupted ``fit`` mid-epoch.
 
-``ChunkedSequence(...)`` returns one automatically when Keras has been imported; importing
-this module imports Keras.
+Any ``ChunkedSequence`` (and any subclass of it) built once Keras is imported is a
+``PyDataset`` already; importing this module imports Keras.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import tempfile
@@ -25,47 +26,14 @@ __all__ = ["KerasChunkedSequence", "MidEpochBackup", "SyncEpoch", "as_pydataset"
 
 
 class KerasChunkedSequence(ChunkedSequence, keras.utils.PyDataset):
-    """A :class:`~oocseq.ChunkedSequence` that Keras's ``model.fit`` / ``evaluate`` /
-    ``predict`` accept.
+    """A :class:`~oocseq.ChunkedSequence` that is a ``keras.utils.PyDataset`` by its class,
+    whatever was imported when: subclass it to say so explicitly.
 
     ``workers``, ``use_multiprocessing`` and ``max_queue_size`` are the ``PyDataset``
     arguments, carried out by oocseq (:mod:`oocseq.prefetch`): Keras sees a sequential
     dataset (``workers`` reads at most 1, ``use_multiprocessing`` False), so it never starts
     its ``OrderedEnqueuer``, which on the JAX and PyTorch backends trains some batches twice
-    and skips others. What was asked for is :attr:`worker_options`."""
-
-    #: Batches of the epoch already trained before this ``fit`` (set by :func:`fit_resumable`
-    #: for the rest of an interrupted epoch): Keras sees ``len(seq) - _keras_offset`` batches.
-    _keras_offset = 0
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        ChunkedSequence.__init__(self, *args, **kwargs)  # sets what PyDataset.__init__ would
-
-    @property
-    def num_batches(self) -> int:
-        return len(self) - self._keras_offset
-
-    def __getitem__(self, i: int) -> tuple[Any, ...]:
-        return ChunkedSequence.__getitem__(self, i + self._keras_offset)
-
-    # What Keras reads to decide on its own enqueuer; setting them configures oocseq's workers.
-    @property
-    def workers(self) -> int:
-        """At most 1: what Keras sees (oocseq runs ``worker_options.workers`` itself)."""
-        return min(self.worker_options.workers, 1)
-
-    @workers.setter
-    def workers(self, value: int) -> None:
-        self._set_worker_options(workers=value)
-
-    @property
-    def use_multiprocessing(self) -> bool:
-        """False: what Keras sees (oocseq runs ``worker_options`` itself)."""
-        return False
-
-    @use_multiprocessing.setter
-    def use_multiprocessing(self, value: bool) -> None:
-        self._set_worker_options(use_multiprocessing=value)
+    and skips others. What was asked for is :attr:`~oocseq.ChunkedSequence.worker_options`."""
 
 
 class SyncEpoch(keras.callbacks.Callback):
@@ -83,11 +51,11 @@ class SyncEpoch(keras.callbacks.Callback):
         self.seq.set_epoch(epoch)
 
 
-def as_pydataset(seq: ChunkedSequence) -> KerasChunkedSequence:
+def as_pydataset(seq: ChunkedSequence) -> ChunkedSequence:
     """The same sequence as a Keras ``PyDataset`` (for one built before Keras was imported)."""
-    if isinstance(seq, KerasChunkedSequence):
+    if isinstance(seq, keras.utils.PyDataset):
         return seq
-    return seq._copy_as(KerasChunkedSequence)
+    return copy.copy(seq)  # rebuilt by its class, which is a PyDataset now that Keras is imported
 
 
 _BACKUP_FORMAT = "oocseq.MidEpochBackup"

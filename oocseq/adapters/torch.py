@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ..errors import StateError
-from ..sequence import ChunkedSequence
+from ..sequence import ChunkedSequence, check_state
 
 __all__ = ["TorchBatches"]
 
@@ -81,16 +81,15 @@ class TorchBatches(IterableDataset):  # type: ignore[type-arg]
         info = get_worker_info()
         worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
         epoch = self.epoch
-        if self.seq.epoch != epoch:
-            self.seq.set_epoch(epoch)
-        batches = worker_range(len(self.seq), worker, num_workers)
+        core = self.seq.core  # stateless: nothing of the sequence's cursor changes here
+        batches = worker_range(len(core), worker, num_workers)
         start = batches.start
         self._progress = {"epoch": epoch, "next": start}
         resume, self._resume = self._resume, None
         if resume is not None and resume["epoch"] == epoch and resume["next"] is not None:
             start = max(start, min(int(resume["next"]), batches.stop))
         for i in range(start, batches.stop):
-            batch = self.seq.batch(i)
+            batch = core.get(epoch, i, readahead=True)
             self._progress = {"epoch": epoch, "next": i + 1}
             yield _to_torch(batch) if self.as_tensors else batch
 
@@ -103,19 +102,10 @@ class TorchBatches(IterableDataset):  # type: ignore[type-arg]
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume this worker's range at ``state["next"]`` of epoch ``state["epoch"]``.
         Raises StateError for a state of another store or plan."""
-        seq_state = dict(state.get("sequence") or {})
-        seq_state["epoch"], seq_state["position"] = self.seq.epoch, 0  # plan check only
         try:
-            self.seq.load_state_dict(seq_state)
+            check_state(self.seq.core, state.get("sequence"))
         except StateError as e:
             raise StateError(f"cannot resume TorchBatches: {e}") from None
         self._epoch.value = int(state["epoch"])
         self._resume = {"epoch": int(state["epoch"]), "next": state.get("next")}
         self._progress = dict(self._resume)
-
-    def __getstate__(self) -> dict[str, Any]:
-        # Workers get a plain ChunkedSequence: a Keras-flavoured one would make every spawned
-        # worker import Keras and its backend.
-        state = self.__dict__.copy()
-        state["seq"] = self.seq._copy_as(ChunkedSequence)
-        return state

@@ -1,0 +1,493 @@
+"""The stateless batch core: batch ``i`` of epoch ``e`` of a chunked source.
+
+:class:`ChunkedBatches` computes ``(epoch, i) -> batch``: epoch plan (:mod:`oocseq.plan`) ->
+the windows batch ``i`` spans, from a bounded cache of decoded windows (:mod:`oocseq.cache`)
+-> gathered into new arrays -> ``transform`` -> ``(x, y[, sample_weight])``. It holds no
+cursor: the same call gives the same batch in any thread, worker process, DataLoader worker or
+rank. Its per-process state (the cache, its threads, a lock) is rebuilt after a fork or
+unpickling, so it pickles as its arguments and the store's path.
+
+:class:`~oocseq.ChunkedSequence` is the stateful cursor on top of it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import os
+import threading
+import zlib
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from .cache import FieldLayout, Hold, WindowCache, default_threads
+from .errors import (
+    ArgumentError,
+    ArgumentTypeError,
+    BatchIndexError,
+    FieldNotFoundError,
+    InvalidSourceError,
+    TransformError,
+)
+from .memory import ArraySource
+from .options import ReadOptions, ShardOptions
+from .plan import EpochPlan, default_window, num_batches, rank_length
+from .prefetch import Failed
+from .rng import SampleRandom
+from .store import Store
+
+__all__ = ["Batch", "ChunkedBatches", "FieldSelection"]
+
+#: How ``x`` / ``y`` name fields: one name (an array), a list of names (a tuple of arrays, for
+#: multi-input models), or a dict ``{input_name: field}`` (a dict of arrays), or None (``y`` only).
+FieldSelection = str | Sequence[str] | Mapping[str, str] | None
+Batch = dict[str, np.ndarray]
+
+_PLANS_KEPT = 3  # plans of recent epochs kept per process (current, next, a late request's)
+
+
+def open_source(source: Any) -> Store | ArraySource:
+    """A store, a store path or a dict of arrays, as something batches are read from."""
+    if isinstance(source, (Store, ArraySource)):
+        return source
+    if isinstance(source, Mapping):
+        return ArraySource(source)
+    if isinstance(source, (str, os.PathLike)):
+        return Store(source)
+    raise ArgumentTypeError(
+        "a ChunkedSequence reads from an oocseq.Store, a store path or a dict {field: array}, "
+        f"got {type(source).__name__}"
+    )
+
+
+def takes_two_args(fn: Callable[..., Any]) -> bool:
+    """Whether ``fn`` accepts a second positional argument (the per-sample random numbers)."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):  # builtins without a signature: call with the batch only
+        return False
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return any(p.kind is p.VAR_POSITIONAL for p in params) or len(positional) >= 2
+
+
+def field_names(sel: FieldSelection, what: str) -> list[str]:
+    """The field names a selection refers to, in order."""
+    if sel is None:
+        return []
+    if isinstance(sel, str):
+        return [sel]
+    if isinstance(sel, Mapping):
+        values = list(sel.values())
+    elif isinstance(sel, Sequence):
+        values = list(sel)
+    else:
+        raise ArgumentTypeError(
+            f"{what} must be a field name, a list of names or a dict, got {type(sel).__name__}"
+        )
+    if not values or not all(isinstance(v, str) for v in values):
+        raise ArgumentTypeError(f"{what} must name at least one field by its name (str), got {sel!r}")
+    return values
+
+
+def _select(sel: FieldSelection, batch: Batch) -> Any:
+    if isinstance(sel, str):
+        return batch[sel]
+    if isinstance(sel, Mapping):
+        return {k: batch[v] for k, v in sel.items()}
+    return tuple(batch[v] for v in sel)  # type: ignore[union-attr]
+
+
+class _Local:
+    """One process's state of a :class:`ChunkedBatches` (never pickled)."""
+
+    def __init__(self, core: ChunkedBatches) -> None:
+        src = core.source
+        threads = core.read.threads
+        if threads is None:
+            threads = default_threads(_compressed(src))
+        fields = src.fields
+        self.layouts = {f: FieldLayout(fields[f].shape[1:], fields[f].dtype) for f in core.fields}
+        self.cache = WindowCache(
+            src.read_chunk_into,
+            self.layouts,
+            src.chunk_len,
+            len(src),
+            core.window,
+            threads,
+            src.advise_chunks,
+        )
+        self.lock = threading.Lock()
+        self.plans: OrderedDict[int, EpochPlan] = OrderedDict()
+
+
+def _compressed(src: Store | ArraySource) -> bool:
+    if isinstance(src, ArraySource):
+        return False
+    return src.manifest.compression is not None
+
+
+class ChunkedBatches:
+    """Batch ``i`` of epoch ``e`` of a chunked store or of in-memory arrays: a pure function
+    of ``(epoch, i)`` and the arguments (see :class:`~oocseq.ChunkedSequence` for them).
+
+    ``get(epoch, i)`` returns ``(x, y)``, ``(x, y, sample_weight)`` or ``(x,)``; arrays keep
+    the source's dtypes unless ``transform`` converts them. Thread-safe; picklable (file
+    handles, threads and decoded windows stay behind and are rebuilt where it is unpickled).
+
+    Raises:
+        FieldNotFoundError: ``x``/``y``/``sample_weight`` names a field the source lacks.
+        ArgumentError: a bad argument (batch_size < 1, conflicting weights, ...).
+    """
+
+    def __init__(
+        self,
+        source: Store | ArraySource | str | os.PathLike[str] | Mapping[str, Any],
+        batch_size: int,
+        *,
+        x: FieldSelection = "x",
+        y: FieldSelection = "y",
+        sample_weight: str | None = None,
+        shuffle: bool = True,
+        seed: int = 0,
+        window: int | None = None,
+        drop_remainder: bool = False,
+        transform: Callable[..., Batch] | None = None,
+        num_classes: int | None = None,
+        class_weight: Mapping[int, float] | None = None,
+        shard: ShardOptions | None = None,
+        read: ReadOptions | None = None,
+    ) -> None:
+        self.source = open_source(source)
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ArgumentError(f"batch_size must be a positive int, got {batch_size!r}")
+        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+            raise ArgumentError(f"seed must be an int >= 0, got {seed!r}")
+        if x is None:
+            raise ArgumentError("x must name at least one field")
+        if transform is not None and not callable(transform):
+            raise ArgumentTypeError(f"transform must be callable, got {type(transform).__name__}")
+        if read is not None and not isinstance(read, ReadOptions):
+            raise ArgumentTypeError(f"read must be a ReadOptions, got {type(read).__name__}")
+        if shard is not None and not isinstance(shard, ShardOptions):
+            raise ArgumentTypeError(f"shard must be a ShardOptions, got {type(shard).__name__}")
+        self.batch_size = batch_size
+        self.x, self.y = x, y
+        self.sample_weight = sample_weight
+        self.shuffle = bool(shuffle)
+        self.seed = seed
+        src = self.source
+        num_chunks = -(-len(src) // src.chunk_len)
+        if window is None:
+            window = default_window(src.chunk_len, batch_size)
+        elif not isinstance(window, int) or isinstance(window, bool) or window < 1:
+            raise ArgumentError(f"window must be a positive int (chunks), got {window!r}")
+        # More chunks per window than the source holds changes nothing but the buffers' size.
+        self.window = min(window, max(1, num_chunks))
+        self.drop_remainder = bool(drop_remainder)
+        self.transform = transform
+        self._transform_takes_rng = transform is not None and takes_two_args(transform)
+        self.num_classes = num_classes
+        self.class_weight = dict(class_weight) if class_weight is not None else None
+        self.shard = shard if shard is not None else ShardOptions()
+        self.read = read if read is not None else ReadOptions()
+        self._check_targets()
+        self.fields = list(
+            dict.fromkeys(
+                field_names(x, "x") + field_names(y, "y") + field_names(sample_weight, "sample_weight")
+            )
+        )
+        for name in self.fields:
+            if name not in src:
+                raise FieldNotFoundError(
+                    f"{src.path} has no field {name!r}; its fields are {sorted(src.fields)}"
+                )
+        self._local_pid = -1
+        self.plan(0)  # checks the ranks against the source now, not at the first batch
+        self._length = rank_length(len(src), src.chunk_len, self.shard.world_size, self.shard.balance)
+
+    def _check_targets(self) -> None:
+        if self.sample_weight is not None and self.class_weight is not None:
+            raise ArgumentError("give sample_weight or class_weight, not both")
+        if (self.num_classes is not None or self.class_weight is not None) and not isinstance(self.y, str):
+            raise ArgumentError("num_classes and class_weight need y to be one integer field")
+        if self.num_classes is not None and (
+            not isinstance(self.num_classes, int)
+            or isinstance(self.num_classes, bool)
+            or self.num_classes < 1
+        ):
+            raise ArgumentError(f"num_classes must be a positive int, got {self.num_classes!r}")
+
+    # -- per-process state --------------------------------------------------------------------
+    @property
+    def _local(self) -> _Local:
+        """This process's state, created on first use after construction, unpickling or a fork
+        (threads and locks do not survive a fork)."""
+        if self._local_pid != os.getpid():
+            self._local_state = _Local(self)
+            self._local_pid = os.getpid()
+        return self._local_state
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop("_local_state", None)
+        state["_local_pid"] = -1
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    def for_processes(self) -> ChunkedBatches:
+        """A copy for worker processes: no read-ahead (a process decodes only the windows of
+        the batches it is given; the next ones may go to another process)."""
+        copy = object.__new__(ChunkedBatches)
+        copy.__setstate__(self.__getstate__())
+        copy.read = dataclasses.replace(self.read, readahead=0)
+        return copy
+
+    def close(self) -> None:
+        """Stop this process's decode threads and drop its decoded windows."""
+        if self._local_pid == os.getpid():
+            self._local_state.cache.close()
+            self._local_pid = -1
+
+    # -- the plan -----------------------------------------------------------------------------
+    def __len__(self) -> int:
+        """Batches per epoch (of this rank; the same on every rank)."""
+        return num_batches(self._length, self.batch_size, self.drop_remainder)
+
+    @property
+    def samples_per_epoch(self) -> int:
+        """Positions this rank serves per epoch (before ``drop_remainder``)."""
+        return self._length
+
+    def plan(self, epoch: int) -> EpochPlan:
+        """The :class:`~oocseq.plan.EpochPlan` of ``epoch`` (a few recent ones are kept)."""
+        local = self._local
+        with local.lock:
+            plan = local.plans.get(epoch)
+            if plan is not None:
+                local.plans.move_to_end(epoch)
+                return plan
+        src = self.source
+        plan = EpochPlan(
+            len(src),
+            src.chunk_len,
+            self.window,
+            self.seed,
+            epoch,
+            self.shuffle,
+            self.shard.rank,
+            self.shard.world_size,
+            self.shard.balance,
+        )
+        with local.lock:
+            local.plans[epoch] = plan
+            while len(local.plans) > _PLANS_KEPT:
+                local.plans.popitem(last=False)
+        return plan
+
+    def check_index(self, i: Any) -> int:
+        """``i`` as an int in ``range(len(self))``.
+
+        Raises:
+            ArgumentTypeError: ``i`` is not an int.
+            BatchIndexError: ``i`` is out of range.
+        """
+        if not isinstance(i, (int, np.integer)) or isinstance(i, bool):
+            raise ArgumentTypeError(f"batch index must be an int, got {type(i).__name__}")
+        n = len(self)
+        if not 0 <= i < n:
+            raise BatchIndexError(f"batch index {i} out of range: this sequence has {n} batches (len(seq))")
+        return int(i)
+
+    def batch_indices(self, epoch: int, i: int) -> np.ndarray:
+        """Sample indices (int64) of batch ``i`` of ``epoch``."""
+        start = self.check_index(i) * self.batch_size
+        return self.plan(epoch).indices(start, start + self.batch_size)
+
+    def windows(self, epoch: int, start: int, stop: int, readahead: int = 0) -> list[tuple[int, int]]:
+        """Cache keys ``(epoch, window)`` of batches ``start:stop`` of ``epoch``, and of
+        ``readahead`` windows after them."""
+        plan = self.plan(epoch)
+        ws = [w for w, _ in plan.window_spans(start * self.batch_size, stop * self.batch_size)]
+        if ws:
+            ws += range(ws[-1] + 1, min(ws[-1] + 1 + readahead, plan.num_windows))
+        return [(epoch, w) for w in ws]
+
+    def hold(self, epoch: int, start: int, stop: int) -> Hold:
+        """Keep the windows of batches ``start:stop`` of ``epoch`` (and the read-ahead beyond
+        them) decoded until the returned hold is released: for batches queued for workers."""
+        return self._local.cache.hold(self.windows(epoch, start, stop, self.read.readahead))
+
+    # -- batches ------------------------------------------------------------------------------
+    def get(self, epoch: int, i: int, *, readahead: bool = False) -> tuple[Any, ...]:
+        """Batch ``i`` of ``epoch``: ``(x, y)``, ``(x, y, sample_weight)`` or ``(x,)``.
+
+        Args:
+            readahead: also decode (and ask the kernel to read) the windows after this batch's,
+                for a caller that goes on in order.
+
+        Raises:
+            BatchIndexError: ``i`` outside ``range(len(self))``.
+            TransformError: ``transform`` raised or returned a bad batch.
+            InvalidSourceError: a label outside ``num_classes`` / ``class_weight``.
+        """
+        self.check_index(i)
+        plan = self.plan(epoch)
+        start = i * self.batch_size
+        local = self._local
+        cache = local.cache
+        spans = plan.window_spans(start, start + self.batch_size)
+        last = spans[-1][0]
+        ahead = range(last + 1, min(last + 1 + (self.read.readahead if readahead else 0), plan.num_windows))
+        keys = [(epoch, w) for w, _ in spans] + [(epoch, w) for w in ahead]
+        with cache.hold(keys):
+            cache.drop_unheld()
+            if readahead:  # disk read-ahead one window beyond the decoded read-ahead
+                for w in range(last + 1, min(ahead.stop + 1, plan.num_windows)):
+                    cache.advise((epoch, w), plan.window_chunks(w))
+            for w in [w for w, _ in spans] + list(ahead):
+                cache.prefetch((epoch, w), plan.window_chunks(w))
+            n = sum(len(rows) for _, rows in spans)
+            batch: Batch = {}
+            for name, layout in local.layouts.items():  # not source.fields: it builds a dict per call
+                batch[name] = np.empty((n, *layout.sample_shape), dtype=layout.dtype)
+            pos = 0
+            for w, rows in spans:
+                buffers = cache.get((epoch, w), plan.window_chunks(w))
+                for name in self.fields:  # one copy per sample, straight into the batch
+                    np.take(buffers[name], rows, axis=0, out=batch[name][pos : pos + len(rows)], mode="clip")
+                pos += len(rows)
+        # Sample indices only where they are used (transform, label checks): ~40 us a batch.
+        indices = None
+        if self.transform is not None or self.num_classes is not None or self.class_weight is not None:
+            indices = plan.span_indices(spans)  # spans as computed above: not twice
+        if self.transform is not None:
+            batch = self._apply_transform(batch, indices, epoch, n)
+        return self._assemble(batch, indices)
+
+    def prepare(self, epoch: int, start: int, stop: int) -> list[Any]:
+        """Batches ``start:stop`` of ``epoch``, in order (a worker's task); a batch that fails
+        is kept as a :class:`~oocseq.prefetch.Failed`, raised when that batch is served."""
+        out: list[Any] = []
+        with self.hold(epoch, start, stop):
+            for i in range(start, stop):
+                try:
+                    out.append(self.get(epoch, i, readahead=True))
+                except Exception as e:
+                    out.append(Failed(e))
+        return out
+
+    def _apply_transform(self, batch: Batch, indices: np.ndarray, epoch: int, n: int) -> Batch:
+        transform = self.transform
+        assert transform is not None  # (checked by the caller)
+        where = f"samples {indices[:8].tolist()}{'...' if len(indices) > 8 else ''} of {self.source.path}"
+        try:
+            if self._transform_takes_rng:
+                out = transform(batch, SampleRandom(self.seed, epoch, indices))
+            else:
+                out = transform(batch)
+        except Exception as e:
+            raise TransformError(f"transform failed on {where}: {type(e).__name__}: {e}") from e
+        if not isinstance(out, Mapping):
+            raise TransformError(
+                f"transform must return a dict {{field: array}}, got {type(out).__name__} ({where})"
+            )
+        out = dict(out)
+        missing = [f for f in self.fields if f not in out]
+        if missing:
+            raise TransformError(
+                f"transform returned no field {missing[0]!r}, which x/y/sample_weight name; it returned "
+                f"{sorted(out)} ({where}). Return every field of the batch it was given."
+            )
+        for name, value in out.items():
+            shape = np.shape(value)
+            if not shape or shape[0] != n:
+                raise TransformError(
+                    f"transform returned field {name!r} of shape {shape} for a batch of {n} samples ({where}); "
+                    f"every field must keep the batch's leading length {n}"
+                )
+        return out
+
+    def _assemble(self, batch: Batch, idx: np.ndarray | None) -> tuple[Any, ...]:
+        xs = _select(self.x, batch)
+        if self.y is None:
+            return (xs,)
+        ys = _select(self.y, batch)
+        labels = ys
+        if self.num_classes is not None:
+            assert idx is not None
+            ys = self._one_hot(labels, idx)
+        if self.sample_weight is not None:
+            return xs, ys, np.asarray(batch[self.sample_weight])
+        if self.class_weight is not None:
+            assert idx is not None
+            return xs, ys, self._class_weights(labels, idx)
+        return xs, ys
+
+    def _label_error(
+        self, labels: np.ndarray, bad: np.ndarray, idx: np.ndarray, expected: str
+    ) -> InvalidSourceError:
+        k = int(np.flatnonzero(bad)[0])
+        return InvalidSourceError(
+            f"{self.source.path}: sample {int(idx[k])} has label {labels[k]!r} in field {self.y!r}; expected {expected}"
+        )
+
+    def _one_hot(self, labels: np.ndarray, idx: np.ndarray) -> np.ndarray:
+        k = self.num_classes
+        assert k is not None
+        labels = np.asarray(labels)
+        if labels.ndim != 1 or labels.dtype.kind not in "iu":
+            raise ArgumentError(
+                f"num_classes needs a 1-D integer y field, {self.y!r} is {labels.dtype} {labels.shape[1:]}"
+            )
+        bad = (labels < 0) | (labels >= k)
+        if bad.any():
+            raise self._label_error(labels, bad, idx, f"an int in [0, {k}) (num_classes={k})")
+        out = np.zeros((len(labels), k), dtype=np.float32)
+        out[np.arange(len(labels)), labels] = 1.0
+        return out
+
+    def _class_weights(self, labels: np.ndarray, idx: np.ndarray) -> np.ndarray:
+        weights = self.class_weight or {}
+        labels = np.asarray(labels)
+        bad = ~np.isin(labels, np.fromiter(weights.keys(), dtype=np.int64))
+        if bad.any():
+            raise self._label_error(labels, bad, idx, f"one of the class_weight keys {sorted(weights)}")
+        table = {int(c): float(w) for c, w in weights.items()}
+        return np.fromiter((table[int(v)] for v in labels), dtype=np.float32, count=len(labels))
+
+    # -- identity -----------------------------------------------------------------------------
+    def plan_args(self) -> dict[str, Any]:
+        """The arguments that shape the plan (JSON-serialisable)."""
+        return {
+            "n": len(self.source),
+            "chunk_len": self.source.chunk_len,
+            "window": self.window,
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+            "drop_remainder": self.drop_remainder,
+            "rank": self.shard.rank,
+            "world_size": self.shard.world_size,
+            "remainder": self.shard.balance,
+        }
+
+    def fingerprint(self) -> int:
+        """CRC-32 of the source's manifest (of the arrays' layout in memory): tells this
+        source from another of the same shape."""
+        src = self.source
+        if isinstance(src, ArraySource):
+            return src.fingerprint()
+        return zlib.crc32(json.dumps(src.manifest.to_json(), sort_keys=True).encode())
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Work counters of this process: ``chunk_decodes``, ``cache_hits``,
+        ``peak_resident_chunks`` (see :mod:`oocseq.cache`)."""
+        c = self._local.cache
+        return {"chunk_decodes": c.decodes, "cache_hits": c.hits, "peak_resident_chunks": c.peak_resident}

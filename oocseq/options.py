@@ -1,0 +1,147 @@
+"""Options of a :class:`~oocseq.ChunkedSequence`, as small validated value objects.
+
+- :class:`ReadOptions`: how the window cache reads and decodes ahead (threads, windows).
+- :class:`WorkerOptions`: who prepares whole batches ahead (Keras's ``PyDataset`` arguments).
+- :class:`ShardOptions`: this process's data-parallel share (rank, world size, and how the
+  ranks' shares are evened out).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from dataclasses import dataclass
+
+from .errors import ArgumentError
+
+__all__ = ["BALANCE_POLICIES", "ReadOptions", "ShardOptions", "WorkerOptions"]
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    """How a :class:`~oocseq.ChunkedSequence` reads ahead.
+
+    Attributes:
+        readahead: windows decoded in the background ahead of the one being served, when
+            batches are served in order (0: none).
+        threads: decoding threads (default: the cores less one, 1 to 4); 0 decodes in the calling
+            thread only. numcodecs releases the GIL, so threads decode in parallel.
+
+    Raises:
+        ArgumentError: a negative or non-integer value.
+    """
+
+    readahead: int = 1
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.readahead) or self.readahead < 0:
+            raise ArgumentError(f"readahead must be an int >= 0, got {self.readahead!r}")
+        if self.threads is not None and (not _is_int(self.threads) or self.threads < 0):
+            raise ArgumentError(f"threads must be None or an int >= 0, got {self.threads!r}")
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    """Who prepares batches ahead of the training loop (Keras's ``PyDataset`` arguments).
+
+    Attributes:
+        workers: threads (or processes) that prepare batches (read, gather, ``transform``)
+            ahead, in plan order. ``1`` (default) with ``use_multiprocessing=False``: batches
+            are prepared when asked for (the window cache still decodes ahead in its own
+            threads, see :class:`ReadOptions`).
+        use_multiprocessing: workers are processes (of ``multiprocessing``'s start method:
+            fork, spawn or forkserver), for a ``transform`` that holds the GIL. Each process
+            reopens the store and keeps its own window cache; batches come back pickled.
+        max_queue_size: batches prepared ahead at most (rounded up to whole tasks of about a
+            window of batches, and at least one task per worker).
+        start_method: ``"fork"``, ``"spawn"`` or ``"forkserver"`` for the worker processes;
+            None (default): ``multiprocessing``'s default. Forking a process that runs threads
+            (JAX, TensorFlow, oocseq's decode threads) can deadlock the child if a thread held
+            a lock at that moment; ``"forkserver"`` (Python 3.14's default) avoids it, and
+            needs a picklable ``transform``.
+
+    Raises:
+        ArgumentError: a bad value.
+    """
+
+    workers: int = 1
+    use_multiprocessing: bool = False
+    max_queue_size: int = 10
+    start_method: str | None = None
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.workers) or self.workers < 0:
+            raise ArgumentError(f"workers must be an int >= 0, got {self.workers!r}")
+        if not isinstance(self.use_multiprocessing, bool):
+            raise ArgumentError(
+                f"use_multiprocessing must be True or False, got {self.use_multiprocessing!r}"
+            )
+        if not _is_int(self.max_queue_size) or self.max_queue_size < 1:
+            raise ArgumentError(f"max_queue_size must be an int >= 1, got {self.max_queue_size!r}")
+        methods = multiprocessing.get_all_start_methods()
+        if self.start_method is not None and self.start_method not in methods:
+            raise ArgumentError(f"start_method must be None or one of {methods}, got {self.start_method!r}")
+
+    @property
+    def parallel(self) -> bool:
+        """Whether batches are prepared ahead by workers (Keras's rule: ``workers > 1``, or
+        ``use_multiprocessing`` with ``workers >= 1``)."""
+        return self.workers > 1 or (self.use_multiprocessing and self.workers >= 1)
+
+
+#: How ranks' shares are evened out (see :class:`ShardOptions`).
+BALANCE_POLICIES = ("pad", "drop")
+
+
+@dataclass(frozen=True)
+class ShardOptions:
+    """This process's share of every epoch in data-parallel training.
+
+    The permuted chunks of an epoch are dealt round-robin to the ranks, so ranks serve
+    disjoint, chunk-aligned shares, and every rank serves the same number of batches.
+
+    Attributes:
+        rank: this process's rank, in ``[0, world_size)``.
+        world_size: processes training together (>= 1).
+        balance: how the ranks' shares, which differ by up to a chunk, are evened out:
+            ``"pad"`` (default) repeats a rank's own samples (at most one chunk's worth) so
+            that every sample is served each epoch; ``"drop"`` leaves out up to a chunk per
+            rank each epoch (others each epoch) so that no sample is served twice.
+
+    Use :meth:`detect` for the rank of the framework in use.
+
+    Raises:
+        ArgumentError: rank outside ``[0, world_size)``, or an unknown ``balance``.
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    balance: str = "pad"
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.world_size) or self.world_size < 1:
+            raise ArgumentError(f"world_size must be an int >= 1, got {self.world_size!r}")
+        if not _is_int(self.rank) or not 0 <= self.rank < self.world_size:
+            raise ArgumentError(
+                f"rank must be an int in [0, world_size={self.world_size}), got {self.rank!r}"
+            )
+        if self.balance not in BALANCE_POLICIES:
+            raise ArgumentError(f"balance must be one of {BALANCE_POLICIES}, got {self.balance!r}")
+
+    @classmethod
+    def detect(cls, balance: str = "pad") -> ShardOptions:
+        """The rank and world size of this process, from ``torch.distributed``, JAX or the
+        ``RANK`` / ``WORLD_SIZE`` environment variables, else one rank (see
+        :func:`oocseq.distributed.detect_rank`).
+
+        Raises:
+            ArgumentError: inconsistent ``RANK`` / ``WORLD_SIZE``.
+        """
+        from .distributed import detect_rank
+
+        rank, world_size = detect_rank()
+        return cls(rank, world_size, balance)
