@@ -59,10 +59,12 @@ def child_fit(spec: dict[str, Any]) -> dict[str, Any]:
             super().__init__()
             self.times: list[float] = []
             self.peak_rss_anon = 0
+            self.peak_rss_file = 0
 
         def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
             self.times.append(time.perf_counter())
             self.peak_rss_anon = max(self.peak_rss_anon, _memlimit.proc_status("RssAnon"))
+            self.peak_rss_file = max(self.peak_rss_file, _memlimit.proc_status("RssFile"))
 
     def rate(clock: Clock, batch_sizes: list[int]) -> float:
         # samples of steps 2..k over the time from the end of step 1 to the end of step k
@@ -146,6 +148,7 @@ def child_fit(spec: dict[str, Any]) -> dict[str, Any]:
         "peak_resident_chunks": stats["peak_resident_chunks"],
         "rss_anon_before_data": rss_before,
         "peak_rss_anon": peak_anon,
+        "peak_rss_file": clock.peak_rss_file,
         "peak_rss": _memlimit.proc_status("VmHWM"),
     }
 
@@ -336,8 +339,10 @@ def run(workdir: Path, store_gb: float, limit: int, keep: bool) -> dict[str, Any
                 f"store: {gb(store_bytes)} ({store_bytes / GiB:.2f} GiB), {o['n']} samples; memory limit "
                 f"{mb(limit)} ({'cgroup' if cgroup else 'budget against peak RSS'}): the store is "
                 f"{store_bytes / limit:.1f}x the limit",
-                f"peak RSS {mb(o['peak_rss'])} (RssAnon {mb(o['rss_anon_before_data'])} before the first batch, "
-                f"peak {mb(o['peak_rss_anon'])}); peak cgroup usage (page cache included) "
+                f"training process: peak RssAnon {mb(o['peak_rss_anon'])} (its own memory; "
+                f"{mb(o['rss_anon_before_data'])} before the first batch), peak RSS {mb(o['peak_rss'])} "
+                f"(VmHWM: also file pages mapped, {mb(o['peak_rss_file'])} at most, mostly shared libraries "
+                "partly charged to other cgroups); peak cgroup usage (page cache included) "
                 + (
                     f"{mb(peak_cg)} of {mb(limit)}, {counters.get('oom_kills', 0)} OOM kills"
                     if cgroup

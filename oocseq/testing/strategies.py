@@ -216,7 +216,9 @@ def sequence_kwargs(
     world_size = draw(st.integers(1, min(4, num_chunks))) if ranks else 1
     kw["rank"] = draw(st.integers(0, world_size - 1))
     kw["world_size"] = world_size
-    kw["remainder"] = draw(st.sampled_from(["pad", "drop"]))
+    # remainder="drop" needs a full chunk for every rank
+    full_chunks = n // store.chunk_len
+    kw["remainder"] = draw(st.sampled_from(["pad", "drop"])) if full_chunks >= world_size else "pad"
     if workers:
         kw["workers"] = draw(st.integers(1, 3))
         kw["max_queue_size"] = draw(st.integers(1, 8))
@@ -231,6 +233,7 @@ def plans(draw: st.DrawFn, *, max_n: int = 5000, max_chunk_len: int = 600, max_w
     chunk_len = draw(st.integers(1, max_chunk_len))
     num_chunks = -(-n // chunk_len)
     world_size = draw(st.integers(1, max(1, min(8, num_chunks))))
+    remainder = draw(st.sampled_from(["pad", "drop"])) if n // chunk_len >= world_size else "pad"
     return EpochPlan(
         n,
         chunk_len,
@@ -240,5 +243,5 @@ def plans(draw: st.DrawFn, *, max_n: int = 5000, max_chunk_len: int = 600, max_w
         draw(st.booleans()),
         draw(st.integers(0, world_size - 1)),
         world_size,
-        draw(st.sampled_from(["pad", "drop"])),
+        remainder,
     )
