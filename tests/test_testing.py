@@ -278,3 +278,17 @@ def test_the_contract_fails_a_broken_store():
 
     with pytest.raises(AssertionError):
         DropsLastChunk().test_round_trip_any_dtype_and_shape()
+
+
+# -- the README's example, as written there -----------------------------------------------------------
+def my_transform(batch):  # the code under test
+    return {**batch, "x": batch["x"] * 2}
+
+
+@settings(max_examples=20)
+@given(ost.index_stores(), st.data())
+def test_readme_example_my_pipeline(example, data):
+    kw = data.draw(ost.sequence_kwargs(example))  # batch size, window, seed, ranks, ...
+    seq = ChunkedSequence(example.store, x={"x": "x", "id": "id"}, y="y", transform=my_transform, **kw)
+    assert_exactly_once(seq, order="keras")  # requested as model.fit requests
+    assert_matches_source(seq, example.arrays, transform=my_transform)
