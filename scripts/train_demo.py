@@ -286,7 +286,11 @@ def main(argv: list[str] | None = None) -> int:
             f"| {dataset} | {fmt} | {r['train']} / {r['val']} | {r['accuracy']:.4f} | "
             f">= {minimum:.2f}{'' if ok else '  FAILED'} | {seconds:.1f} |"
         )
-    print(f"\n{time.perf_counter() - started:.0f} s in all")
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+    print(f"\n{time.perf_counter() - started:.0f} s in all ({cpu:.0f} s of CPU time, this process and its children)")
     if big_problems:
         print(f"\nlarger-than-memory stage: {'; '.join(big_problems)}", file=sys.stderr)
     if failed:
