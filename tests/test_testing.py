@@ -3,9 +3,11 @@ their own property-based tests. Each assertion is also shown to fail on a broken
 
 from __future__ import annotations
 
+import os
 import random
 import subprocess
 import sys
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -38,7 +40,11 @@ def test_importing_oocseq_or_oocseq_testing_imports_no_hypothesis_nor_keras():
         "import sys, oocseq, oocseq.testing; from oocseq.testing import assert_exactly_once; "
         "print(sorted(m for m in ('hypothesis', 'keras') if m in sys.modules))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    repo = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
+    ).stdout
     assert out.strip() == "[]"
 
 
