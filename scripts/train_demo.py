@@ -13,7 +13,7 @@ Three real datasets that ship inside scikit-learn, written out as a user would h
    labelled by which of 8 photo quadrants they come from) streamed from a generator into an
    HDF5 store with ``oocseq.ingest_arrays``, then one epoch of a small CNN in a child process
    held to ``--memory-limit`` (default 1 GiB) by a memory cgroup that counts page cache (as
-   root; else a stated budget held against its peak RSS), the store evicted from the page cache
+   root; else a stated budget held against its peak RssAnon), the store evicted from the page cache
    first. It prints the store size, the limit, peak RSS and cgroup usage, samples/s next to a
    hand-written ``PyDataset`` and to loading everything, a record of which samples every
    training step received, and the validation accuracy. See ``scripts/_big_stage.py``.
@@ -290,7 +290,9 @@ def main(argv: list[str] | None = None) -> int:
 
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
-    print(f"\n{time.perf_counter() - started:.0f} s in all ({cpu:.0f} s of CPU time, this process and its children)")
+    print(
+        f"\n{time.perf_counter() - started:.0f} s in all ({cpu:.0f} s of CPU time, this process and its children)"
+    )
     if big_problems:
         print(f"\nlarger-than-memory stage: {'; '.join(big_problems)}", file=sys.stderr)
     if failed:
