@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=12, help="epochs of the digits CNN (default: 12)")
     parser.add_argument("--csv-epochs", type=int, default=40, help="epochs of the CSV MLP (default: 40)")
     parser.add_argument(
-        "--quick", action="store_true", help="skip the larger-than-memory stage (about 1 minute)"
+        "--quick", action="store_true", help="skip the larger-than-memory stage (and its disk space)"
     )
     parser.add_argument(
         "--big-gb", type=float, default=3.4, help="size of the larger-than-memory store in GB (default: 3.4)"
