@@ -12,6 +12,7 @@ import numpy as np
 from ..errors import FieldLengthError, InvalidSourceError
 from ..manifest import Compression
 from ..store import Store
+from ._preshuffle import BlockShuffle, default_block_len
 from ._progress import progress_bar
 from ._writer import StoreWriter, choose_chunk_len, field_spec
 
@@ -28,6 +29,8 @@ def ingest_arrays(
     compression: str | Compression | None = "lz4",
     overwrite: bool = False,
     metadata: Mapping[str, Any] | None = None,
+    preshuffle: bool = True,
+    seed: int = 0,
     progress: bool = False,
 ) -> Store:
     """Write arrays (or iterables of batches) into a new store at ``dest``.
@@ -44,6 +47,13 @@ def ingest_arrays(
         compression: ``None``, ``"lz4"`` (default), ``"zstd"`` or ``"zlib"`` (Blosc).
         overwrite: replace an existing store at ``dest``.
         metadata: JSON-serialisable user metadata kept in ``store.metadata``.
+        preshuffle: when every field is an array (random access), store the samples in a
+            seeded random order of short source blocks (default), so that chunks mix whatever
+            the source order (a source sorted by label would otherwise give batches of a few
+            classes). Recorded in ``store.metadata["preshuffle"]``; ``store.source_index``
+            maps stored samples back to source rows. Iterables of batches are written in the
+            order given (``metadata["preshuffle"]`` is ``None``).
+        seed: seed of the pre-shuffle.
         progress: show a progress bar.
 
     Returns:
@@ -109,12 +119,21 @@ def ingest_arrays(
         chunk_len = w.chunk_len
         w.attrs.update(dict(metadata or {}))
         w.attrs.setdefault("source", {"kind": "arrays"})
+        shuffle = None
+        if preshuffle and not first and total:
+            widest = max(spec.sample_nbytes for spec in specs.values())
+            shuffle = BlockShuffle(total, default_block_len(widest, chunk_len), seed)
+        w.attrs["preshuffle"] = shuffle.to_json() if shuffle else None
         with progress_bar(progress, total, f"ingest {os.fspath(dest)}") as bar:
             if not first:  # all arrays: read chunk-sized slices, all fields in step
                 for start in range(0, total or 0, chunk_len):
+                    stop = min(start + chunk_len, total or 0)
                     for name, src in sources.items():
-                        w.append(name, np.asarray(src[start : start + chunk_len]))
-                    bar.update(min(chunk_len, total - start))
+                        if shuffle is None:
+                            w.append(name, np.asarray(src[start:stop]))
+                        else:
+                            w.append(name, shuffle.gather(lambda lo, hi, a=src: a[lo:hi], start, stop))
+                    bar.update(stop - start)
             else:
                 for name, src in sources.items():
                     for batch in _batches(src, chunk_len):
