@@ -7,6 +7,7 @@ built-in exception, so ``except FileNotFoundError`` or ``except ValueError`` kee
 from __future__ import annotations
 
 __all__ = [
+    "ShuffleWarning",
     "OocseqError",
     "StoreNotFoundError",
     "NotAStoreError",
@@ -110,3 +111,9 @@ class TransformError(OocseqError, RuntimeError):
 
 class StateError(OocseqError, ValueError):
     """A ``state_dict`` that does not belong to this sequence (other store, other plan)."""
+
+
+class ShuffleWarning(UserWarning):
+    """The configured shuffle mixes batches far less than an iid shuffle would (for example, a
+    store written in label order and not pre-shuffled). A warning, not an error: training still
+    runs, but usually converges worse."""

@@ -28,9 +28,11 @@ from .errors import (
     BatchIndexError,
     FieldNotFoundError,
     InvalidSourceError,
+    ShuffleWarning,
     StateError,
     TransformError,
 )
+from .mixing import CLUSTERED_BELOW, DEFAULT_MAX_BATCHES, ShuffleReport, label_clustering, shuffle_report
 from .plan import EpochPlan, default_window, num_batches
 from .prefetch import Prefetcher, WorkerOptions, _Failed
 from .rng import SampleRandom
@@ -276,6 +278,7 @@ class ChunkedSequence:
             self.worker_options = workers
         else:
             self.worker_options = WorkerOptions(workers, use_multiprocessing, max_queue_size)
+        self._warn_if_clustered()
         self._epoch = 0
         self._owner_pid = os.getpid()  # arrival order is kept by this process only
         self._rt_pid = -1
@@ -318,6 +321,33 @@ class ChunkedSequence:
             old, rt.prefetcher = rt.prefetcher, None  # the next batch starts workers of the new kind
         if old is not None:
             old.close()  # outside rt.lock: the prefetcher's lock comes first
+
+    def _warn_if_clustered(self) -> None:
+        """Warn (ShuffleWarning) when the label field is clustered by chunk: a shuffled epoch
+        then mixes few classes per batch. Reads a few label chunks."""
+        if not self.shuffle or not isinstance(self.y, str):
+            return
+        clustering = label_clustering(self.store, self.y)
+        if clustering is None or clustering >= CLUSTERED_BELOW:
+            return
+        warnings.warn(
+            ShuffleWarning(
+                f"the labels of field {self.y!r} of {self.store.path} are sorted or clustered by chunk (a "
+                f"chunk holds {clustering:.0%} of the label entropy of the store), so a chunk-aligned "
+                f"shuffle with windows of {self.window} of {self.store.num_chunks} chunks gives batches of "
+                "few classes (seq.shuffle_report() measures it). Re-ingest with preshuffle=True (the "
+                "default of ingest_arrays, ingest_npy and ingest_image_folder), or pass a larger window"
+            ),
+            stacklevel=3,
+        )
+
+    def shuffle_report(self, *, max_batches: int = DEFAULT_MAX_BATCHES) -> ShuffleReport:
+        """How the batches of the current epoch's plan mix: distinct chunks per batch, the
+        window's share of the store, and, for an integer ``y`` field, label entropy and classes
+        per batch next to an iid shuffle. Reads the labels of the first ``max_batches``
+        batches. See :class:`oocseq.mixing.ShuffleReport`; ``print(report)`` shows a table."""
+        label = self.y if isinstance(self.y, str) else None
+        return shuffle_report(self.store, self.plan, self.batch_size, label=label, max_batches=max_batches)
 
     def _check_targets(self) -> None:
         if self.sample_weight is not None and self.class_weight is not None:
