@@ -98,11 +98,48 @@ def test_preshuffled_ingestion_is_deterministic_for_a_seed(tmp_path: Path, fmt: 
     np.testing.assert_array_equal(a["y"][:], y[a.source_index])
 
 
-def test_streams_are_not_preshuffled(tmp_path: Path) -> None:
-    store = oocseq.ingest_arrays(tmp_path / "s.zarr", {"x": (np.full(10, k) for k in range(5))})
-    assert store.metadata["preshuffle"] is None
-    np.testing.assert_array_equal(store.source_index, np.arange(50))
-    np.testing.assert_array_equal(store["x"][:], np.repeat(np.arange(5), 10))
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_streams_are_spooled_and_preshuffled(tmp_path: Path, fmt: str) -> None:
+    """An iterable of batches (not random access) is spooled to disk and read back in the same
+    block order as the same data given as arrays; the spool is removed."""
+    x = np.arange(6000, dtype=np.float64).reshape(2000, 3)
+    y = np.repeat(np.arange(10), 200)
+
+    def batches(a: np.ndarray, size: int):
+        for start in range(0, len(a), size):
+            yield a[start : start + size]
+
+    streamed = oocseq.ingest_arrays(
+        tmp_path / f"s{fmt}", {"x": batches(x, 97), "y": y}, chunk_len=128, seed=2
+    )
+    from_arrays = oocseq.ingest_arrays(tmp_path / f"a{fmt}", {"x": x, "y": y}, chunk_len=128, seed=2)
+    assert streamed.metadata["preshuffle"] == from_arrays.metadata["preshuffle"] is not None
+    np.testing.assert_array_equal(streamed.source_index, from_arrays.source_index)
+    np.testing.assert_array_equal(streamed["x"][:], x[streamed.source_index])
+    np.testing.assert_array_equal(streamed["y"][:], y[streamed.source_index])
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"a{fmt}", f"s{fmt}"]  # no spool left
+
+
+def test_stream_of_wrong_length_is_refused_and_spool_removed(tmp_path: Path) -> None:
+    from oocseq.errors import FieldLengthError
+
+    with pytest.raises(FieldLengthError):
+        oocseq.ingest_arrays(tmp_path / "s.zarr", {"x": (np.zeros(10) for _ in range(3)), "y": np.zeros(31)})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_stale_spool_of_a_dead_process_is_removed(tmp_path: Path) -> None:
+    from oocseq.ingest._spool import Spool
+
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    stale = tmp_path / f".s.zarr.spool-{int(dead.stdout)}-abc"
+    stale.mkdir()
+    (stale / "0.raw").write_bytes(b"x" * 100)
+    with Spool(tmp_path / "s.zarr") as spool:
+        assert not stale.exists() and spool.dir.exists()
+    assert not spool.dir.exists()
 
 
 def test_opt_out_keeps_source_order(tmp_path: Path) -> None:
@@ -196,3 +233,31 @@ def test_cli_info_shuffle(sorted_stores) -> None:
     assert out.returncode == 0, out.stderr
     assert "shuffle report" in out.stdout and "iid shuffle" in out.stdout
     assert "pre-shuffled at ingestion: no" in out.stdout
+
+
+def test_class_sorted_csv_is_preshuffled(tmp_path: Path) -> None:
+    """A table exported in class order, ingested with defaults, mixes like an iid shuffle."""
+    n = 20_000
+    y = np.repeat(np.array(["ant", "bee", "cat", "dog", "eel", "fox", "gnu", "hen", "ibis", "jay"]), n // 10)
+    feats = np.arange(n * 3, dtype=np.float64).reshape(n, 3)
+    csv = tmp_path / "sorted.csv"
+    with open(csv, "w") as f:
+        f.write("a,b,c,label\n")
+        for row, label in zip(feats, y, strict=True):
+            f.write(f"{row[0]:g},{row[1]:g},{row[2]:g},{label}\n")
+    store = oocseq.ingest_csv(csv, tmp_path / "t.zarr", label_column="label", chunk_len=500)
+    assert store.metadata["preshuffle"]["algorithm"] == "blocks-v1"
+    order = store.source_index
+    np.testing.assert_array_equal(store["x"][:], feats[order].astype(np.float32))  # row provenance
+    names = store.metadata["class_names"]
+    assert [names[k] for k in store["y"][:]] == y[order].tolist()
+    assert sorted(tmp_path.iterdir()) == sorted([csv, tmp_path / "t.zarr"])  # no spool left
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ShuffleWarning)
+        seq = oocseq.ChunkedSequence(store, 128, seed=0)
+    report = seq.shuffle_report(max_batches=10**6)
+    assert report.entropy_ratio >= 0.97 and report.classes_per_batch >= 9.5, str(report)
+    plain = oocseq.ingest_csv(csv, tmp_path / "p.zarr", label_column="label", chunk_len=500, preshuffle=False)
+    with pytest.warns(ShuffleWarning):
+        seq = oocseq.ChunkedSequence(plain, 128, seed=0)
+    assert seq.shuffle_report().entropy_ratio < 0.8

@@ -310,13 +310,32 @@ def test_streaming_memory_is_bounded(tmp_path: Path) -> None:
 
     tracemalloc.start()
     try:
-        store = oocseq.ingest_arrays(tmp_path / "s.h5", {"x": gen()}, chunk_len=2 * batch)
+        store = oocseq.ingest_arrays(tmp_path / "s.h5", {"x": gen()}, chunk_len=2 * batch, preshuffle=False)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
     assert len(store) == 128 * batch
     assert peak < 12 * MiB, f"peak traced memory {peak / MiB:.1f} MiB for 32 MiB of input"
     assert_same(store.read_chunk("x", 5), np.repeat([10.0, 11.0], batch))
+
+
+def test_preshuffled_stream_memory_is_bounded(tmp_path: Path) -> None:
+    """Spooled to disk and read back shuffled: memory still holds a few chunks, not the data."""
+    batch = 256 * 1024 // 8
+
+    def gen():
+        for k in range(128):
+            yield np.full((batch,), float(k))
+
+    tracemalloc.start()
+    try:
+        store = oocseq.ingest_arrays(tmp_path / "s.h5", {"x": gen()}, chunk_len=2 * batch)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert store.metadata["preshuffle"] is not None
+    assert peak < 12 * MiB, f"peak traced memory {peak / MiB:.1f} MiB for 32 MiB of input"
+    assert_same(store["x"][:], np.repeat(np.arange(128.0), batch)[store.source_index])
 
 
 # -- chunk_len=None --------------------------------------------------------------------------
@@ -376,7 +395,7 @@ def test_default_chunk_len_streaming(tmp_path: Path, fmt: str, batches: int) -> 
                 np.arange(4 * b, 4 * b + 4) if y else np.full((4, 32, 32), b, dtype=np.float64)
             )  # 8 KiB/sample
 
-    store = oocseq.ingest_arrays(tmp_path / f"s{fmt}", {"x": gen(), "y": gen(y=True)})
+    store = oocseq.ingest_arrays(tmp_path / f"s{fmt}", {"x": gen(), "y": gen(y=True)}, preshuffle=False)
     assert len(store) == 4 * batches
     if batches == 3:
         assert store.chunk_len == 12 and store.num_chunks == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 from collections.abc import Iterable, Iterator, Mapping
@@ -14,6 +15,7 @@ from ..manifest import Compression
 from ..store import Store
 from ._preshuffle import BlockShuffle, default_block_len
 from ._progress import progress_bar
+from ._spool import Spool
 from ._writer import StoreWriter, choose_chunk_len, field_spec
 
 
@@ -47,12 +49,13 @@ def ingest_arrays(
         compression: ``None``, ``"lz4"`` (default), ``"zstd"`` or ``"zlib"`` (Blosc).
         overwrite: replace an existing store at ``dest``.
         metadata: JSON-serialisable user metadata kept in ``store.metadata``.
-        preshuffle: when every field is an array (random access), store the samples in a
-            seeded random order of short source blocks (default), so that chunks mix whatever
-            the source order (a source sorted by label would otherwise give batches of a few
-            classes). Recorded in ``store.metadata["preshuffle"]``; ``store.source_index``
-            maps stored samples back to source rows. Iterables of batches are written in the
-            order given (``metadata["preshuffle"]`` is ``None``).
+        preshuffle: store the samples in a seeded random order of short source blocks
+            (default), so that chunks mix whatever the source order (a source sorted by label
+            would otherwise give batches of a few classes). Recorded in
+            ``store.metadata["preshuffle"]``; ``store.source_index`` maps stored samples back
+            to source rows. Iterables of batches are first spooled to temporary uncompressed
+            files beside ``dest`` (one copy of the data on disk, bounded memory), then read
+            back shuffled. ``False`` keeps the order given.
         seed: seed of the pre-shuffle.
         progress: show a progress bar.
 
@@ -98,6 +101,33 @@ def ingest_arrays(
         first[name] = head
         sources[name] = itertools.chain([head], it)
 
+    with contextlib.ExitStack() as stack:
+        if preshuffle and first:
+            # Streams cannot be read in a random order: spool them to disk, then read them
+            # back shuffled as memory-mapped arrays (bounded memory; see _spool.py).
+            spool = stack.enter_context(Spool(dest, overwrite))
+            for name in first:
+                for batch in sources[name]:
+                    spool.append(name, batch)
+            sources.update(spool.arrays())
+            first = {}
+        return _write(
+            dest, sources, first, chunk_len, compression, overwrite, metadata, preshuffle, seed, progress
+        )
+
+
+def _write(
+    dest: str | os.PathLike[str],
+    sources: dict[str, Any],
+    first: dict[str, np.ndarray],
+    chunk_len: int | None,
+    compression: str | Compression | None,
+    overwrite: bool,
+    metadata: Mapping[str, Any] | None,
+    preshuffle: bool,
+    seed: int,
+    progress: bool,
+) -> Store:
     lengths = {k: int(v.shape[0]) for k, v in sources.items() if _is_array(v)}
     if len(set(lengths.values())) > 1:
         raise FieldLengthError(

@@ -8,6 +8,7 @@ is the same in every block; the second pass writes the samples.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from ..errors import ArgumentError, CSVValueError, InvalidSourceError, SourceNot
 from ..manifest import Compression
 from ..store import Store
 from ._progress import progress_bar
+from ._spool import Spool
 from ._writer import StoreWriter, choose_chunk_len, field_spec
 
 if TYPE_CHECKING:
@@ -164,13 +166,15 @@ def ingest_csv(
     chunk_len: int | None = None,
     compression: str | Compression | None = "lz4",
     overwrite: bool = False,
+    preshuffle: bool = True,
+    seed: int = 0,
     progress: bool = False,
 ) -> Store:
     """Ingest a CSV file with a header line: feature columns -> ``x``, the label column -> ``y``.
 
-    Sample ``i`` is data row ``i`` of the file (0-based, the header line not counted; line
-    ``i + 2`` when no quoted cell spans lines), so no per-sample provenance array is stored:
-    ``store.metadata["source"]`` names the file and its number of rows.
+    Sample ``i`` is data row ``store.source_index[i]`` of the file (0-based, the header line
+    not counted; line ``row + 2`` when no quoted cell spans lines), so no per-sample provenance
+    array is stored: ``store.metadata["source"]`` names the file and its number of rows.
 
     Args:
         src: the CSV file; its first line names the columns.
@@ -192,6 +196,12 @@ def ingest_csv(
             most the number of rows).
         compression: ``None``, ``"lz4"``, ``"zstd"`` or ``"zlib"``.
         overwrite: replace an existing store at ``dest``.
+        preshuffle: store the rows in a seeded random order of short blocks of rows (default),
+            so that chunks mix labels even when the table is sorted by label, date or group.
+            The table is read once into temporary uncompressed files beside ``dest`` (about
+            ``4 * rows * (features + 1)`` bytes of disk, bounded memory), then written
+            shuffled. ``False`` keeps the file's row order and needs no temporary space.
+        seed: seed of the pre-shuffle.
         progress: show a progress bar.
 
     Returns:
@@ -230,18 +240,35 @@ def ingest_csv(
     dtype = {label_column: str} if label_column is not None else None
     rows = 0
     total = labels.rows if labels is not None else None
-    with (
-        StoreWriter(dest, specs, chunk_len=chunk_len, compression=compression, overwrite=overwrite) as w,
-        progress_bar(progress, total, f"ingest {os.fspath(dest)}", unit="row") as bar,
-    ):
+    with contextlib.ExitStack() as stack:
+        # Pre-shuffled: the rows go to a spool, then in a shuffled order to the store.
+        sink: StoreWriter | Spool = stack.enter_context(
+            Spool(dest, overwrite)
+            if preshuffle
+            else StoreWriter(dest, specs, chunk_len=chunk_len, compression=compression, overwrite=overwrite)
+        )
+        bar = stack.enter_context(progress_bar(progress, total, f"ingest {os.fspath(dest)}", unit="row"))
         for start, block in reader.blocks(dtype=dtype):  # all columns, so extra fields are errors
-            w.append("x", _features(block, features, start, str(path), allow_missing))
+            sink.append("x", _features(block, features, start, str(path), allow_missing))
             if labels is not None:
-                w.append("y", labels.encode(block[labels.column]))
+                sink.append("y", labels.encode(block[labels.column]))
             rows = start + len(block)
             bar.update(len(block))
-        w.attrs.update(_attrs(path, rows, features, labels))
-    return w.close()
+        attrs = _attrs(path, rows, features, labels)
+        if isinstance(sink, Spool):
+            from .arrays import ingest_arrays
+
+            return ingest_arrays(
+                dest,
+                sink.arrays(),
+                chunk_len=chunk_len,
+                compression=compression,
+                overwrite=overwrite,
+                metadata=attrs,
+                seed=seed,
+            )
+        sink.attrs.update(attrs)
+    return sink.close()
 
 
 def _feature_columns(
