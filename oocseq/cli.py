@@ -148,6 +148,14 @@ def _ingest_options() -> argparse.ArgumentParser:
         "--compression", choices=_COMPRESSIONS, default="lz4", help="Blosc codec of the chunks (default: lz4)"
     )
     common.add_argument("--overwrite", action="store_true", help="replace DEST if it exists")
+    common.add_argument(
+        "--no-preshuffle",
+        dest="preshuffle",
+        action="store_false",
+        help="keep the source's order instead of a seeded shuffle (a source sorted by label then "
+        "gives batches of few classes)",
+    )
+    common.add_argument("--seed", type=int, default=0, help="seed of the pre-shuffle (default: 0)")
     common.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return common
 
@@ -157,6 +165,8 @@ def _writer_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "chunk_len": args.chunk_len,
         "compression": None if args.compression == "none" else args.compression,
         "overwrite": args.overwrite,
+        "preshuffle": args.preshuffle,
+        "seed": args.seed,
         "progress": not args.quiet,
     }
 
@@ -179,13 +189,6 @@ def _add_images(sources: Any, common: argparse.ArgumentParser) -> None:
         choices=("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"),
     )
     p.add_argument(
-        "--no-preshuffle",
-        dest="preshuffle",
-        action="store_false",
-        help="keep the folder's (class-sorted) order instead of a seeded shuffle",
-    )
-    p.add_argument("--seed", type=int, default=0, help="seed of the pre-shuffle (default: 0)")
-    p.add_argument(
         "--on-error",
         choices=("raise", "skip"),
         default="raise",
@@ -204,8 +207,6 @@ def _run_ingest_images(args: argparse.Namespace) -> None:
         image_size=args.size,
         color_mode=args.color_mode,
         interpolation=args.interpolation,
-        preshuffle=args.preshuffle,
-        seed=args.seed,
         on_error=args.on_error,
         workers=args.workers,
         **_writer_kwargs(args),
@@ -259,28 +260,13 @@ def _add_npy(sources: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("src", nargs="+", metavar="SRC", help=".npy files, in order")
     p.add_argument("dest", metavar="DEST")
     p.add_argument("--field", default="x", help="the field name (default: x)")
-    p.add_argument(
-        "--no-preshuffle",
-        dest="preshuffle",
-        action="store_false",
-        help="keep the files' order instead of a seeded shuffle of short blocks of samples",
-    )
-    p.add_argument("--seed", type=int, default=0, help="seed of the pre-shuffle (default: 0)")
     p.set_defaults(run=_run_ingest_npy)
 
 
 def _run_ingest_npy(args: argparse.Namespace) -> None:
     from .ingest.npy import ingest_npy
 
-    store = ingest_npy(
-        args.src,
-        args.dest,
-        field=args.field,
-        preshuffle=args.preshuffle,
-        seed=args.seed,
-        **_writer_kwargs(args),
-    )
-    _print_written(store)
+    _print_written(ingest_npy(args.src, args.dest, field=args.field, **_writer_kwargs(args)))
 
 
 def _print_written(store: Any) -> None:

@@ -23,6 +23,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from ..errors import InvalidSourceError, StoreExistsError
+from ..storage import store_format
 
 __all__ = ["Spool"]
 
@@ -47,11 +48,13 @@ class Spool:
             writer checks again when it commits).
 
     Raises:
+        ArgumentError: ``dest`` is not named ``*.zarr``, ``*.h5`` or ``*.hdf5``.
         StoreExistsError: ``dest`` exists and ``overwrite`` is false.
     """
 
     def __init__(self, dest: str | os.PathLike[str], overwrite: bool = False) -> None:
         dest = Path(dest)
+        store_format(dest)  # refuse a bad destination before reading the source
         if not overwrite and dest.exists():
             raise StoreExistsError(f"{dest} already exists; pass overwrite=True to replace it")
         parent = dest.parent if str(dest.parent) else Path(".")
