@@ -66,6 +66,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = commands.add_parser("info", help="describe a store: fields, chunking, compression, classes")
     info.add_argument("store", metavar="STORE")
+    info.add_argument(
+        "--shuffle",
+        action="store_true",
+        help="also report how a shuffled epoch mixes: chunks and label entropy per batch against iid",
+    )
+    info.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=128,
+        help="batch size of the --shuffle report (default 128)",
+    )
+    info.add_argument("--window", type=_positive_int, default=None, help="chunks per window for --shuffle")
     info.set_defaults(run=_run_info)
 
     verify = commands.add_parser("verify", help="read every chunk of a store and check its checksum")
@@ -136,6 +148,14 @@ def _ingest_options() -> argparse.ArgumentParser:
         "--compression", choices=_COMPRESSIONS, default="lz4", help="Blosc codec of the chunks (default: lz4)"
     )
     common.add_argument("--overwrite", action="store_true", help="replace DEST if it exists")
+    common.add_argument(
+        "--no-preshuffle",
+        dest="preshuffle",
+        action="store_false",
+        help="keep the source's order instead of a seeded shuffle (a source sorted by label then "
+        "gives batches of few classes)",
+    )
+    common.add_argument("--seed", type=int, default=0, help="seed of the pre-shuffle (default: 0)")
     common.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return common
 
@@ -145,6 +165,8 @@ def _writer_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "chunk_len": args.chunk_len,
         "compression": None if args.compression == "none" else args.compression,
         "overwrite": args.overwrite,
+        "preshuffle": args.preshuffle,
+        "seed": args.seed,
         "progress": not args.quiet,
     }
 
@@ -167,13 +189,6 @@ def _add_images(sources: Any, common: argparse.ArgumentParser) -> None:
         choices=("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"),
     )
     p.add_argument(
-        "--no-preshuffle",
-        dest="preshuffle",
-        action="store_false",
-        help="keep the folder's (class-sorted) order instead of a seeded shuffle",
-    )
-    p.add_argument("--seed", type=int, default=0, help="seed of the pre-shuffle (default: 0)")
-    p.add_argument(
         "--on-error",
         choices=("raise", "skip"),
         default="raise",
@@ -192,8 +207,6 @@ def _run_ingest_images(args: argparse.Namespace) -> None:
         image_size=args.size,
         color_mode=args.color_mode,
         interpolation=args.interpolation,
-        preshuffle=args.preshuffle,
-        seed=args.seed,
         on_error=args.on_error,
         workers=args.workers,
         **_writer_kwargs(args),
@@ -267,7 +280,28 @@ def _print_written(store: Any) -> None:
 def _run_info(args: argparse.Namespace) -> None:
     from .store import open_store
 
-    print(describe(open_store(args.store)))
+    store = open_store(args.store)
+    print(describe(store))
+    if args.shuffle:
+        print()
+        print(_shuffle_report(store, args.batch_size, args.window))
+
+
+def _shuffle_report(store: Any, batch_size: int, window: int | None) -> Any:
+    """The shuffle report of a default shuffled sequence over ``store`` (epoch 0)."""
+    import warnings
+
+    from .sequence import ChunkedSequence
+
+    label = "y" if "y" in store.fields else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the report says it in full
+        x = next((name for name in store.fields if name != label), label)
+        seq = ChunkedSequence(store, batch_size, x=x, y=label, window=window)
+    try:
+        return seq.shuffle_report()
+    finally:
+        seq.close()
 
 
 def _run_verify(args: argparse.Namespace) -> None:
@@ -295,6 +329,8 @@ def _run_bench(args: argparse.Namespace) -> None:
         progress=not args.quiet,
     )
     print(format_results(store, results))
+    print()
+    print(_shuffle_report(store, args.batch_size, args.window))
 
 
 def describe(store: Any) -> str:

@@ -7,6 +7,7 @@ built-in exception, so ``except FileNotFoundError`` or ``except ValueError`` kee
 from __future__ import annotations
 
 __all__ = [
+    "ShuffleWarning",
     "OocseqError",
     "ArgumentTypeError",
     "StoreNotFoundError",
@@ -127,3 +128,9 @@ class StoreWriteError(OocseqError, OSError):
 
 class ArgumentTypeError(ArgumentError, TypeError):
     """An argument of the wrong type (a dict where a field name was expected, ...)."""
+
+
+class ShuffleWarning(UserWarning):
+    """The configured shuffle mixes batches far less than an iid shuffle would (for example, a
+    store written in label order and not pre-shuffled). A warning, not an error: training still
+    runs, but usually converges worse."""

@@ -34,7 +34,8 @@ from typing import Any
 import numpy as np
 
 from .batches import Batch, ChunkedBatches, FieldSelection
-from .errors import ArgumentError, ArgumentTypeError, BatchIndexError, StateError
+from .errors import ArgumentError, ArgumentTypeError, BatchIndexError, ShuffleWarning, StateError
+from .mixing import CLUSTERED_BELOW, DEFAULT_MAX_BATCHES, ShuffleReport, label_clustering, shuffle_report
 from .options import ReadOptions, ShardOptions, WorkerOptions
 from .plan import EpochPlan
 from .prefetch import Prefetcher
@@ -209,6 +210,35 @@ class ChunkedSequence:
         self._keras_offset = 0  # batches of the epoch trained before this fit (fit_resumable)
         self._owner_pid = os.getpid()  # the cursor is this process's
         self._rt_pid = -1
+        self._warn_if_clustered()
+
+    def _warn_if_clustered(self) -> None:
+        """Warn (ShuffleWarning) when the label field is clustered by chunk: a shuffled epoch
+        then mixes few classes per batch. Reads a few label chunks."""
+        if not self.shuffle or not isinstance(self.y, str):
+            return
+        clustering = label_clustering(self.store, self.y)
+        if clustering is None or clustering >= CLUSTERED_BELOW:
+            return
+        where = getattr(self.store, "path", "the arrays")
+        warnings.warn(
+            ShuffleWarning(
+                f"the labels of field {self.y!r} of {where} are sorted or clustered by chunk (a chunk "
+                f"holds {clustering:.0%} of the label entropy of the store), so a chunk-aligned shuffle "
+                f"with windows of {self.window} of {self.store.num_chunks} chunks gives batches of few "
+                "classes (seq.shuffle_report() measures it). Re-ingest with preshuffle=True (the default "
+                "of every ingest function), or pass a larger window"
+            ),
+            stacklevel=3,
+        )
+
+    def shuffle_report(self, *, max_batches: int = DEFAULT_MAX_BATCHES) -> ShuffleReport:
+        """How the batches of the current epoch's plan mix: distinct chunks per batch, the
+        window's share of the store, and, for an integer ``y`` field, label entropy and classes
+        per batch next to an iid shuffle. Reads the labels of the first ``max_batches``
+        batches. See :class:`oocseq.mixing.ShuffleReport`; ``print(report)`` shows a table."""
+        label = self.y if isinstance(self.y, str) else None
+        return shuffle_report(self.store, self.plan, self.batch_size, label=label, max_batches=max_batches)
 
     # -- what the core decides, read-only here --------------------------------------------------
     store = property(lambda self: self.core.source, doc="The store (or in-memory arrays) read.")

@@ -216,6 +216,27 @@ class Store:
         values = self._open().read_aux("source")  # StringDType from zarr, object from h5py
         return np.array(values.tolist(), dtype=str)
 
+    @property
+    def source_index(self) -> np.ndarray | None:
+        """int64 array of shape ``(n,)``: the source position (row of the arrays or of the
+        concatenated ``.npy`` files) of every stored sample, so ``store["x"][i]`` came from
+        ``source[store.source_index[i]]``; the identity for a store written in source order.
+        Computed from the pre-shuffle record in the manifest (nothing is stored per sample).
+        ``None`` for a store that records its sources per sample instead (image folders and
+        DataFrames: :attr:`sources`).
+
+        Raises:
+            CorruptStoreError: the manifest's pre-shuffle record is malformed.
+        """
+        from .ingest._preshuffle import BlockShuffle
+
+        record = self.manifest.attrs.get("preshuffle")
+        if not record:
+            return np.arange(len(self), dtype=np.int64)
+        if "source" in self.manifest.aux:
+            return None
+        return BlockShuffle.from_json(len(self), record).source_index()
+
     def stored_nbytes(self, name: str) -> int:
         """Bytes the chunks of field ``name`` take on disk."""
         self._check_field(name)

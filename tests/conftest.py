@@ -76,7 +76,7 @@ def make_store(
     fields = {"x": x_of(idx), "y": y_of(idx)}
     if weights:
         fields["w"] = w_of(idx)
-    return oocseq.ingest_arrays(path, fields, chunk_len=chunk_len, compression=compression)
+    return oocseq.ingest_arrays(path, fields, chunk_len=chunk_len, compression=compression, preshuffle=False)
 
 
 @pytest.fixture(params=FORMATS, ids=lambda s: s.lstrip("."))

@@ -73,7 +73,9 @@ def assert_nothing_left(dest: Path) -> None:
 def small_store(path: Path, chunk_len: int = 4, compression: str | None = "lz4") -> oocseq.Store:
     x = np.arange(30, dtype=np.float32).reshape(10, 3)
     y = np.arange(10, dtype=np.int64)
-    return oocseq.ingest_arrays(path, {"x": x, "y": y}, chunk_len=chunk_len, compression=compression)
+    return oocseq.ingest_arrays(
+        path, {"x": x, "y": y}, chunk_len=chunk_len, compression=compression, preshuffle=False
+    )
 
 
 def read_manifest(path: Path) -> dict[str, Any]:
@@ -281,7 +283,7 @@ def test_fields_of_different_lengths(lengths: list[int], fmt: str, streamed: lis
     with tempfile.TemporaryDirectory() as d:
         dest = Path(d) / f"s{fmt}"
         with pytest.raises(FieldLengthError) as e:
-            oocseq.ingest_arrays(dest, fields, chunk_len=2)
+            oocseq.ingest_arrays(dest, fields, chunk_len=2, preshuffle=False)
         check_error(e.value, InvalidSourceError, ValueError)
         msg = str(e.value)
         # every field whose length the error can know is named with its length
@@ -302,7 +304,7 @@ def test_generator_length_mismatch_detected_at_end(tmp_path: Path, fmt: str) -> 
 
     dest = tmp_path / f"s{fmt}"
     with pytest.raises(FieldLengthError) as e:
-        oocseq.ingest_arrays(dest, {"x": gen(17), "y": gen(13)}, chunk_len=3)
+        oocseq.ingest_arrays(dest, {"x": gen(17), "y": gen(13)}, chunk_len=3, preshuffle=False)
     check_error(e.value, FieldLengthError, ValueError, "x", "17", "y", "13")
     assert_nothing_left(dest)
     assert list(tmp_path.iterdir()) == []
@@ -328,7 +330,7 @@ def test_generator_batches_change_shape_or_dtype(tmp_path: Path, fmt: str, batch
         yield batches[1]
 
     with pytest.raises(InvalidSourceError) as e:
-        oocseq.ingest_arrays(dest, {"feat": gen()}, chunk_len=2)
+        oocseq.ingest_arrays(dest, {"feat": gen()}, chunk_len=2, preshuffle=False)
     check_error(e.value, InvalidSourceError, ValueError, "feat")
     assert_nothing_left(dest)
 
@@ -349,7 +351,7 @@ def test_generator_batches_change_shape_or_dtype(tmp_path: Path, fmt: str, batch
 def test_unsupported_dtype_refused(tmp_path: Path, data: Any) -> None:
     dest = tmp_path / "s.zarr"
     with pytest.raises(InvalidSourceError) as e:
-        oocseq.ingest_arrays(dest, {"words": data})
+        oocseq.ingest_arrays(dest, {"words": data}, preshuffle=False)
     check_error(e.value, InvalidSourceError, ValueError, "words")
     assert_nothing_left(dest)
 
@@ -367,7 +369,7 @@ def test_non_json_metadata_refused_before_reading(tmp_path: Path, fmt: str) -> N
 
     dest = tmp_path / f"s{fmt}"
     with pytest.raises((TypeError, ValueError)) as e:
-        oocseq.ingest_arrays(dest, {"x": gen()}, chunk_len=2, metadata={"tags": {1, 2}})
+        oocseq.ingest_arrays(dest, {"x": gen()}, chunk_len=2, metadata={"tags": {1, 2}}, preshuffle=False)
     assert "metadata" in str(e.value) or "tags" in str(e.value), str(e.value)
     assert len(pulled) <= 1, f"{len(pulled)} batches read before the metadata was refused"
     assert_nothing_left(dest)
@@ -377,7 +379,7 @@ def test_non_json_metadata_refused_before_reading(tmp_path: Path, fmt: str) -> N
 def test_invalid_field_name_refused(tmp_path: Path, name: Any) -> None:
     dest = tmp_path / "s.zarr"
     with pytest.raises(ValueError, match="field name"):
-        oocseq.ingest_arrays(dest, {name: np.zeros(3)})
+        oocseq.ingest_arrays(dest, {name: np.zeros(3)}, preshuffle=False)
     assert_nothing_left(dest)
 
 
@@ -396,7 +398,7 @@ def test_interrupted_ingestion_leaves_nothing(tmp_path: Path, fmt: str, exc: typ
 
     dest = tmp_path / f"s{fmt}"
     with pytest.raises(exc, match="interrupted mid-way"):
-        oocseq.ingest_arrays(dest, {"x": gen()}, chunk_len=2)
+        oocseq.ingest_arrays(dest, {"x": gen()}, chunk_len=2, preshuffle=False)
     assert_nothing_left(dest)
     assert list(tmp_path.iterdir()) == []
 
@@ -411,7 +413,7 @@ def test_interrupted_overwrite_keeps_old_store(tmp_path: Path, fmt: str) -> None
         raise Boom("disk on fire")
 
     with pytest.raises(Boom):
-        oocseq.ingest_arrays(dest, {"x": gen()}, chunk_len=2, overwrite=True)
+        oocseq.ingest_arrays(dest, {"x": gen()}, chunk_len=2, overwrite=True, preshuffle=False)
     store = oocseq.open_store(dest)
     np.testing.assert_array_equal(store["x"][:], np.arange(30, dtype=np.float32).reshape(10, 3))
     store.verify()
@@ -424,13 +426,13 @@ def test_dest_exists_without_overwrite(tmp_path: Path, fmt: str) -> None:
     dest = tmp_path / f"exists{fmt}"
     small_store(dest).close()
     with pytest.raises(StoreExistsError) as e:
-        oocseq.ingest_arrays(dest, {"x": np.ones(5)})
+        oocseq.ingest_arrays(dest, {"x": np.ones(5)}, preshuffle=False)
     check_error(e.value, StoreExistsError, FileExistsError, f"exists{fmt}")
     store = oocseq.open_store(dest)
     assert len(store) == 10 and list(store.fields) == ["x", "y"]
     store.close()
     # overwrite=True replaces it
-    new = oocseq.ingest_arrays(dest, {"z": np.arange(5.0)}, overwrite=True)
+    new = oocseq.ingest_arrays(dest, {"z": np.arange(5.0)}, overwrite=True, preshuffle=False)
     assert len(new) == 5 and list(new.fields) == ["z"]
     np.testing.assert_array_equal(oocseq.open_store(dest)["z"][:], np.arange(5.0))
     assert sorted(p.name for p in tmp_path.iterdir()) == [dest.name]
@@ -499,7 +501,7 @@ def test_open_wrong_suffix(tmp_path: Path, name: str) -> None:
     with pytest.raises(ValueError, match=re.escape(name)):
         oocseq.open_store(path)
     with pytest.raises(ValueError, match=re.escape(name)):
-        oocseq.ingest_arrays(tmp_path / ("out_" + name), {"x": np.zeros(3)})
+        oocseq.ingest_arrays(tmp_path / ("out_" + name), {"x": np.zeros(3)}, preshuffle=False)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -838,7 +840,9 @@ def test_hdf5_unallocated_chunk_never_reads_as_zeros(tmp_path: Path, compression
 @pytest.mark.parametrize("frac", [0.5, 0.9, 0.99])
 def test_hdf5_truncated_file(tmp_path: Path, frac: float) -> None:
     path = tmp_path / "s.h5"
-    oocseq.ingest_arrays(path, {"x": np.arange(4000.0).reshape(1000, 4)}, chunk_len=100).close()
+    oocseq.ingest_arrays(
+        path, {"x": np.arange(4000.0).reshape(1000, 4)}, chunk_len=100, preshuffle=False
+    ).close()
     size = path.stat().st_size
     with open(path, "r+b") as f:
         f.truncate(int(size * frac))
@@ -859,7 +863,7 @@ def test_zarr_damaged_chunk_detected(compression: str | None, mode: str, data: s
     x = (np.arange(10 * 3 * 5, dtype=np.float64) % 17).reshape(10, 3, 5)
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "s.zarr"
-        oocseq.ingest_arrays(path, {"x": x}, chunk_len=4, compression=compression).close()
+        oocseq.ingest_arrays(path, {"x": x}, chunk_len=4, compression=compression, preshuffle=False).close()
         f = path / "x" / "c" / "1" / "0" / "0"
         raw = bytearray(f.read_bytes())
         if mode == "flip":
@@ -895,7 +899,9 @@ def test_hdf5_flipped_bytes_fail_verify(tmp_path: Path, compression: str | None,
     path = tmp_path / "s.h5"
     x = (np.arange(40 * 6, dtype=np.float32) % 13).reshape(40, 6)
     y = np.arange(40, dtype=np.int64) % 5
-    oocseq.ingest_arrays(path, {"x": x, "y": y}, chunk_len=8, compression=compression).close()
+    oocseq.ingest_arrays(
+        path, {"x": x, "y": y}, chunk_len=8, compression=compression, preshuffle=False
+    ).close()
     with h5py.File(path, "r") as f:
         ds = f[field]
         info = ds.id.get_chunk_info_by_coord((16,) + (0,) * (ds.ndim - 1))  # chunk 2

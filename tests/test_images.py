@@ -315,7 +315,9 @@ def test_dataframe_string_labels(labels: list[str], fmt: str) -> None:
         root = Path(d) / "imgs"
         files = _frame_folder(root, len(labels))
         df = pd.DataFrame({"filename": files, "class": labels})
-        store = oocseq.ingest_dataframe(df, Path(d) / f"df{fmt}", directory=root, image_size=(4, 3))
+        store = oocseq.ingest_dataframe(
+            df, Path(d) / f"df{fmt}", directory=root, image_size=(4, 3), preshuffle=False
+        )
         class_names = sorted(set(labels))
         assert store.metadata["class_names"] == class_names
         assert store["y"][:].tolist() == [class_names.index(lab) for lab in labels]  # DataFrame order kept
@@ -349,7 +351,13 @@ def test_dataframe_integer_labels_kept(tmp_path: Path) -> None:
     labels = [7, -2, 0, 7, 1000, 3]
     df = pd.DataFrame({"path": files, "target": labels}, index=[10, 20, 30, 40, 50, 60])
     store = oocseq.ingest_dataframe(
-        df, tmp_path / "df.h5", x_col="path", y_col="target", directory=root, image_size=(3, 3)
+        df,
+        tmp_path / "df.h5",
+        x_col="path",
+        y_col="target",
+        directory=root,
+        image_size=(3, 3),
+        preshuffle=False,
     )
     assert store["y"][:].tolist() == labels
     assert store.fields["y"].dtype == np.int64
@@ -370,7 +378,7 @@ def test_dataframe_explicit_classes_order(tmp_path: Path) -> None:
     files = _frame_folder(root, 4)
     df = pd.DataFrame({"filename": files, "class": ["z", "a", "m", "a"]})
     store = oocseq.ingest_dataframe(
-        df, tmp_path / "df.zarr", directory=root, image_size=(3, 3), classes=["z", "m", "a"]
+        df, tmp_path / "df.zarr", directory=root, image_size=(3, 3), classes=["z", "m", "a"], preshuffle=False
     )
     assert store.metadata["class_names"] == ["z", "m", "a"]
     assert store["y"][:].tolist() == [0, 2, 1, 2]

@@ -47,7 +47,12 @@ def test_round_trip_with_class_labels(tmp_path: Path, fmt: str, block_rows: int,
     x, labels = table(23)  # 23: a multiple of neither the blocks nor the chunks
     src = write_table(tmp_path / "t.csv", x, labels)
     store = ingest_csv(
-        src, tmp_path / f"s{fmt}", label_column="label", block_rows=block_rows, chunk_len=chunk_len
+        src,
+        tmp_path / f"s{fmt}",
+        label_column="label",
+        block_rows=block_rows,
+        chunk_len=chunk_len,
+        preshuffle=False,
     )
 
     store = open_store(store.path)
@@ -70,7 +75,7 @@ def test_class_names_are_global_across_blocks(tmp_path: Path) -> None:
     """A class first seen in the last block still gets its sorted index in every block."""
     labels = ["m"] * 5 + ["z"] * 5 + ["a"]
     src = write_csv(tmp_path / "t.csv", ["f", "label"], [[i, v] for i, v in enumerate(labels)])
-    store = ingest_csv(src, tmp_path / "s.zarr", label_column="label", block_rows=2)
+    store = ingest_csv(src, tmp_path / "s.zarr", label_column="label", block_rows=2, preshuffle=False)
     assert store.metadata["class_names"] == ["a", "m", "z"]
     np.testing.assert_array_equal(store["y"][:], [1] * 5 + [2] * 5 + [0])
 
@@ -78,7 +83,7 @@ def test_class_names_are_global_across_blocks(tmp_path: Path) -> None:
 def test_integer_labels_are_kept(tmp_path: Path, fmt: str) -> None:
     labels = [3, -1, 0, 12, 7, 3, 2**40]
     src = write_csv(tmp_path / "t.csv", ["y", "f"], [[v, i] for i, v in enumerate(labels)])
-    store = ingest_csv(src, tmp_path / f"s{fmt}", label_column="y", block_rows=3)
+    store = ingest_csv(src, tmp_path / f"s{fmt}", label_column="y", block_rows=3, preshuffle=False)
     assert store.fields["y"].dtype == np.int64
     np.testing.assert_array_equal(store["y"][:], labels)
     np.testing.assert_array_equal(store["x"][:], np.arange(7, dtype=np.float32)[:, None])
@@ -90,7 +95,7 @@ def test_float_labels_are_regression_targets(tmp_path: Path) -> None:
     """One non-integer number makes every label float32, even in other blocks."""
     labels = ["1", "2", "3", "4.5", "-0.25", "1e3"]
     src = write_csv(tmp_path / "t.csv", ["f", "target"], [[i, v] for i, v in enumerate(labels)])
-    store = ingest_csv(src, tmp_path / "s.h5", label_column="target", block_rows=2)
+    store = ingest_csv(src, tmp_path / "s.h5", label_column="target", block_rows=2, preshuffle=False)
     assert store.fields["y"].dtype == np.float32
     np.testing.assert_array_equal(store["y"][:], np.array([1, 2, 3, 4.5, -0.25, 1000], dtype=np.float32))
     assert store.metadata["label_kind"] == "float"
@@ -99,14 +104,14 @@ def test_float_labels_are_regression_targets(tmp_path: Path) -> None:
 def test_numbers_mixed_with_text_are_class_names(tmp_path: Path) -> None:
     labels = ["2", "10", "x", "2"]
     src = write_csv(tmp_path / "t.csv", ["f", "label"], [[i, v] for i, v in enumerate(labels)])
-    store = ingest_csv(src, tmp_path / "s.zarr", label_column="label", block_rows=2)
+    store = ingest_csv(src, tmp_path / "s.zarr", label_column="label", block_rows=2, preshuffle=False)
     assert store.metadata["class_names"] == ["10", "2", "x"]  # string order
     np.testing.assert_array_equal(store["y"][:], [1, 0, 2, 1])
 
 
 def test_feature_columns_select_and_order(tmp_path: Path) -> None:
     src = write_csv(tmp_path / "t.csv", ["a", "b", "c", "name"], [[1, 2, 3, "p"], [4, 5, 6, "q"]])
-    store = ingest_csv(src, tmp_path / "s.zarr", feature_columns=["c", "a"])
+    store = ingest_csv(src, tmp_path / "s.zarr", feature_columns=["c", "a"], preshuffle=False)
     assert list(store.fields) == ["x"]
     np.testing.assert_array_equal(store["x"][:], [[3, 1], [6, 4]])
     assert store.metadata["feature_names"] == ["c", "a"]
@@ -115,7 +120,7 @@ def test_feature_columns_select_and_order(tmp_path: Path) -> None:
 
 def test_unlabeled_table_stores_every_column(tmp_path: Path) -> None:
     src = write_csv(tmp_path / "t.csv", ["a", "b"], [[1, 2], [3, 4], [5, 6]])
-    store = ingest_csv(src, tmp_path / "s.h5", block_rows=2, chunk_len=2)
+    store = ingest_csv(src, tmp_path / "s.h5", block_rows=2, chunk_len=2, preshuffle=False)
     assert list(store.fields) == ["x"]
     np.testing.assert_array_equal(store["x"][:], [[1, 2], [3, 4], [5, 6]])
     assert store.metadata["source"]["rows"] == 3
@@ -123,13 +128,18 @@ def test_unlabeled_table_stores_every_column(tmp_path: Path) -> None:
 
 def test_delimiter_and_special_numbers(tmp_path: Path) -> None:
     src = write_csv(tmp_path / "t.csv", ["a", "b"], [["inf", "-1e-3"], ["-inf", " 2 "]], delimiter=";")
-    store = ingest_csv(src, tmp_path / "s.zarr", delimiter=";", block_rows=1)
+    store = ingest_csv(src, tmp_path / "s.zarr", delimiter=";", block_rows=1, preshuffle=False)
     np.testing.assert_array_equal(store["x"][:], np.array([[np.inf, -1e-3], [-np.inf, 2]], dtype=np.float32))
 
 
 def test_small_labeled_table_is_one_chunk_of_its_own_size(tmp_path: Path) -> None:
     x, labels = table(10)
-    store = ingest_csv(write_table(tmp_path / "t.csv", x, labels), tmp_path / "s.zarr", label_column="label")
+    store = ingest_csv(
+        write_table(tmp_path / "t.csv", x, labels),
+        tmp_path / "s.zarr",
+        label_column="label",
+        preshuffle=False,
+    )
     assert store.chunk_len == 10 and store.num_chunks == 1
 
 
@@ -151,7 +161,12 @@ def test_round_trip_property(x: np.ndarray, block_rows: int, chunk_len: int, fmt
         rows = [[*(repr(float(v)) for v in row), int(label)] for row, label in zip(x, labels, strict=True)]
         src = write_csv(Path(tmp) / "t.csv", [f"f{j}" for j in range(x.shape[1])] + ["y"], rows)
         store = ingest_csv(
-            src, Path(tmp) / f"s{fmt}", label_column="y", block_rows=block_rows, chunk_len=chunk_len
+            src,
+            Path(tmp) / f"s{fmt}",
+            label_column="y",
+            block_rows=block_rows,
+            chunk_len=chunk_len,
+            preshuffle=False,
         )
         np.testing.assert_array_equal(store["x"][:], x)
         np.testing.assert_array_equal(store["y"][:], labels)
@@ -166,7 +181,7 @@ def test_non_number_names_file_row_and_column(tmp_path: Path) -> None:
     rows[7][1] = "12,5"  # a decimal comma, 8th data row, in the second block
     src = write_csv(tmp_path / "t.csv", ["p", "q", "label"], rows)
     with pytest.raises(CSVValueError) as info:
-        ingest_csv(src, tmp_path / "s.zarr", label_column="label", block_rows=4)
+        ingest_csv(src, tmp_path / "s.zarr", label_column="label", block_rows=4, preshuffle=False)
     err = info.value
     assert (err.path, err.row, err.column, err.value) == (str(src), 7, "q", "12,5")
     message = str(err)
@@ -180,7 +195,9 @@ def test_failed_ingestion_leaves_nothing(tmp_path: Path, fmt: str) -> None:
     rows[45][0] = "oops"
     src = write_csv(tmp_path / "t.csv", ["f", "label"], rows)
     with pytest.raises(CSVValueError, match="row 45"):
-        ingest_csv(src, tmp_path / f"s{fmt}", label_column="label", block_rows=10, chunk_len=4)
+        ingest_csv(
+            src, tmp_path / f"s{fmt}", label_column="label", block_rows=10, chunk_len=4, preshuffle=False
+        )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.csv"]
 
 
@@ -188,14 +205,14 @@ def test_first_bad_cell_is_reported_by_row_then_column(tmp_path: Path) -> None:
     rows = [["1", "2", "3"], ["4", "5", "bad"], ["x", "8", "9"], ["1", "1", "1"]]
     src = write_csv(tmp_path / "t.csv", ["a", "b", "c"], rows)
     with pytest.raises(CSVValueError) as info:
-        ingest_csv(src, tmp_path / "s.zarr")
+        ingest_csv(src, tmp_path / "s.zarr", preshuffle=False)
     assert (info.value.row, info.value.column, info.value.value) == (1, "c", "bad")
 
 
 def test_booleans_are_not_numbers(tmp_path: Path) -> None:
     src = write_csv(tmp_path / "t.csv", ["a", "flag"], [[1, "True"], [2, "False"]])
     with pytest.raises(CSVValueError) as info:
-        ingest_csv(src, tmp_path / "s.zarr")
+        ingest_csv(src, tmp_path / "s.zarr", preshuffle=False)
     assert (info.value.row, info.value.column, info.value.value) == (0, "flag", "True")
 
 
@@ -203,70 +220,76 @@ def test_booleans_are_not_numbers(tmp_path: Path) -> None:
 def test_missing_feature_needs_allow_missing(tmp_path: Path, marker: str) -> None:
     src = write_csv(tmp_path / "t.csv", ["a", "b", "label"], [[1, 2, "u"], [3, marker, "v"], [5, 6, "u"]])
     with pytest.raises(CSVValueError, match="allow_missing=True") as info:
-        ingest_csv(src, tmp_path / "s.zarr", label_column="label")
+        ingest_csv(src, tmp_path / "s.zarr", label_column="label", preshuffle=False)
     assert (info.value.row, info.value.column) == (1, "b")
     assert not (tmp_path / "s.zarr").exists()
 
-    store = ingest_csv(src, tmp_path / "s.zarr", label_column="label", allow_missing=True, block_rows=2)
+    store = ingest_csv(
+        src, tmp_path / "s.zarr", label_column="label", allow_missing=True, block_rows=2, preshuffle=False
+    )
     np.testing.assert_array_equal(store["x"][:], np.array([[1, 2], [3, np.nan], [5, 6]], dtype=np.float32))
 
 
 def test_allow_missing_still_refuses_text(tmp_path: Path) -> None:
     src = write_csv(tmp_path / "t.csv", ["a", "b"], [["", "2"], ["3", "four"]])
     with pytest.raises(CSVValueError) as info:
-        ingest_csv(src, tmp_path / "s.zarr", allow_missing=True)
+        ingest_csv(src, tmp_path / "s.zarr", allow_missing=True, preshuffle=False)
     assert (info.value.row, info.value.column, info.value.value) == (1, "b", "four")
 
 
 def test_missing_label_names_the_row(tmp_path: Path) -> None:
     src = write_csv(tmp_path / "t.csv", ["f", "label"], [[1, "a"], [2, "b"], [3, "a"], [4, ""], [5, "b"]])
     with pytest.raises(InvalidSourceError, match=r"row 3 .*no label in column 'label'"):
-        ingest_csv(src, tmp_path / "s.zarr", label_column="label", block_rows=2)
+        ingest_csv(src, tmp_path / "s.zarr", label_column="label", block_rows=2, preshuffle=False)
 
 
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(SourceNotFoundError, match=r"nothere\.csv"):
-        ingest_csv(tmp_path / "nothere.csv", tmp_path / "s.zarr")
+        ingest_csv(tmp_path / "nothere.csv", tmp_path / "s.zarr", preshuffle=False)
 
 
 def test_empty_file_and_header_only(tmp_path: Path) -> None:
     (tmp_path / "empty.csv").write_text("")
     with pytest.raises(SourceNotFoundError, match="empty"):
-        ingest_csv(tmp_path / "empty.csv", tmp_path / "s.zarr")
+        ingest_csv(tmp_path / "empty.csv", tmp_path / "s.zarr", preshuffle=False)
     (tmp_path / "header.csv").write_text("a,b,label\n")
     with pytest.raises(SourceNotFoundError, match="no data rows"):
-        ingest_csv(tmp_path / "header.csv", tmp_path / "s.zarr", label_column="label")
+        ingest_csv(tmp_path / "header.csv", tmp_path / "s.zarr", label_column="label", preshuffle=False)
 
 
 def test_unknown_columns_list_the_header(tmp_path: Path) -> None:
     src = write_csv(tmp_path / "t.csv", ["a", "b", "label"], [[1, 2, "x"]])
     with pytest.raises(InvalidSourceError, match=r"no column 'target'.*\['a', 'b', 'label'\]"):
-        ingest_csv(src, tmp_path / "s.zarr", label_column="target")
+        ingest_csv(src, tmp_path / "s.zarr", label_column="target", preshuffle=False)
     with pytest.raises(InvalidSourceError, match=r"\['z'\].*\['a', 'b', 'label'\]"):
-        ingest_csv(src, tmp_path / "s.zarr", label_column="label", feature_columns=["a", "z"])
+        ingest_csv(
+            src, tmp_path / "s.zarr", label_column="label", feature_columns=["a", "z"], preshuffle=False
+        )
     with pytest.raises(InvalidSourceError, match="both the label_column and a feature column"):
-        ingest_csv(src, tmp_path / "s.zarr", label_column="label", feature_columns=["a", "label"])
+        ingest_csv(
+            src, tmp_path / "s.zarr", label_column="label", feature_columns=["a", "label"], preshuffle=False
+        )
 
 
 def test_unparsable_file_names_delimiter(tmp_path: Path) -> None:
     (tmp_path / "t.csv").write_text("a,b\n1,2\n3,4,5,6\n")
     with pytest.raises(InvalidSourceError, match=r"cannot read .* as CSV.*delimiter=','"):
-        ingest_csv(tmp_path / "t.csv", tmp_path / "s.zarr")
+        ingest_csv(tmp_path / "t.csv", tmp_path / "s.zarr", preshuffle=False)
 
 
 def test_existing_destination_needs_overwrite(tmp_path: Path) -> None:
     x, labels = table(4)
     src = write_table(tmp_path / "t.csv", x, labels)
-    ingest_csv(src, tmp_path / "s.zarr", label_column="label")
+    ingest_csv(src, tmp_path / "s.zarr", label_column="label", preshuffle=False)
     with pytest.raises(StoreExistsError):
-        ingest_csv(src, tmp_path / "s.zarr", label_column="label")
-    store = ingest_csv(src, tmp_path / "s.zarr", feature_columns=["a"], overwrite=True)
+        ingest_csv(src, tmp_path / "s.zarr", label_column="label", preshuffle=False)
+    store = ingest_csv(src, tmp_path / "s.zarr", feature_columns=["a"], overwrite=True, preshuffle=False)
     assert store.fields["x"].shape == (4, 1)
 
 
 def test_block_rows_must_be_positive(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="block_rows"):
-        ingest_csv(tmp_path / "t.csv", tmp_path / "s.zarr", block_rows=0)
+        ingest_csv(tmp_path / "t.csv", tmp_path / "s.zarr", block_rows=0, preshuffle=False)
 
 
 @pytest.mark.parametrize("text", ["a,b,label\n1,2,u\n3,4,5,v\n", "a,b,label\n1,2,5,u\n3,4,v\n"])
@@ -274,15 +297,17 @@ def test_row_with_extra_fields_is_an_error(tmp_path: Path, text: str) -> None:
     """An unquoted delimiter inside a value must not shift the row's values silently."""
     (tmp_path / "t.csv").write_text(text)
     with pytest.raises(InvalidSourceError, match=r"line \d|more fields"):
-        ingest_csv(tmp_path / "t.csv", tmp_path / "s.zarr", label_column="label")
+        ingest_csv(tmp_path / "t.csv", tmp_path / "s.zarr", label_column="label", preshuffle=False)
     assert not (tmp_path / "s.zarr").exists()
 
 
 def test_encoding(tmp_path: Path) -> None:
     (tmp_path / "t.csv").write_bytes("f,label\n1,caf\xe9\n2,th\xe9\n".encode("latin-1"))
     with pytest.raises(InvalidSourceError, match="encoding='utf-8'"):
-        ingest_csv(tmp_path / "t.csv", tmp_path / "s.zarr", label_column="label")
-    store = ingest_csv(tmp_path / "t.csv", tmp_path / "s.zarr", label_column="label", encoding="latin-1")
+        ingest_csv(tmp_path / "t.csv", tmp_path / "s.zarr", label_column="label", preshuffle=False)
+    store = ingest_csv(
+        tmp_path / "t.csv", tmp_path / "s.zarr", label_column="label", encoding="latin-1", preshuffle=False
+    )
     assert store.metadata["class_names"] == ["café", "thé"]
 
 

@@ -28,7 +28,7 @@ def test_one_file_round_trip(tmp_path: Path, fmt: str) -> None:
 
     store = open_store(store.path)
     assert store.fields["x"].shape == (37, 4, 5) and store.fields["x"].dtype == np.uint8
-    np.testing.assert_array_equal(store["x"][:], x)
+    np.testing.assert_array_equal(store["x"][:], x[store.source_index])
     assert store.metadata["source"] == {
         "kind": "npy",
         "files": [{"field": "x", "path": str(src.resolve()), "rows": 37}],
@@ -43,7 +43,7 @@ def test_files_are_concatenated_in_order(tmp_path: Path, fmt: str) -> None:
     files = [save(tmp_path / f"p{i}.npy", p) for i, p in enumerate(parts)]
     store = ingest_npy([str(f) for f in files], tmp_path / f"s{fmt}", field="feats", chunk_len=4)
     assert list(store.fields) == ["feats"]
-    np.testing.assert_array_equal(store["feats"][:], np.concatenate(parts))
+    np.testing.assert_array_equal(store["feats"][:], np.concatenate(parts)[store.source_index])
     rows = [(f["path"], f["rows"]) for f in store.metadata["source"]["files"]]
     assert rows == [(str(f.resolve()), len(p)) for f, p in zip(files, parts, strict=True)]
 
@@ -54,8 +54,8 @@ def test_several_fields_split_differently(tmp_path: Path, fmt: str) -> None:
     xs = [save(tmp_path / "x0.npy", x[:7]), save(tmp_path / "x1.npy", x[7:])]
     ys = [save(tmp_path / "y0.npy", y[:2]), save(tmp_path / "y1.npy", y[2:])]
     store = ingest_npy({"x": xs, "y": ys}, tmp_path / f"s{fmt}", chunk_len=3)
-    np.testing.assert_array_equal(store["x"][:], x)
-    np.testing.assert_array_equal(store["y"][:], y)
+    np.testing.assert_array_equal(store["x"][:], x[store.source_index])
+    np.testing.assert_array_equal(store["y"][:], y[store.source_index])
     assert [f["field"] for f in store.metadata["source"]["files"]] == ["x", "x", "y", "y"]
 
 
@@ -63,7 +63,7 @@ def test_big_endian_and_fortran_order(tmp_path: Path) -> None:
     x = np.asfortranarray(np.arange(24, dtype=">f4").reshape(6, 4))
     store = ingest_npy(save(tmp_path / "x.npy", x), tmp_path / "s.h5", chunk_len=4)
     assert store.fields["x"].dtype == np.dtype("float32")
-    np.testing.assert_array_equal(store["x"][:], x)
+    np.testing.assert_array_equal(store["x"][:], x[store.source_index])
 
 
 def test_small_input_is_one_chunk_of_its_own_size(tmp_path: Path) -> None:
@@ -89,7 +89,7 @@ def test_round_trip_property(x: np.ndarray, cuts: list[int], chunk_len: int, fmt
         store = ingest_npy(files, Path(tmp) / f"s{fmt}", chunk_len=chunk_len)
         out = store["x"][:]
         assert out.dtype == x.dtype
-        assert out.tobytes() == x.tobytes()
+        assert out.tobytes() == x[store.source_index].tobytes()
         store.close()
 
 

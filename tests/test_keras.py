@@ -46,7 +46,7 @@ def _toy_store(path, n, seed):
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(n, 2)).astype(np.float32)
     y = (x[:, 0] + x[:, 1] > 0).astype(np.int64)
-    return oocseq.ingest_arrays(path, {"x": x, "y": y}, chunk_len=32)
+    return oocseq.ingest_arrays(path, {"x": x, "y": y}, chunk_len=32, preshuffle=False)
 
 
 def test_fit_learns(tmp_path, fmt):
@@ -214,7 +214,7 @@ def test_uint8_images_with_rescaling(tmp_path, fmt):
     left = np.arange(8)[None, None, :, None] < 4
     base = np.where((y[:, None, None, None] == 1) == left, 200, 50)
     x = np.clip(base + rng.normal(0, 30, (n, 8, 8, 1)), 0, 255).astype(np.uint8)
-    store = oocseq.ingest_arrays(tmp_path / f"img{fmt}", {"x": x, "y": y}, chunk_len=16)
+    store = oocseq.ingest_arrays(tmp_path / f"img{fmt}", {"x": x, "y": y}, chunk_len=16, preshuffle=False)
     seq = ChunkedSequence(store, 24, seed=0)
     xb, yb = seq[0]
     assert xb.dtype == np.uint8 and xb.shape == (24, 8, 8, 1) and yb.shape == (24,)

@@ -174,7 +174,10 @@ def test_state_of_another_store_is_refused(tmp_path, fmt):
     # same shape (n, chunk_len, fields, dtypes), different data
     idx = np.arange(103)
     b = oocseq.ingest_arrays(
-        tmp_path / f"b{fmt}", {"x": x_of(idx) + 1, "y": (idx % 10).astype(np.int64)}, chunk_len=8
+        tmp_path / f"b{fmt}",
+        {"x": x_of(idx) + 1, "y": (idx % 10).astype(np.int64)},
+        chunk_len=8,
+        preshuffle=False,
     )
     assert len(a) == len(b) and a.chunk_len == b.chunk_len
     state = _state_after(ChunkedSequence(a, 10, seed=1), 3)

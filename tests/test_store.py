@@ -74,8 +74,14 @@ def plain_read(path: Path, name: str) -> np.ndarray:
 
 
 def check_store(store: oocseq.Store, path: Path, expected: dict[str, np.ndarray], chunk_len: int) -> None:
-    """Every read path of ``store`` gives ``expected``."""
+    """Every read path of ``store`` gives ``expected`` (in source order), reordered as the
+    store's pre-shuffle wrote it."""
     n = len(next(iter(expected.values())))
+    order = store.source_index
+    assert order is not None
+    # the pre-shuffle is a permutation of the source rows (nothing lost or repeated)
+    np.testing.assert_array_equal(np.sort(order), np.arange(n))
+    expected = {name: src[order] for name, src in expected.items()}
     assert len(store) == n
     # capped at n where n is known up front (arrays), as given for streams
     assert store.chunk_len in (chunk_len, min(chunk_len, max(n, 1)))
@@ -184,6 +190,7 @@ def test_field_view_indexing_matches_numpy(n: int, chunk_len: int, fmt: str, dat
     src = np.arange(n * 6, dtype=np.int32).reshape(n, 2, 3) * 3 - 7
     with tempfile.TemporaryDirectory() as d:
         store = oocseq.ingest_arrays(Path(d) / f"s{fmt}", {"x": src}, chunk_len=chunk_len)
+        src = src[store.source_index]  # indexing is over the stored order
         view = store["x"]
         assert view.shape == src.shape and view.dtype == src.dtype and len(view) == n and view.ndim == 3
         i = data.draw(st.integers(-n, n - 1), label="i")
@@ -212,7 +219,7 @@ def test_field_view_indexing_matches_numpy(n: int, chunk_len: int, fmt: str, dat
 def test_field_view_ellipsis(tmp_path: Path, fmt: str) -> None:
     """``view[...]`` is the usual numpy / h5py / zarr way to read a whole array."""
     src = np.arange(60, dtype=np.float32).reshape(10, 2, 3)
-    store = oocseq.ingest_arrays(tmp_path / f"s{fmt}", {"x": src}, chunk_len=4)
+    store = oocseq.ingest_arrays(tmp_path / f"s{fmt}", {"x": src}, chunk_len=4, preshuffle=False)
     view = store["x"]
     assert_same(view[...], src)
     assert_same(view[..., 1], src[..., 1])
@@ -225,7 +232,7 @@ def test_field_view_ellipsis(tmp_path: Path, fmt: str) -> None:
 @pytest.mark.parametrize("name", ["s.hdf5", "s.H5", "s.HDF5", "s.ZARR"])
 def test_other_suffixes(tmp_path: Path, name: str) -> None:
     src = np.arange(9, dtype=np.int16).reshape(3, 3)
-    store = oocseq.ingest_arrays(tmp_path / name, {"x": src}, chunk_len=2)
+    store = oocseq.ingest_arrays(tmp_path / name, {"x": src}, chunk_len=2, preshuffle=False)
     assert store.format == ("zarr" if name.lower().endswith(".zarr") else "hdf5")
     assert_same(oocseq.open_store(tmp_path / name)["x"][:], src)
 
@@ -304,13 +311,32 @@ def test_streaming_memory_is_bounded(tmp_path: Path) -> None:
 
     tracemalloc.start()
     try:
-        store = oocseq.ingest_arrays(tmp_path / "s.h5", {"x": gen()}, chunk_len=2 * batch)
+        store = oocseq.ingest_arrays(tmp_path / "s.h5", {"x": gen()}, chunk_len=2 * batch, preshuffle=False)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
     assert len(store) == 128 * batch
     assert peak < 12 * MiB, f"peak traced memory {peak / MiB:.1f} MiB for 32 MiB of input"
     assert_same(store.read_chunk("x", 5), np.repeat([10.0, 11.0], batch))
+
+
+def test_preshuffled_stream_memory_is_bounded(tmp_path: Path) -> None:
+    """Spooled to disk and read back shuffled: memory still holds a few chunks, not the data."""
+    batch = 256 * 1024 // 8
+
+    def gen():
+        for k in range(128):
+            yield np.full((batch,), float(k))
+
+    tracemalloc.start()
+    try:
+        store = oocseq.ingest_arrays(tmp_path / "s.h5", {"x": gen()}, chunk_len=2 * batch)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert store.metadata["preshuffle"] is not None
+    assert peak < 12 * MiB, f"peak traced memory {peak / MiB:.1f} MiB for 32 MiB of input"
+    assert_same(store["x"][:], np.repeat(np.arange(128.0), batch)[store.source_index])
 
 
 # -- chunk_len=None --------------------------------------------------------------------------
@@ -370,7 +396,7 @@ def test_default_chunk_len_streaming(tmp_path: Path, fmt: str, batches: int) -> 
                 np.arange(4 * b, 4 * b + 4) if y else np.full((4, 32, 32), b, dtype=np.float64)
             )  # 8 KiB/sample
 
-    store = oocseq.ingest_arrays(tmp_path / f"s{fmt}", {"x": gen(), "y": gen(y=True)})
+    store = oocseq.ingest_arrays(tmp_path / f"s{fmt}", {"x": gen(), "y": gen(y=True)}, preshuffle=False)
     assert len(store) == 4 * batches
     if batches == 3:
         assert store.chunk_len == 12 and store.num_chunks == 1
@@ -448,8 +474,12 @@ def test_store_opens_without_oocseq(tmp_path: Path) -> None:
     y = rng.integers(-5, 5, 13).astype(np.int8)
     np.save(tmp_path / "x.npy", x)
     np.save(tmp_path / "y.npy", y)
-    oocseq.ingest_arrays(tmp_path / "s.zarr", {"x": x, "y": y}, chunk_len=4, compression="zstd")
-    oocseq.ingest_arrays(tmp_path / "s.h5", {"x": x, "y": y}, chunk_len=4, compression="lz4")
+    oocseq.ingest_arrays(
+        tmp_path / "s.zarr", {"x": x, "y": y}, chunk_len=4, compression="zstd", preshuffle=False
+    )
+    oocseq.ingest_arrays(
+        tmp_path / "s.h5", {"x": x, "y": y}, chunk_len=4, compression="lz4", preshuffle=False
+    )
     code = """
 import sys, numpy as np, zarr, h5py, hdf5plugin
 d = sys.argv[1]
@@ -478,7 +508,9 @@ def test_concurrent_reads_from_threads(tmp_path: Path, fmt: str, compression: st
 
     rng = np.random.default_rng(8)
     x = rng.standard_normal((200, 5)).astype(np.float32)
-    store = oocseq.ingest_arrays(tmp_path / f"s{fmt}", {"x": x}, chunk_len=7, compression=compression)
+    store = oocseq.ingest_arrays(
+        tmp_path / f"s{fmt}", {"x": x}, chunk_len=7, compression=compression, preshuffle=False
+    )
     store = oocseq.open_store(tmp_path / f"s{fmt}")  # fresh: handles are opened by the threads
 
     def work(seed: int) -> bool:
@@ -499,7 +531,7 @@ def test_concurrent_reads_from_threads(tmp_path: Path, fmt: str, compression: st
 def test_pickle_is_small_and_works(tmp_path: Path, fmt: str) -> None:
     rng = np.random.default_rng(6)
     x = rng.standard_normal((256, 512))  # 1 MiB
-    store = oocseq.ingest_arrays(tmp_path / f"s{fmt}", {"x": x}, chunk_len=32)
+    store = oocseq.ingest_arrays(tmp_path / f"s{fmt}", {"x": x}, chunk_len=32, preshuffle=False)
     assert_same(store.read_chunk("x", 0), x[:32])  # open the file handle first
     blob = pickle.dumps(store)
     assert len(blob) < 4096, len(blob)
@@ -530,7 +562,7 @@ def test_store_in_child_process(tmp_path: Path, fmt: str, method: str) -> None:
     rng = np.random.default_rng(7)
     x = rng.standard_normal((20, 3)).astype(np.float32)
     y = rng.integers(0, 3, 20)
-    store = oocseq.ingest_arrays(tmp_path / f"s{fmt}", {"x": x, "y": y}, chunk_len=6)
+    store = oocseq.ingest_arrays(tmp_path / f"s{fmt}", {"x": x, "y": y}, chunk_len=6, preshuffle=False)
     store.read_chunk("x", 0)  # the parent holds an open handle when the child starts
     ctx = mp.get_context(method)
     queue = ctx.Queue()

@@ -41,7 +41,7 @@ def img_of(idx: np.ndarray) -> np.ndarray:
 def make_mixed_store(path) -> oocseq.Store:
     idx = np.arange(N)
     fields = {"x": x_of(idx), "y": y_of(idx), "img": img_of(idx), "h": (idx % 7 - 3).astype(np.int16)}
-    return oocseq.ingest_arrays(path, fields, chunk_len=CHUNK)
+    return oocseq.ingest_arrays(path, fields, chunk_len=CHUNK, preshuffle=False)
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import zlib
@@ -13,7 +14,9 @@ import numpy as np
 from ..errors import FieldLengthError, InvalidSourceError
 from ..manifest import Compression
 from ..store import Store
+from ._preshuffle import BlockShuffle, default_block_len
 from ._progress import progress_bar
+from ._spool import Spool
 from ._writer import StoreWriter, choose_chunk_len, field_spec
 
 
@@ -29,6 +32,8 @@ def ingest_arrays(
     compression: str | Compression | None = "lz4",
     overwrite: bool = False,
     metadata: Mapping[str, Any] | None = None,
+    preshuffle: bool = True,
+    seed: int = 0,
     progress: bool = False,
     resume: bool = True,
 ) -> Store:
@@ -46,6 +51,14 @@ def ingest_arrays(
         compression: ``None``, ``"lz4"`` (default), ``"zstd"`` or ``"zlib"`` (Blosc).
         overwrite: replace an existing store at ``dest``.
         metadata: JSON-serialisable user metadata kept in ``store.metadata``.
+        preshuffle: store the samples in a seeded random order of short source blocks
+            (default), so that chunks mix whatever the source order (a source sorted by label
+            would otherwise give batches of a few classes). Recorded in
+            ``store.metadata["preshuffle"]``; ``store.source_index`` maps stored samples back
+            to source rows. Iterables of batches are first spooled to temporary uncompressed
+            files beside ``dest`` (one copy of the data on disk, bounded memory), then read
+            back shuffled. ``False`` keeps the order given.
+        seed: seed of the pre-shuffle.
         progress: show a progress bar.
         resume: if an earlier run of the same call (same arrays, ``dest`` and arguments) was
             interrupted, go on from its last written chunk (default); ``False`` starts over.
@@ -96,6 +109,58 @@ def ingest_arrays(
         first[name] = head
         sources[name] = itertools.chain([head], it)
 
+    # Arrays can be replayed, so an interrupted ingestion of them can resume; streams cannot.
+    job = None
+    if not first:
+        job = {
+            "kind": "arrays",
+            "fields": {name: _identity(src) for name, src in sources.items()},
+            "metadata": dict(metadata or {}),
+            "preshuffle": {"seed": seed} if preshuffle else None,
+        }
+    with contextlib.ExitStack() as stack:
+        if preshuffle and first:
+            # Streams cannot be read in a random order: spool them to disk, then read them
+            # back shuffled as memory-mapped arrays (bounded memory; see _spool.py).
+            spool = stack.enter_context(Spool(dest, overwrite))
+            for name in first:
+                for batch in sources[name]:
+                    spool.append(name, batch)
+            sources.update(spool.arrays())
+            first = {}
+        return _write(
+            dest,
+            sources,
+            first,
+            chunk_len=chunk_len,
+            compression=compression,
+            overwrite=overwrite,
+            metadata=metadata,
+            preshuffle=preshuffle,
+            seed=seed,
+            progress=progress,
+            job=job,
+            resume=resume,
+        )
+
+
+def _write(
+    dest: str | os.PathLike[str],
+    sources: dict[str, Any],
+    first: dict[str, np.ndarray],
+    *,
+    chunk_len: int | None,
+    compression: str | Compression | None,
+    overwrite: bool,
+    metadata: Mapping[str, Any] | None,
+    preshuffle: bool,
+    seed: int,
+    progress: bool,
+    job: dict[str, Any] | None,
+    resume: bool,
+) -> Store:
+    """Write ``sources`` (arrays, or streams named in ``first`` with their first batch);
+    ``job`` identifies a replayable source for resuming (``None``: start over)."""
     lengths = {k: int(v.shape[0]) for k, v in sources.items() if _is_array(v)}
     if len(set(lengths.values())) > 1:
         raise FieldLengthError(
@@ -113,13 +178,6 @@ def ingest_arrays(
     if chunk_len is None and total is not None:
         chunk_len = choose_chunk_len(specs, total)
     # Unknown length and no chunk_len: the writer picks one, shrunk to the data if it is shorter.
-    job = None
-    if not first:  # arrays can be replayed: the ingestion can resume
-        job = {
-            "kind": "arrays",
-            "fields": {name: _identity(src) for name, src in sources.items()},
-            "metadata": dict(metadata or {}),
-        }
     with StoreWriter(
         dest,
         specs,
@@ -133,15 +191,24 @@ def ingest_arrays(
         chunk_len = w.chunk_len
         w.attrs.update(dict(metadata or {}))
         w.attrs.setdefault("source", {"kind": "arrays"})
+        shuffle = None
+        if preshuffle and not first and total:
+            widest = max(spec.sample_nbytes for spec in specs.values())
+            shuffle = BlockShuffle(total, default_block_len(widest, chunk_len), seed)
+        w.attrs["preshuffle"] = shuffle.to_json() if shuffle else None
         with progress_bar(progress, total, f"ingest {os.fspath(dest)}") as bar:
             if not first:  # all arrays: read chunk-sized slices, all fields in step
                 begin = int(w.resume_state["start"]) if w.resume_state else 0
                 bar.update(begin)
                 for start in range(begin, total or 0, chunk_len):
                     w.checkpoint({"start": start})
+                    stop = min(start + chunk_len, total or 0)
                     for name, src in sources.items():
-                        w.append(name, np.asarray(src[start : start + chunk_len]))
-                    bar.update(min(chunk_len, total - start))
+                        if shuffle is None:
+                            w.append(name, np.asarray(src[start:stop]))
+                        else:
+                            w.append(name, shuffle.gather(lambda lo, hi, a=src: a[lo:hi], start, stop))
+                    bar.update(stop - start)
             else:
                 for name, src in sources.items():
                     for batch in _batches(src, chunk_len):

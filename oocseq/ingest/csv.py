@@ -20,7 +20,9 @@ from ..errors import ArgumentError, CSVValueError, InvalidSourceError, SourceNot
 from ..manifest import Compression
 from ..store import Store
 from ._progress import progress_bar
+from ._spool import Spool
 from ._writer import StoreWriter, choose_chunk_len, field_spec
+from .arrays import _write
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -174,14 +176,16 @@ def ingest_csv(
     chunk_len: int | None = None,
     compression: str | Compression | None = "lz4",
     overwrite: bool = False,
+    preshuffle: bool = True,
+    seed: int = 0,
     progress: bool = False,
     resume: bool = True,
 ) -> Store:
     """Ingest a CSV file with a header line: feature columns -> ``x``, the label column -> ``y``.
 
-    Sample ``i`` is data row ``i`` of the file (0-based, the header line not counted; line
-    ``i + 2`` when no quoted cell spans lines), so no per-sample provenance array is stored:
-    ``store.metadata["source"]`` names the file and its number of rows.
+    Sample ``i`` is data row ``store.source_index[i]`` of the file (0-based, the header line
+    not counted; line ``row + 2`` when no quoted cell spans lines), so no per-sample provenance
+    array is stored: ``store.metadata["source"]`` names the file and its number of rows.
 
     Args:
         src: the CSV file; its first line names the columns.
@@ -203,6 +207,12 @@ def ingest_csv(
             most the number of rows).
         compression: ``None``, ``"lz4"``, ``"zstd"`` or ``"zlib"``.
         overwrite: replace an existing store at ``dest``.
+        preshuffle: store the rows in a seeded random order of short blocks of rows (default),
+            so that chunks mix labels even when the table is sorted by label, date or group.
+            The table is read once into temporary uncompressed files beside ``dest`` (about
+            ``4 * rows * (features + 1)`` bytes of disk, bounded memory), then written
+            shuffled. ``False`` keeps the file's row order and needs no temporary space.
+        seed: seed of the pre-shuffle.
         progress: show a progress bar.
         resume: if an earlier run of the same call (same file, size and modification time,
             same ``dest`` and arguments) was interrupted, go on from its last written chunk
@@ -257,7 +267,35 @@ def ingest_csv(
         "delimiter": delimiter,
         "encoding": encoding,
         "block_rows": block_rows,
+        "preshuffle": {"seed": seed} if preshuffle else None,
     }
+    if preshuffle:
+        # The rows go to a spool on disk, then in a shuffled order to the store. Resumable: the
+        # spool is made again from the file, and the order is a function of the seed.
+        with (
+            Spool(dest, overwrite) as spool,
+            progress_bar(progress, total, f"read {path.name}", unit="row") as bar,
+        ):
+            for start, block in reader.blocks(dtype=dtype):  # all columns, so extra fields are errors
+                spool.append("x", _features(block, features, start, str(path), allow_missing))
+                if labels is not None:
+                    spool.append("y", labels.encode(block[labels.column], start, str(path)))
+                rows = start + len(block)
+                bar.update(len(block))
+            return _write(
+                dest,
+                spool.arrays(),
+                {},
+                chunk_len=chunk_len,
+                compression=compression,
+                overwrite=overwrite,
+                metadata=_attrs(path, rows, features, labels),
+                preshuffle=True,
+                seed=seed,
+                progress=progress,
+                job=job,
+                resume=resume,
+            )
     with (
         StoreWriter(
             dest,

@@ -391,7 +391,7 @@ def ingest_dataframe(
     color_mode: str = "rgb",
     interpolation: str = "bilinear",
     classes: Sequence[str] | None = None,
-    preshuffle: bool = False,
+    preshuffle: bool = True,
     seed: int = 0,
     chunk_len: int | None = None,
     compression: str | Compression | None = "lz4",
@@ -412,7 +412,9 @@ def ingest_dataframe(
         directory: folder the paths are relative to.
         classes: class names in label order (default: sorted unique string labels). A label
             not in ``classes`` is an error naming its row.
-        preshuffle: store rows in a seeded random order (default: keep the DataFrame's order).
+        preshuffle: store rows in a seeded random order (default), so that chunks mix classes
+            even when the DataFrame is grouped by class, patient or date; ``store.sources``
+            keeps each sample's path. ``False`` keeps the DataFrame's order.
         Other arguments: as :func:`ingest_image_folder`.
 
     Returns:

@@ -17,6 +17,7 @@ import numpy as np
 from ..errors import FieldLengthError, InvalidSourceError, SourceNotFoundError
 from ..manifest import Compression, FieldSpec
 from ..store import Store
+from ._preshuffle import BlockShuffle, default_block_len
 from ._progress import progress_bar
 from ._writer import StoreWriter, choose_chunk_len, field_spec
 
@@ -34,6 +35,8 @@ def ingest_npy(
     chunk_len: int | None = None,
     compression: str | Compression | None = "lz4",
     overwrite: bool = False,
+    preshuffle: bool = True,
+    seed: int = 0,
     progress: bool = False,
     resume: bool = True,
 ) -> Store:
@@ -49,6 +52,12 @@ def ingest_npy(
         chunk_len: samples per chunk (default: about 4 MiB of the widest field, at most ``n``).
         compression: ``None``, ``"lz4"``, ``"zstd"`` or ``"zlib"``.
         overwrite: replace an existing store at ``dest``.
+        preshuffle: store the samples in a seeded random order of short blocks of the
+            concatenated files (default), so that chunks mix classes even when the files are
+            one per class or sorted by label. Recorded in ``store.metadata["preshuffle"]``;
+            ``store.source_index`` maps stored samples back to rows of the concatenation.
+            ``False`` keeps the files' order.
+        seed: seed of the pre-shuffle.
         progress: show a progress bar.
         resume: if an earlier run of the same call (same files, sizes and modification
             times, same ``dest`` and arguments) was interrupted, go on from its last written
@@ -87,6 +96,7 @@ def ingest_npy(
     job = {
         "kind": "npy",
         "files": {name: [_file_identity(p) for p in c.files] for name, c in fields.items()},
+        "preshuffle": {"seed": seed} if preshuffle else None,
     }
     with (
         StoreWriter(
@@ -102,13 +112,21 @@ def ingest_npy(
         progress_bar(progress, n, f"ingest {os.fspath(dest)}") as bar,
     ):
         chunk_len = w.chunk_len
+        shuffle = None
+        if preshuffle:
+            widest = max(spec.sample_nbytes for spec in specs.values())
+            shuffle = BlockShuffle(n, default_block_len(widest, chunk_len), seed)
+        w.attrs["preshuffle"] = shuffle.to_json() if shuffle else None
         begin = int(w.resume_state["start"]) if w.resume_state else 0
         bar.update(begin)
         for start in range(begin, n, chunk_len):
             w.checkpoint({"start": start})
             stop = min(start + chunk_len, n)
             for name, source in fields.items():
-                w.append(name, source.rows(start, stop))
+                if shuffle is None:
+                    w.append(name, source.rows(start, stop))
+                else:
+                    w.append(name, shuffle.gather(source.rows, start, stop))
             bar.update(stop - start)
         w.attrs["source"] = {
             "kind": "npy",
