@@ -246,6 +246,9 @@ def run(workdir: Path, store_gb: float, limit: int, keep: bool) -> dict[str, Any
         compression=None,  # photo pixels barely compress with lz4; raw chunks read fastest
         metadata=meta,
         overwrite=True,
+        # The crops are drawn in random order already, and `id` is the stored position that the
+        # exactly-once check compares with the plan: no pre-shuffle (nor its spool on disk).
+        preshuffle=False,
     )
     write_seconds = time.perf_counter() - t
     val = oocseq.ingest_arrays(
@@ -258,7 +261,7 @@ def run(workdir: Path, store_gb: float, limit: int, keep: bool) -> dict[str, Any
         compression=None,
         metadata=meta,
         overwrite=True,
-    )
+, preshuffle=False)
     store_bytes = _size(train_path)
     train_len, chunk_len, num_chunks = len(train), train.chunk_len, train.num_chunks
     train.close()

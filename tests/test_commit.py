@@ -34,25 +34,27 @@ def test_overwrite_refuses_what_is_not_an_oocseq_store(tmp_path: Path) -> None:
         f["a"] = np.arange(3)
     for dest in (thesis, other, tmp_path / "plain.h5"):
         with pytest.raises(oocseq.NotAStoreError, match="not an oocseq store"):
-            oocseq.ingest_arrays(dest, data(), overwrite=True)
+            oocseq.ingest_arrays(dest, data(), overwrite=True, preshuffle=False)
     assert (thesis / "thesis.tex").read_text() == "years of work"
     assert other.read_bytes() == b"not hdf5 at all"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["other.h5", "plain.h5", "precious.zarr"]
     # An empty folder, or an oocseq store (even a damaged one), may be replaced.
     (tmp_path / "empty.zarr").mkdir()
-    oocseq.ingest_arrays(tmp_path / "empty.zarr", data(), overwrite=True).close()
-    oocseq.ingest_arrays(tmp_path / "empty.zarr", data(seed=1), overwrite=True).close()
+    oocseq.ingest_arrays(tmp_path / "empty.zarr", data(), overwrite=True, preshuffle=False).close()
+    oocseq.ingest_arrays(tmp_path / "empty.zarr", data(seed=1), overwrite=True, preshuffle=False).close()
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_chunk_len_is_capped(tmp_path: Path, fmt: str) -> None:
     store = oocseq.ingest_arrays(
-        tmp_path / f"a{fmt}", {"x": np.zeros(3)}, chunk_len=50_000_000, compression=None
+        tmp_path / f"a{fmt}", {"x": np.zeros(3)}, chunk_len=50_000_000, compression=None, preshuffle=False
     )
     assert store.chunk_len == 3
     assert sum(f.stat().st_size for f in tmp_path.rglob("*") if f.is_file()) < 100_000
     with pytest.raises(oocseq.ArgumentError, match="chunk_len"):
-        oocseq.ingest_arrays(tmp_path / f"b{fmt}", {"x": iter([np.zeros((3, 4))])}, chunk_len=10**9)
+        oocseq.ingest_arrays(
+            tmp_path / f"b{fmt}", {"x": iter([np.zeros((3, 4))])}, chunk_len=10**9, preshuffle=False
+        )
     assert not (tmp_path / f"b{fmt}").exists()
 
 
@@ -78,9 +80,9 @@ def test_data_and_folders_are_fsynced_before_the_rename(tmp_path: Path, fmt: str
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "rename", rename)
     dest = tmp_path / f"s{fmt}"
-    oocseq.ingest_arrays(dest, data(), chunk_len=8).close()
+    oocseq.ingest_arrays(dest, data(), chunk_len=8, preshuffle=False).close()
     events.clear()
-    oocseq.ingest_arrays(dest, data(seed=1), chunk_len=8, overwrite=True).close()
+    oocseq.ingest_arrays(dest, data(seed=1), chunk_len=8, overwrite=True, preshuffle=False).close()
     renames = [i for i, e in enumerate(events) if e == ("rename", str(dest))]
     assert renames, events
     before = [p for op, p in events[: renames[-1]] if op == "fsync"]
@@ -97,7 +99,7 @@ def test_data_and_folders_are_fsynced_before_the_rename(tmp_path: Path, fmt: str
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_an_old_store_left_aside_is_recovered_by_open_and_by_ingest(tmp_path: Path, fmt: str) -> None:
     dest = tmp_path / f"s{fmt}"
-    old = oocseq.ingest_arrays(dest, data(), chunk_len=8)
+    old = oocseq.ingest_arrays(dest, data(), chunk_len=8, preshuffle=False)
     expected = old["x"][:]
     old.close()
     aside = _commit.sibling(dest, "abc123", "old")
@@ -106,11 +108,11 @@ def test_an_old_store_left_aside_is_recovered_by_open_and_by_ingest(tmp_path: Pa
     assert not aside.exists()
     os.rename(dest, aside)
     with pytest.raises(oocseq.StoreExistsError):  # the ingestion sees the recovered store
-        oocseq.ingest_arrays(dest, data(seed=2), chunk_len=8)
+        oocseq.ingest_arrays(dest, data(seed=2), chunk_len=8, preshuffle=False)
     np.testing.assert_array_equal(oocseq.open_store(dest)["x"][:], expected)
     # dest and an old one both there: the old one is what the crash left after the commit.
     (_commit.sibling(dest, "def456", "old")).mkdir()
-    oocseq.ingest_arrays(dest, data(seed=3), chunk_len=8, overwrite=True).close()
+    oocseq.ingest_arrays(dest, data(seed=3), chunk_len=8, overwrite=True, preshuffle=False).close()
     assert sorted(p.name for p in tmp_path.iterdir()) == [dest.name]
 
 
@@ -120,8 +122,8 @@ def test_rename_noreplace(tmp_path: Path, fmt: str, native: bool, monkeypatch) -
     if not native:
         monkeypatch.setattr(_commit, "_renameat2", None)
     a, b = tmp_path / f"a{fmt}", tmp_path / f"b{fmt}"
-    oocseq.ingest_arrays(a, data()).close()
-    oocseq.ingest_arrays(b, data(seed=1)).close()
+    oocseq.ingest_arrays(a, data(), preshuffle=False).close()
+    oocseq.ingest_arrays(b, data(seed=1), preshuffle=False).close()
     with pytest.raises(FileExistsError):
         _commit.rename_noreplace(a, b)
     assert a.exists() and oocseq.open_store(b)["x"][0, 0] == data(seed=1)["x"][0, 0]
@@ -142,11 +144,13 @@ def test_resume_false_and_streams_start_over(tmp_path: Path, fmt: str, monkeypat
 
     monkeypatch.setattr(_writer.StoreWriter, "append", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        oocseq.ingest_arrays(dest, data(), chunk_len=8)
+        oocseq.ingest_arrays(dest, data(), chunk_len=8, preshuffle=False)
     monkeypatch.setattr(_writer.StoreWriter, "append", real_append)
     assert {p.name.rsplit(".", 1)[1] for p in tmp_path.iterdir()} == {"partial", "journal", "lock"}
     with pytest.warns(UserWarning, match="stream of batches cannot be replayed"):
-        store = oocseq.ingest_arrays(dest, {"x": iter([data()["x"]]), "y": data()["y"]}, chunk_len=8)
+        store = oocseq.ingest_arrays(
+            dest, {"x": iter([data()["x"]]), "y": data()["y"]}, chunk_len=8, preshuffle=False
+        )
     np.testing.assert_array_equal(store["x"][:], data()["x"])
     assert sorted(p.name for p in tmp_path.iterdir()) == [dest.name]
 
@@ -157,7 +161,7 @@ def test_a_live_ingestions_files_are_left_alone(tmp_path: Path) -> None:
     assert _commit.OwnerLock.adopt(lock.path) is None  # held
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        oocseq.ingest_arrays(dest, data()).close()
+        oocseq.ingest_arrays(dest, data(), preshuffle=False).close()
     assert lock.path.exists()
     lock.release(delete=False)
     adopted = _commit.OwnerLock.adopt(lock.path)

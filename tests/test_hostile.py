@@ -36,7 +36,9 @@ Y = np.arange(40, dtype=np.int64) % 7
 
 
 def make(path: Path, compression: str | None = "lz4", x: np.ndarray = X) -> oocseq.Store:
-    return oocseq.ingest_arrays(path, {"x": x, "y": Y}, chunk_len=8, compression=compression)
+    return oocseq.ingest_arrays(
+        path, {"x": x, "y": Y}, chunk_len=8, compression=compression, preshuffle=False
+    )
 
 
 def refused(path: Path, *needles: str, **kwargs: Any) -> CorruptStoreError:
@@ -551,7 +553,9 @@ def test_read_chunk_survives_truncation(tmp_path: Path, fmt: str) -> None:
     """A chunk returned before its file is truncated stays valid (no view of a memory map);
     run in a child process, since the failure is a SIGBUS."""
     path = tmp_path / f"s{fmt}"
-    oocseq.ingest_arrays(path, {"x": np.random.rand(4096, 64).astype("f4")}, chunk_len=256, compression=None)
+    oocseq.ingest_arrays(
+        path, {"x": np.random.rand(4096, 64).astype("f4")}, chunk_len=256, compression=None, preshuffle=False
+    )
     target = path if fmt == ".h5" else path / "x" / "c" / "15" / "0"
     code = f"""
 import os, sys, numpy as np

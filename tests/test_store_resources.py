@@ -37,7 +37,9 @@ pytestmark = pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="need
 @pytest.mark.parametrize("closing", ["close", "with", "gc"])
 def test_no_handle_outlives_close_or_gc(tmp_path: Path, fmt: str, closing: str) -> None:
     path = tmp_path / f"s{fmt}"
-    oocseq.ingest_arrays(path, {"x": np.arange(400.0).reshape(100, 4)}, chunk_len=16).close()
+    oocseq.ingest_arrays(
+        path, {"x": np.arange(400.0).reshape(100, 4)}, chunk_len=16, preshuffle=False
+    ).close()
     gc.collect()
     before = _fds()
     for _ in range(30):
@@ -66,7 +68,9 @@ def test_many_stores_under_a_low_fd_limit(tmp_path: Path, fmt: str) -> None:
     """With ``ulimit -n 64``, hundreds of stores opened and closed (or dropped) in turn work;
     running out of descriptors is a StoreReadError that says so."""
     path = tmp_path / f"s{fmt}"
-    oocseq.ingest_arrays(path, {"x": np.arange(400.0).reshape(100, 4)}, chunk_len=16).close()
+    oocseq.ingest_arrays(
+        path, {"x": np.arange(400.0).reshape(100, 4)}, chunk_len=16, preshuffle=False
+    ).close()
     code = f"""
 import gc, resource, sys
 sys.path.insert(0, {str(REPO)!r})
@@ -100,7 +104,9 @@ else:
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_memory_flat_over_open_close_cycles(tmp_path: Path, fmt: str) -> None:
     path = tmp_path / f"s{fmt}"
-    oocseq.ingest_arrays(path, {"x": np.random.rand(2000, 64).astype("f4")}, chunk_len=256).close()
+    oocseq.ingest_arrays(
+        path, {"x": np.random.rand(2000, 64).astype("f4")}, chunk_len=256, preshuffle=False
+    ).close()
 
     def cycle(k: int) -> None:
         for _ in range(k):
@@ -120,7 +126,9 @@ def test_slice_costs_the_chunks_it_touches(tmp_path: Path, fmt: str) -> None:
     """``store["x"][5:10]`` of a long store allocates about one chunk, not O(n)."""
     n, chunk_len = 4_000_000, 1 << 14
     path = tmp_path / f"s{fmt}"
-    oocseq.ingest_arrays(path, {"x": np.zeros(n, np.uint8)}, chunk_len=chunk_len, compression="lz4").close()
+    oocseq.ingest_arrays(
+        path, {"x": np.zeros(n, np.uint8)}, chunk_len=chunk_len, compression="lz4", preshuffle=False
+    ).close()
     store = oocseq.open_store(path)
     store["x"][0:1]  # warm up
     reads: list[int] = []

@@ -60,7 +60,9 @@ class StoreContract:
     # -- hooks --------------------------------------------------------------------------------
     def write(self, path: Path, fields: Mapping[str, np.ndarray], chunk_len: int) -> Any:
         """Write ``fields`` (name -> array, axis 0 the samples) to a new store at ``path``."""
-        return ingest_arrays(path, fields, chunk_len=chunk_len, compression=self.compression)
+        return ingest_arrays(
+            path, fields, chunk_len=chunk_len, compression=self.compression, preshuffle=False
+        )
 
     def open(self, path: Path) -> Store:
         """Open the store written at ``path``."""
@@ -167,7 +169,9 @@ class StoreContract:
         tmp = Path(tempfile.mkdtemp(prefix="oocseq-contract-"))
         try:
             path = tmp / f"m{self.suffix}"
-            ingest_arrays(path, {"x": np.arange(10)}, compression=self.compression, metadata=meta).close()
+            ingest_arrays(
+                path, {"x": np.arange(10)}, compression=self.compression, metadata=meta, preshuffle=False
+            ).close()
             with self.open(path) as store:
                 for k, v in meta.items():
                     assert store.metadata[k] == v, k

@@ -152,7 +152,7 @@ def _write(draw: st.DrawFn, arrays: dict[str, np.ndarray], formats: Any, compres
     suffix = draw(st.sampled_from(tuple(formats)))
     compression = draw(st.sampled_from(tuple(compressions)))
     path = _tmpdir() / f"s{next(_counter)}{suffix}"
-    store = ingest_arrays(path, arrays, chunk_len=chunk_len, compression=compression)
+    store = ingest_arrays(path, arrays, chunk_len=chunk_len, compression=compression, preshuffle=False)
     return StoreExample(store, arrays, path, chunk_len, compression)
 
 
