@@ -320,13 +320,15 @@ def test_a_changed_source_is_not_resumed(server: Server, tmp_path: Path) -> None
     one starts over."""
     dest = tmp_path / "s.h5"
     data = _crash_jobs.arrays_data(1)
-    server.start({"kind": "arrays", "dest": str(dest), "aim": {"at": "rename", "k": 1}})
+    # In source order, so that row 1150 is in the last written chunk (chunks 0-11 of 100).
+    job = {"kind": "arrays", "dest": str(dest), "kw": {"preshuffle": False}, "aim": {"at": "rename", "k": 1}}
+    server.start(job)
     assert server.wait() == [-signal.SIGKILL]
     data["x"][1150] += 1
     with pytest.raises(oocseq.InvalidSourceError, match="source changed"):
-        oocseq.ingest_arrays(dest, data, chunk_len=100)
+        oocseq.ingest_arrays(dest, data, chunk_len=100, preshuffle=False)
     assert leftovers(dest) == [] and not dest.exists()
-    oocseq.ingest_arrays(dest, data, chunk_len=100).close()
+    oocseq.ingest_arrays(dest, data, chunk_len=100, preshuffle=False).close()
     np.testing.assert_array_equal(oocseq.open_store(dest)["x"][:], data["x"])
 
 

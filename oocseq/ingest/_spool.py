@@ -22,7 +22,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from ..errors import InvalidSourceError, StoreExistsError
+from ..errors import InvalidSourceError, StoreExistsError, StoreWriteError
 from ..storage import store_format
 
 __all__ = ["Spool"]
@@ -59,6 +59,12 @@ class Spool:
             raise StoreExistsError(f"{dest} already exists; pass overwrite=True to replace it")
         parent = dest.parent if str(dest.parent) else Path(".")
         prefix = f".{dest.name}.spool-"
+        try:
+            parent.mkdir(parents=True, exist_ok=True)  # as the writer does
+        except OSError as e:
+            raise StoreWriteError(
+                e.errno, f"cannot create the folder {parent} for {dest}: {e.strerror}"
+            ) from e
         for old in parent.glob(prefix + "*"):
             try:
                 pid = int(old.name[len(prefix) :].split("-")[0])
@@ -88,7 +94,7 @@ class Spool:
             raise InvalidSourceError(f"field {name!r}: batches must have a sample axis, got a scalar")
         layout = (tuple(a.shape[1:]), a.dtype)
         if name not in self._files:
-            self._files[name] = open(self.dir / f"{len(self._files)}.raw", "wb")
+            self._files[name] = open(self.dir / f"{len(self._files)}.raw", "wb")  # closed by close()
             self._layout[name] = layout
             self._rows[name] = 0
         elif layout != self._layout[name]:
@@ -97,7 +103,12 @@ class Spool:
                 f"field {name!r}: a batch of samples of shape {layout[0]} and dtype {layout[1]} after "
                 f"samples of shape {shape} and dtype {dtype}; every batch needs the same sample shape and dtype"
             )
-        self._files[name].write(np.ascontiguousarray(a).data)
+        try:
+            self._files[name].write(np.ascontiguousarray(a).data)
+        except OSError as e:  # e.g. the disk is full: the spool is removed by close()
+            raise StoreWriteError(
+                e.errno, f"cannot write the pre-shuffle spool of {name!r} in {self.dir}: {e.strerror}"
+            ) from e
         self._rows[name] += len(a)
 
     def arrays(self) -> dict[str, np.ndarray]:

@@ -391,6 +391,10 @@ class ZarrWriter(StorageWriter):
                 for entry in os.listdir(chunk_dir):
                     if entry.isdigit() and int(entry) >= num:
                         shutil.rmtree(chunk_dir / entry, ignore_errors=True)
+        # zarr writes each file under a temporary name and renames it: a process killed in
+        # between (in an earlier run of a resumed ingestion) leaves that temporary file.
+        for leftover in self.path.rglob("*.partial"):
+            leftover.unlink(missing_ok=True)
         self._group.attrs[ATTR_KEY] = manifest_doc
 
     def close(self) -> None:
