@@ -261,7 +261,8 @@ def run(workdir: Path, store_gb: float, limit: int, keep: bool) -> dict[str, Any
         compression=None,
         metadata=meta,
         overwrite=True,
-, preshuffle=False)
+        preshuffle=False,
+    )
     store_bytes = _size(train_path)
     train_len, chunk_len, num_chunks = len(train), train.chunk_len, train.num_chunks
     train.close()

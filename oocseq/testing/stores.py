@@ -58,4 +58,5 @@ def write_index_store(
         chunk_len=chunk_len,
         compression=compression,
         overwrite=overwrite,
-, preshuffle=False)
+        preshuffle=False,
+    )
