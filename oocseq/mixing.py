@@ -24,14 +24,14 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ArgumentError, FieldNotFoundError
+from .errors import ArgumentError
 from .plan import EpochPlan
 
 __all__ = ["CLUSTERED_BELOW", "ShuffleReport", "label_clustering", "shuffle_report"]
 
 #: :func:`label_clustering` below this: a sequence warns at construction (ShuffleWarning).
 #: An unsorted store measures about 1.0, a class-sorted one with a few classes per chunk
-#: about 0.1-0.3.
+#: 0.0-0.3.
 CLUSTERED_BELOW = 0.5
 
 #: Batches of the epoch a report measures, at most (it reads their labels).
@@ -209,19 +209,18 @@ def shuffle_report(
 
 def label_clustering(store: Any, label: str = "y", probe_chunks: int = _PROBE_CHUNKS) -> float | None:
     """How much an integer label field is clustered by chunk: the mean label entropy inside a
-    chunk divided by the entropy of the same chunks' labels together (1.0: every chunk holds
-    the label mix of the whole; near 0: one label per chunk). Reads at most ``probe_chunks``
-    chunks, spread evenly over the store. ``None`` if there is no integer label field of shape
-    ``(n,)``, fewer than two chunks, or a single label.
+    chunk, divided by the mean entropy of pieces of the same sizes drawn at random from the same
+    labels (about 1.0: a chunk holds the label mix of the whole; near 0: one label per chunk).
+    Comparing with random pieces of the chunk's own size keeps small chunks (fewer samples than
+    classes) from looking clustered. Reads at most ``probe_chunks`` chunks, spread evenly over
+    the store. ``None`` if there is no integer label field of shape ``(n,)``, fewer than two
+    chunks, a single label, or chunks too small to hold more than one label.
 
     Raises:
-        FieldNotFoundError: never for a missing ``label`` (returns ``None``); the store's own
-        read errors (e.g. CorruptStoreError) propagate.
+        The store's own read errors (e.g. CorruptStoreError); a missing ``label`` field
+        returns ``None``.
     """
-    try:
-        name = _label_field(store, label)
-    except FieldNotFoundError:
-        return None
+    name = _label_field(store, label)
     if name is None or store.num_chunks < 2:
         return None
     probes = np.unique(np.linspace(0, store.num_chunks - 1, min(probe_chunks, store.num_chunks)).astype(int))
@@ -230,13 +229,17 @@ def label_clustering(store: Any, label: str = "y", probe_chunks: int = _PROBE_CH
     if len(classes) < 2:
         return None
     k = len(classes)
-
-    def entropy(values: np.ndarray) -> float:
-        p = np.bincount(values, minlength=k) / len(values)
-        p = p[p > 0]
-        return float(-(p * np.log2(p)).sum())
-
-    whole = entropy(joined)
     bounds = np.cumsum([0] + [len(p) for p in parts])
-    inside = [entropy(joined[a:b]) for a, b in itertools.pairwise(bounds) if b > a]
-    return float(np.mean(inside)) / whole
+
+    def mean_entropy(values: np.ndarray) -> float:
+        out = []
+        for a, b in itertools.pairwise(bounds):
+            p = np.bincount(values[a:b], minlength=k) / (b - a)
+            p = p[p > 0]
+            out.append(float(-(p * np.log2(p)).sum()))
+        return float(np.mean(out))
+
+    reference = mean_entropy(np.random.default_rng(_IID_SEED).permutation(joined))
+    if reference < 1e-9:
+        return None
+    return mean_entropy(joined) / reference

@@ -77,10 +77,20 @@ def serve_epoch(
 ) -> list[tuple[Any, ...]]:
     """Every batch of one epoch of ``seq``: ``seq.set_epoch(epoch)`` (unless None), then
     ``seq[i]`` for ``i`` in ``order`` (``"in order"``, ``"keras"``: a seeded random permutation
-    of the batch indices, as ``model.fit`` asks; or a list)."""
+    of the batch indices, as ``model.fit`` asks, inside ``on_epoch_begin`` / ``on_epoch_end``
+    as Keras calls them; or a list)."""
     if epoch is not None:
         seq.set_epoch(epoch)
-    return [seq[i] for i in _order(len(seq), order, seed)]
+    requests = _order(len(seq), order, seed)
+    if order == "keras" and callable(getattr(seq, "on_epoch_begin", None)):
+        # As model.fit does: one pass between on_epoch_begin and on_epoch_end, in which a
+        # ChunkedSequence hands out the plan's batches in the order requests arrive.
+        seq.on_epoch_begin()
+        try:
+            return [seq[i] for i in requests]
+        finally:
+            seq.on_epoch_end()
+    return [seq[i] for i in requests]
 
 
 def assert_exactly_once(
