@@ -31,6 +31,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from ..ingest.arrays import ingest_arrays
+from ..options import ShardOptions, WorkerOptions
 from ..plan import EpochPlan
 from ..store import Store
 from .stores import index_encoding_fields
@@ -197,9 +198,9 @@ def sequence_kwargs(
     workers: bool = False,
 ) -> dict[str, Any]:
     """Keyword arguments of :class:`~oocseq.ChunkedSequence` valid for ``store``: batch_size,
-    window (None or 1 to a few more than the chunks), seed, shuffle, drop_remainder, serve and,
-    with ``ranks``, rank / world_size / remainder (each rank holding a chunk); with
-    ``workers``, thread workers (1-3) and max_queue_size."""
+    window (None or 1 to a few more than the chunks), seed, shuffle, drop_remainder, keras_order
+    and, with ``ranks``, a ``shard`` (:class:`~oocseq.ShardOptions`, each rank holding a chunk);
+    with ``workers``, thread workers (1-3) with a max_queue_size (:class:`~oocseq.WorkerOptions`)."""
     if isinstance(store, StoreExample):
         store = store.store
     n, num_chunks = len(store), store.num_chunks
@@ -209,19 +210,20 @@ def sequence_kwargs(
         "seed": draw(st.integers(0, 2**32)),
         "shuffle": draw(st.booleans()),
         "drop_remainder": draw(st.booleans()),
-        "serve": draw(st.sampled_from(["arrival", "index"])),
+        "keras_order": draw(st.sampled_from(["plan", "index"])),
     }
     if kw["drop_remainder"] and kw["batch_size"] > n:
         kw["drop_remainder"] = False  # no batch at all: not a sequence anyone trains on
     world_size = draw(st.integers(1, min(4, num_chunks))) if ranks else 1
-    kw["rank"] = draw(st.integers(0, world_size - 1))
-    kw["world_size"] = world_size
-    # remainder="drop" needs a full chunk for every rank
+    # balance="drop" needs a full chunk for every rank
     full_chunks = n // store.chunk_len
-    kw["remainder"] = draw(st.sampled_from(["pad", "drop"])) if full_chunks >= world_size else "pad"
+    kw["shard"] = ShardOptions(
+        draw(st.integers(0, world_size - 1)),
+        world_size,
+        draw(st.sampled_from(["pad", "drop"])) if full_chunks >= world_size else "pad",
+    )
     if workers:
-        kw["workers"] = draw(st.integers(1, 3))
-        kw["max_queue_size"] = draw(st.integers(1, 8))
+        kw["workers"] = WorkerOptions(draw(st.integers(1, 3)), max_queue_size=draw(st.integers(1, 8)))
     return kw
 
 
