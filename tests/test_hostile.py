@@ -594,3 +594,20 @@ def test_zarr_aux_zstd_bomb_refused_before_inflating(tmp_path: Path) -> None:
         assert tracemalloc.get_traced_memory()[1] < 16 << 20
     finally:
         tracemalloc.stop()
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_worker_processes_check_chunks_too(tmp_path: Path, fmt: str) -> None:
+    """Worker processes reopen the store and check what they read."""
+    path = tmp_path / f"s{fmt}"
+    make(path, None).close()
+    flip(path, "x", 2)
+    workers = oocseq.WorkerOptions(workers=2, use_multiprocessing=True, start_method="forkserver")
+    seq = oocseq.ChunkedSequence(path, 8, shuffle=False, workers=workers)
+    try:
+        with pytest.raises(CorruptStoreError) as e:
+            for i in range(len(seq)):
+                seq[i]
+        assert "chunk 2" in str(e.value) and "'x'" in str(e.value)
+    finally:
+        seq.close()

@@ -28,6 +28,7 @@ from ._raw import (
     os_error,
     read_exactly,
     read_exactly_into,
+    serve,
 )
 
 _BLOSC_FILTER = 32001
@@ -189,13 +190,7 @@ class HDF5Reader(StorageReader):
             if size != nbytes:
                 raise CorruptStoreError(f"{where}: stored chunk has {size} bytes, expected {nbytes}")
             read_exactly_into(self._fd, offset, chunk, where)  # one kernel copy
-        if chunk is out:
-            return out
-        part = chunk[: stop - start]
-        if out is None:
-            return part
-        np.copyto(out, part)
-        return out
+        return serve(chunk, out, stop - start)
 
     def read_chunk_library(self, name: str, c: int, start: int, stop: int) -> np.ndarray:
         ds = self._dataset(name)

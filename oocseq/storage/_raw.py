@@ -53,6 +53,17 @@ def blosc_decode_into(raw: bytes | bytearray | memoryview, out: np.ndarray, wher
         raise CorruptStoreError(f"{where}: cannot decode chunk: {e}") from e
 
 
+def serve(chunk: np.ndarray, out: np.ndarray | None, count: int) -> np.ndarray:
+    """The first ``count`` samples of a decoded whole ``chunk`` (the last chunk is padded on
+    disk), copied into ``out`` if given and not already decoded there."""
+    if chunk is out:
+        return out
+    if out is None:
+        return chunk[:count]
+    np.copyto(out, chunk[:count])
+    return out
+
+
 def read_exactly_into(fd: int, offset: int, out: np.ndarray, where: str) -> None:
     """``os.preadv`` of ``out.nbytes`` bytes at ``offset`` into C-contiguous ``out``."""
     view = memoryview(out.reshape(-1).view(np.uint8))

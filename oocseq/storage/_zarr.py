@@ -27,6 +27,7 @@ from ._raw import (
     os_error,
     read_exactly,
     read_exactly_into,
+    serve,
 )
 
 #: Codecs of auxiliary arrays (per-sample sources: variable-length strings, zstd as zarr
@@ -204,7 +205,6 @@ class ZarrReader(StorageReader):
         nbytes = math.prod(shape) * arr.dtype.itemsize
         # Decoded straight into the window buffer when the chunk fills it.
         chunk = out if out is not None and stop - start == shape[0] else np.empty(shape, dtype=arr.dtype)
-        whole = chunk is out
         fd, where = self._open_chunk(name, c)
         try:
             size = os.fstat(fd).st_size
@@ -223,13 +223,7 @@ class ZarrReader(StorageReader):
                 blosc_decode_into(read_exactly(fd, 0, size, where), chunk, where)
         finally:
             os.close(fd)
-        if whole:
-            return chunk
-        part = chunk[: stop - start]
-        if out is None:
-            return part
-        np.copyto(out, part)
-        return out
+        return serve(chunk, out, stop - start)
 
     def read_chunk_library(self, name: str, c: int, start: int, stop: int) -> np.ndarray:
         arr = self._array(name)
