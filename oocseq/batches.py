@@ -366,7 +366,7 @@ class ChunkedBatches:
         indices = None
         if self.transform is not None or self.num_classes is not None or self.class_weight is not None:
             indices = plan.span_indices(spans)  # spans as computed above: not twice
-        if self.transform is not None:
+        if self.transform is not None and indices is not None:
             batch = self._apply_transform(batch, indices, epoch, n)
         return self._assemble(batch, indices)
 

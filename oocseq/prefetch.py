@@ -151,6 +151,7 @@ class Prefetcher:
         start, stop = b * self.block, min((b + 1) * self.block, num_batches)
         pool = self._executor(b)
         hold = None
+        future: Future[Any]  # processes: (entries, decodes); threads: entries
         if self.options.use_multiprocessing:
             try:
                 future = pool.submit(_process_block, epoch, start, stop)
