@@ -105,6 +105,7 @@ def child_sequence(spec: dict[str, Any], sample_rss: bool) -> dict[str, Any]:
     )
     bound = (seq.max_resident_chunks + 2 * seq.window) * chunk_bytes
     requests = np.random.default_rng(7).permutation(len(seq)).tolist()
+    seq.on_epoch_begin()  # a pass, as model.fit makes it
     base = peak = rss_anon()
     samples = 0
     t = time.perf_counter()

@@ -82,7 +82,8 @@ def sequence_epochs(
     """``epochs`` consecutive epochs (or the first ``max_batches`` requests of one) through a
     fresh ChunkedSequence, batches requested ``"in order"`` or in a ``"random"`` order of ``i``
     (a new one each epoch). Chunk decodes are per epoch."""
-    seq = oocseq.ChunkedSequence(store, batch_size, y=None, seed=0, serve=serve)
+    keras_order = {"arrival": "plan", "index": "index"}[serve]
+    seq = oocseq.ChunkedSequence(store, batch_size, y=None, seed=0, keras_order=keras_order)
     seq.set_epoch(run * epochs)
     samples = batches = 0
     t = time.perf_counter()
@@ -90,11 +91,12 @@ def sequence_epochs(
         requests = np.arange(len(seq))
         if order == "random":
             requests = np.random.default_rng(seq.epoch).permutation(len(seq))
+        seq.on_epoch_begin()  # a pass, as model.fit makes it
         for i in requests[:max_batches]:
             (x,) = seq[int(i)]
             samples += len(x)
             batches += 1
-        seq.on_epoch_end()
+        seq.set_epoch(seq.epoch + 1)  # (a pass cut short does not end an epoch)
     seconds = time.perf_counter() - t
     decodes = seq.stats["chunk_decodes"] // epochs
     seq.close()

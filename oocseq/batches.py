@@ -134,6 +134,8 @@ class ChunkedBatches:
     """Batch ``i`` of epoch ``e`` of a chunked store or of in-memory arrays: a pure function
     of ``(epoch, i)`` and the arguments (see :class:`~oocseq.ChunkedSequence` for them).
 
+    Unlike the sequence, ``shard`` defaults to one rank (no detection from the environment).
+
     ``get(epoch, i)`` returns ``(x, y)``, ``(x, y, sample_weight)`` or ``(x,)``; arrays keep
     the source's dtypes unless ``transform`` converts them. Thread-safe; picklable (file
     handles, threads and decoded windows stay behind and are rebuilt where it is unpickled).
@@ -366,7 +368,7 @@ class ChunkedBatches:
         indices = None
         if self.transform is not None or self.num_classes is not None or self.class_weight is not None:
             indices = plan.span_indices(spans)  # spans as computed above: not twice
-        if self.transform is not None:
+        if self.transform is not None and indices is not None:
             batch = self._apply_transform(batch, indices, epoch, n)
         return self._assemble(batch, indices)
 

@@ -2,21 +2,17 @@
 
 This is how a :class:`~oocseq.ChunkedSequence` honours Keras's ``workers``,
 ``use_multiprocessing`` and ``max_queue_size``: it runs the workers itself and shows Keras a
-sequential dataset. Keras's own ``OrderedEnqueuer`` computes batches ahead by index, and when
-an epoch's iterator stops early (``fit`` reads one batch to build the model) it keeps the
-batches already computed and yields them first in the next epoch, which still stops after
-``len(seq)`` batches: on the JAX and PyTorch backends the model trains some batches twice and
-others never (Keras 3.15, ``trainers/data_adapters/py_dataset_adapter.py``; issue 4). oocseq
-knows the epoch's order in advance, so it can compute exactly the batches that will be asked
-for next, keyed by ``(epoch, batch)``; a batch computed ahead is served only when its turn
+sequential dataset (the README's "Workers" section says why Keras's own enqueuer is not used).
+The epoch's order is known in advance, so the workers compute exactly the batches that will be
+asked for next, keyed by ``(epoch, batch)``; a batch computed ahead is served only when its turn
 comes and is dropped, never re-served, when the epoch changes.
 
-A task is a *block* of consecutive plan batches (about one window's worth). Worker threads share
-the process's window cache, and a block's windows stay reserved from its submission until it is
-served, so each chunk is decoded once per epoch. Worker processes have caches of their own:
-each gets *runs* of consecutive blocks (``ahead / workers`` of them), so that only a window
-where a run ends is decoded by two processes (1.0-1.3x the chunks per epoch, measured with 2
-workers; ``seq.stats["worker_chunk_decodes"]`` counts them).
+A *task* is a run of consecutive plan batches (about one window's worth). Worker threads share
+the process's window cache, and a task's windows stay held (:meth:`WindowCache.hold`) from its
+submission until it is served, so each chunk is decoded once per epoch. Worker processes have
+caches of their own: each gets runs of consecutive tasks (``ahead / workers`` of them), so that
+only a window where a run ends is decoded by two processes
+(``seq.stats["worker_chunk_decodes"]`` counts them).
 """
 
 from __future__ import annotations
@@ -155,6 +151,7 @@ class Prefetcher:
         start, stop = b * self.block, min((b + 1) * self.block, num_batches)
         pool = self._executor(b)
         hold = None
+        future: Future[Any]  # processes: (entries, decodes); threads: entries
         if self.options.use_multiprocessing:
             try:
                 future = pool.submit(_process_block, epoch, start, stop)

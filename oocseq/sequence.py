@@ -177,10 +177,11 @@ class ChunkedSequence:
         keras_order, shard, worker_options = _legacy_arguments(keras_order, shard, workers, kwargs)
         if keras_order not in KERAS_ORDERS:
             raise ArgumentError(f"keras_order must be one of {KERAS_ORDERS}, got {keras_order!r}")
-        if transform is None and callable(getattr(type(self), "transform", None)):
-            transform = self.transform  # a subclass's transform method (a bound method pickles)
+        hook = getattr(type(self), "transform", None)
+        if transform is None and callable(hook):
+            transform = self.transform  # a subclass's method (a bound method pickles)
         else:
-            self.transform = transform
+            self.transform: Callable[..., Batch] | None = transform
         self.core = ChunkedBatches(
             store,
             batch_size,
@@ -636,7 +637,7 @@ def _keras_iterator(seq: ChunkedSequence) -> Any:
     """The Keras epoch iterator calling ``seq.on_epoch_begin`` / ``on_epoch_end`` (through its
     data adapter), if one is: Keras tells the dataset neither its ``steps_per_epoch`` nor
     whether the next epoch goes on with the same requests."""
-    frame = sys._getframe(3)
+    frame: Any = sys._getframe(3)
     for _ in range(4):
         if frame is None:
             return None
@@ -680,7 +681,11 @@ def _legacy_arguments(
                 f"JAX or RANK / WORLD_SIZE); got rank={rank!r}, world_size={world_size!r}"
             )
         balance = flat.get("remainder", "pad")
-        shard = ShardOptions.detect(balance) if rank is None else ShardOptions(rank, world_size, balance)
+        shard = (
+            ShardOptions.detect(balance)
+            if rank is None
+            else ShardOptions(rank, int(world_size or 0), balance)
+        )
     use_mp = kwargs.pop("use_multiprocessing", None)
     queue = kwargs.pop("max_queue_size", None)
     if kwargs:

@@ -43,3 +43,54 @@ def test_framework_modules_are_detected():
     assert "json" not in FRAMEWORKS
     got = _imported_after("import oocseq.adapters.keras")
     assert "keras" in got
+
+
+def _oocseq_imports() -> dict[str, set[str]]:
+    """Module -> the oocseq modules it imports (at the top or inside functions)."""
+    import ast
+
+    graph: dict[str, set[str]] = {}
+    root = REPO / "oocseq"
+    for path in root.rglob("*.py"):
+        parts = list(path.relative_to(REPO).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        name = ".".join(parts)
+        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        deps: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = package.split(".")
+                    base = base[: len(base) - node.level + 1]
+                    mod = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    mod = node.module or ""
+                targets = [mod] + [f"{mod}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            else:
+                continue
+            deps |= {t for t in targets if t.startswith("oocseq")}
+        graph[name] = deps
+    return {m: {d for d in deps if d in graph and d != m} for m, deps in graph.items()}
+
+
+def test_no_module_imports_another_in_a_circle():
+    """The read path is a DAG (package __init__ files aside, which re-export)."""
+    graph = {m: {d for d in deps if d != "oocseq"} for m, deps in _oocseq_imports().items() if m != "oocseq"}
+    assert "oocseq.sequence" in graph and "oocseq.batches" in graph["oocseq.sequence"]
+    state: dict[str, int] = {}
+
+    def visit(m: str, path: list[str]) -> None:
+        state[m] = 1
+        for d in sorted(graph.get(m, ())):
+            if state.get(d) == 1:
+                raise AssertionError("import circle: " + " -> ".join([*path, m, d]))
+            if d not in state:
+                visit(d, [*path, m])
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [])

@@ -246,3 +246,22 @@ def test_fit_with_dict_inputs(store):
     history = model.fit(seq, epochs=1, verbose=0).history
     assert np.isfinite(history["loss"][0])
     np.testing.assert_array_equal(seq[0][0]["a"], x_of(seq.batch_indices(0)))
+
+
+class _Subclass(ChunkedSequence):
+    """A user's subclass (module level: pickled by reference)."""
+
+    def transform(self, batch):
+        return batch
+
+
+def test_a_subclass_is_a_pydataset_and_pickles(store):
+    import pickle
+
+    seq = _Subclass(store, 8, seed=3)
+    assert isinstance(seq, keras.utils.PyDataset) and isinstance(seq, _Subclass)
+    again = pickle.loads(pickle.dumps(seq))
+    assert isinstance(again, keras.utils.PyDataset) and isinstance(again, _Subclass)
+    for i in (0, len(seq) - 1):
+        np.testing.assert_array_equal(ids_of(again[i][0]), seq.batch_indices(i))
+    assert type(again) is type(seq)  # one PyDataset flavour per class

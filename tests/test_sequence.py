@@ -562,3 +562,40 @@ def test_field_view_tuple_keys_index_the_right_axes(tmp_path, fmt, key):
     got = store["img"][key]
     assert got.shape == arr[key].shape
     np.testing.assert_array_equal(got, arr[key])
+
+
+# -- in-memory arrays ----------------------------------------------------------------------------
+@settings(max_examples=20)
+@given(
+    n=st.integers(1, 120),
+    chunk_len=st.one_of(st.none(), st.integers(1, 16)),
+    batch_size=st.integers(1, 40),
+    seed=st.integers(0, 100),
+    shuffle=st.booleans(),
+)
+def test_in_memory_arrays_are_served_like_a_store(n, chunk_len, batch_size, seed, shuffle):
+    """A dict of arrays gets the same plan as a store of the same n and chunk_len."""
+    idx = np.arange(n)
+    arrays = {"x": x_of(idx), "y": y_of(idx)}
+    source = oocseq.ArraySource(arrays, chunk_len)
+    seq = ChunkedSequence(source, batch_size, seed=seed, shuffle=shuffle)
+    assert isinstance(ChunkedSequence(arrays, batch_size).store, oocseq.ArraySource)
+    batches = epoch_ids(seq)
+    np.testing.assert_array_equal(np.sort(np.concatenate(batches)), idx)
+    plan = oocseq.EpochPlan(n, source.chunk_len, seq.window, seed, 0, shuffle)
+    np.testing.assert_array_equal(np.concatenate(batches), plan.indices(0, n))
+    state = seq.state_dict()
+    again = ChunkedSequence(oocseq.ArraySource(arrays, chunk_len), batch_size, seed=seed, shuffle=shuffle)
+    again.load_state_dict(state)  # same layout: accepted
+    assert again.epoch == seq.epoch
+
+
+def test_in_memory_arrays_are_checked():
+    with pytest.raises(oocseq.FieldLengthError, match="differ in length"):
+        ChunkedSequence({"x": np.zeros((5, 2)), "y": np.zeros(4)}, 2)
+    with pytest.raises(oocseq.ArgumentError, match="numeric"):
+        ChunkedSequence({"x": np.array(["a", "b"]), "y": np.zeros(2)}, 2)
+    with pytest.raises(oocseq.FieldNotFoundError):
+        ChunkedSequence({"x": np.zeros((5, 2))}, 2)  # y="y" by default
+    with pytest.raises(oocseq.ArgumentTypeError):
+        ChunkedSequence(42, 2)
