@@ -141,7 +141,7 @@ def test_assert_exactly_once(store):
     assert_exactly_once(ChunkedSequence(store, 10, x=IDS, seed=3, window=2), order="keras")
     assert_exactly_once(ChunkedSequence(store, 10, x=IDS, drop_remainder=True), 2)
     for rank in range(3):
-        assert_exactly_once(ChunkedSequence(store, 7, x=IDS, rank=rank, world_size=3), 1)
+        assert_exactly_once(ChunkedSequence(store, 7, x=IDS, shard=oocseq.ShardOptions(rank, 3)), 1)
     with pytest.raises(AssertionError, match=r"1 sample\(s\) served too often|served too often"):
         assert_exactly_once(Duplicating(store, 10, x=IDS, seed=3), order="in order")
     with pytest.raises(AssertionError, match="no field 'id'"):
