@@ -27,6 +27,7 @@ __all__ = [
     "OutOfRangeError",
     "TransformError",
     "StateError",
+    "MissingDependencyError",
 ]
 
 
@@ -134,3 +135,8 @@ class ShuffleWarning(UserWarning):
     """The configured shuffle mixes batches far less than an iid shuffle would (for example, a
     store written in label order and not pre-shuffled). A warning, not an error: training still
     runs, but usually converges worse."""
+
+
+class MissingDependencyError(OocseqError, ImportError):
+    """An optional dependency a function needs is not installed (Pillow for images, pandas for
+    CSV tables); the message names the extra to install."""

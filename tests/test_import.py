@@ -94,3 +94,44 @@ def test_no_module_imports_another_in_a_circle():
     for m in sorted(graph):
         if m not in state:
             visit(m, [])
+
+
+def _run(code: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_import_oocseq_needs_neither_pillow_nor_pandas():
+    """Pillow and pandas are the extras [images] and [csv]: a Zarr-only user needs neither."""
+    out = _run(
+        "import sys; sys.modules['PIL'] = None; sys.modules['pandas'] = None\n"
+        "import numpy as np, oocseq, oocseq.cli, tempfile\n"
+        "d = tempfile.mkdtemp()\n"
+        "s = oocseq.ingest_arrays(d + '/s.zarr', {'x': np.arange(10)})\n"
+        "seq = oocseq.ChunkedSequence(s, 4, y=None)\n"
+        "print(len(seq), sorted(m for m in sys.modules if m.split('.')[0] in ('PIL', 'pandas') and sys.modules[m]))"
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["3", "[]"]
+
+
+@pytest.mark.parametrize(
+    ("module", "call", "extra"),
+    [
+        ("PIL", "oocseq.ingest_image_folder(d, d + '/s.zarr', image_size=(8, 8))", "images"),
+        ("pandas", "oocseq.ingest_csv(d + '/t.csv', d + '/s.zarr')", "csv"),
+    ],
+)
+def test_a_missing_extra_is_named(module: str, call: str, extra: str):
+    out = _run(
+        f"import sys; sys.modules[{module!r}] = None\n"
+        "import oocseq, tempfile\n"
+        "d = tempfile.mkdtemp()\n"
+        "try:\n"
+        f"    {call}\n"
+        "except oocseq.MissingDependencyError as e:\n"
+        "    assert isinstance(e, ImportError)\n"
+        "    print(e)\n"
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"pip install 'oocseq[{extra}]'" in out.stdout

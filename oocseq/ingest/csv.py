@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .._optional import require
 from ..errors import ArgumentError, CSVValueError, InvalidSourceError, SourceNotFoundError
 from ..manifest import Compression
 from ..store import Store
@@ -235,6 +236,7 @@ def ingest_csv(
             the 0-based data row and the column); the same for a float label.
         StoreExistsError: ``dest`` exists and ``overwrite`` is false.
     """
+    require("pandas", "ingest_csv")
     if not isinstance(block_rows, int) or isinstance(block_rows, bool) or block_rows < 1:
         raise ArgumentError(f"block_rows must be a positive int, got {block_rows!r}")
     path = Path(src)

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from .._optional import require
 from ..errors import ArgumentError, ImageDecodeError, InvalidSourceError, SourceNotFoundError
 from ..manifest import Compression
 from ..plan import permutation
@@ -344,6 +345,7 @@ def ingest_image_folder(
     Raises:
         SourceNotFoundError, ImageDecodeError (naming the file), StoreExistsError.
     """
+    require("PIL", "ingest_image_folder")
     options = ImageOptions(image_size, color_mode, interpolation)
     special: list[str] = []
     class_names, rel, labels = list_image_folder(src, follow_links, special)
@@ -425,6 +427,7 @@ def ingest_dataframe(
         InvalidSourceError for a missing column or a missing/unknown label (naming the row),
         ImageDecodeError for an unreadable image (naming the file).
     """
+    require("PIL", "ingest_dataframe")
     options = ImageOptions(image_size, color_mode, interpolation)
     for col in (x_col, y_col):
         if col not in df.columns:
