@@ -392,7 +392,7 @@ def _class_table(store: Any, class_names: list[str]) -> list[str]:
     return lines
 
 
-def _table(rows: list[tuple[str, ...]], right: tuple[int, ...]) -> list[str]:
+def _table(rows: Sequence[tuple[str, ...]], right: tuple[int, ...]) -> list[str]:
     widths = [max(len(row[j]) for row in rows) for j in range(len(rows[0]))]
     return [
         "  "

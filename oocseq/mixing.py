@@ -89,7 +89,14 @@ class ShuffleReport:
             f"  distinct chunks per batch: {self.chunks_per_batch:.1f} (max {self.max_chunks_per_batch})",
             f"  pre-shuffled at ingestion: {_describe_preshuffle(self.preshuffle)}",
         ]
-        if self.label is None:
+        if (
+            self.label is None
+            or self.label_entropy is None
+            or self.iid_label_entropy is None
+            or self.entropy_ratio is None
+            or self.classes_per_batch is None
+            or not self.iid_classes_per_batch
+        ):
             lines.append("  labels: no integer label field to measure")
             return "\n".join(lines)
         lines += [

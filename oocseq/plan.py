@@ -201,7 +201,8 @@ class EpochPlan:
 
     def window_indices(self, w: int) -> np.ndarray:
         """Sample indices of window ``w`` in the order they are served (int64)."""
-        return self.window_samples(w)[self.window_rows(w)]
+        out: np.ndarray = self.window_samples(w)[self.window_rows(w)]
+        return out
 
     def window_of(self, position: int) -> int:
         """The window that serves epoch position ``position``."""

@@ -48,7 +48,8 @@ def mix_array(x: np.ndarray) -> np.ndarray:
         x = x + _GOLDEN
         x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
         x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return x ^ (x >> np.uint64(31))
+        out: np.ndarray = x ^ (x >> np.uint64(31))
+        return out
 
 
 def hash_keys(seed: int, epoch: int, stream: int, ids: np.ndarray) -> np.ndarray:
@@ -120,7 +121,8 @@ class SampleRandom:
         """Integers in ``[low, high)``, int64 ``(batch, *shape)``."""
         if high <= low:
             raise ArgumentError(f"integers needs low < high, got {low}, {high}")
-        return low + np.floor(self.random(shape) * (high - low)).astype(np.int64)
+        out: np.ndarray = low + np.floor(self.random(shape) * (high - low)).astype(np.int64)
+        return out
 
     def normal(self, loc: float = 0.0, scale: float = 1.0, shape: tuple[int, ...] | int = ()) -> np.ndarray:
         """Normal floats (Box-Muller), float64 ``(batch, *shape)``."""

@@ -219,7 +219,8 @@ class MidEpochBackup(keras.callbacks.Callback):
         self._since_save += trained - self._trained
         self._trained = trained
         # The last batch of an epoch is saved by on_epoch_end, as the start of the next epoch.
-        if self.save_freq != "epoch" and self._since_save >= self.save_freq and trained < len(self.seq):
+        every = self.save_freq
+        if isinstance(every, int) and self._since_save >= every and trained < len(self.seq):
             self.save(self._epoch, trained)
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:

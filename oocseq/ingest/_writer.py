@@ -457,7 +457,7 @@ class StoreWriter:
                     self._backend.write_aux(name, values)
                 self._backend.finalize(n, manifest.to_json())
                 self._backend.close()
-                commit(self._tmp, self.dest, self.overwrite, self._id)
+                store = commit(self._tmp, self.dest, self.overwrite, self._id, lambda: Store(self.dest))
             except OSError as e:
                 if isinstance(e, OocseqError):
                     raise
@@ -466,7 +466,7 @@ class StoreWriter:
             self.abort()
             raise
         self._finish()
-        self.store = Store(self.dest)
+        self.store = store
         return self.store
 
     def _finish(self) -> None:

@@ -6,7 +6,7 @@ import contextlib
 import itertools
 import os
 import zlib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -207,7 +207,7 @@ def _write(
                         if shuffle is None:
                             w.append(name, np.asarray(src[start:stop]))
                         else:
-                            w.append(name, shuffle.gather(lambda lo, hi, a=src: a[lo:hi], start, stop))
+                            w.append(name, shuffle.gather(_slicer(src), start, stop))
                     bar.update(stop - start)
             else:
                 for name, src in sources.items():
@@ -216,6 +216,11 @@ def _write(
                         if name == next(iter(sources)):
                             bar.update(len(batch))
     return w.close()  # already closed by the with block: returns the opened store
+
+
+def _slicer(src: Any) -> Callable[[int, int], Any]:
+    """``read(lo, hi)`` -> rows ``[lo, hi)`` of an array-like."""
+    return lambda lo, hi: src[lo:hi]
 
 
 def _batches(src: Any, chunk_len: int) -> Iterator[np.ndarray]:

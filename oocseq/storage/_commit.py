@@ -27,12 +27,16 @@ import os
 import shutil
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 from ..errors import NotAStoreError, StoreExistsError
 
 KINDS = ("partial", "journal", "lock", "old")
+
+
+T = TypeVar("T")
 
 
 def sibling(dest: Path, job_id: str, kind: str) -> Path:
@@ -325,13 +329,16 @@ def recover(dest: Path) -> bool:
     return os.path.lexists(dest)
 
 
-def commit(tmp: Path, dest: Path, overwrite: bool, job_id: str) -> None:
-    """Put the finished store ``tmp`` at ``dest`` (the protocol in the module docstring).
+def commit(tmp: Path, dest: Path, overwrite: bool, job_id: str, opener: Callable[[], T]) -> T:
+    """Put the finished store ``tmp`` at ``dest`` (the protocol in the module docstring) and
+    return ``opener()``, called under the folder lock: the store opened is the one this call
+    committed, even if a concurrent ingestion replaces it right after.
 
     Raises StoreExistsError (``dest`` appeared and ``overwrite`` is false) or NotAStoreError
     (``overwrite`` is true and ``dest`` is not an oocseq store); ``tmp`` is left in place."""
     fsync_tree(tmp)
     old = sibling(dest, job_id, "old")
+    moved = False
     with folder_lock(dest.parent):
         if not overwrite:
             try:
@@ -342,14 +349,15 @@ def commit(tmp: Path, dest: Path, overwrite: bool, job_id: str) -> None:
                     "overwrite=True to replace it"
                 ) from None
             fsync_path(dest.parent)
-            return
-        moved = False
-        if os.path.lexists(dest):
-            check_replaceable(dest)
-            os.rename(dest, old)
-            moved = True
+        else:
+            if os.path.lexists(dest):
+                check_replaceable(dest)
+                os.rename(dest, old)
+                moved = True
+                fsync_path(dest.parent)
+            os.rename(tmp, dest)
             fsync_path(dest.parent)
-        os.rename(tmp, dest)
-        fsync_path(dest.parent)
+        opened = opener()
     if moved:
         remove(old)
+    return opened

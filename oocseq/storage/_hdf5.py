@@ -280,7 +280,9 @@ class HDF5Writer(StorageWriter):
         if compression is not None:
             kwargs.update(
                 hdf5plugin.Blosc(
-                    cname=compression.cname, clevel=compression.clevel, shuffle=hdf5plugin.Blosc.SHUFFLE
+                    cname=compression.cname,  # type: ignore[arg-type]  # checked by Compression
+                    clevel=compression.clevel,
+                    shuffle=hdf5plugin.Blosc.SHUFFLE,
                 )
             )
         self._datasets[name] = self._file.create_dataset(

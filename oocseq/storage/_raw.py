@@ -66,7 +66,7 @@ def serve(chunk: np.ndarray, out: np.ndarray | None, count: int) -> np.ndarray:
 
 def read_exactly_into(fd: int, offset: int, out: np.ndarray, where: str) -> None:
     """``os.preadv`` of ``out.nbytes`` bytes at ``offset`` into C-contiguous ``out``."""
-    view = memoryview(out.reshape(-1).view(np.uint8))
+    view = memoryview(out.reshape(-1).view(np.uint8))  # type: ignore[arg-type]  # numpy arrays are buffers
     done = 0
     while done < len(view):
         try:

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import zarr
+from zarr.codecs import BloscCodec
 
 from ..errors import CorruptStoreError, NotAStoreError
 from ..manifest import ATTR_KEY, AUX_GROUP, Compression, FieldSpec
@@ -116,7 +117,7 @@ class ZarrReader(StorageReader):
             if getattr(arr.metadata, "zarr_format", 3) != 3:
                 raise CorruptStoreError(f"{self.path}/{name}: not a Zarr v3 array")
             if name.startswith(AUX_GROUP + "/"):
-                codecs = [c.to_dict()["name"] for c in arr.metadata.codecs]
+                codecs = [c.to_dict()["name"] for c in getattr(arr.metadata, "codecs", ())]
                 if codecs not in _AUX_CODECS:
                     raise CorruptStoreError(f"{self.path}/{name}: codecs {codecs} are not allowed")
             self._arrays[name] = arr
@@ -337,7 +338,7 @@ class ZarrWriter(StorageWriter):
         compressors = (
             None
             if compression is None
-            else zarr.codecs.BloscCodec(cname=compression.cname, clevel=compression.clevel, shuffle="shuffle")
+            else BloscCodec(cname=compression.cname, clevel=compression.clevel, shuffle="shuffle")  # type: ignore[arg-type]
         )
         self._arrays[name] = self._group.create_array(
             name,
