@@ -164,6 +164,8 @@ class ChunkedBatches:
         read: ReadOptions | None = None,
     ) -> None:
         self.source = open_source(source)
+        # A store this core opened from a path is its own to close; a Store passed in is the caller's.
+        self._owns_source = isinstance(source, (str, os.PathLike))
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise ArgumentError(f"batch_size must be a positive int, got {batch_size!r}")
         if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
@@ -251,10 +253,13 @@ class ChunkedBatches:
         return copy
 
     def close(self) -> None:
-        """Stop this process's decode threads and drop its decoded windows."""
+        """Stop this process's decode threads, drop its decoded windows and, for a store it
+        opened from a path, close the store's file handles (a later batch reopens them)."""
         if self._local_pid == os.getpid():
             self._local_state.cache.close()
             self._local_pid = -1
+        if self._owns_source:
+            self.source.close()
 
     # -- the plan -----------------------------------------------------------------------------
     def __len__(self) -> int:

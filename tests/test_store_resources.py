@@ -149,3 +149,22 @@ def test_slice_costs_the_chunks_it_touches(tmp_path: Path, fmt: str) -> None:
     assert got.shape == (5,) and got2.shape == (2,)
     assert reads == [0, (n - 1) // chunk_len]
     assert peak < 8 * chunk_len + (1 << 20)  # a chunk or so, not 8 * n bytes of indices
+
+
+@pytest.mark.parametrize("fmt", [".zarr", ".h5"])
+def test_sequence_close_releases_a_store_it_opened(tmp_path: Path, fmt: str) -> None:
+    """``ChunkedSequence(path).close()`` closes the store it opened (no garbage collection
+    needed), and the sequence still serves afterwards (the handles reopen)."""
+    path = tmp_path / f"s{fmt}"
+    oocseq.ingest_arrays(path, {"x": np.arange(400.0).reshape(100, 4)}, chunk_len=10).close()
+    gc.collect()
+    before = _fds()
+    seqs = [oocseq.ChunkedSequence(path, 8, y=None, read=oocseq.ReadOptions(threads=0)) for _ in range(20)]
+    for seq in seqs:
+        seq[0]
+    assert _fds() > before
+    for seq in seqs:
+        seq.close()
+    assert _fds() == before  # gc not run: close() released every handle
+    assert len(seqs[0][1][0]) == 8
+    seqs[0].close()
