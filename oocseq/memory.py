@@ -119,6 +119,9 @@ class ArraySource:
     def advise_chunks(self, name: str, chunks: np.ndarray) -> None:
         """Nothing to read ahead in memory."""
 
+    def close(self) -> None:
+        """Nothing to release (the arrays are the caller's); here for the store contract."""
+
     def fingerprint(self) -> int:
         """CRC-32 of the fields' shapes and dtypes and ``chunk_len`` (not of the values: a
         state saved on these arrays is accepted for arrays of the same layout)."""

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from .batches import Batch, ChunkedBatches, FieldSelection
-from .errors import ArgumentError, ArgumentTypeError, BatchIndexError, ShuffleWarning, StateError
+from .errors import ArgumentError, ArgumentTypeError, BatchIndexError, OocseqError, ShuffleWarning, StateError
 from .mixing import CLUSTERED_BELOW, DEFAULT_MAX_BATCHES, ShuffleReport, label_clustering, shuffle_report
 from .options import ReadOptions, ShardOptions, WorkerOptions
 from .plan import EpochPlan
@@ -218,7 +218,10 @@ class ChunkedSequence:
         then mixes few classes per batch. Reads a few label chunks."""
         if not self.shuffle or not isinstance(self.y, str):
             return
-        clustering = label_clustering(self.store, self.y)
+        try:
+            clustering = label_clustering(self.store, self.y)
+        except OocseqError:  # a damaged label chunk: raised where a batch serves it, not here
+            return
         if clustering is None or clustering >= CLUSTERED_BELOW:
             return
         where = getattr(self.store, "path", "the arrays")
