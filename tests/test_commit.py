@@ -168,3 +168,22 @@ def test_a_live_ingestions_files_are_left_alone(tmp_path: Path) -> None:
     assert adopted is not None
     adopted.release(delete=True)
     assert not lock.path.exists()
+
+
+def test_a_lock_file_left_under_its_temporary_name_is_cleaned(tmp_path: Path) -> None:
+    """A kill between creating the lock file (``.lock-new``) and renaming it leaves the
+    temporary name: the next ingestion removes it once no process holds it, and leaves a
+    held one alone."""
+    dest = tmp_path / "s.zarr"
+    (tmp_path / ".s.zarr.dead01234567.lock-new").write_text("12345\n")
+    (tmp_path / ".s.zarr.dead01234567.journal-new").write_text("{}\n")
+    live = tmp_path / ".s.zarr.live01234567.lock-new"
+    fd = os.open(live, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        assert _commit._flock(fd, blocking=True)
+        oocseq.ingest_arrays(dest, data(), preshuffle=False).close()
+        assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, "s.zarr"]
+    finally:
+        os.close(fd)
+    oocseq.ingest_arrays(dest, data(), overwrite=True).close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.zarr"]

@@ -205,8 +205,11 @@ class StoreWriter:
         for job_id, parts in siblings(self.dest).items():
             if set(parts) == {"old"}:
                 continue  # recover() handles those
-            lock = OwnerLock.adopt(parts["lock"]) if "lock" in parts else None
-            if "lock" in parts and lock is None:
+            # A lock still under its temporary name: its owner was killed while creating it, or
+            # is creating it now (then it holds the flock and the lock is not adopted).
+            lock_path = parts.get("lock") or parts.get("lock-new")
+            lock = OwnerLock.adopt(lock_path) if lock_path is not None else None
+            if lock_path is not None and lock is None:
                 continue  # its owner still runs
             journal = None
             if lock is not None and "partial" in parts:  # an interrupted ingestion's store
@@ -509,10 +512,12 @@ def _discard(dest: Path, job_id: str, lock: OwnerLock | None) -> None:
     exists, nobody else takes the others)."""
     remove(sibling(dest, job_id, "partial"))
     remove(sibling(dest, job_id, "journal"))
+    remove(sibling(dest, job_id, "journal-new"))
     if lock is not None:
         lock.release(delete=True)
     else:
         remove(sibling(dest, job_id, "lock"))
+        remove(sibling(dest, job_id, "lock-new"))
 
 
 def _read_journal(path: Path, fingerprint: str) -> dict[str, Any] | None:

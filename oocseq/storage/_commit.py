@@ -33,7 +33,8 @@ from typing import TypeVar
 
 from ..errors import NotAStoreError, StoreExistsError
 
-KINDS = ("partial", "journal", "lock", "old")
+# "-new": a lock file or journal being created under a temporary name (a kill can leave it).
+KINDS = ("partial", "journal", "lock", "old", "lock-new", "journal-new")
 
 
 T = TypeVar("T")

@@ -31,6 +31,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from ..ingest.arrays import ingest_arrays
+from ..manifest import ALLOWED_DTYPES
 from ..options import ShardOptions, WorkerOptions
 from ..plan import EpochPlan
 from ..store import Store
@@ -54,25 +55,8 @@ __all__ = [
 
 FORMATS = (".zarr", ".h5")
 COMPRESSIONS = (None, "lz4", "zstd", "zlib")
-DTYPES = tuple(
-    np.dtype(d)
-    for d in (
-        "bool",
-        "int8",
-        "int16",
-        "int32",
-        "int64",
-        "uint8",
-        "uint16",
-        "uint32",
-        "uint64",
-        "float16",
-        "float32",
-        "float64",
-        "complex64",
-        "complex128",
-    )
-)
+#: Every dtype a field may have (the manifest's allowlist).
+DTYPES = tuple(np.dtype(d) for d in sorted(ALLOWED_DTYPES))
 
 data = st.data  # re-exported: draw sequence arguments that depend on the drawn store
 
