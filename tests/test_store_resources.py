@@ -168,3 +168,24 @@ def test_sequence_close_releases_a_store_it_opened(tmp_path: Path, fmt: str) -> 
     assert _fds() == before  # gc not run: close() released every handle
     assert len(seqs[0][1][0]) == 8
     seqs[0].close()
+
+
+def test_zarr_open_refused_by_the_system_is_a_store_read_error(tmp_path: Path, monkeypatch) -> None:
+    """Running out of descriptors inside zarr's own open is the system's refusal
+    (StoreReadError), not a damaged store (NotAStoreError), and leaks no descriptor."""
+    import errno
+
+    import zarr
+
+    path = tmp_path / "s.zarr"
+    oocseq.ingest_arrays(path, {"x": np.arange(10.0)}, preshuffle=False).close()
+
+    def refuse(*args, **kwargs):
+        raise OSError(errno.EMFILE, "Too many open files", str(path / ".zmetadata"))
+
+    monkeypatch.setattr(zarr, "open_group", refuse)
+    gc.collect()
+    before = _fds()
+    with pytest.raises(oocseq.StoreReadError, match="too many open files"):
+        oocseq.open_store(path)
+    assert _fds() == before

@@ -79,6 +79,10 @@ class ZarrReader(StorageReader):
         try:
             self._group = zarr.open_group(pinned if os.path.isdir(pinned) else str(path), mode="r")
         except Exception as e:
+            self._handles.close()
+            system = _system_error(e)
+            if system is not None:  # e.g. too many open files: the system's refusal, not the store's
+                raise os_error(system, str(path)) from None
             raise NotAStoreError(f"{path} is not a readable zarr store: {e}") from None
         self._arrays: dict[str, Any] = {}
         self._chunk_dirs: dict[str, int] = {}
@@ -289,6 +293,19 @@ class ZarrReader(StorageReader):
         self._arrays.clear()
         self._chunk_dirs.clear()
         self._handles.close()
+
+
+def _system_error(e: BaseException) -> OSError | None:
+    """The OSError with a system errno (too many open files, I/O error, ...) that ``e`` is or
+    was raised from (zarr wraps some), if any."""
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, OSError) and cur.errno in SYSTEM_ERRNOS:
+            return cur
+        cur = cur.__cause__ or cur.__context__
+    return None
 
 
 def _check_field_codecs(arr: Any, spec: FieldSpec, compression: Compression | None, where: str) -> str:
