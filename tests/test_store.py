@@ -28,23 +28,10 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import oocseq
+from oocseq.manifest import ALLOWED_DTYPES
 
-DTYPES = [
-    "bool",
-    "int8",
-    "int16",
-    "int32",
-    "int64",
-    "uint8",
-    "uint16",
-    "uint32",
-    "uint64",
-    "float16",
-    "float32",
-    "float64",
-    "complex64",
-    "complex128",
-]
+#: Every dtype a field may have: the manifest's allowlist.
+DTYPES = sorted(ALLOWED_DTYPES)
 FORMATS = [".zarr", ".h5"]
 COMPRESSIONS = [None, "lz4", "zstd", "zlib"]
 MiB = 1 << 20
