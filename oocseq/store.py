@@ -85,7 +85,10 @@ class Store:
         self.fast = fast
         self.verify_checksums = verify_checksums
         self.format = store_format(self.path)
-        if not self.path.exists() and not _commit.recover(self.path):
+        # Finishes (or tidies up after) a commit a crash interrupted; cheap when nothing is left.
+        if _commit.siblings(self.path):
+            _commit.recover(self.path)
+        if not self.path.exists():
             raise StoreNotFoundError(f"no store at {str(self.path)!r}")
         self._lock = threading.Lock()
         # This process's handles and the record of chunks checked through them: one tuple,

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import time
 import warnings
 from pathlib import Path
 
@@ -175,10 +177,14 @@ def test_a_lock_file_left_under_its_temporary_name_is_cleaned(tmp_path: Path) ->
     temporary name: the next ingestion removes it once no process holds it, and leaves a
     held one alone."""
     dest = tmp_path / "s.zarr"
-    (tmp_path / ".s.zarr.dead01234567.lock-new").write_text("12345\n")
+    dead = tmp_path / ".s.zarr.dead01234567.lock-new"
+    dead.write_text("12345\n")
     (tmp_path / ".s.zarr.dead01234567.journal-new").write_text("{}\n")
     live = tmp_path / ".s.zarr.live01234567.lock-new"
     fd = os.open(live, os.O_RDWR | os.O_CREAT, 0o644)
+    past = time.time() - 2 * _commit._CREATING_S
+    for path in (dead, live):
+        os.utime(path, (past, past))
     try:
         assert _commit._flock(fd, blocking=True)
         oocseq.ingest_arrays(dest, data(), preshuffle=False).close()
@@ -187,3 +193,41 @@ def test_a_lock_file_left_under_its_temporary_name_is_cleaned(tmp_path: Path) ->
         os.close(fd)
     oocseq.ingest_arrays(dest, data(), overwrite=True).close()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.zarr"]
+
+
+def test_a_lock_file_being_created_is_not_taken(tmp_path: Path) -> None:
+    """Between its creation and its flock, a new lock file is unlocked: an open or an
+    ingestion in that instant must not take it for a dead owner's and delete it."""
+    dest = tmp_path / "s.zarr"
+    oocseq.ingest_arrays(dest, data(), preshuffle=False).close()
+    creating = tmp_path / ".s.zarr.new012345678.lock-new"
+    creating.write_text("")  # created, not yet locked
+    oocseq.open_store(dest).close()
+    assert _commit.OwnerLock.adopt(creating) is None
+    assert creating.exists()
+
+
+@pytest.mark.parametrize("fmt", [".zarr", ".h5"])
+def test_open_tidies_up_after_a_commit_killed_before_its_cleanup(tmp_path: Path, fmt: str) -> None:
+    """A kill after the new store took its place but before the old store, journal and lock
+    were deleted: the next open deletes them (the owner is gone) and keeps an interrupted
+    ingestion's partial store, and a live ingestion's files, for them to carry on."""
+    dest = tmp_path / f"s{fmt}"
+    oocseq.ingest_arrays(dest, data(), preshuffle=False).close()
+    old = tmp_path / f".{dest.name}.done01234567.old"
+    shutil.copytree(dest, old) if dest.is_dir() else shutil.copy2(dest, old)
+    for kind in ("journal", "lock"):
+        (tmp_path / f".{dest.name}.done01234567.{kind}").write_text("1\n")
+    interrupted = {f".{dest.name}.intr01234567.{k}" for k in ("partial", "journal", "lock")}
+    for name in interrupted:
+        (tmp_path / name).write_text("1\n")
+    live = _commit.OwnerLock.create(dest, "live01234567")
+    (tmp_path / f".{dest.name}.live01234567.journal").write_text("1\n")
+    try:
+        store = oocseq.open_store(dest)
+        np.testing.assert_array_equal(store["x"][:], data()["x"])
+        store.close()
+        left = {p.name for p in tmp_path.iterdir()}
+        assert left == {dest.name, live.path.name, f".{dest.name}.live01234567.journal"} | interrupted
+    finally:
+        live.release(delete=True)

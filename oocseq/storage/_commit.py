@@ -26,6 +26,8 @@ import json
 import os
 import shutil
 import sys
+import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -35,6 +37,8 @@ from ..errors import NotAStoreError, StoreExistsError
 
 # "-new": a lock file or journal being created under a temporary name (a kill can leave it).
 KINDS = ("partial", "journal", "lock", "old", "lock-new", "journal-new")
+# How old a "lock-new" must be before it is taken for a killed owner's (seconds).
+_CREATING_S = 10.0
 
 
 T = TypeVar("T")
@@ -160,6 +164,11 @@ class OwnerLock:
         except OSError:
             return None
         try:
+            # A lock under its temporary name exists unlocked for the instant between its
+            # creation and its flock in create(): taking it then would break a live ingestion.
+            if path.name.endswith("-new") and time.time() - os.fstat(fd).st_mtime < _CREATING_S:
+                os.close(fd)
+                return None
             if not _flock(fd, blocking=False):
                 os.close(fd)
                 return None
@@ -188,17 +197,31 @@ class OwnerLock:
 
 @contextlib.contextmanager
 def folder_lock(folder: Path) -> Iterator[None]:
-    """Exclusive ``flock`` on a folder: serialises commits (and recoveries) within it."""
+    """Exclusive ``flock`` on a folder: serialises commits (and recoveries) within it.
+    Reentrant within a thread (a commit opens the store it committed, and opening recovers)."""
     try:
         fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     except OSError:  # e.g. Windows: folders cannot be opened
         yield
         return
+    held: set[tuple[int, int]] = _held.__dict__.setdefault("folders", set())
     try:
+        st = os.fstat(fd)
+        key = (st.st_dev, st.st_ino)
+        if key in held:  # this thread holds it already: a second flock would wait on itself
+            yield
+            return
         _flock(fd, blocking=True)
-        yield
+        held.add(key)
+        try:
+            yield
+        finally:
+            held.discard(key)
     finally:
         os.close(fd)  # closing drops the lock
+
+
+_held = threading.local()
 
 
 # -- renames ------------------------------------------------------------------------------------
@@ -309,7 +332,8 @@ def _looks_complete(old: Path) -> bool:
 
 def recover(dest: Path) -> bool:
     """Finish what a crash during a commit into ``dest`` left: move the old store back to
-    ``dest`` if ``dest`` is missing, delete moved-aside old stores once ``dest`` is there.
+    ``dest`` if ``dest`` is missing, delete moved-aside old stores once ``dest`` is there, and
+    the journal and lock of ingestions that committed but were killed before cleaning up.
     Returns whether something is at ``dest`` now (it may also have been put there by a
     concurrent commit, which this waits for). Never raises for a folder it cannot write."""
     olds = [p["old"] for p in siblings(dest).values() if "old" in p]
@@ -325,9 +349,31 @@ def recover(dest: Path) -> bool:
             if os.path.lexists(dest):
                 for p in olds:
                     remove(p)
+                _tidy_finished(dest)
     except OSError:
         pass
     return os.path.lexists(dest)
+
+
+def _tidy_finished(dest: Path) -> None:
+    """Delete the journal and lock of ingestions into ``dest`` that have no partial store (they
+    committed, and were killed before cleaning up) and whose owners are gone. Leftovers with a
+    partial store are an interrupted ingestion's, kept for it to resume."""
+    for parts in siblings(dest).values():
+        if "partial" in parts or "old" in parts:
+            continue
+        lock_path = parts.get("lock") or parts.get("lock-new")
+        lock = OwnerLock.adopt(lock_path) if lock_path is not None else None
+        if lock_path is not None and lock is None:
+            continue  # its owner still runs
+        for kind in ("journal", "journal-new"):
+            if kind in parts:
+                remove(parts[kind])
+        if lock is not None:
+            lock.release(delete=True)
+        for kind in ("lock", "lock-new"):
+            if kind in parts:
+                remove(parts[kind])
 
 
 def commit(tmp: Path, dest: Path, overwrite: bool, job_id: str, opener: Callable[[], T]) -> T:
