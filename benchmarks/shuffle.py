@@ -71,6 +71,26 @@ def sorted_crops(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(xs), np.concatenate(ys)
 
 
+def sorted_digits(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``n`` jittered 32x32x1 copies of scikit-learn's 8x8 digits, sorted by label, and the
+    index of the original digit each copy comes from (a held-out set must not share
+    originals with the training set)."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    rng = np.random.default_rng(seed)
+    src = np.sort(rng.integers(0, len(digits.target), n))
+    src = src[np.argsort(digits.target[src], kind="stable")]
+    big = np.kron(digits.images[src], np.ones((4, 4))) * (255 / 16)  # 8x8 -> 32x32
+    shifts = rng.integers(-3, 4, (n, 2))
+    out = np.empty((n, 32, 32, 1), np.uint8)
+    for i, (image, (dy, dx)) in enumerate(zip(big, shifts, strict=True)):
+        moved = np.roll(image, (int(dy), int(dx)), axis=(0, 1))
+        noisy = moved + rng.normal(0, 24, moved.shape)
+        out[i, :, :, 0] = np.clip(noisy, 0, 255)
+    return out, digits.target[src].astype(np.int64), src
+
+
 def mixing(stores: dict[str, oocseq.Store]) -> tuple[list[str], dict[str, float]]:
     lines = [
         "| store | batch | entropy (bits) | iid | ratio | classes per batch | iid |",
@@ -132,16 +152,20 @@ def throughput(stores: dict[str, oocseq.Store], rounds: int) -> tuple[float, dic
 
 
 def training(
-    x: np.ndarray, y: np.ndarray, workdir: Path, seeds: int, epochs: int, samples: int
+    task: str, workdir: Path, seeds: int, epochs: int, samples: int
 ) -> tuple[list[str], float]:
     import keras
 
-    step = max(1, len(x) // samples)
-    x, y = x[::step], y[::step]  # still sorted by label
     rng = np.random.default_rng(123)
-    val = rng.permutation(len(x))[: len(x) // 6]
-    is_val = np.zeros(len(x), bool)
-    is_val[val] = True
+    if task == "digits":
+        x, y, src = sorted_digits(samples)
+        # Held out: every copy of one original in six, so no original is on both sides.
+        held = rng.permutation(int(src.max()) + 1)[: (int(src.max()) + 1) // 6]
+        is_val = np.isin(src, held)
+    else:
+        x, y = sorted_crops(samples)
+        is_val = np.zeros(len(x), bool)
+        is_val[rng.permutation(len(x))[: len(x) // 6]] = True
     xt, yt = x[~is_val], y[~is_val]  # still sorted by label
     xv, yv = x[is_val], y[is_val]
     pre = oocseq.ingest_arrays(workdir / "train_pre.zarr", {"x": xt, "y": yt}, overwrite=True)
@@ -153,7 +177,7 @@ def training(
         keras.utils.set_random_seed(seed)
         m = keras.Sequential(
             [
-                keras.Input(SHAPE),
+                keras.Input(x.shape[1:]),
                 keras.layers.Rescaling(1 / 255),
                 keras.layers.Conv2D(16, 3, activation="relu"),
                 keras.layers.MaxPooling2D(),
@@ -201,7 +225,13 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the timed parts")
     p.add_argument("--train-seeds", type=int, default=3, help="seeds of the training parity (0: skip)")
     p.add_argument("--epochs", type=int, default=6, help="epochs of each training run")
-    p.add_argument("--train-samples", type=int, default=20_000, help="crops the training parity uses")
+    p.add_argument("--train-samples", type=int, default=20_000, help="samples the training parity uses")
+    p.add_argument(
+        "--task",
+        choices=("digits", "crops"),
+        default="digits",
+        help="training parity data: jittered 32x32 digits (default) or the photo crops (band labels)",
+    )
     p.add_argument(
         "--quiet-wait", type=float, default=10.0, help="seconds to wait for a quiet machine per run"
     )
@@ -226,7 +256,7 @@ def main() -> None:
         cost, cost_runs = ingestion_cost(x, y, workdir, args.rounds)
         speed, rates = throughput(stores, args.rounds)
         train_lines, gap = (
-            training(x, y, workdir, args.train_seeds, args.epochs, args.train_samples)
+            training(args.task, workdir, args.train_seeds, args.epochs, args.train_samples)
             if args.train_seeds
             else ([], None)
         )
@@ -286,7 +316,7 @@ def main() -> None:
         print(_data.targets_table(rows))
         if train_lines:
             print(
-                f"\n## Training parity ({args.train_samples} crops, 1/6 held out; {args.train_seeds} seeds, "
+                f"\n## Training parity ({args.train_samples} {args.task}, 1/6 held out; {args.train_seeds} seeds, "
                 f"{args.epochs} epochs, batch 128)\n"
             )
             print("\n".join(train_lines))
