@@ -36,7 +36,7 @@ from .ingest.csv import ingest_csv
 from .ingest.images import ingest_dataframe, ingest_image_folder
 from .ingest.npy import ingest_npy
 from .memory import ArraySource
-from .options import ReadOptions, ShardOptions, WorkerOptions
+from .options import ReadOptions, RemoteOptions, ShardOptions, WorkerOptions
 from .plan import EpochPlan, epoch_order
 from .sequence import ChunkedSequence
 from .store import FieldInfo, FieldView, Store, open_store
@@ -63,6 +63,7 @@ __all__ = [
     "OocseqError",
     "OutOfRangeError",
     "ReadOptions",
+    "RemoteOptions",
     "ShardOptions",
     "SourceNotFoundError",
     "Store",
