@@ -35,8 +35,8 @@ from .errors import (
 from .manifest import Manifest
 from .options import RemoteOptions
 from .storage import StorageReader, _commit, open_reader, store_format
-from .storage._remote import check_scheme, is_url, local_path_of
 from .storage._raw import SYSTEM_ERRNOS, os_error
+from .storage._remote import check_scheme, is_url, local_path_of
 
 __all__ = ["Store", "FieldInfo", "FieldView", "open_store"]
 

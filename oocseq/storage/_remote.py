@@ -41,6 +41,9 @@ __all__ = ["REMOTE_SCHEMES", "RemoteZarrReader", "is_url", "local_path_of", "obj
 #: URL schemes read from object storage (``file://`` URLs are local paths).
 REMOTE_SCHEMES = ("s3", "s3a", "gs", "gcs", "az", "azure", "abfs", "abfss", "http", "https")
 
+#: The process whose obstore runtime runs (None before any store in object storage is opened).
+_RUNTIME_PID: int | None = None
+
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
@@ -144,7 +147,17 @@ def object_store(url: str, storage_options: Mapping[str, Any] | None, options: R
     """
     from .._optional import require
 
+    global _RUNTIME_PID
     scheme = check_scheme(url)
+    if _RUNTIME_PID is not None and _RUNTIME_PID != os.getpid():
+        # obstore's (tokio) runtime does not survive fork: its requests would never finish
+        raise StoreReadError(
+            f"{url}: this process was forked from one that had read object storage, and obstore "
+            "cannot work after such a fork (it would hang). Start worker processes with 'spawn' or "
+            "'forkserver' (DataLoader(multiprocessing_context='spawn'), "
+            "WorkerOptions(start_method='spawn')), or open the store only in the workers."
+        )
+    _RUNTIME_PID = os.getpid()
     obstore_store = require("obstore.store", "reading a store in object storage")
     from zarr.storage import ObjectStore
 

@@ -12,6 +12,7 @@ Needs ``moto[server]`` (the ``test`` extra). Nothing here reaches beyond localho
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import socket
 import threading
@@ -53,6 +54,7 @@ class LatencyProxy:
         self.delay = delay
         self.requests: Counter[str] = Counter()
         self.bytes_out = 0
+        self.down = False
         self._lock = threading.Lock()
         proxy = self
 
@@ -63,21 +65,23 @@ class LatencyProxy:
                 pass
 
             def _forward(self) -> None:
+                if proxy.down:  # drop the connection without an answer, like a network gone
+                    self.close_connection = True
+                    return
                 if proxy.delay:
                     time.sleep(proxy.delay)
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
-                conn = getattr(self.server, "_local", threading.local())
-                up = getattr(conn, "c", None)
+                up = getattr(self, "_up", None)  # one upstream connection per client connection
                 if up is None:
-                    up = conn.c = http.client.HTTPConnection(proxy.upstream, timeout=60)
+                    up = self._up = http.client.HTTPConnection(proxy.upstream, timeout=60)
                 headers = {k: v for k, v in self.headers.items() if k.lower() != "connection"}
                 try:
                     up.request(self.command, self.path, body=body, headers=headers)
                     resp = up.getresponse()
                     data = resp.read()
                 except (OSError, http.client.HTTPException):
-                    conn.c = None
+                    self._up = None
                     up.close()
                     self.send_error(502)
                     return
@@ -95,12 +99,14 @@ class LatencyProxy:
 
             do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _forward
 
+            def finish(self) -> None:
+                super().finish()
+                up = getattr(self, "_up", None)
+                if up is not None:
+                    up.close()
+
         class Server(ThreadingHTTPServer):
             daemon_threads = True
-
-            def __init__(self, *a: Any) -> None:
-                super().__init__(*a)
-                self._local = threading.local()
 
         self._server = Server(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
@@ -113,7 +119,8 @@ class LatencyProxy:
             self.bytes_out = 0
 
     def stop(self) -> None:
-        """Stop answering: new connections are refused."""
+        """Stop answering: open connections are dropped, new ones refused."""
+        self.down = True
         self._server.shutdown()
         self._server.server_close()
 
@@ -167,13 +174,31 @@ class S3Server:
 
         return S3Store(bucket, endpoint=self.endpoint, client_options={"allow_http": True})
 
-    def create_bucket(self, bucket: str) -> None:
+    def _request(self, method: str, path: str, body: bytes | None = None) -> None:
         conn = http.client.HTTPConnection(self.endpoint.removeprefix("http://"), timeout=30)
-        conn.request("PUT", f"/{bucket}")
+        conn.request(method, path, body=body)
         resp = conn.getresponse()
         resp.read()
+        conn.close()
         if resp.status >= 300:
-            raise RuntimeError(f"cannot create bucket {bucket}: HTTP {resp.status}")
+            raise RuntimeError(f"{method} {path}: HTTP {resp.status}")
+
+    def create_bucket(self, bucket: str, public: bool = False) -> None:
+        """Create ``bucket``; ``public``: anyone may read its objects (plain https:// URLs)."""
+        self._request("PUT", f"/{bucket}")
+        if public:
+            policy = {
+                "Version": "2012-10-17",
+                "Statement": [
+                    {
+                        "Effect": "Allow",
+                        "Principal": "*",
+                        "Action": "s3:GetObject",
+                        "Resource": f"arn:aws:s3:::{bucket}/*",
+                    }
+                ],
+            }
+            self._request("PUT", f"/{bucket}?policy", json.dumps(policy).encode())
 
     def upload(self, local: str | os.PathLike[str], bucket: str, prefix: str) -> int:
         """Copy the files under the folder ``local`` to ``s3://bucket/prefix/``; returns bytes."""
