@@ -32,6 +32,7 @@ from .errors import (
     TransformError,
 )
 from .ingest.arrays import ingest_arrays
+from .ingest.convert import convert_store
 from .ingest.csv import ingest_csv
 from .ingest.images import ingest_dataframe, ingest_image_folder
 from .ingest.npy import ingest_npy
@@ -77,6 +78,7 @@ __all__ = [
     "WorkerOptions",
     "__version__",
     "epoch_order",
+    "convert_store",
     "ingest_arrays",
     "ingest_csv",
     "ingest_dataframe",

@@ -103,7 +103,7 @@ class Store:
         self.remote = remote
         #: the URL of a store in object storage, else None (then ``path`` is a local path)
         self.url: str | None = None
-        local = local_path_of(path) if is_url(path) else None
+        local = local_path_of(str(path)) if is_url(path) else None
         if is_url(path) and local is None:
             url = str(path).rstrip("/")
             check_scheme(url)
@@ -165,6 +165,7 @@ class Store:
     def _new_reader(self) -> StorageReader:
         """Open the store's files, read and check its manifest and layout. A reopened store
         (another process, after ``close``) must still hold the manifest it was opened with."""
+        reader: StorageReader
         try:
             if self.url is not None:
                 from .storage._remote import RemoteZarrReader

@@ -16,11 +16,11 @@ import pytest
 pytest.importorskip("obstore")
 pytest.importorskip("moto.server")
 
-import oocseq  # noqa: E402
-from oocseq import ChunkedSequence, RemoteOptions, ShardOptions  # noqa: E402
-from oocseq.errors import ArgumentError, CorruptStoreError, StoreNotFoundError, StoreReadError  # noqa: E402
-from oocseq.testing.s3 import S3Server  # noqa: E402
-from oocseq.testing.stores import write_index_store  # noqa: E402
+import oocseq
+from oocseq import ChunkedSequence, RemoteOptions, ShardOptions
+from oocseq.errors import ArgumentError, CorruptStoreError, StoreNotFoundError, StoreReadError
+from oocseq.testing.s3 import S3Server
+from oocseq.testing.stores import write_index_store
 
 pytestmark = [
     pytest.mark.timeout(180),
@@ -130,7 +130,7 @@ def test_storage_options_instead_of_the_environment(url, s3, monkeypatch):
 
 
 def test_unknown_storage_option_is_a_clear_error(url):
-    with pytest.raises(ArgumentError, match="storage_options|object storage"):
+    with pytest.raises(ArgumentError, match=r"storage_options|object storage"):
         oocseq.open_store(url, storage_options={"no_such_option": 1})
 
 
@@ -194,13 +194,13 @@ def test_a_changed_byte_in_a_remote_chunk_is_caught(s3, local, compression):
 def test_a_missing_or_oversized_remote_chunk_is_caught(s3, local):
     url, prefix = fresh_copy(s3, local)
     s3.put(BUCKET, f"{prefix}/x/c/3/0", b"\0" * (CHUNK * 3 * 4 + 100))
-    with pytest.raises(CorruptStoreError, match="chunk 3 of field 'x'.*more than"):
+    with pytest.raises(CorruptStoreError, match=r"chunk 3 of field 'x'.*more than"):
         oocseq.open_store(url)["x"][3 * CHUNK]
     url, prefix = fresh_copy(s3, local)
     import obstore
 
     obstore.delete(s3._store(BUCKET), f"{prefix}/y/c/7")
-    with pytest.raises(CorruptStoreError, match="chunk 7 of field 'y'.*missing"):
+    with pytest.raises(CorruptStoreError, match=r"chunk 7 of field 'y'.*missing"):
         oocseq.open_store(url)["y"][7 * CHUNK]
 
 
@@ -259,7 +259,7 @@ def test_dataloader_workers_fetch_only_their_share(url, s3):
     ds = TorchBatches(seq_of(oocseq.open_store(url)), as_tensors=False)
     s3.proxy.reset()
     loader = DataLoader(ds, batch_size=None, num_workers=workers, multiprocessing_context="spawn")
-    served = [int(round(v)) for x, _ in loader for v in np.asarray(x)[:, 0]]
+    served = [round(v) for x, _ in loader for v in np.asarray(x)[:, 0]]
     assert sorted(served) == list(range(N))
     gets = chunk_gets(s3)
     num_chunks = -(-N // CHUNK)
@@ -278,7 +278,7 @@ def test_a_forked_worker_is_refused_clearly_not_hung(url):
 
     ds = TorchBatches(seq_of(oocseq.open_store(url)), as_tensors=False)
     loader = DataLoader(ds, batch_size=None, num_workers=1, multiprocessing_context="fork")
-    with pytest.raises(StoreReadError, match="forked.*spawn"):
+    with pytest.raises(StoreReadError, match=r"forked.*spawn"):
         next(iter(loader))
 
 
@@ -291,3 +291,38 @@ def test_remote_options_are_validated():
         RemoteOptions(retry_timeout=0)
     with pytest.raises(ArgumentError, match="remote must be"):
         oocseq.open_store("s3://data/x.zarr", remote={"retries": 1})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("dest_suffix", [".h5", ".zarr"])
+def test_convert_between_formats_keeps_every_sample_and_checksum(local, tmp_path, dest_suffix):
+    h5 = oocseq.convert_store(local, tmp_path / "a.h5")
+    back = oocseq.convert_store(h5, tmp_path / f"b{dest_suffix}")
+    for store in (h5, back):
+        assert store.manifest.checksums == local.manifest.checksums
+        assert store.metadata == local.metadata
+        for name in local.fields:
+            np.testing.assert_array_equal(store[name][:], local[name][:])
+
+
+def test_convert_from_a_url_and_the_cli(url, local, tmp_path):
+    from oocseq.cli import main
+
+    assert main(["convert", url, str(tmp_path / "c.h5")]) in (0, None)
+    h5 = oocseq.open_store(tmp_path / "c.h5")
+    np.testing.assert_array_equal(h5["x"][:], local["x"][:])
+    assert main(["verify", url]) in (0, None)
+    assert main(["info", url]) in (0, None)
+
+
+def test_convert_refuses_a_damaged_source(local, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad.zarr"
+    shutil.copytree(local.path, bad)
+    chunk = bad / "x" / "c" / "2" / "0"
+    data = bytearray(chunk.read_bytes())
+    data[-5] ^= 0x01
+    chunk.write_bytes(bytes(data))
+    with pytest.raises(CorruptStoreError, match=r"chunk 2 of field 'x'"):
+        oocseq.convert_store(bad, tmp_path / "out.h5")
+    assert not (tmp_path / "out.h5").exists()

@@ -15,6 +15,7 @@ at most ``max_bytes_in_flight`` bytes fetched and not yet read.
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import os
 import re
@@ -285,7 +286,7 @@ class Fetcher:
             self._ahead[key] = (fut, limit)
             self._reserved += limit
             self.peak_reserved = max(self.peak_reserved, self._reserved)
-            fut.add_done_callback(lambda f, key=key, limit=limit: self._settled(key, limit, f))
+            fut.add_done_callback(functools.partial(self._settled, key, limit))
 
     def _settled(self, key: str, limit: int, fut: Future[Any]) -> None:
         """An answer arrived: reserve its real size instead of its upper bound."""

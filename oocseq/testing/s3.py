@@ -72,9 +72,10 @@ class LatencyProxy:
                     time.sleep(proxy.delay)
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
-                up = getattr(self, "_up", None)  # one upstream connection per client connection
-                if up is None:
-                    up = self._up = http.client.HTTPConnection(proxy.upstream, timeout=60)
+                up: http.client.HTTPConnection | None = getattr(self, "_up", None)
+                if up is None:  # one upstream connection per client connection
+                    up = http.client.HTTPConnection(proxy.upstream, timeout=60)
+                    self._up: http.client.HTTPConnection | None = up
                 headers = {k: v for k, v in self.headers.items() if k.lower() != "connection"}
                 try:
                     up.request(self.command, self.path, body=body, headers=headers)
