@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
 from dataclasses import dataclass
 
 from .errors import ArgumentError
@@ -168,6 +169,12 @@ class RemoteOptions:
         retries: retries of one request (>= 0).
         retry_timeout: seconds after a request's first try past which it is not retried (> 0).
         timeout: seconds one try may take, connecting included (> 0).
+        cache_dir: a local folder that keeps chunk objects once they passed their checksum,
+            so that later epochs read them from local disk (None: no cache). Each store gets
+            a subfolder named after its URL and checksums: a store replaced in the bucket never
+            meets the old store's chunks. Cached chunks are checked again at every read.
+        cache_limit: bytes the cache may hold (per process using it); the chunks read least
+            recently are deleted past it. Default: 10 GiB.
 
     Raises:
         ArgumentError: a value outside its range.
@@ -178,8 +185,16 @@ class RemoteOptions:
     retries: int = 5
     retry_timeout: float = 30.0
     timeout: float = 30.0
+    cache_dir: str | None = None
+    cache_limit: int = 10 << 30
 
     def __post_init__(self) -> None:
+        if self.cache_dir is not None and not isinstance(self.cache_dir, (str, os.PathLike)):
+            raise ArgumentError(f"cache_dir must be None or a folder path, got {self.cache_dir!r}")
+        if self.cache_dir is not None:
+            object.__setattr__(self, "cache_dir", os.fspath(self.cache_dir))
+        if not _is_int(self.cache_limit) or self.cache_limit < 0:
+            raise ArgumentError(f"cache_limit must be an int >= 0 (bytes), got {self.cache_limit!r}")
         if not _is_int(self.max_requests) or self.max_requests < 1:
             raise ArgumentError(f"max_requests must be an int >= 1, got {self.max_requests!r}")
         if not _is_int(self.max_bytes_in_flight) or self.max_bytes_in_flight < (1 << 20):

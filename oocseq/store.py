@@ -356,12 +356,19 @@ class Store:
         if sums is None:
             raise CorruptStoreError(f"{self.location}: the manifest has no checksums for field {name!r}")
         if chunk_checksum(chunk, self.manifest.checksum) != sums[c]:
-            raise CorruptStoreError(
+            error = CorruptStoreError(
                 f"{self.location}: chunk {c} of field {name!r} ({reader.chunk_location(name, c)}) fails "
                 f"its {self.manifest.checksum} checksum; the store is damaged (or was changed after "
                 "it was written). Ingest it again."
             )
+            failed = getattr(reader, "chunk_failed", None)
+            if failed is not None:  # e.g. a remote reader deletes a damaged cached copy
+                failed(name, c)
+            raise error
         done[c] = True
+        passed = getattr(reader, "chunk_verified", None)
+        if passed is not None:  # e.g. a remote reader keeps the checked chunk in its disk cache
+            passed(name, c)
 
     def advise_chunks(self, name: str, chunks: np.ndarray) -> None:
         """Hint the kernel to read these chunks of field ``name`` ahead (asynchronous; a no-op

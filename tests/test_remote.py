@@ -326,3 +326,49 @@ def test_convert_refuses_a_damaged_source(local, tmp_path):
     with pytest.raises(CorruptStoreError, match=r"chunk 2 of field 'x'"):
         oocseq.convert_store(bad, tmp_path / "out.h5")
     assert not (tmp_path / "out.h5").exists()
+
+
+def test_disk_cache_serves_the_second_epoch_and_stays_within_its_limit(url, local, s3, tmp_path):
+    cache = tmp_path / "cache"
+    options = RemoteOptions(cache_dir=str(cache))
+    seq = seq_of(oocseq.open_store(url, remote=options))
+    here = seq_of(local)
+    s3.proxy.reset()
+    for i in range(len(seq)):
+        seq[i]
+    first = sum(chunk_gets(s3).values())
+    assert 0 < first <= 2 * local.num_chunks  # (the y chunks read at construction are cached)
+    s3.proxy.reset()
+    seq.set_epoch(1)
+    here.set_epoch(1)
+    for i in range(len(seq)):
+        (xr, yr), (xl, yl) = seq[i], here[i]
+        np.testing.assert_array_equal(xr, xl)
+        np.testing.assert_array_equal(yr, yl)
+    assert chunk_gets(s3) == {}, "the second epoch went to the server"
+    # a new process (a reopened store) finds the cache too
+    again = oocseq.open_store(url, remote=options)
+    np.testing.assert_array_equal(again["x"][:], local["x"][:])
+    assert chunk_gets(s3) == {}
+    # a limit smaller than the store: evicted down to the limit
+    limit = local.stored_nbytes("x") // 3
+    small = oocseq.open_store(url, remote=RemoteOptions(cache_dir=str(tmp_path / "small"), cache_limit=limit))
+    small["x"][:]
+    held = sum(p.stat().st_size for p in (tmp_path / "small").rglob("*") if p.is_file())
+    assert 0 < held <= limit
+
+
+def test_a_damaged_cached_copy_is_caught_and_dropped(url, local, tmp_path):
+    cache = tmp_path / "cache"
+    options = RemoteOptions(cache_dir=str(cache))
+    oocseq.open_store(url, remote=options)["x"][:]
+    files = sorted(p for p in cache.rglob("*") if p.is_file() and "x%2Fc%2F4%2F0" in p.name)
+    assert len(files) == 1
+    data = bytearray(files[0].read_bytes())
+    data[-3] ^= 0x04
+    files[0].write_bytes(bytes(data))
+    store = oocseq.open_store(url, remote=options)
+    with pytest.raises(CorruptStoreError, match=r"chunk 4 of field 'x'.*cached copy"):
+        store["x"][4 * CHUNK]
+    assert not files[0].exists()
+    np.testing.assert_array_equal(store["x"][4 * CHUNK], local["x"][4 * CHUNK])  # fetched again

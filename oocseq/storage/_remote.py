@@ -15,6 +15,8 @@ at most ``max_bytes_in_flight`` bytes fetched and not yet read.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import functools
 import math
 import os
@@ -27,7 +29,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import numpy as np
 
@@ -341,6 +343,74 @@ class Fetcher:
             loop.close()
 
 
+class DiskCache:
+    """Chunk objects kept in a local folder, at most ``limit`` bytes (least recently read
+    deleted first). Files are written under a temporary name and renamed, so a reader (this
+    process or another) never sees half a file; what it reads is checked by the store anyway.
+    """
+
+    def __init__(self, root: Path, limit: int) -> None:
+        self.root = root
+        self.limit = limit
+        self._lock = threading.Lock()
+        root.mkdir(parents=True, exist_ok=True)
+        entries = []
+        for p in root.iterdir():
+            if p.is_file() and not p.name.startswith(".tmp"):
+                st = p.stat()
+                entries.append((st.st_atime, p.name, st.st_size))
+        self._files: OrderedDict[str, int] = OrderedDict((n, size) for _, n, size in sorted(entries))
+        self.total = sum(self._files.values())
+        self.hits = 0
+
+    @staticmethod
+    def _name(key: str) -> str:
+        return quote(key, safe="")
+
+    def path(self, key: str) -> Path:
+        return self.root / self._name(key)
+
+    def __contains__(self, key: str) -> bool:
+        return self._name(key) in self._files
+
+    def forget(self, key: str) -> None:
+        with self._lock:
+            self.total -= self._files.pop(self._name(key), 0)
+
+    def get(self, key: str) -> np.ndarray | None:
+        name = self._name(key)
+        try:
+            data = np.fromfile(self.root / name, dtype=np.uint8)
+        except OSError:  # deleted by another process sharing the folder
+            self.forget(key)
+            return None
+        with self._lock:
+            if name in self._files:
+                self._files.move_to_end(name)
+            self.hits += 1
+        return data
+
+    def put(self, key: str, data: Any) -> None:
+        size = len(data)
+        if size > self.limit:
+            return
+        name = self._name(key)
+        tmp = self.root / f".tmp-{os.getpid()}-{threading.get_ident()}-{name}"
+        try:
+            np.asarray(data, dtype=np.uint8).tofile(tmp)
+            os.replace(tmp, self.root / name)
+        except OSError:  # a full or read-only disk: the cache is an optimisation only
+            tmp.unlink(missing_ok=True)
+            return
+        with self._lock:
+            self.total += size - self._files.pop(name, 0)
+            self._files[name] = size
+            while self.total > self.limit and self._files:
+                old, old_size = self._files.popitem(last=False)
+                self.total -= old_size
+                (self.root / old).unlink(missing_ok=True)
+
+
 class RemoteZarrReader(StorageReader):
     """Reads a Zarr v3 store in object storage (see the module's docstring).
 
@@ -377,6 +447,10 @@ class RemoteZarrReader(StorageReader):
             raise self._open_error(e) from None
         self._arrays: dict[str, Any] = {}
         self._kinds: dict[str, str] = {}
+        #: the local disk cache (``RemoteOptions.cache_dir``), set up once the manifest is read
+        self.cache: DiskCache | None = None
+        self._unverified: dict[tuple[str, int], Any] = {}
+        self._cached_reads: set[tuple[str, int]] = set()
 
     def _open_error(self, e: BaseException) -> Exception:
         text = f"{type(e).__name__}: {e}"
@@ -416,9 +490,18 @@ class RemoteZarrReader(StorageReader):
 
     def manifest_doc(self) -> Any:
         try:
-            return self._group.attrs.asdict().get(ATTR_KEY)
+            doc = self._group.attrs.asdict().get(ATTR_KEY)
         except Exception as e:
             raise self._open_error(e) from None
+        if self.options.cache_dir is not None and isinstance(doc, dict):
+            # one folder per store and content: a store replaced at the same URL gets another
+            ident = json.dumps([self.url, doc.get("checksums")], sort_keys=True, default=str)
+            folder = hashlib.sha256(ident.encode()).hexdigest()[:24]
+            try:
+                self.cache = DiskCache(Path(self.options.cache_dir) / folder, self.options.cache_limit)
+            except OSError as e:
+                raise ArgumentError(f"cache_dir {self.options.cache_dir!r} cannot be used: {e}") from None
+        return doc
 
     def _array(self, name: str) -> Any:
         import zarr
@@ -475,23 +558,51 @@ class RemoteZarrReader(StorageReader):
         return nbytes + (BLOSC_MAX_OVERHEAD if self._kinds[name] == "blosc" else 0) + 1
 
     def chunk_location(self, name: str, c: int) -> str:
-        return f"{self.url}/{self._key(name, c)}"
+        key = self._key(name, c)
+        if self.cache is not None and (name, c) in self._cached_reads:
+            return f"{self.url}/{key}, read from its cached copy {self.cache.path(key)}"
+        return f"{self.url}/{key}"
 
     def advise_chunks(self, name: str, chunks: np.ndarray) -> None:
         if name not in self._kinds:
             return
         limit = self._limit(name)
-        self.fetcher.advise([(self._key(name, int(c)), limit) for c in chunks.tolist()])
+        keys = [self._key(name, int(c)) for c in chunks.tolist()]
+        if self.cache is not None:
+            keys = [k for k in keys if k not in self.cache]
+        self.fetcher.advise([(k, limit) for k in keys])
 
     def _chunk_bytes(self, name: str, c: int) -> tuple[Any, str]:
         key = self._key(name, c)
         where = f"{self.url}: chunk {c} of field {name!r} ({self.url}/{key})"
+        if self.cache is not None:
+            data = self.cache.get(key) if key in self.cache else None
+            if data is not None:
+                self._cached_reads.add((name, c))
+                return data, f"{where} (cached copy {self.cache.path(key)})"
+            self._cached_reads.discard((name, c))
         data = self.fetcher.take(key, self._limit(name), where)
         if data is None:
             raise CorruptStoreError(
                 f"{where} is missing; the store is incomplete or damaged. Ingest it again."
             )
+        if self.cache is not None:  # kept once the store has checked it (chunk_verified)
+            self._unverified[(name, c)] = data
         return data, where
+
+    def chunk_verified(self, name: str, c: int) -> None:
+        """The store checked chunk ``c`` of ``name`` against its checksum: keep it in the disk
+        cache."""
+        data = self._unverified.pop((name, c), None)
+        if data is not None and self.cache is not None:
+            self.cache.put(self._key(name, c), data)
+
+    def chunk_failed(self, name: str, c: int) -> None:
+        """Chunk ``c`` of ``name`` failed its checksum: forget it, and delete its cached copy."""
+        self._unverified.pop((name, c), None)
+        if self.cache is not None and (name, c) in self._cached_reads:
+            self.cache.path(self._key(name, c)).unlink(missing_ok=True)
+            self.cache.forget(self._key(name, c))
 
     def read_chunk_fast(
         self, name: str, c: int, start: int, stop: int, out: np.ndarray | None = None
