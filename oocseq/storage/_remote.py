@@ -15,9 +15,9 @@ at most ``max_bytes_in_flight`` bytes fetched and not yet read.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
-import functools
 import math
 import os
 import re
