@@ -414,6 +414,8 @@ class Store:
             )
         checked = 0
         for name in self.manifest.fields:
+            # read ahead (a store in object storage fetches many chunks at once)
+            self._open().advise_chunks(name, np.arange(self.num_chunks))
             for c in range(self.num_chunks):
                 start, stop = self.manifest.chunk_bounds(c)
                 reader, verified = self._open_handles()
@@ -488,6 +490,8 @@ class FieldView:
         from ._gather import gather
 
         out = np.empty((len(idx), *self.shape[1:]), dtype=self.dtype)
+        if self.store.url is not None and len(idx):  # fetch the chunks concurrently
+            self.store.advise_chunks(self.name, np.unique(idx // self.store.chunk_len))
         gather(idx, self.store.chunk_len, lambda c: self.store.read_chunk(self.name, c), out)
         return out
 

@@ -372,3 +372,34 @@ def test_a_damaged_cached_copy_is_caught_and_dropped(url, local, tmp_path):
         store["x"][4 * CHUNK]
     assert not files[0].exists()
     np.testing.assert_array_equal(store["x"][4 * CHUNK], local["x"][4 * CHUNK])  # fetched again
+
+
+def test_ingest_straight_to_s3_with_the_manifest_last(s3, local):
+    from oocseq.errors import StoreExistsError
+    from oocseq.testing.stores import index_encoding_fields
+
+    dest = f"s3://{BUCKET}/ingested/{uuid.uuid4().hex}.zarr"
+    s3.proxy.reset()
+    store = oocseq.ingest_arrays(dest, index_encoding_fields(N), chunk_len=CHUNK, preshuffle=False)
+    assert store.location == dest
+    puts = [path for method, path in s3.proxy.log if method == "PUT"]
+    root = f"/{dest.removeprefix('s3://')}/zarr.json"
+    assert puts[-1] == root and puts.count(root) == 1, "the manifest must land last"
+    assert store.manifest.checksums == local.manifest.checksums
+    here, there = seq_of(local), seq_of(store)
+    for i in range(len(here)):
+        np.testing.assert_array_equal(here[i][0], there[i][0])
+    with pytest.raises(StoreExistsError, match="already exists"):
+        oocseq.ingest_arrays(dest, index_encoding_fields(N), chunk_len=CHUNK)
+    # replaced by a smaller store: the old store's extra chunks are deleted
+    small = oocseq.ingest_arrays(dest, index_encoding_fields(100), chunk_len=CHUNK, overwrite=True)
+    assert len(oocseq.open_store(dest)) == 100 == len(small)
+    with pytest.raises(FileNotFoundError):  # the old store's extra chunks are deleted
+        s3.get(BUCKET, f"{dest.removeprefix(f's3://{BUCKET}/')}/x/c/20/0")
+
+
+def test_hdf5_cannot_be_ingested_to_object_storage():
+    from oocseq.testing.stores import index_encoding_fields
+
+    with pytest.raises(ArgumentError, match=r"\*\.zarr"):
+        oocseq.ingest_arrays(f"s3://{BUCKET}/x.h5", index_encoding_fields(10))

@@ -15,6 +15,7 @@ at most ``max_bytes_in_flight`` bytes fetched and not yet read.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import json
@@ -22,6 +23,7 @@ import math
 import os
 import re
 import threading
+import weakref
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import Future
@@ -219,8 +221,17 @@ class _Loop:
         return asyncio.run_coroutine_threadsafe(bounded(), self.loop)
 
     def close(self) -> None:
-        if self.loop.is_running():
-            self.loop.call_soon_threadsafe(self.loop.stop)
+        """Stop the loop and its thread (requests still running are abandoned)."""
+        loop = self.loop
+        if loop.is_closed():
+            return
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(loop.stop)
+        if threading.current_thread() is self._thread:
+            return  # closed by the garbage collector on the loop's own thread
+        self._thread.join(timeout=10)
+        if not loop.is_running():
+            loop.close()
 
 
 class Fetcher:
@@ -258,9 +269,16 @@ class Fetcher:
         self.bytes = 0
         self.peak_reserved = 0
 
-    def _submit(self, key: str, limit: int) -> Future[Any]:
+    def loop(self) -> _Loop:
+        """This fetcher's event loop (started on first use)."""
         if self._loop is None:
             self._loop = _Loop(self._max_requests)
+            # a store dropped without close: its loop's thread ends with it
+            weakref.finalize(self, self._loop.close)
+        return self._loop
+
+    def _submit(self, key: str, limit: int) -> Future[Any]:
+        loop = self.loop()
 
         async def one() -> Any:
             data = await self._get(key, limit)
@@ -269,7 +287,7 @@ class Fetcher:
                 self.bytes += 0 if data is None else len(data)
             return data
 
-        return self._loop.submit(one)
+        return loop.submit(one)
 
     def advise(self, items: list[tuple[str, int]]) -> None:
         with self._lock:
@@ -484,9 +502,7 @@ class RemoteZarrReader(StorageReader):
 
     def _run(self, coro: Callable[[], Awaitable[Any]]) -> Any:
         """Run a zarr store call on the fetch loop and wait for it."""
-        if self.fetcher._loop is None:
-            self.fetcher._loop = _Loop(self.options.max_requests)
-        return self.fetcher._loop.submit(coro).result(timeout=self.fetcher._wait)
+        return self.fetcher.loop().submit(coro).result(timeout=self.fetcher._wait)
 
     def manifest_doc(self) -> Any:
         try:
@@ -694,3 +710,67 @@ def _is_network(e: BaseException) -> bool:
 def _is_range_on_empty(e: BaseException) -> bool:
     text = str(e).lower()
     return "416" in text or "range not satisfiable" in text or "invalid range" in text
+
+
+def exists(url: str, storage_options: Mapping[str, Any] | None, options: RemoteOptions) -> bool:
+    """Whether a Zarr store (its root ``zarr.json``) is at ``url``."""
+    import obstore
+
+    store = object_store(url, storage_options, options).store
+    try:
+        obstore.head(store, "zarr.json")
+    except FileNotFoundError:
+        return False
+    except Exception as e:
+        raise StoreReadError(f"{url}: cannot tell whether a store is there: {e}") from None
+    return True
+
+
+def upload(local: Path, url: str, storage_options: Mapping[str, Any] | None, options: RemoteOptions) -> int:
+    """Copy the committed local Zarr store ``local`` to ``url``; returns the bytes sent.
+
+    What is atomic: each object (one PUT replaces it whole). The store's root ``zarr.json``,
+    which holds the manifest, is deleted first (a store being replaced stops being visible)
+    and written last, so no reader opens a store whose chunks are not all there. Objects under
+    ``url`` that the new store does not have (chunks of a larger old store) are deleted after
+    the manifest lands. A reader that opened the old store before sees chunks of the new one
+    fail their checksums: an error, never mixed data.
+
+    Raises:
+        StoreWriteError: a request failed past the retry budget.
+    """
+    import obstore
+
+    from ..errors import StoreWriteError
+
+    store = object_store(url, storage_options, options).store
+    files = sorted(p for p in local.rglob("*") if p.is_file())
+    keys = {p: p.relative_to(local).as_posix() for p in files}
+    loop = _Loop(options.max_requests)
+    sent = 0
+    try:
+
+        def put(path: Path) -> Future[Any]:
+            data = path.read_bytes()
+            return loop.submit(lambda: obstore.put_async(store, keys[path], data))
+
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                loop.submit(lambda: obstore.delete_async(store, "zarr.json")).result()
+            root = local / "zarr.json"
+            futures = [put(p) for p in files if p != root]
+            for f in futures:
+                f.result()
+            sent = sum(p.stat().st_size for p in files)
+            put(root).result()  # the manifest, last
+            stale = [
+                m["path"] for batch in obstore.list(store) for m in batch if m["path"] not in keys.values()
+            ]
+            for f in [loop.submit(lambda k=k: obstore.delete_async(store, k)) for k in stale]:
+                with contextlib.suppress(FileNotFoundError):
+                    f.result()
+        except Exception as e:
+            raise StoreWriteError(f"cannot write the store to {url}: {type(e).__name__}: {e}") from None
+    finally:
+        loop.close()
+    return sent

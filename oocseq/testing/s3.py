@@ -46,6 +46,7 @@ class LatencyProxy:
     Attributes:
         url: ``http://127.0.0.1:PORT``, the endpoint to give clients.
         requests: Counter of request paths answered (``/bucket/key``).
+        log: ``(method, path)`` of every request answered, in order.
         bytes_out: body bytes sent to clients (all requests).
     """
 
@@ -53,6 +54,7 @@ class LatencyProxy:
         self.upstream = upstream
         self.delay = delay
         self.requests: Counter[str] = Counter()
+        self.log: list[tuple[str, str]] = []
         self.bytes_out = 0
         self.down = False
         self._lock = threading.Lock()
@@ -96,6 +98,7 @@ class LatencyProxy:
                     self.wfile.write(data)
                 with proxy._lock:
                     proxy.requests[self.path.split("?")[0]] += 1
+                    proxy.log.append((self.command, self.path.split("?")[0]))
                     proxy.bytes_out += len(data) if self.command != "HEAD" else 0
 
             do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _forward
@@ -117,6 +120,7 @@ class LatencyProxy:
     def reset(self) -> None:
         with self._lock:
             self.requests.clear()
+            self.log.clear()
             self.bytes_out = 0
 
     def stop(self) -> None:
