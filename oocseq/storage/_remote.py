@@ -766,9 +766,8 @@ def upload(local: Path, url: str, storage_options: Mapping[str, Any] | None, opt
             stale = [
                 m["path"] for batch in obstore.list(store) for m in batch if m["path"] not in keys.values()
             ]
-            for f in [loop.submit(lambda k=k: obstore.delete_async(store, k)) for k in stale]:
-                with contextlib.suppress(FileNotFoundError):
-                    f.result()
+            if stale:
+                loop.submit(lambda: obstore.delete_async(store, stale)).result()
         except Exception as e:
             raise StoreWriteError(f"cannot write the store to {url}: {type(e).__name__}: {e}") from None
     finally:
