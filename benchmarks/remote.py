@@ -9,7 +9,9 @@ For each delay:
   disk with a cold page cache (evicted with ``posix_fadvise``);
 * **remote**: the same epoch from ``s3://`` without a cache: samples/s, bytes the server sent
   (against the store's size) and peak ``RssAnon`` during the epoch (against local's);
-* **remote + cache**: a first epoch fills a ``cache_dir``; the second epoch is timed.
+* **remote + cache**: a first epoch fills a ``cache_dir``; the second epoch is timed, with
+  the cache's files evicted from the page cache first (as local's).
+* a delay of 0 ms shows what the server itself (not the latency) allows.
 
 Ratios are remote / local within one round. The S3 server and the proxy are Python
 processes on the same (small) machine, so they compete with the reader for the CPU: the
@@ -140,6 +142,7 @@ def main() -> None:
                     remove(cache)
                     opts = oocseq.RemoteOptions(cache_dir=str(cache))
                     epoch(oocseq.open_store(url, remote=opts), args.batch_size, 0)
+                    make_cold(files_of(cache))  # as cold as local's
                     t_cached, _ = epoch(oocseq.open_store(url, remote=opts), args.batch_size, 1)
                     cached_r.append(n / t_cached)
                     remove(cache)
