@@ -38,6 +38,23 @@ def s3():
     with S3Server() as server:
         server.create_bucket(BUCKET, public=True)  # public: also read through plain http:// URLs
         yield server
+    settle()
+
+
+def settle(timeout: float = 10.0) -> None:
+    """Wait until this process's connections to the stopped server are closed (obstore closes
+    them in its own threads), so that later tests count file descriptors from a still state."""
+    import gc
+    import os
+
+    gc.collect()
+    deadline = time.monotonic() + timeout
+    last, still = -1, 0
+    while time.monotonic() < deadline and still < 5:
+        now = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else 0
+        still = still + 1 if now == last else 0
+        last = now
+        time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")
