@@ -280,11 +280,10 @@ def test_dataloader_workers_fetch_only_their_share(url, s3):
     assert sorted(served) == list(range(N))
     gets = chunk_gets(s3)
     num_chunks = -(-N // CHUNK)
-    # Beyond its own chunks, a worker reads the window its range shares with the next
-    # worker's, and its read-ahead goes up to 2 windows past its range's end (1 decoded, 1
-    # fetched ahead: ReadOptions' default readahead=1).
+    # Beyond its own chunks, a worker reads only the window its range shares with the next
+    # worker's (its read-ahead stops at its range's end).
     assert len(gets) == 2 * num_chunks
-    assert sum(gets.values()) <= 2 * (num_chunks + 3 * WINDOW * (workers - 1))
+    assert sum(gets.values()) <= 2 * (num_chunks + WINDOW * (workers - 1))
 
 
 def test_a_forked_worker_is_refused_clearly_not_hung(url):
