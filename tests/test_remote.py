@@ -328,6 +328,7 @@ def test_convert_from_a_url_and_the_cli(url, local, tmp_path):
     np.testing.assert_array_equal(h5["x"][:], local["x"][:])
     assert main(["verify", url]) in (0, None)
     assert main(["info", url]) in (0, None)
+    assert main(["bench", url, "-q", "--batch-size", "32"]) in (0, None)
 
 
 def test_convert_refuses_a_damaged_source(local, tmp_path):
