@@ -6,6 +6,8 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
+
 from ..errors import CorruptStoreError
 from ..store import Store, open_store
 from ._writer import StoreWriter
@@ -50,6 +52,9 @@ def convert_store(
     )
     try:
         w.attrs.update(dict(manifest.attrs))
+        if store.url is not None:  # fetch ahead, concurrently (bounded by bytes in flight)
+            for name in manifest.fields:
+                store.advise_chunks(name, np.arange(manifest.num_chunks))
         for c in range(manifest.num_chunks):
             for name in manifest.fields:
                 w.append(name, store.read_chunk(name, c))
