@@ -420,3 +420,16 @@ def test_hdf5_cannot_be_ingested_to_object_storage():
 
     with pytest.raises(ArgumentError, match=r"\*\.zarr"):
         oocseq.ingest_arrays(f"s3://{BUCKET}/x.h5", index_encoding_fields(10))
+
+
+def test_worker_processes_started_by_spawn_serve_the_epoch(url, local):
+    from oocseq import WorkerOptions
+
+    workers = WorkerOptions(workers=2, use_multiprocessing=True, start_method="spawn")
+    remote = seq_of(oocseq.open_store(url), workers=workers)
+    here = seq_of(local)
+    try:
+        for i in range(len(remote)):
+            np.testing.assert_array_equal(remote[i][0], here[i][0])
+    finally:
+        remote.close()
