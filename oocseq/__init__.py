@@ -32,11 +32,12 @@ from .errors import (
     TransformError,
 )
 from .ingest.arrays import ingest_arrays
+from .ingest.convert import convert_store
 from .ingest.csv import ingest_csv
 from .ingest.images import ingest_dataframe, ingest_image_folder
 from .ingest.npy import ingest_npy
 from .memory import ArraySource
-from .options import ReadOptions, ShardOptions, WorkerOptions
+from .options import ReadOptions, RemoteOptions, ShardOptions, WorkerOptions
 from .plan import EpochPlan, epoch_order
 from .sequence import ChunkedSequence
 from .store import FieldInfo, FieldView, Store, open_store
@@ -63,6 +64,7 @@ __all__ = [
     "OocseqError",
     "OutOfRangeError",
     "ReadOptions",
+    "RemoteOptions",
     "ShardOptions",
     "SourceNotFoundError",
     "Store",
@@ -76,6 +78,7 @@ __all__ = [
     "WorkerOptions",
     "__version__",
     "epoch_order",
+    "convert_store",
     "ingest_arrays",
     "ingest_csv",
     "ingest_dataframe",

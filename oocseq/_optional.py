@@ -9,7 +9,7 @@ from types import ModuleType
 from .errors import MissingDependencyError
 
 #: module -> (pip package, oocseq extra)
-_PACKAGES = {"PIL": ("Pillow", "images"), "pandas": ("pandas", "csv")}
+_PACKAGES = {"PIL": ("Pillow", "images"), "pandas": ("pandas", "csv"), "obstore.store": ("obstore", "remote")}
 
 
 def require(module: str, what: str) -> ModuleType:

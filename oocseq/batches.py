@@ -331,12 +331,16 @@ class ChunkedBatches:
         return self._local.cache.hold(self.windows(epoch, start, stop, self.read.readahead))
 
     # -- batches ------------------------------------------------------------------------------
-    def get(self, epoch: int, i: int, *, readahead: bool = False) -> tuple[Any, ...]:
+    def get(
+        self, epoch: int, i: int, *, readahead: bool = False, until: int | None = None
+    ) -> tuple[Any, ...]:
         """Batch ``i`` of ``epoch``: ``(x, y)``, ``(x, y, sample_weight)`` or ``(x,)``.
 
         Args:
             readahead: also decode (and ask the kernel to read) the windows after this batch's,
                 for a caller that goes on in order.
+            until: the caller's batches end before batch ``until`` (a DataLoader worker's
+                range): read ahead no window past that batch's.
 
         Raises:
             BatchIndexError: ``i`` outside ``range(len(self))``.
@@ -350,12 +354,16 @@ class ChunkedBatches:
         cache = local.cache
         spans = plan.window_spans(start, start + self.batch_size)
         last = spans[-1][0]
-        ahead = range(last + 1, min(last + 1 + (self.read.readahead if readahead else 0), plan.num_windows))
+        horizon = plan.num_windows
+        if until is not None and until > i:
+            end = plan.window_spans((until - 1) * self.batch_size, until * self.batch_size)
+            horizon = min(horizon, end[-1][0] + 1) if end else horizon
+        ahead = range(last + 1, min(last + 1 + (self.read.readahead if readahead else 0), horizon))
         keys = [(epoch, w) for w, _ in spans] + [(epoch, w) for w in ahead]
         with cache.hold(keys):
             cache.drop_unheld()
             if readahead:  # disk read-ahead one window beyond the decoded read-ahead
-                for w in range(last + 1, min(ahead.stop + 1, plan.num_windows)):
+                for w in range(last + 1, min(ahead.stop + 1, horizon)):
                     cache.advise((epoch, w), plan.window_chunks(w))
             for w in [w for w, _ in spans] + list(ahead):
                 cache.prefetch((epoch, w), plan.window_chunks(w))

@@ -107,7 +107,7 @@ def bench_store(
 def format_results(store: Store, results: list[BenchResult]) -> str:
     """A plain-text table of ``results``."""
     lines = [
-        f"{store.path}: {len(store)} samples, {store.num_chunks} chunks of {store.chunk_len}, "
+        f"{store.location}: {len(store)} samples, {store.num_chunks} chunks of {store.chunk_len}, "
         f"{os.cpu_count()} cores",
         f"{'order':<12} {'samples/s':>12} {'MB/s':>9} {'chunk decodes':>14} {'peak RssAnon':>13}",
     ]

@@ -125,6 +125,13 @@ class WindowCache:
             window = self._items.get(key)
             if window is not None:
                 return window, False
+        # a window not announced ahead (random access, the first one): its chunks are read
+        # ahead together (concurrent requests for a store in object storage)
+        self.advise(key, chunks)
+        with self._lock:
+            window = self._items.get(key)
+            if window is not None:
+                return window, False
             starts = chunks * self._chunk_len
             sizes = np.minimum(starts + self._chunk_len, self._n) - starts
             window = _Window(self._buffers(), chunks, sizes)

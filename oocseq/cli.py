@@ -84,6 +84,15 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("store", metavar="STORE")
     verify.set_defaults(run=_run_verify)
 
+    convert = commands.add_parser(
+        "convert",
+        help="write a store again in the other format (*.h5 <-> *.zarr), checking every chunk",
+    )
+    convert.add_argument("src", metavar="SRC", help="a store: path or URL (s3://..., https://...)")
+    convert.add_argument("dest", metavar="DEST", help="the new store: *.zarr, *.h5 or *.hdf5")
+    convert.add_argument("--overwrite", action="store_true", help="replace an existing oocseq store at DEST")
+    convert.set_defaults(run=_run_convert)
+
     bench = commands.add_parser(
         "bench", help="time a shuffled epoch of a store: samples/s, MB/s, chunk decodes, memory"
     )
@@ -310,8 +319,18 @@ def _run_verify(args: argparse.Namespace) -> None:
     store = open_store(args.store)
     checked = store.verify()
     print(
-        f"OK {store.path}: all {checked} chunks ({store.num_chunks} per field, {len(store.fields)} "
+        f"OK {store.location}: all {checked} chunks ({store.num_chunks} per field, {len(store.fields)} "
         f"field(s)) match their {store.manifest.checksum} checksums"
+    )
+
+
+def _run_convert(args: argparse.Namespace) -> None:
+    from .ingest.convert import convert_store
+
+    store = convert_store(args.src, args.dest, overwrite=args.overwrite)
+    print(
+        f"wrote {store.location} ({store.format}): {len(store)} samples, {store.num_chunks} chunks "
+        f"per field, every chunk checked against {args.src}'s checksums"
     )
 
 
@@ -340,12 +359,13 @@ def describe(store: Any) -> str:
     has class names."""
     meta = store.metadata
     lines = [
-        f"store:        {store.path}",
+        f"store:        {store.location}",
         f"format:       {store.format} (oocseq format version {meta['format_version']})",
         f"samples:      {len(store)}",
         f"chunk_len:    {store.chunk_len} ({store.num_chunks} chunk{'' if store.num_chunks == 1 else 's'})",
         f"compression:  {_compression(meta['compression'])}",
-        f"checksums:    {meta['checksum'].upper()} per chunk, checked when a chunk is first read",
+        f"checksums:    {meta['checksum'].upper()} per chunk, checked when a chunk is "
+        + ("read (every read: object storage)" if store.url else "first read"),
         "",
         *_field_table(store),
     ]

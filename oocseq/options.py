@@ -4,16 +4,19 @@
 - :class:`WorkerOptions`: who prepares whole batches ahead (Keras's ``PyDataset`` arguments).
 - :class:`ShardOptions`: this process's data-parallel share (rank, world size, and how the
   ranks' shares are evened out).
+- :class:`RemoteOptions`: how a store in object storage (``s3://``, ``gs://``, ``https://``)
+  is fetched: concurrency, bytes in flight, retries, timeouts.
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import os
 from dataclasses import dataclass
 
 from .errors import ArgumentError
 
-__all__ = ["BALANCE_POLICIES", "ReadOptions", "ShardOptions", "WorkerOptions"]
+__all__ = ["BALANCE_POLICIES", "ReadOptions", "RemoteOptions", "ShardOptions", "WorkerOptions"]
 
 
 def _is_int(value: object) -> bool:
@@ -145,3 +148,62 @@ class ShardOptions:
 
         rank, world_size = detect_rank()
         return cls(rank, world_size, balance)
+
+
+@dataclass(frozen=True)
+class RemoteOptions:
+    """How chunks of a store in object storage are fetched (see :func:`oocseq.open_store`).
+
+    The read-ahead of a :class:`~oocseq.ChunkedSequence` names every chunk of the next windows;
+    they are fetched with up to ``max_requests`` concurrent requests, holding at most
+    ``max_bytes_in_flight`` bytes of fetched-but-unread chunks (so memory stays bounded
+    whatever the latency). Transient failures (5xx answers, dropped or refused connections,
+    timeouts) are retried with exponential backoff and jitter, ``retries`` times and for at
+    most ``retry_timeout`` seconds; then the read raises
+    :class:`~oocseq.errors.StoreReadError` naming the chunk and the URL.
+
+    Attributes:
+        max_requests: concurrent requests at most (>= 1).
+        max_bytes_in_flight: bytes of chunks fetched ahead and not yet read, at most
+            (>= 1 MiB); a chunk read on demand is fetched whatever this bound.
+        retries: retries of one request (>= 0).
+        retry_timeout: seconds after a request's first try past which it is not retried (> 0).
+        timeout: seconds one try may take, connecting included (> 0).
+        cache_dir: a local folder that keeps chunk objects once they passed their checksum,
+            so that later epochs read them from local disk (None: no cache). Each store gets
+            a subfolder named after its URL and checksums: a store replaced in the bucket never
+            meets the old store's chunks. Cached chunks are checked again at every read.
+        cache_limit: bytes the cache may hold (per process using it); the chunks read least
+            recently are deleted past it. Default: 10 GiB.
+
+    Raises:
+        ArgumentError: a value outside its range.
+    """
+
+    max_requests: int = 32
+    max_bytes_in_flight: int = 256 << 20
+    retries: int = 5
+    retry_timeout: float = 30.0
+    timeout: float = 30.0
+    cache_dir: str | None = None
+    cache_limit: int = 10 << 30
+
+    def __post_init__(self) -> None:
+        if self.cache_dir is not None and not isinstance(self.cache_dir, (str, os.PathLike)):
+            raise ArgumentError(f"cache_dir must be None or a folder path, got {self.cache_dir!r}")
+        if self.cache_dir is not None:
+            object.__setattr__(self, "cache_dir", os.fspath(self.cache_dir))
+        if not _is_int(self.cache_limit) or self.cache_limit < 0:
+            raise ArgumentError(f"cache_limit must be an int >= 0 (bytes), got {self.cache_limit!r}")
+        if not _is_int(self.max_requests) or self.max_requests < 1:
+            raise ArgumentError(f"max_requests must be an int >= 1, got {self.max_requests!r}")
+        if not _is_int(self.max_bytes_in_flight) or self.max_bytes_in_flight < (1 << 20):
+            raise ArgumentError(
+                f"max_bytes_in_flight must be an int >= 1 MiB (1048576), got {self.max_bytes_in_flight!r}"
+            )
+        if not _is_int(self.retries) or self.retries < 0:
+            raise ArgumentError(f"retries must be an int >= 0, got {self.retries!r}")
+        for name in ("retry_timeout", "timeout"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ArgumentError(f"{name} must be a number of seconds > 0, got {value!r}")

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 
@@ -32,8 +33,10 @@ from .errors import (
     StoreNotFoundError,
 )
 from .manifest import Manifest
+from .options import RemoteOptions
 from .storage import StorageReader, _commit, open_reader, store_format
 from .storage._raw import SYSTEM_ERRNOS, os_error
+from .storage._remote import check_scheme, is_url, local_path_of
 
 __all__ = ["Store", "FieldInfo", "FieldView", "open_store"]
 
@@ -55,14 +58,17 @@ class Store:
         manifest: the validated :class:`~oocseq.manifest.Manifest`.
 
     Args:
-        path: a ``*.zarr`` directory or ``*.h5`` / ``*.hdf5`` file written by oocseq.
+        path: a ``*.zarr`` directory or ``*.h5`` / ``*.hdf5`` file written by oocseq, or a URL
+            (see :func:`open_store`).
         fast: read chunks through oocseq's own reader (chunk bytes + numcodecs) where the
             layout allows; ``False`` always reads through zarr-python / h5py. Both give equal
             arrays.
         verify_checksums: ``True`` (default): check each chunk against its manifest checksum
             the first time this process reads it (through these handles); ``"always"``: at
             every read; ``False``: never, which also opens a store whose manifest has no
-            checksums (oocseq always writes them: their absence means damage).
+            checksums (oocseq always writes them: their absence means damage). A store in
+            object storage is checked at every read (each read downloads the chunk again).
+        storage_options, remote: for a store in object storage, see :func:`open_store`.
 
     Raises (when opening):
         StoreNotFoundError: ``path`` does not exist.
@@ -77,25 +83,67 @@ class Store:
     """
 
     def __init__(
-        self, path: str | os.PathLike[str], *, fast: bool = True, verify_checksums: bool | str = True
+        self,
+        path: str | os.PathLike[str],
+        *,
+        fast: bool = True,
+        verify_checksums: bool | str = True,
+        storage_options: Mapping[str, Any] | None = None,
+        remote: RemoteOptions | None = None,
     ) -> None:
         if verify_checksums not in (True, False, "always"):
             raise ArgumentError(f"verify_checksums must be True, False or 'always', not {verify_checksums!r}")
-        self.path = Path(path)
+        if storage_options is not None and not isinstance(storage_options, Mapping):
+            raise ArgumentError(f"storage_options must be a dict, got {type(storage_options).__name__}")
+        if remote is not None and not isinstance(remote, RemoteOptions):
+            raise ArgumentError(f"remote must be an oocseq.RemoteOptions, got {type(remote).__name__}")
         self.fast = fast
         self.verify_checksums = verify_checksums
+        self.storage_options = dict(storage_options or {})
+        self.remote = remote
+        #: the URL of a store in object storage, else None (then ``path`` is a local path)
+        self.url: str | None = None
+        local = local_path_of(str(path)) if is_url(path) else None
+        if is_url(path) and local is None:
+            url = str(path).rstrip("/")
+            check_scheme(url)
+            self.url = url
+            self.path = Path(urlsplit(url).path or "/")
+            self.format = store_format(self.path)
+            if self.format != "zarr":
+                raise ArgumentError(
+                    f"{url}: HDF5 files are read from local disk only; convert it to Zarr for object "
+                    f"storage: oocseq convert STORE.h5 STORE.zarr, then upload the .zarr folder "
+                    "(or convert straight to the bucket's URL once written there)"
+                )
+            self._init_handles()
+            return
+        if self.storage_options or remote is not None:
+            raise ArgumentError(
+                f"storage_options and remote apply to stores in object storage (s3://, gs://, "
+                f"https:// ...), not to the local path {str(path)!r}"
+            )
+        self.path = local if local is not None else Path(path)
         self.format = store_format(self.path)
         # Finishes (or tidies up after) a commit a crash interrupted; cheap when nothing is left.
         if _commit.siblings(self.path):
             _commit.recover(self.path)
         if not self.path.exists():
             raise StoreNotFoundError(f"no store at {str(self.path)!r}")
+        self._init_handles()
+
+    def _init_handles(self) -> None:
         self._lock = threading.Lock()
         # This process's handles and the record of chunks checked through them: one tuple,
         # swapped whole, so a check is never recorded against other handles.
         self._handles: tuple[StorageReader, dict[str, np.ndarray]] | None = None
         self._pid = -1
         self._open()
+
+    @property
+    def location(self) -> str:
+        """Where the store is: its URL (object storage) or its local path, as text."""
+        return self.url if self.url is not None else str(self.path)
 
     # -- handles: one per process, never pickled ---------------------------------------------
     def _open(self) -> StorageReader:
@@ -117,25 +165,31 @@ class Store:
     def _new_reader(self) -> StorageReader:
         """Open the store's files, read and check its manifest and layout. A reopened store
         (another process, after ``close``) must still hold the manifest it was opened with."""
+        reader: StorageReader
         try:
-            reader = open_reader(self.path, self.format, self.fast)
+            if self.url is not None:
+                from .storage._remote import RemoteZarrReader
+
+                reader = RemoteZarrReader(self.url, self.storage_options, self.remote, self.fast)
+            else:
+                reader = open_reader(self.path, self.format, self.fast)
         except OocseqError:
             raise
         except OSError as e:
             if e.errno in SYSTEM_ERRNOS:
-                raise os_error(e, str(self.path)) from e
-            raise NotAStoreError(f"{self.path} is not a readable {self.format} store: {e}") from e
+                raise os_error(e, self.location) from e
+            raise NotAStoreError(f"{self.location} is not a readable {self.format} store: {e}") from e
         except Exception as e:
-            raise NotAStoreError(f"{self.path} is not a readable {self.format} store: {e}") from e
+            raise NotAStoreError(f"{self.location} is not a readable {self.format} store: {e}") from e
         try:
             opened = getattr(self, "manifest", None)
             doc = reader.manifest_doc()
             manifest = Manifest.from_json(
-                doc, str(self.path), require_checksums=self.verify_checksums is not False
+                doc, self.location, require_checksums=self.verify_checksums is not False
             )
             if opened is not None and manifest != opened:
                 raise CorruptStoreError(
-                    f"{self.path} was replaced or changed since it was opened (its manifest "
+                    f"{self.location} was replaced or changed since it was opened (its manifest "
                     "differs); open it again to read the new store"
                 )
             for name, spec in manifest.fields.items():
@@ -153,10 +207,16 @@ class Store:
             "fast": self.fast,
             "verify_checksums": self.verify_checksums,
             "manifest": self.manifest,
+            "url": self.url,
+            "storage_options": self.storage_options,
+            "remote": self.remote,
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         state.setdefault("verify_checksums", True)
+        state.setdefault("url", None)
+        state.setdefault("storage_options", {})
+        state.setdefault("remote", None)
         self.__dict__.update(state)
         self._lock = threading.Lock()
         self._handles = None
@@ -247,13 +307,13 @@ class Store:
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}: {v.shape} {v.dtype}" for k, v in self.fields.items())
-        return f"<oocseq.Store {str(self.path)!r} ({self.format}) n={len(self)} chunk_len={self.chunk_len} {{{fields}}}>"
+        return f"<oocseq.Store {self.location!r} ({self.format}) n={len(self)} chunk_len={self.chunk_len} {{{fields}}}>"
 
     # -- reading -------------------------------------------------------------------------------
     def _check_field(self, name: str) -> None:
         if name not in self.manifest.fields:
             raise FieldNotFoundError(
-                f"{self.path} has no field {name!r}; its fields are {sorted(self.manifest.fields)}"
+                f"{self.location} has no field {name!r}; its fields are {sorted(self.manifest.fields)}"
             )
 
     def read_chunk(self, name: str, c: int) -> np.ndarray:
@@ -264,7 +324,7 @@ class Store:
         CorruptStoreError for a missing or undecodable chunk or one that fails its checksum."""
         self._check_field(name)
         if not 0 <= c < self.num_chunks:
-            raise OutOfRangeError(f"chunk {c} out of range: {self.path} has {self.num_chunks} chunks")
+            raise OutOfRangeError(f"chunk {c} out of range: {self.location} has {self.num_chunks} chunks")
         start, stop = self.manifest.chunk_bounds(c)
         reader, verified = self._open_handles()
         chunk = reader.read_chunk(name, c, start, stop)
@@ -288,18 +348,27 @@ class Store:
         done = verified.get(name)
         if done is None:  # handles reopened since; check against the record of this read
             done = np.zeros(self.num_chunks, bool)
-        if done[c] and self.verify_checksums != "always" and not force:
+        # A store in object storage downloads the chunk again at every read: check each one.
+        again = self.verify_checksums == "always" or getattr(reader, "refetches", False)
+        if done[c] and not again and not force:
             return
         sums = self.manifest.checksums.get(name)
         if sums is None:
-            raise CorruptStoreError(f"{self.path}: the manifest has no checksums for field {name!r}")
+            raise CorruptStoreError(f"{self.location}: the manifest has no checksums for field {name!r}")
         if chunk_checksum(chunk, self.manifest.checksum) != sums[c]:
-            raise CorruptStoreError(
-                f"{self.path}: chunk {c} of field {name!r} ({reader.chunk_location(name, c)}) fails "
+            error = CorruptStoreError(
+                f"{self.location}: chunk {c} of field {name!r} ({reader.chunk_location(name, c)}) fails "
                 f"its {self.manifest.checksum} checksum; the store is damaged (or was changed after "
                 "it was written). Ingest it again."
             )
+            failed = getattr(reader, "chunk_failed", None)
+            if failed is not None:  # e.g. a remote reader deletes a damaged cached copy
+                failed(name, c)
+            raise error
         done[c] = True
+        passed = getattr(reader, "chunk_verified", None)
+        if passed is not None:  # e.g. a remote reader keeps the checked chunk in its disk cache
+            passed(name, c)
 
     def advise_chunks(self, name: str, chunks: np.ndarray) -> None:
         """Hint the kernel to read these chunks of field ``name`` ahead (asynchronous; a no-op
@@ -311,7 +380,7 @@ class Store:
         in place where the format allows. Raises as :meth:`read_chunk`."""
         self._check_field(name)
         if not 0 <= c < self.num_chunks:
-            raise OutOfRangeError(f"chunk {c} out of range: {self.path} has {self.num_chunks} chunks")
+            raise OutOfRangeError(f"chunk {c} out of range: {self.location} has {self.num_chunks} chunks")
         start, stop = self.manifest.chunk_bounds(c)
         if out.shape[0] != stop - start:
             raise ArgumentError(f"chunk {c} of {name!r} has {stop - start} samples, out has {out.shape[0]}")
@@ -340,11 +409,13 @@ class Store:
         missing = [name for name in self.manifest.fields if name not in self.manifest.checksums]
         if missing:
             raise CorruptStoreError(
-                f"{self.path}: cannot verify: the manifest has no checksums for field(s) {missing}; "
+                f"{self.location}: cannot verify: the manifest has no checksums for field(s) {missing}; "
                 "the store is damaged or was not written by oocseq. Ingest it again."
             )
         checked = 0
         for name in self.manifest.fields:
+            # read ahead (a store in object storage fetches many chunks at once)
+            self._open().advise_chunks(name, np.arange(self.num_chunks))
             for c in range(self.num_chunks):
                 start, stop = self.manifest.chunk_bounds(c)
                 reader, verified = self._open_handles()
@@ -419,17 +490,36 @@ class FieldView:
         from ._gather import gather
 
         out = np.empty((len(idx), *self.shape[1:]), dtype=self.dtype)
+        if self.store.url is not None and len(idx):  # fetch the chunks concurrently
+            self.store.advise_chunks(self.name, np.unique(idx // self.store.chunk_len))
         gather(idx, self.store.chunk_len, lambda c: self.store.read_chunk(self.name, c), out)
         return out
 
 
-def open_store(path: str | os.PathLike[str], *, verify_checksums: bool | str = True) -> Store:
-    """Open the oocseq store at ``path`` (``*.zarr`` directory or ``*.h5``/``*.hdf5`` file).
+def open_store(
+    path: str | os.PathLike[str],
+    *,
+    verify_checksums: bool | str = True,
+    storage_options: Mapping[str, Any] | None = None,
+    remote: RemoteOptions | None = None,
+) -> Store:
+    """Open the oocseq store at ``path``: a ``*.zarr`` directory or ``*.h5``/``*.hdf5`` file,
+    a ``file://`` URL, or the URL of a Zarr store in object storage (``s3://bucket/x.zarr``,
+    ``gs://``, ``az://``, ``https://``).
 
     ``verify_checksums``: as for :class:`Store` (default ``True``: every chunk is checked the
-    first time it is read; ``False`` also opens a store whose manifest lacks checksums).
+    first time it is read, and every time for a store in object storage; ``False`` also opens
+    a store whose manifest lacks checksums). ``storage_options`` (object storage only):
+    credentials and endpoint with the names zarr, pandas and xarray pass to s3fs / gcsfs
+    (``key``, ``secret``, ``token``, ``endpoint_url``, ``client_kwargs={"region_name": ...}``,
+    ``anon``) or obstore's own; by default they come from the environment
+    (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL``, ``AWS_REGION``,
+    ``GOOGLE_APPLICATION_CREDENTIALS``...). ``remote``: :class:`~oocseq.RemoteOptions`
+    (concurrency, bytes in flight, retries, timeouts).
 
     Raises StoreNotFoundError, NotAStoreError (not a complete oocseq store, e.g. an interrupted
     ingestion), CorruptStoreError (inconsistent metadata or layout, disallowed codecs, missing
-    checksums, implausible sizes, links out of the store), StoreReadError."""
-    return Store(path, verify_checksums=verify_checksums)
+    checksums, implausible sizes, links out of the store), StoreReadError (the network or the
+    server failed past the retry budget), ArgumentError (an HDF5 file in object storage: convert
+    it with ``oocseq convert``; storage options for a local path)."""
+    return Store(path, verify_checksums=verify_checksums, storage_options=storage_options, remote=remote)

@@ -20,6 +20,7 @@ CASES = {
     "throughput.py": ["--size-mb", "4", "--runs", "1", "--epochs", "1", "--fancy-batches", "2"],
     "workers.py": ["--size-mb", "4", "--runs", "1"],
     "shuffle.py": ["--samples", "3000", "--rounds", "1", "--train-seeds", "0"],
+    "remote.py": ["--size-mb", "4", "--runs", "1", "--delays-ms", "10"],
 }
 QUIET = {"read_path.py", "larger_than_ram.py", "workers.py", "shuffle.py"}  # take --quiet-wait
 

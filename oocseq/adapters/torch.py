@@ -89,7 +89,7 @@ class TorchBatches(IterableDataset):  # type: ignore[type-arg]
         if resume is not None and resume["epoch"] == epoch and resume["next"] is not None:
             start = max(start, min(int(resume["next"]), batches.stop))
         for i in range(start, batches.stop):
-            batch = core.get(epoch, i, readahead=True)
+            batch = core.get(epoch, i, readahead=True, until=batches.stop)  # read ahead in its range only
             self._progress = {"epoch": epoch, "next": i + 1}
             yield _to_torch(batch) if self.as_tensors else batch
 

@@ -23,10 +23,13 @@ import hashlib
 import json
 import math
 import os
+import shutil
+import tempfile
 import warnings
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 
@@ -124,8 +127,11 @@ class StoreWriter:
         job: Any = None,
         resume: bool = True,
     ) -> None:
+        self.url, dest = _staging_for(dest, overwrite)
         self.dest = Path(dest)
         self.format = store_format(self.dest)
+        if self.url is not None:
+            resume = False  # the staging folder is new: nothing to resume
         if not specs:
             raise InvalidSourceError("nothing to ingest: no fields given")
         for name, value in (("overwrite", overwrite), ("resume", resume)):
@@ -469,6 +475,8 @@ class StoreWriter:
             self.abort()
             raise
         self._finish()
+        if self.url is not None:
+            store = _publish(store, self.url)
         self.store = store
         return self.store
 
@@ -492,6 +500,8 @@ class StoreWriter:
 
     def abort(self) -> None:
         """Drop the partial store (and its journal and lock)."""
+        if self.url is not None:
+            shutil.rmtree(self.dest.parent, ignore_errors=True)
         if self._backend is not None:
             self._backend.discard()
         if self._journal is not None:
@@ -563,3 +573,40 @@ def _jsonable(obj: Any) -> Any:
     if isinstance(obj, float) and not math.isfinite(obj):
         return str(obj)
     return obj
+
+
+def _staging_for(dest: str | os.PathLike[str], overwrite: bool) -> tuple[str | None, str | os.PathLike[str]]:
+    """``(url, local dest)``: for a destination in object storage, the URL and a new local
+    staging path where the store is written first (then uploaded by :func:`_publish`)."""
+    from ..storage._remote import check_scheme, exists, is_url, local_path_of
+
+    if not is_url(dest):
+        return None, dest
+    local = local_path_of(str(dest))
+    if local is not None:
+        return None, local
+    url = str(dest).rstrip("/")
+    check_scheme(url)
+    name = Path(urlsplit(url).path).name
+    if store_format(name) != "zarr":
+        raise ArgumentError(f"{url}: stores in object storage are Zarr stores; name it *.zarr")
+    from ..options import RemoteOptions
+
+    if exists(url, None, RemoteOptions()) and not overwrite:
+        raise StoreExistsError(f"{url} already exists; pass overwrite=True to replace it")
+    return url, Path(tempfile.mkdtemp(prefix="oocseq-upload-")) / name
+
+
+def _publish(store: Store, url: str) -> Store:
+    """Upload the committed local ``store`` to ``url`` (manifest last), drop the local copy,
+    and open the uploaded store."""
+    from ..options import RemoteOptions
+    from ..storage._remote import upload
+
+    staging = store.path.parent
+    try:
+        store.close()
+        upload(store.path, url, None, RemoteOptions())
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return Store(url)

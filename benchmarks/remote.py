@@ -1,0 +1,190 @@
+"""A shuffled epoch from object storage against the same epoch from local disk.
+
+The store (Blosc-lz4 Zarr of 64x64x3 uint8 crops of real photos, oocseq's default chunking) is
+uploaded to a real S3-compatible server on localhost (moto's server mode), behind a proxy that
+delays every request by 10 ms or 50 ms (a network's round trip; :mod:`oocseq.testing.s3`).
+For each delay:
+
+* **local**: one shuffled epoch (``ChunkedSequence``, batch 128, batches in order) from local
+  disk with a cold page cache (evicted with ``posix_fadvise``);
+* **remote**: the same epoch from ``s3://`` without a cache: samples/s, bytes the server sent
+  (against the store's size) and peak ``RssAnon`` during the epoch (against local's);
+* **remote + cache**: a first epoch fills a ``cache_dir``; the second epoch is timed, with
+  the cache's files evicted from the page cache first (as local's).
+* a delay of 0 ms shows what the server itself (not the latency) allows.
+
+Ratios are remote / local within one round. The S3 server and the proxy are Python
+processes on the same (small) machine, so they compete with the reader for the CPU: the
+figures are a lower bound on what a real object store gives.
+
+Run:  python benchmarks/remote.py [--size-mb 128] [--delays-ms 10,50] [--runs 1] [--workdir out/bench]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _data import (  # shared with the other benchmark scripts
+    Target,
+    environment,
+    files_of,
+    fmt_rate,
+    fmt_ratio,
+    make_cold,
+    median,
+    num_samples,
+    photo_crops,
+    remove,
+    rss_anon,
+    targets_table,
+    write_store,
+)
+
+BUCKET = "bench"
+
+
+class PeakRss:
+    """Peak ``RssAnon`` above the level at entry, sampled every 20 ms."""
+
+    def __enter__(self) -> PeakRss:
+        self.base = rss_anon()
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, rss_anon() - self.base)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_anon() - self.base)
+
+
+def epoch(source: Any, batch_size: int, epoch_no: int = 0) -> tuple[float, int]:
+    """Seconds for one shuffled epoch (batches in order) and peak RssAnon bytes."""
+    import oocseq
+
+    seq = oocseq.ChunkedSequence(source, batch_size, x="x", y="y", seed=0)
+    seq.set_epoch(epoch_no)
+    with PeakRss() as rss:
+        t = time.perf_counter()
+        for i in range(len(seq)):
+            seq[i]
+        took = time.perf_counter() - t
+    seq.close()
+    return took, rss.peak
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size-mb", type=float, default=128)
+    ap.add_argument("--delays-ms", default="10,50")
+    ap.add_argument("--runs", type=int, default=1)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--keep", action="store_true")
+    args = ap.parse_args()
+
+    import oocseq
+    from oocseq.testing.s3 import S3Server
+
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="oocseq-remote-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    n = num_samples(args.size_mb)
+    path = workdir / "crops_lz4.zarr"
+    blocks = list(photo_crops(n))
+    store = write_store(
+        path,
+        {"x": (b for b, _ in blocks), "y": (c for _, c in blocks)},
+        "lz4",
+    )
+    del blocks
+    stored = store.stored_nbytes("x") + store.stored_nbytes("y")
+    delays = [float(d) / 1000 for d in args.delays_ms.split(",")]
+    print(environment())
+    print(f"store: {n} samples, {store.num_chunks} chunks of {store.chunk_len}, {stored / 1e6:.1f} MB stored")
+    rows: list[Target] = []
+    table = [
+        "| delay | local (cold) | remote | ratio | bytes fetched / stored | remote + cache (2nd epoch) | ratio | peak RssAnon local / remote |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    try:
+        with S3Server() as s3:
+            s3.create_bucket(BUCKET)
+            s3.upload(path, BUCKET, "crops.zarr")
+            url = f"s3://{BUCKET}/crops.zarr"
+            for delay in delays:
+                s3.proxy.delay = delay
+                local_r, remote_r, cached_r, fetched, rss_l, rss_r = [], [], [], [], [], []
+                for _ in range(args.runs):
+                    make_cold(files_of(path))
+                    t_local, rss = epoch(oocseq.open_store(path), args.batch_size)
+                    local_r.append(n / t_local)
+                    rss_l.append(rss)
+                    s3.proxy.reset()
+                    t_remote, rss = epoch(oocseq.open_store(url), args.batch_size)
+                    remote_r.append(n / t_remote)
+                    rss_r.append(rss)
+                    fetched.append(s3.proxy.bytes_out)
+                    cache = workdir / "cache"
+                    remove(cache)
+                    opts = oocseq.RemoteOptions(cache_dir=str(cache))
+                    epoch(oocseq.open_store(url, remote=opts), args.batch_size, 0)
+                    make_cold(files_of(cache))  # as cold as local's
+                    t_cached, _ = epoch(oocseq.open_store(url, remote=opts), args.batch_size, 1)
+                    cached_r.append(n / t_cached)
+                    remove(cache)
+                lo, re_, ca = median(local_r), median(remote_r), median(cached_r)
+                by = median(fetched) / stored
+                table.append(
+                    f"| {delay * 1000:.0f} ms | {fmt_rate(lo)}/s | {fmt_rate(re_)}/s | {fmt_ratio(re_ / lo)} | "
+                    f"{by:.3f} | {fmt_rate(ca)}/s | {fmt_ratio(ca / lo)} | "
+                    f"{median(rss_l) / 2**20:.0f} / {median(rss_r) / 2**20:.0f} MiB |"
+                )
+                tag = f"{delay * 1000:.0f} ms"
+                rows += [
+                    Target(
+                        f"remote epoch, {tag}",
+                        fmt_ratio(re_ / lo),
+                        ">= 0.7x local",
+                        re_ / lo >= 0.7,
+                        f"{fmt_rate(re_)}/s vs {fmt_rate(lo)}/s",
+                    ),
+                    Target(
+                        f"bytes fetched, {tag}",
+                        f"{by:.3f}x",
+                        "<= 1.05x stored",
+                        by <= 1.05,
+                        f"{median(fetched) / 1e6:.1f} MB",
+                    ),
+                    Target(
+                        f"2nd epoch with cache_dir, {tag}",
+                        fmt_ratio(ca / lo),
+                        ">= 0.9x local",
+                        ca / lo >= 0.9,
+                        f"{fmt_rate(ca)}/s",
+                    ),
+                ]
+    finally:
+        if not args.keep:
+            remove(path)
+    print()
+    print("\n".join(table))
+    print()
+    print(targets_table(rows))
+
+
+if __name__ == "__main__":
+    main()
