@@ -268,14 +268,7 @@ class Manifest:
                 raise bad(f"field {name!r}: 'shape' must be a list of non-negative ints")
             if not isinstance(dtype, str) or dtype not in ALLOWED_DTYPES:
                 raise bad(f"field {name!r}: dtype {dtype!r} is not one of {sorted(ALLOWED_DTYPES)}")
-            dims = spec.get("dims")
-            if dims is not None and (
-                not isinstance(dims, list)
-                or len(dims) != len(shape) + 1
-                or not all(isinstance(d, str) and _DIM_NAME.match(d) for d in dims)
-            ):
-                raise bad(f"field {name!r}: 'dims' must be {len(shape) + 1} axis names")
-            fields[name] = FieldSpec(tuple(shape), np.dtype(dtype), None if dims is None else tuple(dims))
+            fields[name] = FieldSpec(tuple(shape), np.dtype(dtype))
             if (
                 any(s > MAX_CHUNK_BYTES for s in shape)
                 or chunk_len * fields[name].sample_nbytes > MAX_CHUNK_BYTES
@@ -284,6 +277,15 @@ class Manifest:
                     f"field {name!r}: a chunk of {chunk_len} samples of shape {tuple(shape)} {dtype} "
                     f"would decode to more than {MAX_CHUNK_BYTES} bytes (implausible sizes)"
                 )
+            dims = spec.get("dims")
+            if dims is not None:
+                if (
+                    not isinstance(dims, list)
+                    or len(dims) != len(shape) + 1
+                    or not all(isinstance(d, str) and _DIM_NAME.match(d) for d in dims)
+                ):
+                    raise bad(f"field {name!r}: 'dims' must be {len(shape) + 1} axis names")
+                fields[name] = FieldSpec(tuple(shape), np.dtype(dtype), tuple(dims))
         comp = doc.get("compression")
         compression = None
         if comp is not None:

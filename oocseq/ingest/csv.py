@@ -53,6 +53,8 @@ MISSING_MARKERS = frozenset(
         "-1.#QNAN",
     ]
 )
+#: Name of the feature axis of ``x`` (xarray's dimension).
+FEATURE_DIMS = ("feature",)
 _FLOAT32_RANGE = "a number within float32's range (magnitude at most 3.4e38)"
 _MISSING_HINT = (
     "a number: the cell is empty or a missing-value marker; pass allow_missing=True to store "
@@ -249,7 +251,7 @@ def ingest_csv(
     features = _feature_columns(path, header, label_column, feature_columns)
     labels = _scan_labels(reader, label_column) if label_column is not None else None
 
-    specs = {"x": field_spec("x", (len(features),), np.float32)}
+    specs = {"x": field_spec("x", (len(features),), np.float32, FEATURE_DIMS)}
     if labels is not None:
         specs["y"] = field_spec("y", (), labels.dtype)
         if chunk_len is None:  # a small table is one chunk of its own size, not a padded 4 MiB one
@@ -297,6 +299,7 @@ def ingest_csv(
                 progress=progress,
                 job=job,
                 resume=resume,
+                dims={"x": FEATURE_DIMS},
             )
     with (
         StoreWriter(
