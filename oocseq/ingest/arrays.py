@@ -124,8 +124,10 @@ def ingest_arrays(
             # back shuffled as memory-mapped arrays (bounded memory; see _spool.py).
             spool = stack.enter_context(Spool(dest, overwrite))
             for name in first:
-                for batch in sources[name]:
-                    spool.append(name, batch)
+                with progress_bar(progress, None, f"spool {name}") as bar:
+                    for batch in sources[name]:
+                        spool.append(name, batch)
+                        bar.update(len(batch))
             sources.update(spool.arrays())
             first = {}
         return _write(

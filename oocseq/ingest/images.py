@@ -263,20 +263,29 @@ def _kept_rows(
     return {name: values[kept] for name, values in row_aux.items()}
 
 
-def _files_identity(paths: Sequence[str]) -> str:
+def _files_identity(paths: Sequence[str], progress: bool = False) -> str:
     """A digest of every file's path, size and modification time (a missing file counts)."""
     h = hashlib.sha256()
-    for p in paths:
+    with progress_bar(progress, len(paths), "check files", unit="file") as bar:
+        for p in paths:
+            _stat_into(h, p)
+            bar.update(1)
+    return h.hexdigest()
+
+
+def _stat_into(h: Any, p: str) -> None:
         try:
             st = os.stat(p)
             h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
         except OSError:
             h.update(f"{p}\0missing\n".encode())
-    return h.hexdigest()
 
 
 def list_image_folder(
-    src: str | os.PathLike[str], follow_links: bool = False, special: list[str] | None = None
+    src: str | os.PathLike[str],
+    follow_links: bool = False,
+    special: list[str] | None = None,
+    progress: bool = False,
 ) -> tuple[list[str], list[str], np.ndarray]:
     """``(class_names, relative_paths, labels)`` of an image folder, in sorted order.
 
@@ -294,6 +303,7 @@ def list_image_folder(
         )
     rel: list[str] = []
     labels: list[int] = []
+    bar = progress_bar(progress, None, f"list {root}", unit="file")
     for label, name in enumerate(class_names):
         found = []
         for dirpath, dirnames, filenames in os.walk(root / name, followlinks=follow_links):
@@ -305,6 +315,7 @@ def list_image_folder(
                         regular = stat.S_ISREG(os.stat(full).st_mode)
                     except OSError:  # e.g. a dangling symlink: kept, so decoding reports it
                         regular = True
+                    bar.update(1)
                     if regular:
                         found.append(os.path.relpath(full, root))
                     elif special is not None:
@@ -312,6 +323,7 @@ def list_image_folder(
         found.sort()
         rel.extend(found)
         labels.extend([label] * len(found))
+    bar.close()
     if not rel:
         raise SourceNotFoundError(
             f"image folder {str(root)!r} has class subfolders {class_names} but no images "
@@ -372,7 +384,7 @@ def ingest_image_folder(
     require("PIL", "ingest_image_folder")
     options = ImageOptions(image_size, color_mode, interpolation)
     special: list[str] = []
-    class_names, rel, labels = list_image_folder(src, follow_links, special)
+    class_names, rel, labels = list_image_folder(src, follow_links, special, progress)
     root = Path(src).resolve()
     paths = [str(root / r) for r in rel]
     counts = np.bincount(labels, minlength=len(class_names)).tolist()
@@ -400,7 +412,7 @@ def ingest_image_folder(
         overwrite=overwrite,
         workers=workers,
         progress=progress,
-        job={"kind": "image_folder", "root": str(root), "files": _files_identity(paths)},
+        job={"kind": "image_folder", "root": str(root), "files": _files_identity(paths, progress)},
         resume=resume,
         special=special,
     )
@@ -525,7 +537,7 @@ def ingest_dataframe(
         overwrite=overwrite,
         workers=workers,
         progress=progress,
-        job={"kind": "dataframe", "files": _files_identity(paths), "labels": digest.hexdigest(), "attrs": attrs},
+        job={"kind": "dataframe", "files": _files_identity(paths, progress), "labels": digest.hexdigest(), "attrs": attrs},
         resume=resume,
         row_aux={"dataframe_index": index},
     )
