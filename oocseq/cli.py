@@ -398,7 +398,7 @@ def _source_bytes(store: Any) -> tuple[int, int]:
     if kind == "csv" and source.get("path"):
         paths = [source["path"]]
     elif kind == "npy":
-        paths = [f.get("path") for f in source.get("files", []) if isinstance(f, dict)]
+        paths = [str(f.get("path")) for f in source.get("files", []) if isinstance(f, dict)]
     elif kind == "image_folder" and source.get("root"):
         root = source["root"]
         listed = [str(s) for s in (store.sources if store.sources is not None else [])]

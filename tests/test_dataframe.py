@@ -141,7 +141,9 @@ def test_store_fields_equal_the_columns(spec: dict) -> None:
 def test_unlabeled_frame(tmp_path: Path, fmt: str) -> None:
     files = _images(tmp_path / "imgs", 5)
     df = pd.DataFrame({"filename": files})
-    store = oocseq.ingest_dataframe(df, tmp_path / f"s{fmt}", directory=tmp_path / "imgs", image_size=(4, 3), y_col=None)
+    store = oocseq.ingest_dataframe(
+        df, tmp_path / f"s{fmt}", directory=tmp_path / "imgs", image_size=(4, 3), y_col=None
+    )
     assert list(store.fields) == ["x"] and "class_names" not in store.metadata
     seq = oocseq.ChunkedSequence(store, 2, y=None, shuffle=False)
     (x,) = seq[0]
@@ -173,14 +175,18 @@ def test_stacked_extra_columns_and_weights(tmp_path: Path) -> None:
         preshuffle=False,
     )
     assert list(store.fields) == ["x", "y", "tab", "w"]
-    np.testing.assert_array_equal(store["tab"][:], np.stack([np.arange(6) * 1.5, np.arange(6), [1, 0] * 3], 1))
+    np.testing.assert_array_equal(
+        store["tab"][:], np.stack([np.arange(6) * 1.5, np.arange(6), [1, 0] * 3], 1)
+    )
     assert store.fields["tab"].dtype == np.float32 and store.fields["w"].dtype == np.float32
     assert store["w"][:].tolist() == [1, 2, 3, 4, 5, 6]
     assert store.metadata["class_names"] == ["a", "b", "c"]
     assert store.metadata["field_class_names"] == {"y": ["a", "b", "c"]}
     assert store.metadata["source"]["index"] == {"name": ["patient", "visit"], "kind": "str"}
     assert store.dataframe_index.tolist() == [str(t) for t in df.index]
-    seq = oocseq.ChunkedSequence(store, 3, x={"image": "x", "tab": "tab"}, y="y", sample_weight="w", shuffle=False)
+    seq = oocseq.ChunkedSequence(
+        store, 3, x={"image": "x", "tab": "tab"}, y="y", sample_weight="w", shuffle=False
+    )
     x, y, w = seq[1]
     assert set(x) == {"image", "tab"} and y.tolist() == [0, 1, 2] and w.tolist() == [4, 5, 6]
     seq.close()
@@ -222,7 +228,15 @@ def test_multi_output_classes_per_column(tmp_path: Path) -> None:
 def test_bad_layouts_refused(tmp_path: Path, kwargs: dict, match: str) -> None:
     files = _images(tmp_path / "imgs", 2)
     df = pd.DataFrame(
-        {"filename": files, "label": ["a", "b"], "age": [1, 2], "Patient Age": [3, 4], "y": [0, 1], "x": [5, 6], "big": [1e39, 0]}
+        {
+            "filename": files,
+            "label": ["a", "b"],
+            "age": [1, 2],
+            "Patient Age": [3, 4],
+            "y": [0, 1],
+            "x": [5, 6],
+            "big": [1e39, 0],
+        }
     )
     dest = tmp_path / "s.zarr"
     with pytest.raises((InvalidSourceError, ArgumentError), match=match):
@@ -261,14 +275,21 @@ def test_two_input_two_output_fit(tmp_path: Path) -> None:
     files = []
     for i in range(n):
         # the image tells the gender (dark or bright), the tabular column tells the age
-        Image.fromarray((rng.integers(0, 60, (8, 8, 3)) + 190 * gender[i]).astype(np.uint8)).save(root / f"{i}.png")
+        Image.fromarray((rng.integers(0, 60, (8, 8, 3)) + 190 * gender[i]).astype(np.uint8)).save(
+            root / f"{i}.png"
+        )
         files.append(f"{i}.png")
     bmi = rng.normal(size=n)
     df = pd.DataFrame(
         {"filename": files, "gender": np.where(gender == 1, "m", "f"), "age": 1 + 2 * bmi, "bmi": bmi}
     )
     store = oocseq.ingest_dataframe(
-        df, tmp_path / "s.zarr", directory=root, image_size=(8, 8), y_col=["gender", "age"], extra_cols={"tab": ["bmi"]}
+        df,
+        tmp_path / "s.zarr",
+        directory=root,
+        image_size=(8, 8),
+        y_col=["gender", "age"],
+        extra_cols={"tab": ["bmi"]},
     )
     image = keras.Input((8, 8, 3), name="image")
     tab = keras.Input((1,), name="tab")

@@ -42,9 +42,9 @@ def stores(draw: st.DrawFn) -> tuple[int, dict[str, np.ndarray]]:
         shape = tuple(draw(st.lists(st.integers(1, 4), max_size=2)))
         dtype = np.dtype(draw(st.sampled_from(DTYPES)))
         rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-        fields[name] = (rng.integers(0, 100, (n, *shape)) if dtype.kind != "f" else rng.normal(size=(n, *shape))).astype(
-            dtype
-        )
+        fields[name] = (
+            rng.integers(0, 100, (n, *shape)) if dtype.kind != "f" else rng.normal(size=(n, *shape))
+        ).astype(dtype)
     return n, fields
 
 
@@ -164,7 +164,9 @@ def test_consolidated_metadata_is_not_trusted(tmp_path: Path) -> None:
     x = np.arange(12, dtype=np.int64)
     oocseq.ingest_arrays(path, {"x": x}, preshuffle=False).close()
     root = json.loads((path / "zarr.json").read_text())
-    root["consolidated_metadata"]["metadata"]["x"]["codecs"] = [{"name": "bytes", "configuration": {"endian": "big"}}]
+    root["consolidated_metadata"]["metadata"]["x"]["codecs"] = [
+        {"name": "bytes", "configuration": {"endian": "big"}}
+    ]
     (path / "zarr.json").write_text(json.dumps(root))
     with oocseq.open_store(path) as store:
         np.testing.assert_array_equal(store["x"][:], x)

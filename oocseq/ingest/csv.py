@@ -252,7 +252,9 @@ def ingest_csv(
     header, first_rows = reader.header()
     if first_rows == 0:
         raise SourceNotFoundError(f"CSV file {str(path)!r} has a header line but no data rows")
-    features = _feature_columns(path, header, label_column, _excluded(path, header, label_column, feature_columns, exclude))
+    features = _feature_columns(
+        path, header, label_column, _excluded(path, header, label_column, feature_columns, exclude)
+    )
     labels = _scan_labels(reader, label_column) if label_column is not None else None
 
     specs = {"x": field_spec("x", (len(features),), np.float32, FEATURE_DIMS)}
@@ -348,7 +350,9 @@ def _excluded(
     dropped = [exclude] if isinstance(exclude, str) else list(exclude)
     unknown = [c for c in dropped if c not in header]
     if unknown:
-        raise InvalidSourceError(f"{str(path)!r} has no column(s) {unknown} (exclude); its header is {header}")
+        raise InvalidSourceError(
+            f"{str(path)!r} has no column(s) {unknown} (exclude); its header is {header}"
+        )
     if feature_columns is not None:
         chosen = [feature_columns] if isinstance(feature_columns, str) else list(feature_columns)
         both = [c for c in chosen if c in dropped]

@@ -274,11 +274,11 @@ def _files_identity(paths: Sequence[str], progress: bool = False) -> str:
 
 
 def _stat_into(h: Any, p: str) -> None:
-        try:
-            st = os.stat(p)
-            h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-        except OSError:
-            h.update(f"{p}\0missing\n".encode())
+    try:
+        st = os.stat(p)
+        h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    except OSError:
+        h.update(f"{p}\0missing\n".encode())
 
 
 def list_image_folder(
@@ -537,7 +537,12 @@ def ingest_dataframe(
         overwrite=overwrite,
         workers=workers,
         progress=progress,
-        job={"kind": "dataframe", "files": _files_identity(paths, progress), "labels": digest.hexdigest(), "attrs": attrs},
+        job={
+            "kind": "dataframe",
+            "files": _files_identity(paths, progress),
+            "labels": digest.hexdigest(),
+            "attrs": attrs,
+        },
         resume=resume,
         row_aux={"dataframe_index": index},
     )
