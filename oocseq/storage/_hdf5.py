@@ -334,8 +334,15 @@ class HDF5Writer(StorageWriter):
                 continue
             ds = self._file[name]
             for axis, (dim, size) in enumerate(zip(dims, [n, *spec["shape"]], strict=True)):
-                scale = self._file.get(dim)
-                if scale is None:  # (a resumed ingestion may have made it before)
+                scale = self._file.get(dim)  # a resumed ingestion may have made it before
+                if scale is not None and not (
+                    isinstance(scale, h5py.Dataset)
+                    and h5py.h5ds.is_scale(scale.id)
+                    and scale.shape == (size,)
+                ):
+                    del self._file[dim]  # made by a run killed halfway through
+                    scale = None
+                if scale is None:
                     scale = self._file.create_dataset(dim, shape=(size,), dtype="f4")
                     scale.make_scale(_NETCDF_DIM_ONLY % size)
                 if not h5py.h5ds.is_attached(ds.id, scale.id, axis):
