@@ -501,6 +501,11 @@ def describe(store: Any) -> str:
     class_names = meta.get("class_names")
     if class_names and "y" in store.fields and store.fields["y"].dtype.kind in "iu":
         lines += ["", *_class_table(store, list(class_names))]
+    per_field = meta.get("field_class_names")
+    if isinstance(per_field, dict):
+        for name, names in per_field.items():
+            if name != "y" and isinstance(names, list):
+                lines += ["", f"classes of {name} ({len(names)}): {_abbreviate(names)}"]
     feature_names = meta.get("feature_names")
     if feature_names:
         lines += ["", f"features ({len(feature_names)}): {_abbreviate(feature_names)}"]

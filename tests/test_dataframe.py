@@ -207,6 +207,10 @@ def test_multi_output_classes_per_column(tmp_path: Path) -> None:
     assert store.metadata["field_class_names"] == {"gender": ["f", "m"], "race": ["c", "b", "a"]}
     assert store["gender"][:].tolist() == [1, 0, 0, 1] and store["race"][:].tolist() == [1, 2, 0, 2]
     assert "class_names" not in store.metadata
+    from oocseq.cli import describe
+
+    text = describe(store)
+    assert "classes of gender (2): f, m" in text and "classes of race (3): c, b, a" in text
 
 
 @pytest.mark.parametrize(
