@@ -252,9 +252,8 @@ def ingest_csv(
     header, first_rows = reader.header()
     if first_rows == 0:
         raise SourceNotFoundError(f"CSV file {str(path)!r} has a header line but no data rows")
-    features = _feature_columns(
-        path, header, label_column, _excluded(path, header, label_column, feature_columns, exclude)
-    )
+    feature_columns = _excluded(path, header, label_column, feature_columns, exclude)
+    features = _feature_columns(path, header, label_column, feature_columns)
     labels = _scan_labels(reader, label_column) if label_column is not None else None
 
     specs = {"x": field_spec("x", (len(features),), np.float32, FEATURE_DIMS)}
