@@ -334,6 +334,33 @@ def ingest_csv(
     return w.close()
 
 
+def _feature_columns(
+    path: Path, header: list[str], label_column: str | None, feature_columns: Sequence[str] | None
+) -> list[str]:
+    """Validate ``label_column`` and ``feature_columns`` against the header."""
+    if label_column is not None and label_column not in header:
+        raise InvalidSourceError(
+            f"{str(path)!r} has no column {label_column!r} (label_column); its header is {header}"
+        )
+    if feature_columns is None:
+        features = [c for c in header if c != label_column]
+    else:
+        features = [feature_columns] if isinstance(feature_columns, str) else list(feature_columns)
+        unknown = [c for c in features if c not in header]
+        if unknown:
+            raise InvalidSourceError(
+                f"{str(path)!r} has no column(s) {unknown} (feature_columns); its header is {header}"
+            )
+        duplicates = sorted({c for c in features if features.count(c) > 1})
+        if duplicates:
+            raise InvalidSourceError(f"feature_columns lists {duplicates} more than once")
+        if label_column in features:
+            raise InvalidSourceError(f"column {label_column!r} is both the label_column and a feature column")
+    if not features:
+        raise InvalidSourceError(f"{str(path)!r}: no feature columns to store; its header is {header}")
+    return features
+
+
 def _excluded(
     path: Path,
     header: list[str],
@@ -361,33 +388,6 @@ def _excluded(
     if label_column in dropped:
         raise InvalidSourceError(f"column {label_column!r} is both the label_column and in exclude")
     return [c for c in header if c not in dropped and c != label_column]
-
-
-def _feature_columns(
-    path: Path, header: list[str], label_column: str | None, feature_columns: Sequence[str] | None
-) -> list[str]:
-    """Validate ``label_column`` and ``feature_columns`` against the header."""
-    if label_column is not None and label_column not in header:
-        raise InvalidSourceError(
-            f"{str(path)!r} has no column {label_column!r} (label_column); its header is {header}"
-        )
-    if feature_columns is None:
-        features = [c for c in header if c != label_column]
-    else:
-        features = [feature_columns] if isinstance(feature_columns, str) else list(feature_columns)
-        unknown = [c for c in features if c not in header]
-        if unknown:
-            raise InvalidSourceError(
-                f"{str(path)!r} has no column(s) {unknown} (feature_columns); its header is {header}"
-            )
-        duplicates = sorted({c for c in features if features.count(c) > 1})
-        if duplicates:
-            raise InvalidSourceError(f"feature_columns lists {duplicates} more than once")
-        if label_column in features:
-            raise InvalidSourceError(f"column {label_column!r} is both the label_column and a feature column")
-    if not features:
-        raise InvalidSourceError(f"{str(path)!r}: no feature columns to store; its header is {header}")
-    return features
 
 
 def _missing(text: pd.Series) -> np.ndarray:
