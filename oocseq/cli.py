@@ -17,8 +17,11 @@ needs when it runs.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import sys
+import time
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,6 +32,8 @@ __all__ = ["main", "build_parser", "describe", "parse_size"]
 _COMPRESSIONS = ("lz4", "zstd", "zlib", "none")
 #: Feature names listed by ``oocseq info`` before it abbreviates.
 _MAX_NAMES_SHOWN = 20
+#: Skipped files listed one per line by ``oocseq ingest`` before it abbreviates.
+_MAX_SKIPPED_SHOWN = 5
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -42,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args.run(args)
     except (OocseqError, ValueError, OSError) as e:
-        print(f"oocseq: error: {e}", file=sys.stderr)
+        print(f"oocseq: error: {cli_message(str(e))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("oocseq: interrupted", file=sys.stderr)
@@ -107,6 +112,52 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     bench.set_defaults(run=_run_bench)
     return parser
+
+
+# -- error messages in the command line's words ----------------------------------------------
+
+#: How the library's messages name its keyword arguments, and what the command line calls
+#: them; applied in order to the messages of errors raised under the command.
+_FLAG_NAMES: tuple[tuple[str, str], ...] = (
+    (r"\boverwrite=True\b", "--overwrite"),
+    (r"\ballow_missing=True\b", "--allow-missing"),
+    (r"\bon_error='skip'", "--on-error skip"),
+    (r"\bexclude=\[([^\]]*)\]", "--exclude {cols}"),
+    (r"\bfeature_columns=\[([^\]]*)\]", "--features {cols}"),
+    (r"\bdelimiter=('[^']*'|\"[^\"]*\")", "--delimiter {value}"),
+    (r"\bencoding=('[^']*'|\"[^\"]*\")", "--encoding {value}"),
+    (r"\bchunk_len=(\d+)", "--chunk-len {value}"),
+    # bare names only where the message names an argument, never inside a path
+    (r"\((label_column|feature_columns|exclude)\)", "({flag})"),
+    (r"\b(?<=the )label_column\b", "--label"),
+    (r"\b(?<=in )(feature_columns|exclude)\b", "{flag}"),
+)
+
+
+_ARG_FLAGS = {"label_column": "--label", "feature_columns": "--features", "exclude": "--exclude"}
+
+
+def cli_message(message: str) -> str:
+    """An error message of the library with its keyword arguments named as the command line's
+    flags (``overwrite=True`` -> ``--overwrite``, ``exclude=['id']`` -> ``--exclude id``)."""
+    import re
+
+    def flag(template: str) -> Any:
+        def sub(m: re.Match[str]) -> str:
+            if "{cols}" in template:
+                cols = ",".join(c.strip().strip("'\"") for c in m.group(1).split(",") if c.strip())
+                return template.format(cols=cols or "A,B")
+            if "{value}" in template:
+                return template.format(value=m.group(1))
+            if "{flag}" in template:
+                return template.format(flag=_ARG_FLAGS[m.group(1)])
+            return template
+
+        return sub
+
+    for pattern, template in _FLAG_NAMES:
+        message = re.sub(pattern, flag(template), message)
+    return message
 
 
 # -- argument types ---------------------------------------------------------------------------
@@ -207,7 +258,26 @@ def _add_images(sources: Any, common: argparse.ArgumentParser) -> None:
     p.set_defaults(run=_run_ingest_images)
 
 
-def _run_ingest_images(args: argparse.Namespace) -> None:
+def _reports(unit: str) -> Any:
+    """Decorate an ingest command (which returns the store it wrote): time it and print what it
+    did (:func:`ingest_report`). Skipped images are reported there, not as Python warnings."""
+
+    def wrap(run: Any) -> Any:
+        @functools.wraps(run)
+        def timed(args: argparse.Namespace) -> None:
+            started = time.perf_counter()
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", r"skipped \d+ image file", UserWarning)
+                store = run(args)
+            print(ingest_report(store, time.perf_counter() - started, unit))
+
+        return timed
+
+    return wrap
+
+
+@_reports("images")
+def _run_ingest_images(args: argparse.Namespace) -> Any:
     from .ingest.images import ingest_image_folder
 
     store = ingest_image_folder(
@@ -220,7 +290,7 @@ def _run_ingest_images(args: argparse.Namespace) -> None:
         workers=args.workers,
         **_writer_kwargs(args),
     )
-    _print_written(store)
+    return store
 
 
 def _add_csv(sources: Any, common: argparse.ArgumentParser) -> None:
@@ -233,6 +303,12 @@ def _add_csv(sources: Any, common: argparse.ArgumentParser) -> None:
         type=_column_list,
         metavar="A,B,C",
         help="feature columns, stored as x in this order (default: all but the label)",
+    )
+    p.add_argument(
+        "--exclude",
+        type=_column_list,
+        metavar="A,B",
+        help="columns left out (e.g. an id or a date), so the others need not be listed in --features",
     )
     p.add_argument("--allow-missing", action="store_true", help="store empty feature cells as NaN")
     p.add_argument("--delimiter", default=",", help="field separator (default: ',')")
@@ -247,7 +323,8 @@ def _add_csv(sources: Any, common: argparse.ArgumentParser) -> None:
     p.set_defaults(run=_run_ingest_csv)
 
 
-def _run_ingest_csv(args: argparse.Namespace) -> None:
+@_reports("rows")
+def _run_ingest_csv(args: argparse.Namespace) -> Any:
     from .ingest.csv import ingest_csv
 
     store = ingest_csv(
@@ -255,13 +332,14 @@ def _run_ingest_csv(args: argparse.Namespace) -> None:
         args.dest,
         label_column=args.label,
         feature_columns=args.features,
+        exclude=args.exclude,
         allow_missing=args.allow_missing,
         delimiter=args.delimiter,
         encoding=args.encoding,
         block_rows=args.block_rows,
         **_writer_kwargs(args),
     )
-    _print_written(store)
+    return store
 
 
 def _add_npy(sources: Any, common: argparse.ArgumentParser) -> None:
@@ -272,15 +350,86 @@ def _add_npy(sources: Any, common: argparse.ArgumentParser) -> None:
     p.set_defaults(run=_run_ingest_npy)
 
 
-def _run_ingest_npy(args: argparse.Namespace) -> None:
+@_reports("samples")
+def _run_ingest_npy(args: argparse.Namespace) -> Any:
     from .ingest.npy import ingest_npy
 
-    _print_written(ingest_npy(args.src, args.dest, field=args.field, **_writer_kwargs(args)))
+    return ingest_npy(args.src, args.dest, field=args.field, **_writer_kwargs(args))
 
 
-def _print_written(store: Any) -> None:
+def ingest_report(store: Any, seconds: float, unit: str = "samples") -> str:
+    """What ``oocseq ingest`` prints: the store written, its samples and fields; bytes read
+    from the source and written (and uncompressed, with the compression ratio); the time and
+    rate (``unit`` per second, MB/s read); the files skipped and why.
+
+    Bytes read are the sizes of the source files now (images: the files written and those
+    skipped; a CSV or .npy: the whole files)."""
+    n = len(store)
     fields = ", ".join(f"{name} {_shape(info.shape)} {info.dtype}" for name, info in store.fields.items())
-    print(f"wrote {store.path} ({store.format}): {len(store)} samples; {fields}")
+    raw = sum(math.prod(info.shape) * info.dtype.itemsize for info in store.fields.values())
+    stored = sum(store.stored_nbytes(name) for name in store.fields)
+    files, read = _source_bytes(store)
+    skipped = store.metadata.get("skipped") or []
+    ratio = f"ratio {raw / stored:.2f}x" if stored else "no chunks"
+    source = f"read {_bytes(read)} from {files} file{'' if files == 1 else 's'}; " if files else ""
+    rate = n / seconds if seconds > 0 else float("inf")
+    lines = [
+        f"wrote {store.path} ({store.format}): {n} samples; {fields}",
+        f"  {source}wrote {_bytes(stored)} of chunks ({_bytes(raw)} uncompressed, {ratio}; "
+        f"{_bytes(_disk_bytes(store.path))} on disk)",
+        f"  {seconds:.1f} s: {rate:,.0f} {unit}/s"
+        + (f", {_bytes(int(read / seconds))}/s read" if files and seconds > 0 else ""),
+    ]
+    if skipped:
+        reasons: dict[str, int] = {}
+        for entry in skipped:
+            why = str(entry.get("error", "?")).split(":")[0]
+            reasons[why] = reasons.get(why, 0) + 1
+        lines.append(
+            f"  skipped {len(skipped)} file{'' if len(skipped) == 1 else 's'}: "
+            + "; ".join(f"{count} {why}" for why, count in sorted(reasons.items(), key=lambda kv: -kv[1]))
+        )
+        for entry in skipped[:_MAX_SKIPPED_SHOWN]:
+            lines.append(f"    {entry.get('path')}: {entry.get('error')}")
+        if len(skipped) > _MAX_SKIPPED_SHOWN:
+            lines.append(f"    ... ({len(skipped) - _MAX_SKIPPED_SHOWN} more)")
+        lines.append('    (all are listed in the store\'s metadata, key "skipped")')
+    return "\n".join(lines)
+
+
+def _source_bytes(store: Any) -> tuple[int, int]:
+    """``(files, bytes)`` of the source the store's metadata names (0, 0 if unknown)."""
+    import os
+
+    source = store.metadata.get("source") or {}
+    kind = source.get("kind")
+    paths: list[str] = []
+    if kind == "csv" and source.get("path"):
+        paths = [source["path"]]
+    elif kind == "npy":
+        paths = [str(f.get("path")) for f in source.get("files", []) if isinstance(f, dict)]
+    elif kind == "image_folder" and source.get("root"):
+        root = source["root"]
+        listed = [str(s) for s in (store.sources if store.sources is not None else [])]
+        listed += [str(e.get("path")) for e in store.metadata.get("skipped") or []]
+        paths = [os.path.join(root, p) for p in listed]
+    total = 0
+    for p in paths:
+        try:
+            total += os.stat(p).st_size
+        except (OSError, TypeError, ValueError):
+            continue
+    return len(paths), total
+
+
+def _disk_bytes(path: Any) -> int:
+    """Bytes of a store's files (a directory's, or a file's)."""
+    from pathlib import Path
+
+    p = Path(path)
+    if p.is_file():
+        return p.stat().st_size
+    return sum(f.lstat().st_size for f in p.rglob("*") if f.is_file() and not f.is_symlink())
 
 
 # -- info, verify ------------------------------------------------------------------------------
@@ -372,6 +521,11 @@ def describe(store: Any) -> str:
     class_names = meta.get("class_names")
     if class_names and "y" in store.fields and store.fields["y"].dtype.kind in "iu":
         lines += ["", *_class_table(store, list(class_names))]
+    per_field = meta.get("field_class_names")
+    if isinstance(per_field, dict):
+        for name, names in per_field.items():
+            if name != "y" and isinstance(names, list):
+                lines += ["", f"classes of {name} ({len(names)}): {_abbreviate(names)}"]
     feature_names = meta.get("feature_names")
     if feature_names:
         lines += ["", f"features ({len(feature_names)}): {_abbreviate(feature_names)}"]

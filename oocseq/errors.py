@@ -90,7 +90,7 @@ class CSVValueError(InvalidSourceError):
         super().__init__(
             f"{path}: row {row} (line {row + 2} of the file), column {column!r}: "
             f"value {value!r} is not {expected}. Fix the value, or leave the column out with "
-            "feature_columns=[...]."
+            f"exclude=[{column!r}]."
         )
         self.path = path
         self.row = row

@@ -55,6 +55,7 @@ MAX_CHUNK_BYTES = 1 << 31
 MAX_SAMPLES = 1 << 48
 MAX_CHUNKS = 1 << 26
 _FIELD_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,127}$")
+_DIM_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,255}$")
 
 
 def check_field_name(name: object) -> str:
@@ -68,10 +69,15 @@ def check_field_name(name: object) -> str:
 
 @dataclass(frozen=True)
 class FieldSpec:
-    """Shape of one sample of a field and its dtype. The field's shape is ``(n, *shape)``."""
+    """Shape of one sample of a field and its dtype. The field's shape is ``(n, *shape)``.
+
+    ``dims``: a name for every axis of the field, axis 0 (the sample axis) first, as Zarr's
+    ``dimension_names`` and HDF5 dimension scales record them for xarray; ``None`` in stores
+    written before oocseq recorded them."""
 
     shape: tuple[int, ...]
     dtype: np.dtype
+    dims: tuple[str, ...] | None = None
 
     @property
     def sample_nbytes(self) -> int:
@@ -79,7 +85,45 @@ class FieldSpec:
         return int(math.prod(self.shape)) * self.dtype.itemsize
 
     def to_json(self) -> dict[str, Any]:
-        return {"shape": list(self.shape), "dtype": self.dtype.name}
+        doc: dict[str, Any] = {"shape": list(self.shape), "dtype": self.dtype.name}
+        if self.dims is not None:
+            doc["dims"] = list(self.dims)
+        return doc
+
+
+#: The name of axis 0 of every field (unless a field is itself named so: see :func:`with_dims`).
+SAMPLE_DIM = "sample"
+
+
+def with_dims(fields: dict[str, FieldSpec]) -> dict[str, FieldSpec]:
+    """``fields`` with every axis named: axis 0 ``"sample"``, then the names given in each
+    spec's ``dims`` for its sample axes (e.g. ``("height", "width", "channel")``), else
+    ``"<field>_dim1"``, ``"<field>_dim2"`` ...
+
+    xarray makes a field named like a dimension that dimension's coordinate, and one
+    dimension has one size: a name taken by a field, or used by another field with another
+    size, becomes ``"<field>_<name>"`` (``"_<name>"`` for the sample axis; field names never
+    start with ``_``). A spec's ``dims`` may name the sample axes only (``len(shape)`` names)
+    or all axes (the first is then replaced)."""
+    sample = SAMPLE_DIM if SAMPLE_DIM not in fields else "_" + SAMPLE_DIM
+    sizes: dict[str, int] = {}
+    out: dict[str, FieldSpec] = {}
+    for name, spec in fields.items():
+        given = list(spec.dims) if spec.dims is not None else []
+        if len(given) == len(spec.shape) + 1:
+            given = given[1:]
+        if len(given) != len(spec.shape):
+            given = [f"{name}_dim{k}" for k in range(1, len(spec.shape) + 1)]
+        dims = [sample]
+        for dim, size in zip(given, spec.shape, strict=True):
+            if dim in fields or dim == sample or sizes.get(dim, size) != size or dim in dims:
+                dim = f"{name}_{dim}"
+            while dim in fields or dim in dims or sizes.get(dim, size) != size:
+                dim = "_" + dim
+            sizes[dim] = size
+            dims.append(dim)
+        out[name] = FieldSpec(spec.shape, spec.dtype, tuple(dims))
+    return out
 
 
 @dataclass(frozen=True)
@@ -233,6 +277,15 @@ class Manifest:
                     f"field {name!r}: a chunk of {chunk_len} samples of shape {tuple(shape)} {dtype} "
                     f"would decode to more than {MAX_CHUNK_BYTES} bytes (implausible sizes)"
                 )
+            dims = spec.get("dims")
+            if dims is not None:
+                if (
+                    not isinstance(dims, list)
+                    or len(dims) != len(shape) + 1
+                    or not all(isinstance(d, str) and _DIM_NAME.match(d) for d in dims)
+                ):
+                    raise bad(f"field {name!r}: 'dims' must be {len(shape) + 1} axis names")
+                fields[name] = FieldSpec(tuple(shape), np.dtype(dtype), tuple(dims))
         comp = doc.get("compression")
         compression = None
         if comp is not None:

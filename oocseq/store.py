@@ -280,6 +280,18 @@ class Store:
         return np.array(values.tolist(), dtype=str)
 
     @property
+    def dataframe_index(self) -> np.ndarray | None:
+        """The index label of the DataFrame row of every sample (shape ``(n,)``: int64 for an
+        integer index, else ``str``), for a store written by ``ingest_dataframe``; else
+        ``None``. ``df.loc[store.dataframe_index]`` gives the rows in stored order."""
+        if "dataframe_index" not in self.manifest.aux:
+            return None
+        values = self._open().read_aux("dataframe_index")
+        if values.dtype.kind in "iu":
+            return values.astype(np.int64, copy=False)
+        return np.array(values.tolist(), dtype=str)
+
+    @property
     def source_index(self) -> np.ndarray | None:
         """int64 array of shape ``(n,)``: the source position (row of the arrays or of the
         concatenated ``.npy`` files) of every stored sample, so ``store["x"][i]`` came from

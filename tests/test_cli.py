@@ -262,3 +262,100 @@ def test_cli_imports_no_ml_framework() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, env=_env(), check=True
     )
     assert result.stdout.strip() == "[]"
+
+
+# -- errors name the command's flags; the report of what an ingestion did -----------------------------
+#: Python keyword spellings that must not reach a command-line user.
+PYTHON_SPELLINGS = (
+    "=True",
+    "=False",
+    "on_error=",
+    "feature_columns",
+    "label_column",
+    "allow_missing",
+    "exclude=",
+)
+
+
+def test_errors_name_the_flags(
+    capsys: pytest.CaptureFixture[str], image_folder: Path, tmp_path: Path
+) -> None:
+    table = tmp_path / "t.csv"
+    table.write_text("id,a,b,label\nr0,1,,cat\nr1,3,4,dog\n")
+    cases = [
+        # (argv, flag the message must name)
+        (["ingest", "csv", table, tmp_path / "s.zarr", "--label", "label"], "--exclude id"),
+        (
+            ["ingest", "csv", table, tmp_path / "s.zarr", "--label", "label", "--exclude", "id"],
+            "--allow-missing",
+        ),
+        (["ingest", "csv", table, tmp_path / "s.zarr", "--label", "nope"], "(--label)"),
+        (["ingest", "csv", table, tmp_path / "s.zarr", "--features", "a,zz"], "(--features)"),
+        (["ingest", "csv", table, tmp_path / "s.zarr", "--exclude", "zz"], "(--exclude)"),
+        (
+            ["ingest", "csv", table, tmp_path / "s.zarr", "--label", "label", "--exclude", "label"],
+            "--exclude",
+        ),
+        (["ingest", "csv", table, tmp_path / "s.zarr", "--features", "a", "--exclude", "a"], "--features"),
+    ]
+    (image_folder / "circle" / "broken.png").write_bytes(b"not an image")
+    cases.append(
+        (["ingest", "images", image_folder, tmp_path / "i.zarr", "--size", "4x4"], "--on-error skip")
+    )
+    existing = tmp_path / "e.zarr"
+    assert run(capsys, "ingest", "npy", _npy(tmp_path), existing, "-q")[0] == 0
+    cases.append((["ingest", "npy", _npy(tmp_path), existing, "-q"], "--overwrite"))
+    for argv, flag in cases:
+        code, _, err = run(capsys, *argv, "-q")
+        assert code == 1, (argv, err)
+        assert flag in err, (argv, err)
+        assert not any(s in err for s in PYTHON_SPELLINGS), (argv, err)
+
+
+def _npy(tmp_path: Path) -> Path:
+    path = tmp_path / "a.npy"
+    np.save(path, np.arange(40, dtype=np.float32).reshape(10, 4))
+    return path
+
+
+def test_cli_message_leaves_paths_alone() -> None:
+    from oocseq.cli import cli_message
+
+    msg = "/data/overwrite/label_column.csv (exclude)/x: pass overwrite=True"
+    assert cli_message(msg) == "/data/overwrite/label_column.csv (--exclude)/x: pass --overwrite"
+    msg = "check delimiter=',' and encoding='utf-8'; chunk_len=99 makes chunks"
+    assert cli_message(msg) == "check --delimiter ',' and --encoding 'utf-8'; --chunk-len 99 makes chunks"
+
+
+def test_exclude_on_the_command_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    table = tmp_path / "t.csv"
+    table.write_text(
+        "id,a,date,b,label\n" + "".join(f"r{i},{i},2024-01-0{i % 9 + 1},{2 * i},c{i % 2}\n" for i in range(7))
+    )
+    dest = tmp_path / "s.zarr"
+    code, _, err = run(capsys, "ingest", "csv", table, dest, "--label", "label", "--exclude", "id,date", "-q")
+    assert code == 0, err
+    store = open_store(dest)
+    assert store.metadata["feature_names"] == ["a", "b"]
+
+
+def test_ingest_report(capsys: pytest.CaptureFixture[str], image_folder: Path, tmp_path: Path) -> None:
+    (image_folder / "square" / "broken.png").write_bytes(b"not an image")
+    dest = tmp_path / "s.zarr"
+    code, out, err = run(
+        capsys, "ingest", "images", image_folder, dest, "--size", "4x4", "--on-error", "skip", "-q"
+    )
+    assert code == 0 and err == ""  # skipped files are in the report, not a Python warning
+    files = sorted(p for p in image_folder.rglob("*.png"))
+    lines = out.splitlines()
+    assert lines[0].startswith(f"wrote {dest} (zarr): 5 samples; x (5, 4, 4, 3) uint8")
+    assert f"from {len(files)} files" in lines[1]
+    assert "ratio" in lines[1] and "uncompressed" in lines[1]
+    assert "images/s" in lines[2] and "/s read" in lines[2]
+    assert "skipped 1 file" in out and "square/broken.png" in out
+
+    code, out, _ = run(
+        capsys, "ingest", "npy", _npy(tmp_path), tmp_path / "n.h5", "--compression", "none", "-q"
+    )
+    assert code == 0 and "10 samples" in out and "samples/s" in out
+    assert "wrote 160 B of chunks (160 B uncompressed, ratio 1.00x" in out

@@ -329,3 +329,57 @@ def test_float32_overflow_is_an_error_naming_row_and_column(
         ingest_csv(src, tmp_path / "t.zarr", label_column="label", preshuffle=False)
     assert (info.value.row, info.value.column) == (row, column)
     assert not (tmp_path / "t.zarr").exists()
+
+
+# -- exclude ------------------------------------------------------------------------------------------
+@settings(max_examples=15, deadline=None)
+@given(
+    kinds=st.lists(st.sampled_from(["num", "text", "date"]), min_size=1, max_size=6),
+    label=st.booleans(),
+    fmt=st.sampled_from([".zarr", ".h5"]),
+)
+def test_exclude_drops_the_columns_named(kinds: list[str], label: bool, fmt: str) -> None:
+    """Excluding every non-numeric column stores all the others, in file order, whatever the
+    column kinds; a column left in that is not a number is an error naming it."""
+    n = 4
+    header = [f"{k}{j}" for j, k in enumerate(kinds)] + (["label"] if label else [])
+    cell = {
+        "num": lambda i, j: str(i * 10 + j),
+        "text": lambda i, j: f"id{i}",
+        "date": lambda i, j: f"2024-01-0{i + 1}",
+    }
+    rows = [
+        [cell[k](i, j) for j, k in enumerate(kinds)] + (["cat" if i % 2 else "dog"] if label else [])
+        for i in range(n)
+    ]
+    numeric = [h for h, k in zip(header, kinds, strict=False) if k == "num"]
+    dropped = [h for h, k in zip(header, kinds, strict=False) if k != "num"]
+    with tempfile.TemporaryDirectory() as d:
+        src = write_csv(Path(d) / "t.csv", header, rows)
+        kwargs = {"label_column": "label" if label else None, "preshuffle": False}
+        if not numeric:
+            with pytest.raises(InvalidSourceError, match="no feature columns"):
+                ingest_csv(src, Path(d) / f"s{fmt}", exclude=dropped, **kwargs)
+            return
+        store = ingest_csv(src, Path(d) / f"s{fmt}", exclude=dropped, **kwargs)
+        assert store.metadata["feature_names"] == numeric
+        want = np.asarray([[float(r[header.index(c)]) for c in numeric] for r in rows], dtype=np.float32)
+        np.testing.assert_array_equal(store["x"][:], want)
+        store.close()
+        if dropped:
+            with pytest.raises(CSVValueError) as e:
+                ingest_csv(src, Path(d) / f"t{fmt}", exclude=dropped[1:], **kwargs)
+            assert e.value.column == dropped[0] and f"exclude=[{dropped[0]!r}]" in str(e.value)
+
+
+def test_exclude_errors(tmp_path: Path) -> None:
+    src = write_csv(tmp_path / "t.csv", ["id", "a", "b", "label"], [["r0", 1, 2, "x"]])
+    with pytest.raises(InvalidSourceError, match=r"no column\(s\) \['zz'\] \(exclude\)"):
+        ingest_csv(src, tmp_path / "s.zarr", exclude=["zz"])
+    with pytest.raises(InvalidSourceError, match="both the label_column and in exclude"):
+        ingest_csv(src, tmp_path / "s.zarr", label_column="label", exclude=["label"])
+    with pytest.raises(InvalidSourceError, match="both in feature_columns and in exclude"):
+        ingest_csv(src, tmp_path / "s.zarr", feature_columns=["a", "id"], exclude=["id"])
+    store = ingest_csv(src, tmp_path / "s.zarr", label_column="label", feature_columns=["b"], exclude="id")
+    assert store.metadata["feature_names"] == ["b"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

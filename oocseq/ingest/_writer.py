@@ -42,7 +42,7 @@ from ..errors import (
     StoreExistsError,
     StoreWriteError,
 )
-from ..manifest import ALLOWED_DTYPES, Compression, FieldSpec, Manifest, check_field_name
+from ..manifest import ALLOWED_DTYPES, Compression, FieldSpec, Manifest, check_field_name, with_dims
 from ..storage import create_writer, store_format
 from ..storage._commit import (
     OwnerLock,
@@ -74,8 +74,12 @@ def choose_chunk_len(
     return max(1, min(chunk_len, n)) if n else chunk_len
 
 
-def field_spec(name: str, sample_shape: tuple[int, ...], dtype: Any) -> FieldSpec:
-    """Validate one field's sample shape and dtype."""
+def field_spec(
+    name: str, sample_shape: tuple[int, ...], dtype: Any, dims: tuple[str, ...] | None = None
+) -> FieldSpec:
+    """Validate one field's sample shape and dtype; ``dims``: names of the sample axes (e.g.
+    ``("height", "width", "channel")``; default ``"<name>_dim1"`` ...), see
+    :func:`oocseq.manifest.with_dims`."""
     check_field_name(name)
     dt = np.dtype(dtype)
     if dt.name not in ALLOWED_DTYPES or dt.byteorder == ">":
@@ -85,7 +89,7 @@ def field_spec(name: str, sample_shape: tuple[int, ...], dtype: Any) -> FieldSpe
         )
     if any(int(s) == 0 for s in sample_shape):
         raise InvalidSourceError(f"field {name!r} has an empty sample shape {tuple(sample_shape)}")
-    return FieldSpec(tuple(int(s) for s in sample_shape), dt)
+    return FieldSpec(tuple(int(s) for s in sample_shape), dt, dims)
 
 
 class StoreWriter:
@@ -157,7 +161,7 @@ class StoreWriter:
                 f"{MAX_CHUNK_BYTES // max(widest, 1)} samples of {widest} bytes fit in one chunk "
                 "(choose 1-8 MiB per chunk, or leave chunk_len=None)"
             )
-        self.specs = specs
+        self.specs = with_dims(specs)  # every axis named, for xarray
         self.chunk_len = chunk_len
         self.compression = Compression.parse(compression)
         self.overwrite = overwrite

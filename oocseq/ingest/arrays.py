@@ -124,8 +124,10 @@ def ingest_arrays(
             # back shuffled as memory-mapped arrays (bounded memory; see _spool.py).
             spool = stack.enter_context(Spool(dest, overwrite))
             for name in first:
-                for batch in sources[name]:
-                    spool.append(name, batch)
+                with progress_bar(progress, None, f"spool {name}") as bar:
+                    for batch in sources[name]:
+                        spool.append(name, batch)
+                        bar.update(len(batch))
             sources.update(spool.arrays())
             first = {}
         return _write(
@@ -158,9 +160,11 @@ def _write(
     progress: bool,
     job: dict[str, Any] | None,
     resume: bool,
+    dims: Mapping[str, tuple[str, ...]] | None = None,
 ) -> Store:
     """Write ``sources`` (arrays, or streams named in ``first`` with their first batch);
-    ``job`` identifies a replayable source for resuming (``None``: start over)."""
+    ``job`` identifies a replayable source for resuming (``None``: start over); ``dims``:
+    names of the sample axes of some fields (see :func:`~oocseq.ingest._writer.field_spec`)."""
     lengths = {k: int(v.shape[0]) for k, v in sources.items() if _is_array(v)}
     if len(set(lengths.values())) > 1:
         raise FieldLengthError(
@@ -171,6 +175,7 @@ def _write(
             name,
             tuple(first[name].shape[1:] if name in first else src.shape[1:]),
             first[name].dtype if name in first else src.dtype,
+            (dims or {}).get(name),
         )
         for name, src in sources.items()
     }

@@ -53,6 +53,8 @@ MISSING_MARKERS = frozenset(
         "-1.#QNAN",
     ]
 )
+#: Name of the feature axis of ``x`` (xarray's dimension).
+FEATURE_DIMS = ("feature",)
 _FLOAT32_RANGE = "a number within float32's range (magnitude at most 3.4e38)"
 _MISSING_HINT = (
     "a number: the cell is empty or a missing-value marker; pass allow_missing=True to store "
@@ -68,6 +70,7 @@ class _Reader:
     delimiter: str
     encoding: str
     block_rows: int
+    progress: bool = False
 
     def header(self) -> tuple[list[str], int]:
         """Column names and the number of data rows in the first line after the header (0 or
@@ -170,6 +173,7 @@ def ingest_csv(
     *,
     label_column: str | None = None,
     feature_columns: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
     allow_missing: bool = False,
     delimiter: str = ",",
     encoding: str = "utf-8",
@@ -198,7 +202,9 @@ def ingest_csv(
             (``metadata["class_names"]``, ``metadata["label_mapping"]``; note that string
             sorting puts ``"10"`` before ``"2"``).
         feature_columns: the columns stored as ``x``, in this order; default: every column
-            but the label column, in file order.
+            but the label column and the ``exclude`` columns, in file order.
+        exclude: columns left out (e.g. a string ``id`` or a date column), so that the others
+            need not be listed in ``feature_columns``. Each must be in the header.
         allow_missing: store missing feature cells (empty, or a marker in
             :data:`MISSING_MARKERS` such as ``NA`` or ``NaN``) as NaN instead of raising.
         delimiter: the field separator.
@@ -242,14 +248,15 @@ def ingest_csv(
     path = Path(src)
     if not path.is_file():
         raise SourceNotFoundError(f"CSV file {str(path)!r} does not exist or is not a file")
-    reader = _Reader(path, delimiter, encoding, block_rows)
+    reader = _Reader(path, delimiter, encoding, block_rows, progress)
     header, first_rows = reader.header()
     if first_rows == 0:
         raise SourceNotFoundError(f"CSV file {str(path)!r} has a header line but no data rows")
+    feature_columns = _excluded(path, header, label_column, feature_columns, exclude)
     features = _feature_columns(path, header, label_column, feature_columns)
     labels = _scan_labels(reader, label_column) if label_column is not None else None
 
-    specs = {"x": field_spec("x", (len(features),), np.float32)}
+    specs = {"x": field_spec("x", (len(features),), np.float32, FEATURE_DIMS)}
     if labels is not None:
         specs["y"] = field_spec("y", (), labels.dtype)
         if chunk_len is None:  # a small table is one chunk of its own size, not a padded 4 MiB one
@@ -297,6 +304,7 @@ def ingest_csv(
                 progress=progress,
                 job=job,
                 resume=resume,
+                dims={"x": FEATURE_DIMS},
             )
     with (
         StoreWriter(
@@ -353,6 +361,35 @@ def _feature_columns(
     return features
 
 
+def _excluded(
+    path: Path,
+    header: list[str],
+    label_column: str | None,
+    feature_columns: Sequence[str] | None,
+    exclude: Sequence[str] | None,
+) -> Sequence[str] | None:
+    """The feature columns given ``exclude``: ``feature_columns``, or the header's columns but
+    the label and the excluded ones. Raises InvalidSourceError for an excluded column not in
+    the header, or one that ``feature_columns`` or ``label_column`` also names."""
+    if exclude is None:
+        return feature_columns
+    dropped = [exclude] if isinstance(exclude, str) else list(exclude)
+    unknown = [c for c in dropped if c not in header]
+    if unknown:
+        raise InvalidSourceError(
+            f"{str(path)!r} has no column(s) {unknown} (exclude); its header is {header}"
+        )
+    if feature_columns is not None:
+        chosen = [feature_columns] if isinstance(feature_columns, str) else list(feature_columns)
+        both = [c for c in chosen if c in dropped]
+        if both:
+            raise InvalidSourceError(f"column(s) {both} are both in feature_columns and in exclude")
+        return chosen
+    if label_column in dropped:
+        raise InvalidSourceError(f"column {label_column!r} is both the label_column and in exclude")
+    return [c for c in header if c not in dropped and c != label_column]
+
+
 def _missing(text: pd.Series) -> np.ndarray:
     """Boolean mask of the cells of a text column that hold no value."""
     return (text.isna() | text.str.strip().isin(MISSING_MARKERS)).to_numpy(bool)
@@ -361,6 +398,17 @@ def _missing(text: pd.Series) -> np.ndarray:
 def _label_blocks(reader: _Reader, column: str) -> Iterator[tuple[int, pd.Series]]:
     """``(first_row, label texts)`` per block. Raises InvalidSourceError naming the first row
     without a label."""
+    with progress_bar(reader.progress, None, f"scan labels {column!r}", unit="row") as bar:
+        yield from _counted(_checked_labels(reader, column), bar)
+
+
+def _counted(blocks: Iterator[tuple[int, pd.Series]], bar: Any) -> Iterator[tuple[int, pd.Series]]:
+    for start, text in blocks:
+        bar.update(len(text))
+        yield start, text
+
+
+def _checked_labels(reader: _Reader, column: str) -> Iterator[tuple[int, pd.Series]]:
     for start, block in reader.blocks([column], dtype=str):
         text = block[column]
         missing = _missing(text)

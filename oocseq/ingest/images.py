@@ -11,7 +11,7 @@ import hashlib
 import os
 import stat
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +21,7 @@ import numpy as np
 
 from .._optional import require
 from ..errors import ArgumentError, ImageDecodeError, InvalidSourceError, SourceNotFoundError
-from ..manifest import Compression
+from ..manifest import Compression, check_field_name
 from ..plan import permutation
 from ..store import Store
 from ._progress import progress_bar
@@ -31,6 +31,8 @@ from ._writer import StoreWriter, choose_chunk_len, field_spec
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png")
 _MODES = {"rgb": ("RGB", 3), "grayscale": ("L", 1), "rgba": ("RGBA", 4)}
 _INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
+#: Names of the sample axes of an image field (xarray's dimensions).
+IMAGE_DIMS = ("height", "width", "channel")
 
 
 @dataclass(frozen=True)
@@ -123,7 +125,7 @@ def _check_on_error(on_error: str) -> None:
 
 def _write_images(
     paths: Sequence[str],
-    labels: np.ndarray,
+    columns: dict[str, np.ndarray],
     sources: Sequence[str],
     dest: str | os.PathLike[str],
     *,
@@ -140,16 +142,16 @@ def _write_images(
     job: dict[str, Any],
     resume: bool,
     special: Sequence[str] = (),
+    row_aux: dict[str, np.ndarray] | None = None,
 ) -> Store:
-    """Decode ``paths`` in parallel (in order) and write ``x``, ``y`` and the ``source`` of
-    every sample. Memory: about three chunks of decoded images. ``special``: files left out
-    unopened (not regular files), reported as skipped."""
+    """Decode ``paths`` in parallel (in order) and write ``x``, the fields in ``columns``
+    (field name -> one value per path) and the ``source`` of every sample. Memory: about three
+    chunks of decoded images. ``special``: files left out unopened (not regular files),
+    reported as skipped. ``row_aux``: auxiliary arrays with one entry per path, stored for the
+    samples kept."""
     _check_on_error(on_error)
     order = permutation(len(paths), seed) if preshuffle else np.arange(len(paths))
-    specs = {
-        "x": field_spec("x", options.sample_shape, np.uint8),
-        "y": field_spec("y", (), labels.dtype),
-    }
+    specs = {"x": field_spec("x", options.sample_shape, np.uint8, IMAGE_DIMS), **_column_specs(columns)}
     if chunk_len is None:
         chunk_len = choose_chunk_len(specs, len(paths))
     job = {**job, "options": [list(options.image_size), options.color_mode, options.interpolation]}
@@ -212,7 +214,8 @@ def _write_images(
                     kept_sources.append(sources[i])
                 if images:
                     w.append("x", np.stack(images))
-                    w.append("y", labels[keep])
+                    for name, values in columns.items():
+                        w.append(name, values[keep])
                 bar.update(len(sel))
         except BaseException:
             for _, _, futures in pending:
@@ -228,6 +231,8 @@ def _write_images(
         w.attrs["preshuffle"] = {"seed": seed} if preshuffle else None
         w.attrs["skipped"] = skipped
         w.set_aux("source", np.asarray(kept_sources, dtype=str))
+        for name, values in _kept_rows(row_aux or {}, order, skipped_at).items():
+            w.set_aux(name, values)
     if skipped:
         import warnings
 
@@ -239,20 +244,48 @@ def _write_images(
     return w.close()
 
 
-def _files_identity(paths: Sequence[str]) -> str:
+def _column_specs(columns: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Specs of the fields stored from per-row values: one value (``(n,)``) or a row of
+    several columns (``(n, k)``, its axis named ``"<field>_feature"``)."""
+    return {
+        name: field_spec(name, v.shape[1:], v.dtype, (f"{name}_feature",) if v.ndim == 2 else None)
+        for name, v in columns.items()
+    }
+
+
+def _kept_rows(
+    row_aux: dict[str, np.ndarray], order: np.ndarray, skipped_at: list[list[Any]]
+) -> dict[str, np.ndarray]:
+    """The entries of each per-row array for the samples written: rows in stored order, less
+    the skipped ones."""
+    gone = {int(i) for i, _ in skipped_at}
+    kept = np.asarray([i for i in order.tolist() if i not in gone], dtype=np.int64)
+    return {name: values[kept] for name, values in row_aux.items()}
+
+
+def _files_identity(paths: Sequence[str], progress: bool = False) -> str:
     """A digest of every file's path, size and modification time (a missing file counts)."""
     h = hashlib.sha256()
-    for p in paths:
-        try:
-            st = os.stat(p)
-            h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-        except OSError:
-            h.update(f"{p}\0missing\n".encode())
+    with progress_bar(progress, len(paths), "check files", unit="file") as bar:
+        for p in paths:
+            _stat_into(h, p)
+            bar.update(1)
     return h.hexdigest()
 
 
+def _stat_into(h: Any, p: str) -> None:
+    try:
+        st = os.stat(p)
+        h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    except OSError:
+        h.update(f"{p}\0missing\n".encode())
+
+
 def list_image_folder(
-    src: str | os.PathLike[str], follow_links: bool = False, special: list[str] | None = None
+    src: str | os.PathLike[str],
+    follow_links: bool = False,
+    special: list[str] | None = None,
+    progress: bool = False,
 ) -> tuple[list[str], list[str], np.ndarray]:
     """``(class_names, relative_paths, labels)`` of an image folder, in sorted order.
 
@@ -270,6 +303,7 @@ def list_image_folder(
         )
     rel: list[str] = []
     labels: list[int] = []
+    bar = progress_bar(progress, None, f"list {root}", unit="file")
     for label, name in enumerate(class_names):
         found = []
         for dirpath, dirnames, filenames in os.walk(root / name, followlinks=follow_links):
@@ -281,6 +315,7 @@ def list_image_folder(
                         regular = stat.S_ISREG(os.stat(full).st_mode)
                     except OSError:  # e.g. a dangling symlink: kept, so decoding reports it
                         regular = True
+                    bar.update(1)
                     if regular:
                         found.append(os.path.relpath(full, root))
                     elif special is not None:
@@ -288,6 +323,7 @@ def list_image_folder(
         found.sort()
         rel.extend(found)
         labels.extend([label] * len(found))
+    bar.close()
     if not rel:
         raise SourceNotFoundError(
             f"image folder {str(root)!r} has class subfolders {class_names} but no images "
@@ -348,7 +384,7 @@ def ingest_image_folder(
     require("PIL", "ingest_image_folder")
     options = ImageOptions(image_size, color_mode, interpolation)
     special: list[str] = []
-    class_names, rel, labels = list_image_folder(src, follow_links, special)
+    class_names, rel, labels = list_image_folder(src, follow_links, special, progress)
     root = Path(src).resolve()
     paths = [str(root / r) for r in rel]
     counts = np.bincount(labels, minlength=len(class_names)).tolist()
@@ -363,7 +399,7 @@ def ingest_image_folder(
     }
     return _write_images(
         paths,
-        labels,
+        {"y": labels},
         rel,
         dest,
         options=options,
@@ -376,7 +412,7 @@ def ingest_image_folder(
         overwrite=overwrite,
         workers=workers,
         progress=progress,
-        job={"kind": "image_folder", "root": str(root), "files": _files_identity(paths)},
+        job={"kind": "image_folder", "root": str(root), "files": _files_identity(paths, progress)},
         resume=resume,
         special=special,
     )
@@ -387,12 +423,14 @@ def ingest_dataframe(
     dest: str | os.PathLike[str],
     *,
     x_col: str = "filename",
-    y_col: str = "class",
+    y_col: str | Sequence[str] | None = "class",
+    extra_cols: Sequence[str] | Mapping[str, Sequence[str]] | None = None,
+    weight_col: str | None = None,
     directory: str | os.PathLike[str] | None = None,
     image_size: tuple[int, int],
     color_mode: str = "rgb",
     interpolation: str = "bilinear",
-    classes: Sequence[str] | None = None,
+    classes: Sequence[str] | Mapping[str, Sequence[str]] | None = None,
     preshuffle: bool = True,
     seed: int = 0,
     chunk_len: int | None = None,
@@ -403,35 +441,55 @@ def ingest_dataframe(
     progress: bool = False,
     resume: bool = True,
 ) -> Store:
-    """Ingest a pandas DataFrame of image paths and labels, as Keras ``flow_from_dataframe``
-    takes it.
+    """Ingest a pandas DataFrame of image paths, labels and other columns, as Keras
+    ``flow_from_dataframe`` takes it, in one pass.
 
     Args:
-        df: DataFrame with a column of paths (``x_col``) and one of labels (``y_col``).
-        x_col: column of image paths, relative to ``directory`` if given.
-        y_col: column of labels: strings (class names, mapped to the index of the sorted
-            names or of ``classes``), integers (kept), or floats (kept, stored float32).
+        df: DataFrame with a column of image paths (``x_col``) and the columns named below.
+        x_col: column of image paths, relative to ``directory`` if given; stored as ``x``.
+        y_col: the label column(s):
+
+            - one column name: stored as field ``y``;
+            - a list of names (Keras's ``class_mode="multi_output"``): one field per column,
+              named after the column (rename columns that are not valid field names);
+            - ``None``: unlabeled images (no label field; Keras's ``class_mode=None``).
+
+            A label column of strings (or other non-numbers) is stored as int64 class indices
+            into its sorted unique values (or ``classes``); integers are kept (int64); floats
+            are stored float32. A missing label is an error naming its row.
+        extra_cols: more columns stored as fields in the same pass (multi-modal inputs, e.g.
+            image + tabular): a list of column names (one field per column, named after it,
+            stored like a label column: numbers kept, strings as class indices; NaN in a float
+            column is stored as NaN), or a dict ``{field: [columns]}`` (one float32 field of
+            shape ``(n, len(columns))`` per entry: numeric columns only).
+        weight_col: a column of per-sample weights, stored float32 as a field named after it
+            (serve it with ``ChunkedSequence(..., sample_weight=weight_col)``).
         directory: folder the paths are relative to.
-        classes: class names in label order (default: sorted unique string labels). A label
-            not in ``classes`` is an error naming its row.
-        preshuffle: store rows in a seeded random order (default), so that chunks mix classes
-            even when the DataFrame is grouped by class, patient or date; ``store.sources``
-            keeps each sample's path. ``False`` keeps the DataFrame's order.
+        classes: class names in label order for a string label column (default: its sorted
+            unique values): a list (with one ``y_col``), or a dict ``{column: [names]}``. A
+            label not in its ``classes`` is an error naming its row.
+        preshuffle: store rows in a seeded random order (default), as
+            :func:`ingest_image_folder` does, so that chunks mix classes even when the
+            DataFrame is grouped by class, patient or date; every field of a sample comes from
+            the same row. ``False`` keeps the DataFrame's order.
         Other arguments: as :func:`ingest_image_folder`.
 
     Returns:
-        The opened Store: ``x`` uint8 ``(n, H, W, C)`` and ``y``; ``store.sources`` gives each
-        sample's path as written in ``x_col``.
+        The opened Store: ``x`` uint8 ``(n, H, W, C)`` and one field per label, extra and
+        weight column. ``store.sources`` gives each sample's path as written in ``x_col``, and
+        ``store.dataframe_index`` its row's index label (int64 for an integer index, else the
+        labels as strings). Metadata: ``class_names`` (of ``y``, for one string ``y_col``),
+        ``field_class_names`` (``{field: [names]}`` for every field of class indices) and
+        ``columns`` (``{field: column or [columns]}``).
 
     Raises:
-        InvalidSourceError for a missing column or a missing/unknown label (naming the row),
-        ImageDecodeError for an unreadable image (naming the file).
+        InvalidSourceError for a missing column, a column that cannot be a field name, a field
+        named twice, a non-numeric column in a dict ``extra_cols``, or a missing/unknown label
+        (naming the row); ImageDecodeError for an unreadable image (naming the file).
     """
     require("PIL", "ingest_dataframe")
     options = ImageOptions(image_size, color_mode, interpolation)
-    for col in (x_col, y_col):
-        if col not in df.columns:
-            raise InvalidSourceError(f"DataFrame has no column {col!r}; its columns are {list(df.columns)}")
+    layout = _frame_layout(df, x_col, y_col, extra_cols, weight_col)
     if len(df) == 0:
         raise SourceNotFoundError("the DataFrame has no rows")
     base = Path(directory) if directory is not None else None
@@ -442,21 +500,31 @@ def ingest_dataframe(
                 f"DataFrame row {row} (index {df.index[row]!r}): column {x_col!r} has no path"
             )
     paths = [str(base / p) if base is not None else p for p in rel]
+    columns, class_names = _frame_fields(df, layout, y_col, classes)
+    index, index_kind = _frame_index(df)
     attrs: dict[str, Any] = {
         "source": {
             "kind": "dataframe",
             "directory": None if base is None else str(base.resolve()),
             "x_col": x_col,
-            "y_col": y_col,
+            "y_col": list(y_col) if isinstance(y_col, (list, tuple)) else y_col,
+            "extra_cols": extra_cols if isinstance(extra_cols, Mapping) else _names(extra_cols),
+            "weight_col": weight_col,
+            "index": {"name": _jsonable_name(df.index.names), "kind": index_kind},
             "rows": len(df),
-        }
+        },
+        "columns": {"x": x_col, **{field: cols for field, (cols, _) in layout.items()}},
+        "field_class_names": class_names,
     }
-    labels, class_names = _labels(df, y_col, classes)
-    if class_names is not None:
-        attrs["class_names"] = class_names
+    if isinstance(y_col, str) and "y" in class_names:
+        attrs["class_names"] = class_names["y"]
+    digest = hashlib.sha256()
+    for name, values in columns.items():
+        digest.update(name.encode() + b"\0" + np.ascontiguousarray(values).tobytes())
+    digest.update(index.astype(str).tobytes() if index.dtype.kind != "i" else index.tobytes())
     return _write_images(
         paths,
-        labels,
+        columns,
         [f"{p}" for p in rel],
         dest,
         options=options,
@@ -471,18 +539,160 @@ def ingest_dataframe(
         progress=progress,
         job={
             "kind": "dataframe",
-            "files": _files_identity(paths),
-            "labels": hashlib.sha256(np.ascontiguousarray(labels).tobytes()).hexdigest(),
+            "files": _files_identity(paths, progress),
+            "labels": digest.hexdigest(),
             "attrs": attrs,
         },
         resume=resume,
+        row_aux={"dataframe_index": index},
     )
 
 
-def _labels(df: Any, y_col: str, classes: Sequence[str] | None) -> tuple[np.ndarray, list[str] | None]:
+def _names(cols: str | Sequence[str] | None) -> list[str]:
+    if cols is None:
+        return []
+    return [cols] if isinstance(cols, str) else list(cols)
+
+
+def _jsonable_name(names: Any) -> Any:
+    out = [None if n is None else str(n) for n in names]
+    return out[0] if len(out) == 1 else out
+
+
+def _frame_layout(
+    df: Any,
+    x_col: str,
+    y_col: str | Sequence[str] | None,
+    extra_cols: Sequence[str] | Mapping[str, Sequence[str]] | None,
+    weight_col: str | None,
+) -> dict[str, tuple[Any, str]]:
+    """``{field: (column or [columns], argument)}`` of the fields stored from columns (``x``
+    aside), in order: labels, extras, weight. Raises InvalidSourceError for a missing column, a column
+    that cannot be a field name, or a field named twice."""
+    roles: list[tuple[str, Any, str]] = []  # (field, column(s), argument)
+    if isinstance(y_col, str):
+        roles.append(("y", y_col, "y_col"))
+    else:
+        roles += [(c, c, "y_col") for c in _names(y_col)]
+    if isinstance(extra_cols, Mapping):
+        for field, cols in extra_cols.items():
+            cols = _names(cols)
+            if not cols:
+                raise InvalidSourceError(f"extra_cols[{field!r}] lists no columns")
+            roles.append((field, cols, "extra_cols"))
+    else:
+        roles += [(c, c, "extra_cols") for c in _names(extra_cols)]
+    if weight_col is not None:
+        roles.append((weight_col, weight_col, "weight_col"))
+    for col in [x_col, *(c for _, cols, _ in roles for c in _names(cols))]:
+        if col not in df.columns:
+            raise InvalidSourceError(f"DataFrame has no column {col!r}; its columns are {list(df.columns)}")
+    layout: dict[str, tuple[Any, str]] = {}
+    for field, cols, arg in roles:
+        if not isinstance(field, str) or not _valid_field_name(field):
+            raise InvalidSourceError(
+                f"{arg}: column {field!r} cannot name a field (use 1-128 letters, digits, '_', '.' or "
+                "'-', starting with a letter); rename it first, e.g. df.rename(columns={...})"
+            )
+        if field == "x" or field in layout:
+            raise InvalidSourceError(
+                f"{arg}: field {field!r} would be stored twice ({'the images' if field == 'x' else 'named again'}); "
+                "each column is stored once and 'x' holds the images"
+            )
+        layout[field] = (cols, arg)
+    return layout
+
+
+def _valid_field_name(name: str) -> bool:
+    try:
+        check_field_name(name)
+    except ArgumentError:
+        return False
+    return True
+
+
+def _frame_fields(
+    df: Any,
+    layout: dict[str, tuple[Any, str]],
+    y_col: str | Sequence[str] | None,
+    classes: Sequence[str] | Mapping[str, Sequence[str]] | None,
+) -> tuple[dict[str, np.ndarray], dict[str, list[str]]]:
+    """The values of every field stored from columns, and the class names of those stored as
+    class indices."""
+    if classes is not None and not isinstance(classes, Mapping):
+        if not isinstance(y_col, str):
+            raise ArgumentError(
+                "classes as a list needs one y_col; with several label columns give "
+                "classes={column: [names], ...}"
+            )
+        classes = {y_col: list(classes)}
+    classes = dict(classes or {})
+    unknown = sorted(set(classes) - {c for cols, _ in layout.values() for c in _names(cols)})
+    if unknown:
+        raise ArgumentError(f"classes names column(s) {unknown} that are not stored as fields")
+    columns: dict[str, np.ndarray] = {}
+    class_names: dict[str, list[str]] = {}
+    for field, (cols, arg) in layout.items():
+        if isinstance(cols, list):  # a dict entry of extra_cols: numeric columns side by side
+            columns[field] = np.stack([_numeric(df, c, arg) for c in cols], axis=1)
+        elif arg == "weight_col":
+            columns[field] = _numeric(df, cols, arg)
+        else:
+            values, names = _labels(df, cols, classes.get(cols), nan_ok=arg == "extra_cols")
+            columns[field] = values
+            if names is not None:
+                class_names[field] = names
+    return columns, class_names
+
+
+def _numeric(df: Any, col: str, arg: str) -> np.ndarray:
+    """A numeric or boolean column as float32 (NaN kept)."""
+    import pandas as pd
+
+    series = df[col]
+    if not (pd.api.types.is_numeric_dtype(series) or pd.api.types.is_bool_dtype(series)):
+        raise InvalidSourceError(
+            f"{arg}: column {col!r} is {series.dtype}, not numeric; store it as class indices with "
+            "extra_cols=[...] (a list), or convert it first"
+        )
+    return _float32(series.to_numpy(dtype=np.float64, na_value=np.nan), df, col)
+
+
+def _float32(wide: np.ndarray, df: Any, col: str) -> np.ndarray:
+    """float64 values as float32; raises InvalidSourceError naming the row of a finite value
+    out of float32's range (it would be stored as inf)."""
+    with np.errstate(over="ignore"):
+        out = wide.astype(np.float32)
+    overflow = np.isinf(out) & np.isfinite(wide)
+    if overflow.any():
+        r = int(np.argmax(overflow))
+        raise InvalidSourceError(
+            f"DataFrame row {r} (index {df.index[r]!r}): column {col!r} holds {wide[r]!r}, outside "
+            "float32's range (magnitude at most 3.4e38)"
+        )
+    return out
+
+
+def _frame_index(df: Any) -> tuple[np.ndarray, str]:
+    """The DataFrame's index labels: ``(int64 array, "int")`` for an integer index, else
+    ``(str array, "str")`` of each label's ``str()``."""
+    import pandas as pd
+
+    if pd.api.types.is_integer_dtype(df.index.dtype):
+        return df.index.to_numpy(dtype=np.int64), "int"
+    return np.asarray([str(v) for v in df.index.tolist()], dtype=str), "str"
+
+
+def _labels(
+    df: Any, y_col: str, classes: Sequence[str] | None, nan_ok: bool = False
+) -> tuple[np.ndarray, list[str] | None]:
+    """A label column as int64 (integers), float32 (floats; NaN kept if ``nan_ok``) or int64
+    class indices with the class names (anything else, or any column with ``classes``)."""
     import pandas as pd
 
     col = df[y_col]
+    if nan_ok and classes is None and pd.api.types.is_float_dtype(col):
+        return _float32(col.to_numpy(dtype=np.float64, na_value=np.nan), df, y_col), None
     missing = np.flatnonzero(col.isna().to_numpy())
     if len(missing):
         r = int(missing[0])
@@ -490,7 +700,7 @@ def _labels(df: Any, y_col: str, classes: Sequence[str] | None) -> tuple[np.ndar
     if classes is None and pd.api.types.is_integer_dtype(col):
         return col.to_numpy(dtype=np.int64), None
     if classes is None and pd.api.types.is_float_dtype(col):
-        return col.to_numpy(dtype=np.float32), None
+        return _float32(col.to_numpy(dtype=np.float64), df, y_col), None
     values = col.astype(str).tolist()
     names = list(classes) if classes is not None else sorted(set(values))
     index = {name: i for i, name in enumerate(names)}

@@ -32,6 +32,8 @@ from ._raw import (
 )
 
 _BLOSC_FILTER = 32001
+#: The name netCDF-4 gives a dimension scale that is a dimension only (not a variable).
+_NETCDF_DIM_ONLY = "This is a netCDF dimension but not a netCDF variable.%10d"
 #: Blosc compressor codes in the filter's parameters (hdf5plugin / c-blosc).
 _BLOSC_CODES = {"blosclz": 0, "lz4": 1, "lz4hc": 2, "snappy": 3, "zlib": 4, "zstd": 5}
 
@@ -316,9 +318,35 @@ class HDF5Writer(StorageWriter):
         for ds in self._datasets.values():
             if ds.shape[0] != n:
                 ds.resize(n, axis=0)
+        with self._failing():
+            self._attach_dimension_scales(n, manifest_doc)
         self._file.attrs[ATTR_KEY] = json.dumps(manifest_doc)
         with self._failing():
             self._file.flush()
+
+    def _attach_dimension_scales(self, n: int, manifest_doc: dict[str, Any]) -> None:
+        """Name every axis of every field with a netCDF-4 dimension (an empty dimension-scale
+        dataset at the root, named after the dimension), so that xarray opens the file with
+        ``engine="h5netcdf"``. No data is written for them (no storage is allocated)."""
+        for name, spec in manifest_doc["fields"].items():
+            dims = spec.get("dims")
+            if not dims:
+                continue
+            ds = self._file[name]
+            for axis, (dim, size) in enumerate(zip(dims, [n, *spec["shape"]], strict=True)):
+                scale = self._file.get(dim)  # a resumed ingestion may have made it before
+                if scale is not None and not (
+                    isinstance(scale, h5py.Dataset)
+                    and h5py.h5ds.is_scale(scale.id)
+                    and scale.shape == (size,)
+                ):
+                    del self._file[dim]  # made by a run killed halfway through
+                    scale = None
+                if scale is None:
+                    scale = self._file.create_dataset(dim, shape=(size,), dtype="f4")
+                    scale.make_scale(_NETCDF_DIM_ONLY % size)
+                if not h5py.h5ds.is_attached(ds.id, scale.id, axis):
+                    ds.dims[axis].attach_scale(scale)
 
     def close(self) -> None:
         self._datasets.clear()

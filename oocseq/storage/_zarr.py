@@ -7,6 +7,7 @@ import math
 import os
 import shutil
 import threading
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +78,11 @@ class ZarrReader(StorageReader):
             raise NotAStoreError(f"{path} is not a Zarr store directory ({e.strerror})") from None
         pinned = f"/proc/self/fd/{self._root}"
         try:
-            self._group = zarr.open_group(pinned if os.path.isdir(pinned) else str(path), mode="r")
+            # Each array's own zarr.json is read, never the copy consolidated into the root's
+            # (written for xarray): one description of each array, checked below.
+            self._group = zarr.open_group(
+                pinned if os.path.isdir(pinned) else str(path), mode="r", use_consolidated=False
+            )
         except Exception as e:
             self._handles.close()
             system = _system_error(e)
@@ -364,6 +369,7 @@ class ZarrWriter(StorageWriter):
             dtype=spec.dtype,
             compressors=compressors,
             fill_value=0,
+            dimension_names=spec.dims,  # what xarray needs to open the store
             # zarr skips chunks equal to the fill value by default; oocseq treats a missing
             # chunk as corruption, so every chunk is written.
             config={"write_empty_chunks": True},
@@ -408,6 +414,11 @@ class ZarrWriter(StorageWriter):
         for leftover in self.path.rglob("*.partial"):
             leftover.unlink(missing_ok=True)
         self._group.attrs[ATTR_KEY] = manifest_doc
+        # Consolidated metadata lets xarray.open_zarr open the store without trying each
+        # array (and without warning that it had to); oocseq itself never reads it.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Consolidated metadata", category=UserWarning)
+            zarr.consolidate_metadata(str(self.path))
 
     def close(self) -> None:
         self._arrays.clear()
