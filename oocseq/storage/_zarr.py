@@ -377,6 +377,21 @@ class ZarrWriter(StorageWriter):
             arr.resize((max(stop, 2 * arr.shape[0]), *arr.shape[1:]))
         arr[start:stop] = data
 
+    def reserve(self, name: str, stop: int) -> None:
+        arr = self._arrays[name]
+        if arr.shape[0] < stop:
+            arr.resize((max(stop, 2 * arr.shape[0]), *arr.shape[1:]))
+        (self.path / name / "c").mkdir(exist_ok=True)
+
+    def chunk_path(self, name: str, c: int) -> Path:
+        ndim = len(self._arrays[name].shape)
+        return self.path.joinpath(name, "c", str(c), *(["0"] * (ndim - 1)))
+
+    def write_encoded(self, name: str, c: int, chunk_len: int, payload: bytes, raw: bool) -> None:
+        from ..ingest._writer import _write_file
+
+        _write_file(str(self.chunk_path(name, c)), payload)
+
     def write_aux(self, name: str, values: np.ndarray) -> None:
         dtype: Any = str if values.dtype.kind in "US" else values.dtype
         chunks = (max(1, min(len(values), 65536)),)
