@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import sys
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor as _FuturesExecutor
@@ -137,15 +139,26 @@ def make_executor(workers: int | None, client: Any = None, kind: str = "thread")
     if n == 1:
         return Executor()
     if kind == "process":
-        return _PoolExecutor(ProcessPoolExecutor(n, mp_context=_mp_context()), n)
+        with warnings.catch_warnings():
+            # Python 3.12+ warns about forking a process that runs threads: see _mp_context.
+            warnings.filterwarnings("ignore", message=".*use of fork\\(\\) may lead to deadlocks", category=DeprecationWarning)
+            pool = ProcessPoolExecutor(n, mp_context=_mp_context())
+            # Start the processes now, before the ingestion opens its store and lock files:
+            # forked later, they would hold those files' locks until they exit.
+            pool.submit(int).result()
+        return _PoolExecutor(pool, n)
     return _PoolExecutor(ThreadPoolExecutor(n, thread_name_prefix="oocseq-ingest"), n)
 
 
 def _mp_context() -> Any:
-    # forkserver: forking a process that runs threads (a progress bar, a training loop, an
-    # ingestion's own encoding threads) can deadlock; a clean server process forks the workers.
-    methods = multiprocessing.get_all_start_methods()
-    return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+    # Linux: fork (quick, and the user's script needs no `if __name__ == "__main__"` guard,
+    # which forkserver and spawn need, as they import the main module again). The children
+    # only decode images; other threads of this process (zarr's I/O loop, a progress bar) hold
+    # no lock they need, as with PyTorch's DataLoader workers. Elsewhere (macOS, Windows):
+    # spawn, Python's default there.
+    if sys.platform.startswith("linux"):
+        return multiprocessing.get_context("fork")
+    return multiprocessing.get_context("spawn")
 
 
 def ordered(

@@ -18,6 +18,7 @@ partial store) and goes on.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
@@ -187,7 +188,8 @@ class StoreWriter:
         self._executor = executor if executor is not None else Executor()
         # Chunks handed to the executor and not yet written: (field, chunk, samples, handle).
         self._pending: deque[tuple[str, int, int, Any]] = deque()
-        self._in_flight = 2 * self._executor.workers
+        # In this process a chunk is encoded on the spot: nothing to overlap, so nothing waits.
+        self._in_flight = 0 if type(self._executor) is Executor else 2 * self._executor.workers
         self._written = dict.fromkeys(specs, 0)  # chunks written, per field (journaled ones count)
         self._tail = dict.fromkeys(specs, 0)  # samples of a short last chunk given encoded
         try:
@@ -419,6 +421,7 @@ class StoreWriter:
         """``(chunk_len, compression, format, target)`` for :func:`encode_chunk` of chunk ``c``
         of field ``name``: ``target`` is the chunk's file in the partial store where the
         encoder writes it itself (Zarr), else ``None`` (the encoded bytes come back)."""
+        self._create_fields()
         target = self._backend.chunk_path(name, c) if self.format == "zarr" else None
         return self.chunk_len, self.compression, self.format, None if target is None else str(target)
 
@@ -485,7 +488,7 @@ class StoreWriter:
                     handle.cancel()
         for *_, handle in pending:
             if hasattr(handle, "result"):
-                with contextlib.suppress(Exception):
+                with contextlib.suppress(Exception, asyncio.CancelledError):
                     handle.result()
 
     def _journal_progress(self) -> None:

@@ -20,6 +20,7 @@ from .._optional import require
 from ..errors import ArgumentError, CSVValueError, InvalidSourceError, SourceNotFoundError
 from ..manifest import Compression
 from ..store import Store
+from ._parallel import make_executor
 from ._progress import progress_bar
 from ._spool import Spool
 from ._writer import StoreWriter, choose_chunk_len, field_spec
@@ -181,6 +182,8 @@ def ingest_csv(
     seed: int = 0,
     progress: bool = False,
     resume: bool = True,
+    workers: int | None = None,
+    client: Any = None,
 ) -> Store:
     """Ingest a CSV file with a header line: feature columns -> ``x``, the label column -> ``y``.
 
@@ -218,6 +221,13 @@ def ingest_csv(
         resume: if an earlier run of the same call (same file, size and modification time,
             same ``dest`` and arguments) was interrupted, go on from its last written chunk
             (default); ``False`` starts over.
+        workers: threads that checksum, compress and write chunks while the file is parsed
+            (default ``None``: every core this process may use; ``1``: all in this process).
+            The store is the same bytes whatever the number.
+        client: a ``dask.distributed.Client``: the cluster's workers compress the chunks (and,
+            for a Zarr ``dest``, write them: ``dest``'s folder must be a path every worker
+            sees); this process reads the source, writes HDF5 chunks and commits. The store is
+            the same bytes as without a cluster. Overrides ``workers``.
 
     Returns:
         The opened Store: ``x`` float32 ``(n, len(feature_columns))``; ``y`` ``(n,)`` int64 or
@@ -297,8 +307,11 @@ def ingest_csv(
                 progress=progress,
                 job=job,
                 resume=resume,
+                workers=workers,
+                client=client,
             )
     with (
+        make_executor(workers, client) as executor,
         StoreWriter(
             dest,
             specs,
@@ -308,6 +321,7 @@ def ingest_csv(
             n=total,
             job=job,
             resume=resume,
+            executor=executor,
         ) as w,
         progress_bar(progress, total, f"ingest {os.fspath(dest)}", unit="row") as bar,
     ):

@@ -348,6 +348,7 @@ class ZarrWriter(StorageWriter):
             raise KeyError(name)
         # As at creation: every chunk is written, also one equal to the fill value.
         self._arrays[name] = arr.with_config({"write_empty_chunks": True})
+        (self.path / name / "c").mkdir(exist_ok=True)
 
     def create_field(
         self, name: str, spec: FieldSpec, chunk_len: int, compression: Compression | None
@@ -368,6 +369,7 @@ class ZarrWriter(StorageWriter):
             # chunk as corruption, so every chunk is written.
             config={"write_empty_chunks": True},
         )
+        (self.path / name / "c").mkdir(exist_ok=True)  # chunk files are written by encoders
 
     def write_chunk(self, name: str, c: int, chunk_len: int, data: np.ndarray) -> None:
         arr = self._arrays[name]
