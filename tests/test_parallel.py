@@ -178,3 +178,14 @@ def test_interrupted_run_resumes_to_the_same_store(
     assert taken and taken[0] >= 2
     got = store_bytes(dest)
     assert [k for k in want if got.get(k) != want[k]] == [] and sorted(got) == sorted(want)
+
+
+def test_cli_ingests_on_a_scheduler(client: Any, sources: Path, tmp_path: Path) -> None:
+    from oocseq.cli import main
+
+    address = client.scheduler.address
+    dest = tmp_path / "s.zarr"
+    argv = ["ingest", "npy", str(sources / "x0.npy"), str(sources / "x1.npy"), str(dest), "--chunk-len", "4"]
+    assert main([*argv, "--scheduler", address, "-q"]) == 0
+    assert main([*argv[:-3], str(tmp_path / "w.zarr"), "--chunk-len", "4", "--workers", "2", "-q"]) == 0
+    assert store_bytes(dest) == store_bytes(tmp_path / "w.zarr")
