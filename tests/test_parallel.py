@@ -189,3 +189,55 @@ def test_cli_ingests_on_a_scheduler(client: Any, sources: Path, tmp_path: Path) 
     assert main([*argv, "--scheduler", address, "-q"]) == 0
     assert main([*argv[:-3], str(tmp_path / "w.zarr"), "--chunk-len", "4", "--workers", "2", "-q"]) == 0
     assert store_bytes(dest) == store_bytes(tmp_path / "w.zarr")
+
+
+TABLES = {
+    "class": "a,b,label\n1,2.5,cat\n3,4,dog\n5,6e3,cat\n-7,8,bird\n9,10,dog\n",
+    "int": "a,b,label\n1,2.5,3\n3,4,10\n5,6e3,-2\n-7,8,3\n9,10,0\n",
+    "float": "a,b,label\n1,2.5,3.5\n3,4,1e3\n5,6e3,-2\n-7,8,0.25\n9,10,0\n",
+    "unlabeled": "a,b,c\n1,2.5,3.5\n3,4,1e3\n5,6e3,-2\n-7,8,0.25\n9,10,0\n",
+    "missing": "a,b,label\n1,,x\n3,NA,y\nnan,6e3,x\n-7,8,z\n9,10,y\n",
+    "late text": "a,b,label\n1,2,3\n3,4,4\n5,6,5\n7,8,five\n9,10,6\n",
+}
+
+
+@pytest.mark.parametrize("preshuffle", [True, False])
+@pytest.mark.parametrize("table", sorted(TABLES))
+def test_csv_fast_path_stores_what_the_reference_path_stores(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, table: str, preshuffle: bool
+) -> None:
+    """pyarrow.csv (one pass, class names found on the way) and the pandas reference path
+    (which decides the label kind in a first pass) give the same bytes."""
+    from oocseq.ingest import csv as csv_module
+
+    src = tmp_path / "t.csv"
+    src.write_text(TABLES[table])
+    kw: dict[str, Any] = {"chunk_len": 2, "block_rows": 2, "preshuffle": preshuffle, "workers": 2}
+    kw["label_column"] = None if table == "unlabeled" else "label"
+    kw["allow_missing"] = table == "missing"
+    slow: list[int] = []
+    real = csv_module._scan_labels
+    monkeypatch.setattr(csv_module, "_scan_labels", lambda *a: slow.append(1) or real(*a))
+    fast = oocseq.ingest_csv(src, tmp_path / "fast.zarr", **kw)
+    # Only labels that turn from numbers to text in a later block need the reference path.
+    assert not slow or table == "late text"
+    fast.close()
+    monkeypatch.setattr(csv_module, "_arrow_available", lambda: False)
+    oocseq.ingest_csv(src, tmp_path / "ref.zarr", **kw).close()
+    assert store_bytes(tmp_path / "fast.zarr") == store_bytes(tmp_path / "ref.zarr")
+
+
+def test_csv_labels_that_turn_to_text_late_are_class_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Numbers for many blocks, then text: the one-pass reader hands over to the reference
+    path, which stores class names (as a table of text labels throughout would be)."""
+    from oocseq.ingest import csv as csv_module
+
+    rows = [f"{i},{i * 0.5},{i % 3}" for i in range(12000)] + ["1,2,other"]
+    (tmp_path / "t.csv").write_text("a,b,label\n" + "\n".join(rows) + "\n")
+    slow: list[int] = []
+    real = csv_module._scan_labels
+    monkeypatch.setattr(csv_module, "_scan_labels", lambda *a: slow.append(1) or real(*a))
+    store = oocseq.ingest_csv(tmp_path / "t.csv", tmp_path / "s.h5", label_column="label", block_rows=1000)
+    assert slow and store.metadata["class_names"] == ["0", "1", "2", "other"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.h5", "t.csv"]  # no spool left
+    store.close()
