@@ -86,7 +86,9 @@ def make_csv(path: Path, rows: int) -> None:
             k = min(10000, rows - start)
             x = rng.standard_normal((k, 50)).astype(np.float32)
             labels = rng.choice(["cat", "dog", "bird", "fish"], k)
-            f.writelines(",".join(f"{v:.6g}" for v in row) + f",{lab}\n" for row, lab in zip(x, labels, strict=True))
+            f.writelines(
+                ",".join(f"{v:.6g}" for v in row) + f",{lab}\n" for row, lab in zip(x, labels, strict=True)
+            )
 
 
 def arrow_baseline(path: Path) -> None:
@@ -101,7 +103,12 @@ def arrow_baseline(path: Path) -> None:
 
 def make_npy(path: Path, mb: int) -> None:
     if not path.exists():
-        np.save(path, np.random.default_rng(0).standard_normal((mb << 18) // 64 * 64 // 64, dtype=np.float32).reshape(-1, 64))
+        np.save(
+            path,
+            np.random.default_rng(0)
+            .standard_normal((mb << 18) // 64 * 64 // 64, dtype=np.float32)
+            .reshape(-1, 64),
+        )
 
 
 def copy_baseline(src: Path, dest: Path) -> None:
@@ -129,7 +136,11 @@ def main() -> None:
     args = ap.parse_args()
     work = Path(args.workdir) / "ingest"
     work.mkdir(parents=True, exist_ok=True)
-    images, table, npy = work / f"img{args.images}", work / f"t{args.csv_rows}.csv", work / f"a{args.npy_mb}.npy"
+    images, table, npy = (
+        work / f"img{args.images}",
+        work / f"t{args.csv_rows}.csv",
+        work / f"a{args.npy_mb}.npy",
+    )
     make_images(images, args.images)
     make_csv(table, args.csv_rows)
     make_npy(npy, args.npy_mb)
@@ -174,7 +185,9 @@ def main() -> None:
             to = timed(lambda o=ours: o().close())
             ratios[name].append(tb / to)
             rates[name].append((amount / tb, amount / to))
-    print(f"ingestion vs baseline, {os.cpu_count()} cores, {args.runs} interleaved rounds (ratio > 1: oocseq faster)")
+    print(
+        f"ingestion vs baseline, {os.cpu_count()} cores, {args.runs} interleaved rounds (ratio > 1: oocseq faster)"
+    )
     print(f"{'source':<16}{'size':>14}{'baseline /s':>14}{'oocseq /s':>14}{'ratio':>8}")
     for name, (_, _, size, _) in cases.items():
         b = statistics.median(r[0] for r in rates[name])

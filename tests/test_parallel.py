@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import oocseq
+from oocseq.manifest import AUX_GROUP
 
 distributed = pytest.importorskip("distributed")
 pd = pytest.importorskip("pandas")
@@ -91,7 +92,7 @@ def store_bytes(path: Path) -> dict[str, bytes]:
             if not isinstance(obj, h5py.Dataset):
                 return
             out[name + "/shape"] = repr((obj.shape, obj.dtype.str, obj.chunks)).encode()
-            if obj.chunks is None or obj.id.get_create_plist().get_nfilters() == 0 and name.startswith("_"):
+            if obj.chunks is None or name.startswith(AUX_GROUP):  # not chunked as fields are
                 out[name] = repr(obj[()].tolist()).encode()
                 return
             for c in range(-(-obj.shape[0] // obj.chunks[0])):
@@ -122,7 +123,13 @@ def reference(kind: str, fmt: str, preshuffle: bool, src: Path, tmp: Path) -> di
     preshuffle=st.booleans(),
 )
 def test_store_is_the_same_whatever_runs_it(
-    client: Any, sources: Path, tmp_path_factory: pytest.TempPathFactory, kind: str, fmt: str, mode: Any, preshuffle: bool
+    client: Any,
+    sources: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    kind: str,
+    fmt: str,
+    mode: Any,
+    preshuffle: bool,
 ) -> None:
     tmp = tmp_path_factory.mktemp("p")
     want = reference(kind, fmt, preshuffle, sources, tmp)
@@ -150,7 +157,13 @@ class _Interrupt:
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("mode", [1, 3, "cluster"])
 def test_interrupted_run_resumes_to_the_same_store(
-    client: Any, sources: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str, fmt: str, mode: Any
+    client: Any,
+    sources: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    kind: str,
+    fmt: str,
+    mode: Any,
 ) -> None:
     from oocseq.ingest import _writer
 
@@ -172,7 +185,9 @@ def test_interrupted_run_resumes_to_the_same_store(
     taken: list[int] = []
     real_take = _writer.StoreWriter._take_over
     monkeypatch.setattr(
-        _writer.StoreWriter, "_take_over", lambda self, *a: real_take(self, *a) and not taken.append(a[2]["k"])
+        _writer.StoreWriter,
+        "_take_over",
+        lambda self, *a: real_take(self, *a) and not taken.append(a[2]["k"]),
     )
     ingest(kind, sources, dest, **kw).close()
     assert taken and taken[0] >= 2
@@ -227,7 +242,9 @@ def test_csv_fast_path_stores_what_the_reference_path_stores(
     assert store_bytes(tmp_path / "fast.zarr") == store_bytes(tmp_path / "ref.zarr")
 
 
-def test_csv_labels_that_turn_to_text_late_are_class_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_csv_labels_that_turn_to_text_late_are_class_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Numbers for many blocks, then text: the one-pass reader hands over to the reference
     path, which stores class names (as a table of text labels throughout would be)."""
     from oocseq.ingest import csv as csv_module

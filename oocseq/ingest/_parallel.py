@@ -15,7 +15,7 @@ import os
 import sys
 import warnings
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable
 from concurrent.futures import Executor as _FuturesExecutor
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from typing import Any, Protocol, TypeVar
@@ -141,7 +141,9 @@ def make_executor(workers: int | None, client: Any = None, kind: str = "thread")
     if kind == "process":
         with warnings.catch_warnings():
             # Python 3.12+ warns about forking a process that runs threads: see _mp_context.
-            warnings.filterwarnings("ignore", message=".*use of fork\\(\\) may lead to deadlocks", category=DeprecationWarning)
+            warnings.filterwarnings(
+                "ignore", message=".*use of fork\\(\\) may lead to deadlocks", category=DeprecationWarning
+            )
             pool = ProcessPoolExecutor(n, mp_context=_mp_context())
             # Start the processes now, before the ingestion opens its store and lock files:
             # forked later, they would hold those files' locks until they exit.
@@ -163,7 +165,7 @@ def _mp_context() -> Any:
 
 def ordered(
     executor: Executor, fn: Callable[..., R], units: Iterable[tuple[Any, ...]], in_flight: int
-) -> Iterator[R]:
+) -> Generator[R, None, None]:
     """``fn(*unit)`` for every unit, in order, with at most ``in_flight`` units submitted and
     not yet taken. On an error, or when the caller stops early, units not yet run are cancelled."""
     pending: deque[_Handle] = deque()

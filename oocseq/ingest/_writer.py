@@ -34,7 +34,6 @@ from typing import Any
 import numpy as np
 
 from ..checksum import chunk_checksum
-from ._parallel import Executor
 from ..errors import (
     ArgumentError,
     FieldLengthError,
@@ -56,6 +55,7 @@ from ..storage._commit import (
     siblings,
 )
 from ..store import Store
+from ._parallel import Executor
 
 #: Target decoded bytes per chunk of the widest field when ``chunk_len`` is not given. DESIGN.md:
 #: chunks of 1-8 MiB are the sweet spot (per-chunk overhead vs. window memory).
@@ -450,7 +450,7 @@ class StoreWriter:
     def _drain(self, limit: int) -> None:
         """Write encoded chunks, in order, until at most ``limit`` are in flight."""
         while len(self._pending) > limit:
-            name, c, count, handle = self._pending[0]
+            name, c, _count, handle = self._pending[0]
             try:
                 crc, payload, raw = handle.result() if hasattr(handle, "result") else handle
             except OSError as e:
@@ -640,7 +640,7 @@ def encode_chunk(
     if padded.dtype.byteorder == ">":
         padded = padded.astype(padded.dtype.newbyteorder("<"))
     raw = compression is None
-    payload: Any = memoryview(padded.reshape(-1).view(np.uint8))
+    payload: Any = padded.reshape(-1).view(np.uint8).data
     if compression is not None:
         codec = numcodecs.Blosc(
             cname=compression.cname, clevel=compression.clevel, shuffle=numcodecs.Blosc.SHUFFLE, blocksize=0

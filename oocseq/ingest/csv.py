@@ -1,9 +1,14 @@
 """Ingest a CSV table: numeric feature columns -> ``x``, a label column -> ``y``.
 
-The file is read in blocks of ``block_rows`` rows with ``pandas.read_csv(chunksize=...)``, never
-whole. With a label column it is read twice: a first pass over the label column alone decides
-how labels are stored (integers, floats, or class names mapped to indices) so that the mapping
-is the same in every block; the second pass writes the samples.
+The file is read once, in blocks, by ``pyarrow.csv`` (its threads parse and convert the next
+blocks while this one stores the last): the label kind (integers, numbers, or class names mapped
+to indices of the sorted names) is found on the way, so labels are kept as values or
+first-seen codes in the temporary spool and typed at the end. Anything the fast path does not
+take exactly as it is (a cell that is not a clean number, a missing value, a row with extra
+fields, labels that are numbers for a while and then text) goes to the reference path, which
+reads the file with ``pandas.read_csv(chunksize=...)``: a first pass over the label column
+decides how labels are stored, the second writes the samples; it stores the same bytes, or
+raises the error naming the row and column.
 """
 
 from __future__ import annotations
@@ -206,7 +211,8 @@ def ingest_csv(
             :data:`MISSING_MARKERS` such as ``NA`` or ``NaN``) as NaN instead of raising.
         delimiter: the field separator.
         encoding: the file's text encoding.
-        block_rows: rows read and converted at a time (memory is about a few blocks).
+        block_rows: about the rows read and converted at a time (memory is about a few
+            blocks per parsing thread).
         chunk_len: samples per chunk (default: about 4 MiB of ``x``; with a label column, at
             most the number of rows).
         compression: ``None``, ``"lz4"``, ``"zstd"`` or ``"zlib"``.
@@ -215,7 +221,9 @@ def ingest_csv(
             so that chunks mix labels even when the table is sorted by label, date or group.
             The table is read once into temporary uncompressed files beside ``dest`` (about
             ``4 * rows * (features + 1)`` bytes of disk, bounded memory), then written
-            shuffled. ``False`` keeps the file's row order and needs no temporary space.
+            shuffled. ``False`` keeps the file's row order; it needs the temporary space only
+            with a ``label_column`` (the labels are typed once the whole column was read, so
+            the rows wait in the spool until then).
         seed: seed of the pre-shuffle.
         progress: show a progress bar.
         resume: if an earlier run of the same call (same file, size and modification time,

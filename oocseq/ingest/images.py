@@ -270,7 +270,9 @@ def _decode_many(paths: Sequence[str], options: ImageOptions) -> tuple[str, np.n
     return "decoded", out, errors, None
 
 
-def _decode_encode(paths: Sequence[str], options: ImageOptions, encode_args: tuple[Any, ...]) -> tuple[Any, ...]:
+def _decode_encode(
+    paths: Sequence[str], options: ImageOptions, encode_args: tuple[Any, ...]
+) -> tuple[Any, ...]:
     """Decode one chunk's images and encode the chunk (a cluster's work unit): as
     :func:`_decode_many`, with ``("encoded", None, [], encode_chunk(...))`` when all decode."""
     kind, images, errors, _ = _decode_many(paths, options)
