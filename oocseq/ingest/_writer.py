@@ -27,6 +27,7 @@ import os
 import threading
 import warnings
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -192,6 +193,9 @@ class StoreWriter:
         self._in_flight = 0 if type(self._executor) is Executor else 2 * self._executor.workers
         self._written = dict.fromkeys(specs, 0)  # chunks written, per field (journaled ones count)
         self._tail = dict.fromkeys(specs, 0)  # samples of a short last chunk given encoded
+        #: Called once every chunk is written, before the commit (e.g. delete a spool, so that
+        #: a process killed after its commit leaves nothing behind).
+        self.before_commit: list[Callable[[], None]] = []
         try:
             self.dest.parent.mkdir(parents=True, exist_ok=True)
             taken = self._claim(resume, job is not None)
@@ -567,6 +571,8 @@ class StoreWriter:
                     self._backend.write_aux(name, values)
                 self._backend.finalize(n, manifest.to_json())
                 self._backend.close()
+                for fn in self.before_commit:
+                    fn()
                 store = commit(self._tmp, self.dest, self.overwrite, self._id, lambda: Store(self.dest))
             except OSError as e:
                 if isinstance(e, OocseqError):

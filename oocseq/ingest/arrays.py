@@ -121,6 +121,7 @@ def ingest_arrays(
 
     # Arrays can be replayed, so an interrupted ingestion of them can resume; streams cannot.
     job = None
+    before_commit: list[Callable[[], None]] = []
     if not first:
         job = {
             "kind": "arrays",
@@ -138,6 +139,7 @@ def ingest_arrays(
                     spool.append(name, batch)
             sources.update(spool.arrays())
             first = {}
+            before_commit = [spool.close]
         return _write(
             dest,
             sources,
@@ -153,6 +155,7 @@ def ingest_arrays(
             resume=resume,
             workers=workers,
             client=client,
+            before_commit=before_commit,
         )
 
 
@@ -172,6 +175,7 @@ def _write(
     resume: bool,
     workers: int | None = None,
     client: Any = None,
+    before_commit: list[Callable[[], None]] | None = None,
 ) -> Store:
     """Write ``sources`` (arrays, or streams named in ``first`` with their first batch);
     ``job`` identifies a replayable source for resuming (``None``: start over)."""
@@ -206,6 +210,7 @@ def _write(
             executor=executor,
         ) as w,
     ):
+        w.before_commit.extend(before_commit or ())
         chunk_len = w.chunk_len
         w.attrs.update(dict(metadata or {}))
         w.attrs.setdefault("source", {"kind": "arrays"})

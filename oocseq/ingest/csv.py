@@ -333,6 +333,7 @@ def ingest_csv(
                 resume=resume,
                 workers=workers,
                 client=client,
+                before_commit=[spool.close],
             )
     with (
         make_executor(workers, client) as executor,
@@ -590,6 +591,7 @@ def _ingest_arrow(
             {},
             metadata=_attrs(path, rows, features, labels),
             preshuffle=preshuffle,
+            before_commit=[spool.close],
             **write_args,
         )
 
