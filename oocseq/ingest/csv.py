@@ -381,12 +381,13 @@ def _arrow_available() -> bool:
 
 
 def _block_bytes(reader: _Reader) -> int:
-    """Bytes of the file that hold about ``block_rows`` rows (from the first MiB's lines)."""
+    """Bytes of the file that hold about ``block_rows`` rows (from the first MiB's lines), at
+    most 4 MiB: pyarrow parses blocks in parallel, so a large block would leave cores idle."""
     with open(reader.path, "rb") as f:
         head = f.read(1 << 20)
     lines = max(1, head.count(b"\n") - 1)
     per_row = max(1, len(head) // (lines + 1))
-    return int(min(max(reader.block_rows * per_row, 1 << 16), 1 << 26))
+    return int(min(max(reader.block_rows * per_row, 1 << 16), 1 << 22))
 
 
 def _arrow_blocks(
