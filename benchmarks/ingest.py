@@ -103,12 +103,8 @@ def arrow_baseline(path: Path) -> None:
 
 def make_npy(path: Path, mb: int) -> None:
     if not path.exists():
-        np.save(
-            path,
-            np.random.default_rng(0)
-            .standard_normal((mb << 18) // 64 * 64 // 64, dtype=np.float32)
-            .reshape(-1, 64),
-        )
+        rows = (mb << 20) // (64 * 4)  # samples of 64 float32
+        np.save(path, np.random.default_rng(0).standard_normal((rows, 64), dtype=np.float32))
 
 
 def copy_baseline(src: Path, dest: Path) -> None:
