@@ -24,7 +24,6 @@ import hashlib
 import json
 import math
 import os
-import threading
 import warnings
 from collections import deque
 from collections.abc import Callable
@@ -55,6 +54,7 @@ from ..storage._commit import (
     sibling,
     siblings,
 )
+from ..storage._zarr import write_chunk_file
 from ..store import Store
 from ._parallel import Executor
 
@@ -658,24 +658,8 @@ def encode_chunk(
             payload = encoded
     if target is None:
         return crc, bytes(payload), raw
-    _write_file(target, payload)
+    write_chunk_file(target, payload)
     return crc, None, raw
-
-
-def _write_file(target: str, payload: Any) -> None:
-    """Write a chunk file under a temporary name and rename it into place (a killed process
-    leaves a ``*.partial`` file, removed when the store is finished, never a torn chunk). The
-    field's ``c`` folder must exist: after a failed ingestion removed the partial store, a late
-    unit finds it gone and writes nothing."""
-    path = Path(target)
-    cdir = next((p for p in path.parents if p.name == "c"), None)
-    if cdir is None or not cdir.is_dir():
-        raise FileNotFoundError(2, "the partial store is gone", str(cdir or path.parent))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.partial")
-    with open(tmp, "wb") as f:
-        f.write(payload)
-    os.replace(tmp, path)
 
 
 def _why(e: OSError) -> str:

@@ -336,6 +336,22 @@ def _check_field_codecs(arr: Any, spec: FieldSpec, compression: Compression | No
     return "blosc"
 
 
+def write_chunk_file(target: str, payload: Any) -> None:
+    """Write a chunk file under a temporary name and rename it into place (a killed process
+    leaves a ``*.partial`` file, removed when the store is finished, never a torn chunk). The
+    field's ``c`` folder must exist: after a failed ingestion removed the partial store, a late
+    unit finds it gone and writes nothing."""
+    path = Path(target)
+    cdir = next((p for p in path.parents if p.name == "c"), None)
+    if cdir is None or not cdir.is_dir():
+        raise FileNotFoundError(2, "the partial store is gone", str(cdir or path.parent))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.partial")
+    with open(tmp, "wb") as f:
+        f.write(payload)
+    os.replace(tmp, path)
+
+
 class ZarrWriter(StorageWriter):
     def __init__(self, path: Path, resume: bool = False) -> None:
         super().__init__(path)
@@ -390,9 +406,7 @@ class ZarrWriter(StorageWriter):
         return self.path.joinpath(name, "c", str(c), *(["0"] * (ndim - 1)))
 
     def write_encoded(self, name: str, c: int, chunk_len: int, payload: bytes, raw: bool) -> None:
-        from ..ingest._writer import _write_file
-
-        _write_file(str(self.chunk_path(name, c)), payload)
+        write_chunk_file(str(self.chunk_path(name, c)), payload)
 
     def write_aux(self, name: str, values: np.ndarray) -> None:
         dtype: Any = str if values.dtype.kind in "US" else values.dtype
