@@ -8,7 +8,8 @@
   ``pyarrow.csv.read_csv`` (multi-threaded) into a float32 matrix and int64 class codes.
   oocseq: ``ingest_csv`` to HDF5 and to Zarr.
 * NPY: one ``.npy`` of ``--npy-mb`` MiB of float32. Baseline: read it sequentially and
-  write the same bytes to a new file. oocseq: ``ingest_npy`` (lz4) to Zarr and HDF5.
+  write the same bytes to a new file, then ``fsync`` it (the commit makes a store durable).
+  oocseq: ``ingest_npy`` (lz4) to Zarr and HDF5.
 
 Rounds are interleaved (baseline, then oocseq, for each source, every round); a ratio is the
 median of the per-round ratios baseline_time / oocseq_time (above 1: oocseq is faster).
@@ -113,6 +114,10 @@ def copy_baseline(src: Path, dest: Path) -> None:
     with open(dest, "wb") as f:
         for i in range(0, len(arr), step):
             f.write(np.ascontiguousarray(arr[i : i + step]).data)
+        # On disk, as a committed store is (deleting a file still in the page cache would
+        # spare it the disk altogether).
+        f.flush()
+        os.fsync(f.fileno())
     dest.unlink()
 
 
