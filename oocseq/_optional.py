@@ -9,11 +9,16 @@ from types import ModuleType
 from .errors import MissingDependencyError
 
 #: module -> (pip package, oocseq extra)
-_PACKAGES = {"PIL": ("Pillow", "images"), "pandas": ("pandas", "csv"), "obstore.store": ("obstore", "remote")}
+_PACKAGES = {
+    "PIL": ("Pillow", "images"),
+    "pandas": ("pandas", "csv"),
+    "obstore.store": ("obstore", "remote"),
+    "distributed": ("dask[distributed]", "dask"),
+}
 
 
 def require(module: str, what: str) -> ModuleType:
-    """Import ``module`` (``"PIL"`` or ``"pandas"``) for ``what`` (e.g. ``"ingest_csv"``).
+    """Import ``module`` (``"PIL"``, ``"pandas"`` or ``"distributed"``) for ``what`` (e.g. ``"ingest_csv"``).
 
     Raises:
         MissingDependencyError: it is not installed; the message names the extra to install.

@@ -17,6 +17,7 @@ needs when it runs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import math
 import sys
@@ -45,7 +46,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:  # argparse exits after --help (0) and usage errors (2)
         return e.code if isinstance(e.code, int) else 2
     try:
-        args.run(args)
+        with contextlib.ExitStack() as stack:
+            if getattr(args, "scheduler", None):
+                args.client = stack.enter_context(_connect(args.scheduler))
+            args.run(args)
     except (OocseqError, ValueError, OSError) as e:
         print(f"oocseq: error: {cli_message(str(e))}", file=sys.stderr)
         return 1
@@ -217,7 +221,33 @@ def _ingest_options() -> argparse.ArgumentParser:
     )
     common.add_argument("--seed", type=int, default=0, help="seed of the pre-shuffle (default: 0)")
     common.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    common.add_argument(
+        "--workers",
+        type=_positive_int,
+        metavar="N",
+        help="processes/threads that decode, compress and write at once (default: all cores; 1: none)",
+    )
+    common.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        help="a Dask scheduler (e.g. tcp://host:8786): its workers decode and compress the chunks; "
+        "DEST's folder and the sources must be paths every worker sees",
+    )
     return common
+
+
+def _connect(address: str) -> Any:
+    """A Dask client of the scheduler at ``address`` (closed on leaving)."""
+    from ._optional import require
+
+    distributed = require("distributed", "--scheduler")
+    try:
+        return distributed.Client(address, timeout=30)
+    except (OSError, TimeoutError) as e:
+        raise OocseqError(
+            f"cannot connect to the Dask scheduler at {address!r} ({type(e).__name__}: {e}); start one "
+            "with `dask scheduler` and workers with `dask worker ADDRESS`, or leave out --scheduler"
+        ) from None
 
 
 def _writer_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -228,6 +258,8 @@ def _writer_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "preshuffle": args.preshuffle,
         "seed": args.seed,
         "progress": not args.quiet,
+        "workers": args.workers,
+        "client": getattr(args, "client", None),
     }
 
 
@@ -254,7 +286,6 @@ def _add_images(sources: Any, common: argparse.ArgumentParser) -> None:
         default="raise",
         help="stop at an unreadable image (default), or skip and list it in the metadata",
     )
-    p.add_argument("--workers", type=_positive_int, metavar="N", help="decoding threads (default: all cores)")
     p.set_defaults(run=_run_ingest_images)
 
 
@@ -287,7 +318,6 @@ def _run_ingest_images(args: argparse.Namespace) -> Any:
         color_mode=args.color_mode,
         interpolation=args.interpolation,
         on_error=args.on_error,
-        workers=args.workers,
         **_writer_kwargs(args),
     )
     return store

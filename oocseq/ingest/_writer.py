@@ -18,6 +18,7 @@ partial store) and goes on.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
@@ -26,6 +27,8 @@ import os
 import shutil
 import tempfile
 import warnings
+from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -54,7 +57,9 @@ from ..storage._commit import (
     sibling,
     siblings,
 )
+from ..storage._zarr import write_chunk_file
 from ..store import Store
+from ._parallel import Executor
 
 #: Target decoded bytes per chunk of the widest field when ``chunk_len`` is not given. DESIGN.md:
 #: chunks of 1-8 MiB are the sweet spot (per-chunk overhead vs. window memory).
@@ -110,6 +115,12 @@ class StoreWriter:
             that cannot be replayed). Enables the progress journal and resuming.
         resume: take over the partial store of an interrupted ingestion of the same ``job``
             into ``dest`` (default); ``False`` discards it and starts over.
+        executor: where chunks are encoded (checksum, padding, compression; for Zarr also
+            written to their files): ``None`` in this process, or an
+            :class:`~oocseq.ingest._parallel.Executor` (threads, processes, a Dask cluster
+            whose workers see ``dest``'s folder). Chunks are written in order and encoded by
+            :func:`encode_chunk` alone, so the store's bytes do not depend on it. The caller
+            owns (and closes) the executor.
 
     After construction, ``resume_state`` is ``None`` for a fresh start, or the state the
     source passed to :meth:`checkpoint` from which it must now replay; ``resumed_chunks`` is
@@ -130,6 +141,7 @@ class StoreWriter:
         n: int | None = None,
         job: Any = None,
         resume: bool = True,
+        executor: Executor | None = None,
     ) -> None:
         self.url, dest = _staging_for(dest, overwrite)
         self.dest = Path(dest)
@@ -184,6 +196,16 @@ class StoreWriter:
         self._backend: Any = None
         self._lock: OwnerLock | None = None
         self._fingerprint = None if job is None else self._fingerprint_of(job)
+        self._executor = executor if executor is not None else Executor()
+        # Chunks handed to the executor and not yet written: (field, chunk, samples, handle).
+        self._pending: deque[tuple[str, int, int, Any]] = deque()
+        # In this process a chunk is encoded on the spot: nothing to overlap, so nothing waits.
+        self._in_flight = 0 if type(self._executor) is Executor else 2 * self._executor.workers
+        self._written = dict.fromkeys(specs, 0)  # chunks written, per field (journaled ones count)
+        self._tail = dict.fromkeys(specs, 0)  # samples of a short last chunk given encoded
+        #: Called once every chunk is written, before the commit (e.g. delete a spool, so that
+        #: a process killed after its commit leaves nothing behind).
+        self.before_commit: list[Callable[[], None]] = []
         try:
             self.dest.parent.mkdir(parents=True, exist_ok=True)
             taken = self._claim(resume, job is not None)
@@ -279,6 +301,7 @@ class StoreWriter:
         entries = journal["entries"]
         for name in self.specs:
             self._chunks_done[name] = k - 1
+            self._written[name] = k - 1
             self._checksums[name] = [e["crc"][name] for e in entries[: k - 1]]
         self._verify = (k - 1, entries[k - 1]["crc"])
         state, counts = journal["checkpoint"]
@@ -322,7 +345,7 @@ class StoreWriter:
             self.abort()
 
     def samples_written(self, name: str) -> int:
-        return self._chunks_done[name] * self.chunk_len + self._buffered[name]
+        return self._chunks_done[name] * self.chunk_len + self._buffered[name] + self._tail[name]
 
     def checkpoint(self, state: Any) -> None:
         """Mark a point the source can replay from: the samples appended after this call are
@@ -330,6 +353,13 @@ class StoreWriter:
         block number). Call it before each block; it costs nothing without a journal."""
         if self._journal is not None:
             self._checkpoints.append((_jsonable(state), dict(self._pos)))
+
+    def _check_open(self, name: str) -> None:
+        if self._tail[name]:
+            raise InvalidSourceError(
+                f"field {name!r}: samples appended after its short last chunk; only the last chunk "
+                "may hold fewer than chunk_len samples"
+            )
 
     def append(self, name: str, data: Any) -> None:
         """Append samples (an array of shape ``(k, *sample_shape)``) to field ``name``.
@@ -355,6 +385,8 @@ class StoreWriter:
                     f"samples of dtype {spec.dtype}; give every batch the same dtype"
                 )
             arr = arr.astype(spec.dtype)
+        if len(arr):
+            self._check_open(name)
         if self._pos[name] < self._drop_until:  # replayed samples already in the partial store
             drop = min(len(arr), self._drop_until - self._pos[name])
             self._pos[name] += drop
@@ -368,6 +400,51 @@ class StoreWriter:
             if self._buffered[name] == self.chunk_len:
                 self._flush(name)
 
+    def aligned(self, name: str) -> bool:
+        """Whether the next sample of field ``name`` starts a chunk (then
+        :meth:`append_encoded` takes a whole chunk)."""
+        return self._buffered[name] == 0 and not self._tail[name] and not self._shrinkable_pending()
+
+    def _shrinkable_pending(self) -> bool:
+        return self._shrinkable and not self._created
+
+    def append_encoded(self, name: str, count: int, encoded: Any) -> None:
+        """Append one whole chunk of field ``name`` encoded elsewhere: ``count`` samples
+        (``chunk_len``, or fewer for the field's last chunk) and ``encoded``, the result of
+        :func:`encode_chunk` for them (or a future of it) with this writer's
+        :meth:`encode_args`. Only where :meth:`aligned` is true."""
+        if not self.aligned(name) or not 0 < count <= self.chunk_len:
+            raise InvalidSourceError(f"field {name!r}: an encoded chunk must start a chunk and fit in one")
+        if self._pos[name] + count <= self._drop_until:  # already in the partial store
+            self._pos[name] += count
+            return
+        if self._pos[name] != self._drop_until and self._pos[name] < self._drop_until:
+            raise InvalidSourceError(f"field {name!r}: an encoded chunk straddles the resumed position")
+        self._pos[name] += count
+        self._create_fields()
+        c = self._chunks_done[name]
+        self._reserve(name, c, count)
+        if count < self.chunk_len:
+            self._tail[name] = count
+        else:
+            self._chunks_done[name] += 1
+        self._pending.append((name, c, count, encoded))
+        self._drain(self._in_flight)
+
+    def encode_args(self, name: str, c: int) -> tuple[int, Compression | None, str, str | None]:
+        """``(chunk_len, compression, format, target)`` for :func:`encode_chunk` of chunk ``c``
+        of field ``name``: ``target`` is the chunk's file in the partial store where the
+        encoder writes it itself (Zarr), else ``None`` (the encoded bytes come back)."""
+        self._create_fields()
+        target = self._backend.chunk_path(name, c) if self.format == "zarr" else None
+        return self.chunk_len, self.compression, self.format, None if target is None else str(target)
+
+    def _reserve(self, name: str, c: int, count: int) -> None:
+        try:
+            self._backend.reserve(name, c * self.chunk_len + count)
+        except OSError as e:
+            raise StoreWriteError(e.errno, f"cannot grow field {name!r} of {self.dest}: {_why(e)}") from e
+
     def _flush(self, name: str) -> None:
         parts = self._buffers[name]
         if not parts:
@@ -375,28 +452,61 @@ class StoreWriter:
         self._create_fields()
         chunk = parts[0] if len(parts) == 1 else np.concatenate(parts)
         c = self._chunks_done[name]
-        crc = chunk_checksum(chunk)  # the one place chunk checksums are computed
-        if self._verify is not None and c == self._verify[0] and crc != self._verify[1][name]:
-            raise InvalidSourceError(
-                f"cannot resume the interrupted ingestion into {self.dest}: chunk {c} of field "
-                f"{name!r} comes out differently from the source now than it did then (the source "
-                "changed). The partial store is discarded: run the ingestion again to start over"
-            )
-        try:
-            self._backend.write_chunk(name, c, self.chunk_len, chunk)
-        except OSError as e:
-            raise StoreWriteError(
-                e.errno, f"cannot write chunk {c} of field {name!r} of {self.dest}: {_why(e)}"
-            ) from e
-        self._checksums[name].append(crc)
+        self._reserve(name, c, len(chunk))
+        self._pending.append(
+            (name, c, len(chunk), self._executor.submit(encode_chunk, chunk, *self.encode_args(name, c)))
+        )
         self._chunks_done[name] += 1
         self._buffers[name] = []
         self._buffered[name] = 0
-        if self._journal is not None:
-            self._journal_progress()
+        self._drain(self._in_flight)
+
+    def _drain(self, limit: int) -> None:
+        """Write encoded chunks, in order, until at most ``limit`` are in flight."""
+        while len(self._pending) > limit:
+            name, c, _count, handle = self._pending[0]
+            try:
+                crc, payload, raw = handle.result() if hasattr(handle, "result") else handle
+            except OSError as e:
+                if isinstance(e, OocseqError):
+                    raise
+                raise StoreWriteError(
+                    e.errno, f"cannot write chunk {c} of field {name!r} of {self.dest}: {_why(e)}"
+                ) from e
+            self._pending.popleft()
+            if self._verify is not None and c == self._verify[0] and crc != self._verify[1][name]:
+                raise InvalidSourceError(
+                    f"cannot resume the interrupted ingestion into {self.dest}: chunk {c} of field "
+                    f"{name!r} comes out differently from the source now than it did then (the source "
+                    "changed). The partial store is discarded: run the ingestion again to start over"
+                )
+            if payload is not None:
+                try:
+                    self._backend.write_encoded(name, c, self.chunk_len, payload, raw)
+                except OSError as e:
+                    raise StoreWriteError(
+                        e.errno, f"cannot write chunk {c} of field {name!r} of {self.dest}: {_why(e)}"
+                    ) from e
+            self._checksums[name].append(crc)
+            self._written[name] += 1
+            if self._journal is not None:
+                self._journal_progress()
+
+    def _cancel_pending(self) -> None:
+        """Cancel the chunks in flight, and wait for those already running (they may be
+        writing into the partial store that is about to be removed or handed on)."""
+        pending, self._pending = list(self._pending), deque()
+        for *_, handle in pending:
+            if hasattr(handle, "cancel"):
+                with contextlib.suppress(Exception):
+                    handle.cancel()
+        for *_, handle in pending:
+            if hasattr(handle, "result"):
+                with contextlib.suppress(Exception, asyncio.CancelledError):
+                    handle.result()
 
     def _journal_progress(self) -> None:
-        done = min(self._chunks_done.values())
+        done = min(self._written.values())
         if done <= self._journaled:
             return
         try:
@@ -456,6 +566,7 @@ class StoreWriter:
             self._create_fields()
             for name in self.specs:
                 self._flush(name)
+            self._drain(0)
             manifest = Manifest(
                 n=n,
                 chunk_len=self.chunk_len,
@@ -470,6 +581,8 @@ class StoreWriter:
                     self._backend.write_aux(name, values)
                 self._backend.finalize(n, manifest.to_json())
                 self._backend.close()
+                for fn in self.before_commit:
+                    fn()
                 store = commit(self._tmp, self.dest, self.overwrite, self._id, lambda: Store(self.dest))
             except OSError as e:
                 if isinstance(e, OocseqError):
@@ -494,6 +607,7 @@ class StoreWriter:
 
     def _suspend(self) -> None:
         """Keep the partial store and journal for a later run; let go of them."""
+        self._cancel_pending()
         with contextlib.suppress(Exception):
             self._backend.close()
         with contextlib.suppress(Exception):
@@ -506,6 +620,7 @@ class StoreWriter:
         """Drop the partial store (and its journal and lock)."""
         if self.url is not None:
             shutil.rmtree(self.dest.parent, ignore_errors=True)
+        self._cancel_pending()
         if self._backend is not None:
             self._backend.discard()
         if self._journal is not None:
@@ -515,6 +630,50 @@ class StoreWriter:
         if getattr(self, "_id", None) is not None:
             _discard(self.dest, self._id, self._lock)
             self._lock = None
+
+
+def encode_chunk(
+    chunk: np.ndarray,
+    chunk_len: int,
+    compression: Compression | None,
+    fmt: str,
+    target: str | None = None,
+) -> tuple[int, Any, bool]:
+    """Encode one chunk as the store keeps it: ``(checksum, payload, raw)``.
+
+    The checksum covers ``chunk``'s samples (``len(chunk) <= chunk_len``); the payload is the
+    chunk padded with zeros to ``chunk_len`` samples (stores keep whole chunks), as
+    little-endian bytes, Blosc-compressed (byte shuffle, the dtype's size, automatic block
+    size: what zarr's Blosc codec and HDF5's Blosc filter write). ``raw`` is true for HDF5
+    when compression does not make the chunk smaller: the filter then stores it unfiltered.
+    With ``target`` (a Zarr chunk file) the payload is written there and ``None`` returned.
+    A pure function of its arguments: whoever runs it, the bytes are the same."""
+    import numcodecs
+
+    chunk = np.ascontiguousarray(chunk)
+    crc = chunk_checksum(chunk)
+    if len(chunk) == chunk_len:
+        padded = chunk
+    else:
+        padded = np.zeros((chunk_len, *chunk.shape[1:]), dtype=chunk.dtype)
+        padded[: len(chunk)] = chunk
+    if padded.dtype.byteorder == ">":
+        padded = padded.astype(padded.dtype.newbyteorder("<"))
+    raw = compression is None
+    payload: Any = padded.reshape(-1).view(np.uint8).data
+    if compression is not None:
+        codec = numcodecs.Blosc(
+            cname=compression.cname, clevel=compression.clevel, shuffle=numcodecs.Blosc.SHUFFLE, blocksize=0
+        )
+        encoded = codec.encode(padded)
+        if fmt == "hdf5" and len(encoded) > padded.nbytes:
+            raw = True  # HDF5's Blosc filter gives up on a chunk it cannot shrink
+        else:
+            payload = encoded
+    if target is None:
+        return crc, bytes(payload), raw
+    write_chunk_file(target, payload)
+    return crc, None, raw
 
 
 def _why(e: OSError) -> str:

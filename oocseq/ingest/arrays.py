@@ -14,6 +14,7 @@ import numpy as np
 from ..errors import FieldLengthError, InvalidSourceError
 from ..manifest import Compression
 from ..store import Store
+from ._parallel import make_executor
 from ._preshuffle import BlockShuffle, default_block_len
 from ._progress import progress_bar
 from ._spool import Spool
@@ -36,6 +37,8 @@ def ingest_arrays(
     seed: int = 0,
     progress: bool = False,
     resume: bool = True,
+    workers: int | None = None,
+    client: Any = None,
 ) -> Store:
     """Write arrays (or iterables of batches) into a new store at ``dest``.
 
@@ -64,6 +67,13 @@ def ingest_arrays(
             interrupted, go on from its last written chunk (default); ``False`` starts over.
             Only arrays can be resumed: with an iterable of batches the ingestion starts over
             (with a warning), as a stream cannot be replayed.
+        workers: threads that checksum, compress and write chunks while the source is read
+            (default ``None``: every core this process may use; ``1``: all in this process).
+            The store is the same bytes whatever the number.
+        client: a ``dask.distributed.Client``: the cluster's workers compress the chunks (and,
+            for a Zarr ``dest``, write them: ``dest``'s folder must be a path every worker
+            sees); this process reads the source, writes HDF5 chunks and commits. The store is
+            the same bytes as without a cluster. Overrides ``workers``.
 
     Returns:
         The opened :class:`~oocseq.Store`.
@@ -111,6 +121,7 @@ def ingest_arrays(
 
     # Arrays can be replayed, so an interrupted ingestion of them can resume; streams cannot.
     job = None
+    before_commit: list[Callable[[], None]] = []
     if not first:
         job = {
             "kind": "arrays",
@@ -130,6 +141,7 @@ def ingest_arrays(
                         bar.update(len(batch))
             sources.update(spool.arrays())
             first = {}
+            before_commit = [spool.close]
         return _write(
             dest,
             sources,
@@ -143,6 +155,9 @@ def ingest_arrays(
             progress=progress,
             job=job,
             resume=resume,
+            workers=workers,
+            client=client,
+            before_commit=before_commit,
         )
 
 
@@ -161,6 +176,9 @@ def _write(
     job: dict[str, Any] | None,
     resume: bool,
     dims: Mapping[str, tuple[str, ...]] | None = None,
+    workers: int | None = None,
+    client: Any = None,
+    before_commit: list[Callable[[], None]] | None = None,
 ) -> Store:
     """Write ``sources`` (arrays, or streams named in ``first`` with their first batch);
     ``job`` identifies a replayable source for resuming (``None``: start over); ``dims``:
@@ -183,16 +201,21 @@ def _write(
     if chunk_len is None and total is not None:
         chunk_len = choose_chunk_len(specs, total)
     # Unknown length and no chunk_len: the writer picks one, shrunk to the data if it is shorter.
-    with StoreWriter(
-        dest,
-        specs,
-        chunk_len=chunk_len,
-        compression=compression,
-        overwrite=overwrite,
-        n=total,
-        job=job,
-        resume=resume,
-    ) as w:
+    with (
+        make_executor(workers, client) as executor,
+        StoreWriter(
+            dest,
+            specs,
+            chunk_len=chunk_len,
+            compression=compression,
+            overwrite=overwrite,
+            n=total,
+            job=job,
+            resume=resume,
+            executor=executor,
+        ) as w,
+    ):
+        w.before_commit.extend(before_commit or ())
         chunk_len = w.chunk_len
         w.attrs.update(dict(metadata or {}))
         w.attrs.setdefault("source", {"kind": "arrays"})

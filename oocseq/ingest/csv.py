@@ -1,9 +1,14 @@
 """Ingest a CSV table: numeric feature columns -> ``x``, a label column -> ``y``.
 
-The file is read in blocks of ``block_rows`` rows with ``pandas.read_csv(chunksize=...)``, never
-whole. With a label column it is read twice: a first pass over the label column alone decides
-how labels are stored (integers, floats, or class names mapped to indices) so that the mapping
-is the same in every block; the second pass writes the samples.
+The file is read once, in blocks, by ``pyarrow.csv`` (its threads parse and convert the next
+blocks while this one stores the last): the label kind (integers, numbers, or class names mapped
+to indices of the sorted names) is found on the way, so labels are kept as values or
+first-seen codes in the temporary spool and typed at the end. Anything the fast path does not
+take exactly as it is (a cell that is not a clean number, a missing value, a row with extra
+fields, labels that are numbers for a while and then text) goes to the reference path, which
+reads the file with ``pandas.read_csv(chunksize=...)``: a first pass over the label column
+decides how labels are stored, the second writes the samples; it stores the same bytes, or
+raises the error naming the row and column.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from .._optional import require
 from ..errors import ArgumentError, CSVValueError, InvalidSourceError, SourceNotFoundError
 from ..manifest import Compression
 from ..store import Store
+from ._parallel import make_executor
 from ._progress import progress_bar
 from ._spool import Spool
 from ._writer import StoreWriter, choose_chunk_len, field_spec
@@ -185,6 +191,8 @@ def ingest_csv(
     seed: int = 0,
     progress: bool = False,
     resume: bool = True,
+    workers: int | None = None,
+    client: Any = None,
 ) -> Store:
     """Ingest a CSV file with a header line: feature columns -> ``x``, the label column -> ``y``.
 
@@ -209,7 +217,8 @@ def ingest_csv(
             :data:`MISSING_MARKERS` such as ``NA`` or ``NaN``) as NaN instead of raising.
         delimiter: the field separator.
         encoding: the file's text encoding.
-        block_rows: rows read and converted at a time (memory is about a few blocks).
+        block_rows: about the rows read and converted at a time (memory is about a few
+            blocks per parsing thread).
         chunk_len: samples per chunk (default: about 4 MiB of ``x``; with a label column, at
             most the number of rows).
         compression: ``None``, ``"lz4"``, ``"zstd"`` or ``"zlib"``.
@@ -218,12 +227,21 @@ def ingest_csv(
             so that chunks mix labels even when the table is sorted by label, date or group.
             The table is read once into temporary uncompressed files beside ``dest`` (about
             ``4 * rows * (features + 1)`` bytes of disk, bounded memory), then written
-            shuffled. ``False`` keeps the file's row order and needs no temporary space.
+            shuffled. ``False`` keeps the file's row order; it needs the temporary space only
+            with a ``label_column`` (the labels are typed once the whole column was read, so
+            the rows wait in the spool until then).
         seed: seed of the pre-shuffle.
         progress: show a progress bar.
         resume: if an earlier run of the same call (same file, size and modification time,
             same ``dest`` and arguments) was interrupted, go on from its last written chunk
             (default); ``False`` starts over.
+        workers: threads that checksum, compress and write chunks while the file is parsed
+            (default ``None``: every core this process may use; ``1``: all in this process).
+            The store is the same bytes whatever the number.
+        client: a ``dask.distributed.Client``: the cluster's workers compress the chunks (and,
+            for a Zarr ``dest``, write them: ``dest``'s folder must be a path every worker
+            sees); this process reads the source, writes HDF5 chunks and commits. The store is
+            the same bytes as without a cluster. Overrides ``workers``.
 
     Returns:
         The opened Store: ``x`` float32 ``(n, len(feature_columns))``; ``y`` ``(n,)`` int64 or
@@ -254,16 +272,6 @@ def ingest_csv(
         raise SourceNotFoundError(f"CSV file {str(path)!r} has a header line but no data rows")
     feature_columns = _excluded(path, header, label_column, feature_columns, exclude)
     features = _feature_columns(path, header, label_column, feature_columns)
-    labels = _scan_labels(reader, label_column) if label_column is not None else None
-
-    specs = {"x": field_spec("x", (len(features),), np.float32, FEATURE_DIMS)}
-    if labels is not None:
-        specs["y"] = field_spec("y", (), labels.dtype)
-        if chunk_len is None:  # a small table is one chunk of its own size, not a padded 4 MiB one
-            chunk_len = choose_chunk_len(specs, labels.rows)
-    dtype = {label_column: str} if label_column is not None else None
-    rows = 0
-    total = labels.rows if labels is not None else None
     st = path.stat()
     job = {
         "kind": "csv",
@@ -278,6 +286,32 @@ def ingest_csv(
         "block_rows": block_rows,
         "preshuffle": {"seed": seed} if preshuffle else None,
     }
+    write_args: dict[str, Any] = {
+        "chunk_len": chunk_len,
+        "compression": compression,
+        "overwrite": overwrite,
+        "seed": seed,
+        "progress": progress,
+        "job": job,
+        "resume": resume,
+        "workers": workers,
+        "client": client,
+    }
+    if _arrow_available():
+        try:
+            return _ingest_arrow(reader, dest, features, label_column, allow_missing, preshuffle, write_args)
+        except _SlowPath:
+            pass  # a table the fast path does not take as it is: read it as below, exactly
+    labels = _scan_labels(reader, label_column) if label_column is not None else None
+
+    specs = {"x": field_spec("x", (len(features),), np.float32, FEATURE_DIMS)}
+    if labels is not None:
+        specs["y"] = field_spec("y", (), labels.dtype)
+        if chunk_len is None:  # a small table is one chunk of its own size, not a padded 4 MiB one
+            chunk_len = choose_chunk_len(specs, labels.rows)
+    dtype = {label_column: str} if label_column is not None else None
+    rows = 0
+    total = labels.rows if labels is not None else None
     if preshuffle:
         # The rows go to a spool on disk, then in a shuffled order to the store. Resumable: the
         # spool is made again from the file, and the order is a function of the seed.
@@ -305,8 +339,12 @@ def ingest_csv(
                 job=job,
                 resume=resume,
                 dims={"x": FEATURE_DIMS},
+                workers=workers,
+                client=client,
+                before_commit=[spool.close],
             )
     with (
+        make_executor(workers, client) as executor,
         StoreWriter(
             dest,
             specs,
@@ -316,6 +354,7 @@ def ingest_csv(
             n=total,
             job=job,
             resume=resume,
+            executor=executor,
         ) as w,
         progress_bar(progress, total, f"ingest {os.fspath(dest)}", unit="row") as bar,
     ):
@@ -331,7 +370,240 @@ def ingest_csv(
                 w.append("y", labels.encode(block[labels.column], start, str(path)))
             bar.update(len(block))
         w.attrs.update(_attrs(path, rows, features, labels))
+        w.attrs["preshuffle"] = None  # as every ingestion records it
     return w.close()
+
+
+class _SlowPath(Exception):
+    """The fast path cannot store this table exactly as the reference path would (a cell that
+    is not a clean number, a missing value, labels that change kind mid-file, a parse error):
+    the table is read again by the reference path, which stores it or names the problem."""
+
+
+def _arrow_available() -> bool:
+    try:
+        import pyarrow.csv  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _block_bytes(reader: _Reader) -> int:
+    """Bytes of the file that hold about ``block_rows`` rows (from the first MiB's lines), at
+    most 4 MiB: pyarrow parses blocks in parallel, so a large block would leave cores idle."""
+    with open(reader.path, "rb") as f:
+        head = f.read(1 << 20)
+    lines = max(1, head.count(b"\n") - 1)
+    per_row = max(1, len(head) // (lines + 1))
+    return int(min(max(reader.block_rows * per_row, 1 << 16), 1 << 22))
+
+
+def _arrow_blocks(
+    reader: _Reader, features: list[str], label_column: str | None, allow_missing: bool
+) -> Iterator[tuple[int, np.ndarray, Any]]:
+    """``(first_row, x, labels)`` per block read by ``pyarrow.csv`` (blocks parsed and
+    converted in its threads while this one stores the previous block): ``x`` float32
+    ``(rows, len(features))``, ``labels`` the label texts (a pyarrow string array) or
+    ``None``. Raises :class:`_SlowPath` for anything but clean numbers and labels."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.csv as pcsv
+
+    types = dict.fromkeys(features, pa.float64())
+    if label_column is not None:
+        types[label_column] = pa.string()
+    try:
+        stream = pcsv.open_csv(
+            reader.path,
+            read_options=pcsv.ReadOptions(
+                use_threads=True, block_size=_block_bytes(reader), encoding=reader.encoding
+            ),
+            parse_options=pcsv.ParseOptions(delimiter=reader.delimiter),
+            convert_options=pcsv.ConvertOptions(
+                column_types=types,
+                include_columns=list(types),
+                null_values=sorted(MISSING_MARKERS),
+                strings_can_be_null=False,
+            ),
+        )
+    except (pa.ArrowException, ValueError, TypeError, LookupError) as e:
+        raise _SlowPath from e
+    markers = pa.array(sorted(MISSING_MARKERS))
+    start = 0
+    with stream:
+        while True:
+            try:
+                batch = stream.read_next_batch()
+            except StopIteration:
+                return
+            except (pa.ArrowException, ValueError, UnicodeDecodeError) as e:
+                raise _SlowPath from e
+            k = batch.num_rows
+            x = np.empty((k, len(features)), dtype=np.float32)
+            for j, name in enumerate(features):
+                col = batch.column(name)
+                if col.null_count and not allow_missing:
+                    raise _SlowPath  # the reference path names the missing cell
+                values = col.to_numpy(zero_copy_only=False)
+                with np.errstate(over="ignore"):
+                    x[:, j] = values
+                if (np.isinf(x[:, j]) & np.isfinite(values)).any():
+                    raise _SlowPath  # float32 overflow: named with the cell's text there
+            labels = None
+            if label_column is not None:
+                labels = batch.column(label_column)
+                if pc.any(pc.is_in(pc.utf8_trim_whitespace(labels), value_set=markers)).as_py():
+                    raise _SlowPath  # a row without a label: named there
+            yield start, x, labels
+            start += k
+
+
+class _LabelCodes:
+    """Label texts turned into numbers in one pass. The first block decides: integers
+    (``"int"``, int64 values), numbers (``"float"``, float64 values), or text (``"class"``,
+    int64 codes in first-seen order, remapped to the sorted names at the end). A later block
+    of another kind raises :class:`_SlowPath` (the reference path reads the labels twice)."""
+
+    def __init__(self, column: str) -> None:
+        self.column = column
+        self.kind: str | None = None
+        self.first_seen: dict[str, int] = {}
+
+    def encode(self, texts: Any) -> np.ndarray:
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        for kind, arrow_type in (("int", pa.int64()), ("float", pa.float64())):
+            if self.kind in (None, kind):
+                try:
+                    values = pc.cast(texts, arrow_type).to_numpy(zero_copy_only=False)
+                except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                    continue
+                self.kind = kind
+                return values
+        if self.kind not in (None, "class"):
+            raise _SlowPath  # numbers first, text later: the labels are class names after all
+        self.kind = "class"
+        if isinstance(texts, pa.ChunkedArray):
+            texts = texts.combine_chunks()
+        encoded = pc.dictionary_encode(texts)
+        ids = np.asarray(
+            [self.first_seen.setdefault(t, len(self.first_seen)) for t in encoded.dictionary.to_pylist()],
+            dtype=np.int64,
+        )
+        return ids[encoded.indices.to_numpy(zero_copy_only=False)]
+
+    def finish(self, rows: int) -> tuple[_Labels, Any]:
+        """The labels' description and ``remap(values) -> y`` for the spooled values."""
+        import pandas as pd
+
+        if self.kind == "class":
+            names = sorted(self.first_seen)
+            if pd.to_numeric(pd.Series(names, dtype=object), errors="coerce").notna().all():
+                raise _SlowPath  # numbers pyarrow did not parse (e.g. " 3"): pandas's rules decide
+            rank = np.empty(len(names), dtype=np.int64)
+            order = {name: i for i, name in enumerate(names)}
+            for text, i in self.first_seen.items():
+                rank[i] = order[text]
+            return _Labels(self.column, "class", tuple(names), rows=rows), lambda v: rank[np.asarray(v)]
+        if self.kind == "float":
+
+            def to_float32(v: Any) -> np.ndarray:
+                wide = np.asarray(v, dtype=np.float64)
+                with np.errstate(over="ignore"):
+                    out = wide.astype(np.float32)
+                if (np.isinf(out) & np.isfinite(wide)).any():
+                    raise _SlowPath  # float32 overflow: named with the cell's text there
+                return out
+
+            return _Labels(self.column, "float", rows=rows), to_float32
+        return _Labels(self.column, "int", rows=rows), lambda v: np.asarray(v, dtype=np.int64)
+
+
+class _Mapped:
+    """An array-like (shape, dtype, slicing) whose rows are ``fn(base[rows])``."""
+
+    def __init__(self, base: Any, fn: Any, dtype: np.dtype) -> None:
+        self.base, self.fn, self.dtype = base, fn, np.dtype(dtype)
+        self.shape = tuple(base.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        return self.fn(self.base[key])
+
+
+def _ingest_arrow(
+    reader: _Reader,
+    dest: str | os.PathLike[str],
+    features: list[str],
+    label_column: str | None,
+    allow_missing: bool,
+    preshuffle: bool,
+    write_args: dict[str, Any],
+) -> Store:
+    """One pass of ``pyarrow.csv`` over the file. Without labels and pre-shuffle, rows go
+    straight to the store; otherwise to a spool (labels are typed only at the end of the pass,
+    and a pre-shuffle reads rows out of order), then to the store. Raises _SlowPath."""
+    path = reader.path
+    progress = write_args["progress"]
+    if label_column is None and not preshuffle:
+        specs = {"x": field_spec("x", (len(features),), np.float32, FEATURE_DIMS)}
+        with (
+            make_executor(write_args["workers"], write_args["client"]) as executor,
+            StoreWriter(
+                dest,
+                specs,
+                chunk_len=write_args["chunk_len"],
+                compression=write_args["compression"],
+                overwrite=write_args["overwrite"],
+                job=write_args["job"],
+                resume=write_args["resume"],
+                executor=executor,
+            ) as w,
+            progress_bar(progress, None, f"ingest {os.fspath(dest)}", unit="row") as bar,
+        ):
+            begin = int(w.resume_state["row"]) if w.resume_state else 0
+            rows = 0
+            for start, x, _ in _arrow_blocks(reader, features, None, allow_missing):
+                rows = start + len(x)
+                if start >= begin:  # else written before the interruption (checkpoints: block starts)
+                    w.checkpoint({"row": start})
+                    w.append("x", x)
+                bar.update(len(x))
+            w.attrs.update(_attrs(path, rows, features, None))
+            w.attrs["preshuffle"] = None
+        return w.close()
+    codes = _LabelCodes(label_column) if label_column is not None else None
+    rows = 0
+    with (
+        Spool(dest, write_args["overwrite"]) as spool,
+        progress_bar(progress, None, f"read {path.name}", unit="row") as bar,
+    ):
+        for start, x, texts in _arrow_blocks(reader, features, label_column, allow_missing):
+            if not len(x):
+                continue
+            spool.append("x", x)
+            if codes is not None:
+                spool.append("y", codes.encode(texts))
+            rows = start + len(x)
+            bar.update(len(x))
+        arrays: dict[str, Any] = spool.arrays()
+        labels = None
+        if codes is not None:
+            labels, remap = codes.finish(rows)
+            arrays["y"] = _Mapped(arrays["y"], remap, labels.dtype)
+        return _write(
+            dest,
+            arrays,
+            {},
+            metadata=_attrs(path, rows, features, labels),
+            preshuffle=preshuffle,
+            before_commit=[spool.close],
+            dims={"x": FEATURE_DIMS},
+            **write_args,
+        )
 
 
 def _feature_columns(

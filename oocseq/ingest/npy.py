@@ -17,6 +17,7 @@ import numpy as np
 from ..errors import FieldLengthError, InvalidSourceError, SourceNotFoundError
 from ..manifest import Compression, FieldSpec
 from ..store import Store
+from ._parallel import make_executor
 from ._preshuffle import BlockShuffle, default_block_len
 from ._progress import progress_bar
 from ._writer import StoreWriter, choose_chunk_len, field_spec
@@ -39,6 +40,8 @@ def ingest_npy(
     seed: int = 0,
     progress: bool = False,
     resume: bool = True,
+    workers: int | None = None,
+    client: Any = None,
 ) -> Store:
     """Ingest one or more ``.npy`` files, concatenated along axis 0, into a new store.
 
@@ -62,6 +65,13 @@ def ingest_npy(
         resume: if an earlier run of the same call (same files, sizes and modification
             times, same ``dest`` and arguments) was interrupted, go on from its last written
             chunk (default); ``False`` starts over.
+        workers: threads that checksum, compress and write chunks while the source is read
+            (default ``None``: every core this process may use; ``1``: all in this process).
+            The store is the same bytes whatever the number.
+        client: a ``dask.distributed.Client``: the cluster's workers compress the chunks (and,
+            for a Zarr ``dest``, write them: ``dest``'s folder must be a path every worker
+            sees); this process reads the source, writes HDF5 chunks and commits. The store is
+            the same bytes as without a cluster. Overrides ``workers``.
 
     Returns:
         The opened Store. Field ``name`` has shape ``(n, *sample_shape)`` and the files'
@@ -99,6 +109,7 @@ def ingest_npy(
         "preshuffle": {"seed": seed} if preshuffle else None,
     }
     with (
+        make_executor(workers, client) as executor,
         StoreWriter(
             dest,
             specs,
@@ -108,6 +119,7 @@ def ingest_npy(
             n=n,
             job=job,
             resume=resume,
+            executor=executor,
         ) as w,
         progress_bar(progress, n, f"ingest {os.fspath(dest)}") as bar,
     ):

@@ -119,6 +119,20 @@ class StorageWriter(ABC):
     def write_chunk(self, name: str, c: int, chunk_len: int, data: np.ndarray) -> None:
         """Write chunk ``c`` (``len(data) <= chunk_len`` samples), growing the field as needed."""
 
+    def reserve(self, name: str, stop: int) -> None:
+        """Grow field ``name`` to at least ``stop`` samples (before its chunks are written)."""
+        raise NotImplementedError
+
+    def chunk_path(self, name: str, c: int) -> Path | None:
+        """The file that holds chunk ``c`` of field ``name``, where each chunk is a file that
+        any process may write (Zarr); ``None`` otherwise (HDF5: one writer)."""
+        return None
+
+    def write_encoded(self, name: str, c: int, chunk_len: int, payload: bytes, raw: bool) -> None:
+        """Write chunk ``c`` as encoded by :func:`oocseq.ingest._writer.encode_chunk` (``raw``:
+        stored without the compression filter)."""
+        raise NotImplementedError
+
     @abstractmethod
     def write_aux(self, name: str, values: np.ndarray) -> None:
         """Write an auxiliary array (numbers, or ``str`` values)."""

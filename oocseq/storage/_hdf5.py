@@ -305,6 +305,22 @@ class HDF5Writer(StorageWriter):
                 ds.resize(max(stop, 2 * ds.shape[0]), axis=0)
             ds[start:stop] = data
 
+    def reserve(self, name: str, stop: int) -> None:
+        ds = self._datasets[name]
+        # Grown exactly to the samples written (never past them, trimmed later): shrinking
+        # across a chunk written with write_direct_chunk makes HDF5 read it back through the
+        # filter, ignoring its filter mask (HDF5 1.14), which fails for an unfiltered chunk.
+        with self._failing():
+            if ds.shape[0] < stop:
+                ds.resize(stop, axis=0)
+
+    def write_encoded(self, name: str, c: int, chunk_len: int, payload: bytes, raw: bool) -> None:
+        ds = self._datasets[name]
+        # Filter mask bit 0: the (only) filter, Blosc, was skipped for this chunk.
+        mask = 1 if raw and ds.id.get_create_plist().get_nfilters() else 0
+        with self._failing():
+            ds.id.write_direct_chunk((c * chunk_len,) + (0,) * (ds.ndim - 1), payload, mask)
+
     def write_aux(self, name: str, values: np.ndarray) -> None:
         if f"{AUX_GROUP}/{name}" in self._file:  # a resumed ingestion may have written it before
             del self._file[f"{AUX_GROUP}/{name}"]

@@ -341,6 +341,22 @@ def _check_field_codecs(arr: Any, spec: FieldSpec, compression: Compression | No
     return "blosc"
 
 
+def write_chunk_file(target: str, payload: Any) -> None:
+    """Write a chunk file under a temporary name and rename it into place (a killed process
+    leaves a ``*.partial`` file, removed when the store is finished, never a torn chunk). The
+    field's ``c`` folder must exist: after a failed ingestion removed the partial store, a late
+    unit finds it gone and writes nothing."""
+    path = Path(target)
+    cdir = next((p for p in path.parents if p.name == "c"), None)
+    if cdir is None or not cdir.is_dir():
+        raise FileNotFoundError(2, "the partial store is gone", str(cdir or path.parent))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.partial")
+    with open(tmp, "wb") as f:
+        f.write(payload)
+    os.replace(tmp, path)
+
+
 class ZarrWriter(StorageWriter):
     def __init__(self, path: Path, resume: bool = False) -> None:
         super().__init__(path)
@@ -353,6 +369,7 @@ class ZarrWriter(StorageWriter):
             raise KeyError(name)
         # As at creation: every chunk is written, also one equal to the fill value.
         self._arrays[name] = arr.with_config({"write_empty_chunks": True})
+        (self.path / name / "c").mkdir(exist_ok=True)
 
     def create_field(
         self, name: str, spec: FieldSpec, chunk_len: int, compression: Compression | None
@@ -374,6 +391,7 @@ class ZarrWriter(StorageWriter):
             # chunk as corruption, so every chunk is written.
             config={"write_empty_chunks": True},
         )
+        (self.path / name / "c").mkdir(exist_ok=True)  # chunk files are written by encoders
 
     def write_chunk(self, name: str, c: int, chunk_len: int, data: np.ndarray) -> None:
         arr = self._arrays[name]
@@ -382,6 +400,19 @@ class ZarrWriter(StorageWriter):
         if arr.shape[0] < stop:
             arr.resize((max(stop, 2 * arr.shape[0]), *arr.shape[1:]))
         arr[start:stop] = data
+
+    def reserve(self, name: str, stop: int) -> None:
+        arr = self._arrays[name]
+        if arr.shape[0] < stop:
+            arr.resize((max(stop, 2 * arr.shape[0]), *arr.shape[1:]))
+        (self.path / name / "c").mkdir(exist_ok=True)
+
+    def chunk_path(self, name: str, c: int) -> Path:
+        ndim = len(self._arrays[name].shape)
+        return self.path.joinpath(name, "c", str(c), *(["0"] * (ndim - 1)))
+
+    def write_encoded(self, name: str, c: int, chunk_len: int, payload: bytes, raw: bool) -> None:
+        write_chunk_file(str(self.chunk_path(name, c)), payload)
 
     def write_aux(self, name: str, values: np.ndarray) -> None:
         dtype: Any = str if values.dtype.kind in "US" else values.dtype

@@ -1,0 +1,260 @@
+"""The store is the same bytes whatever runs the ingestion: 1, 2 or 3 local workers, or a
+Dask LocalCluster; and an interrupted run of each kind resumes to those same bytes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import oocseq
+from oocseq.manifest import AUX_GROUP
+
+distributed = pytest.importorskip("distributed")
+pd = pytest.importorskip("pandas")
+Image = pytest.importorskip("PIL.Image")
+
+KINDS = ("arrays", "npy", "csv", "images", "dataframe")
+FORMATS = (".zarr", ".h5")
+
+
+@pytest.fixture(scope="module")
+def client() -> Any:
+    with (
+        distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as cluster,
+        distributed.Client(cluster) as c,
+    ):
+        yield c
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("src")
+    rng = np.random.default_rng(0)
+    rows = []
+    for c in ("cat", "dog"):
+        (root / "img" / c).mkdir(parents=True)
+        for i in range(9):
+            a = rng.integers(0, 256, (6 + i % 3, 7, 3), dtype=np.uint8)
+            Image.fromarray(a).save(root / "img" / c / f"{i}.png")
+            rows.append({"filename": f"{c}/{i}.png", "class": c})
+    pd.DataFrame(rows).to_pickle(root / "df.pkl")
+    x = rng.standard_normal((47, 3)).astype(np.float32)
+    np.save(root / "x0.npy", x[:20])
+    np.save(root / "x1.npy", x[20:])
+    np.save(root / "y.npy", rng.integers(0, 5, 47))
+    with open(root / "t.csv", "w") as f:
+        f.write("a,b,label\n")
+        for i in range(41):
+            f.write(f"{x[i, 0]},{x[i, 1]},{'pq'[i % 2]}{i % 3}\n")
+    return root
+
+
+def ingest(kind: str, src: Path, dest: Path, **kw: Any) -> oocseq.Store:
+    kw = {"overwrite": True, "chunk_len": 2 if kind in ("images", "dataframe") else 4, **kw}
+    if kind == "arrays":
+        x = np.concatenate([np.load(src / "x0.npy"), np.load(src / "x1.npy")])
+        return oocseq.ingest_arrays(dest, {"x": x, "y": np.arange(len(x))}, **kw)
+    if kind == "npy":
+        files = {"x": [src / "x0.npy", src / "x1.npy"], "y": src / "y.npy"}
+        return oocseq.ingest_npy(files, dest, **kw)
+    if kind == "csv":
+        return oocseq.ingest_csv(src / "t.csv", dest, label_column="label", **kw)
+    if kind == "images":
+        return oocseq.ingest_image_folder(src / "img", dest, image_size=(4, 5), **kw)
+    df = pd.read_pickle(src / "df.pkl")
+    return oocseq.ingest_dataframe(df, dest, directory=src / "img", image_size=(4, 5), **kw)
+
+
+def store_bytes(path: Path) -> dict[str, bytes]:
+    """Every stored byte that matters: Zarr: every file; HDF5: every chunk as stored (with its
+    filter mask), the auxiliary arrays and the manifest."""
+    out: dict[str, bytes] = {}
+    if path.suffix == ".zarr":
+        for dirpath, _, files in os.walk(path):
+            for name in files:
+                p = Path(dirpath) / name
+                out[str(p.relative_to(path))] = p.read_bytes()
+        return out
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        out["attrs"] = repr(sorted(f.attrs.items())).encode()
+
+        def visit(name: str, obj: Any) -> None:
+            if not isinstance(obj, h5py.Dataset):
+                return
+            out[name + "/shape"] = repr((obj.shape, obj.dtype.str, obj.chunks)).encode()
+            if obj.chunks is None or name.startswith(AUX_GROUP):  # not chunked as fields are
+                out[name] = repr(obj[()].tolist()).encode()
+                return
+            for c in range(-(-obj.shape[0] // obj.chunks[0])):
+                mask, data = obj.id.read_direct_chunk((c * obj.chunks[0],) + (0,) * (obj.ndim - 1))
+                out[f"{name}/{c}"] = bytes([mask]) + data
+
+        f.visititems(visit)
+    return out
+
+
+_reference: dict[tuple[str, str, bool], dict[str, bytes]] = {}
+
+
+def reference(kind: str, fmt: str, preshuffle: bool, src: Path, tmp: Path) -> dict[str, bytes]:
+    key = (kind, fmt, preshuffle)
+    if key not in _reference:
+        dest = tmp / f"ref-{kind}-{preshuffle}{fmt}"
+        ingest(kind, src, dest, workers=1, preshuffle=preshuffle).close()
+        _reference[key] = store_bytes(dest)
+    return _reference[key]
+
+
+@settings(max_examples=24, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    kind=st.sampled_from(KINDS),
+    fmt=st.sampled_from(FORMATS),
+    mode=st.sampled_from([2, 3, "cluster"]),
+    preshuffle=st.booleans(),
+)
+def test_store_is_the_same_whatever_runs_it(
+    client: Any,
+    sources: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    kind: str,
+    fmt: str,
+    mode: Any,
+    preshuffle: bool,
+) -> None:
+    tmp = tmp_path_factory.mktemp("p")
+    want = reference(kind, fmt, preshuffle, sources, tmp)
+    dest = tmp / f"s{fmt}"
+    kw = {"client": client} if mode == "cluster" else {"workers": mode}
+    ingest(kind, sources, dest, preshuffle=preshuffle, **kw).close()
+    got = store_bytes(dest)
+    assert sorted(got) == sorted(want)
+    assert [k for k in want if got[k] != want[k]] == []
+
+
+class _Interrupt:
+    """Raises KeyboardInterrupt (which keeps the partial store) at the ``at``-th call."""
+
+    def __init__(self, at: int) -> None:
+        self.at, self.calls = at, 0
+
+    def __call__(self) -> None:
+        self.calls += 1
+        if self.calls == self.at:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("mode", [1, 3, "cluster"])
+def test_interrupted_run_resumes_to_the_same_store(
+    client: Any,
+    sources: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    kind: str,
+    fmt: str,
+    mode: Any,
+) -> None:
+    from oocseq.ingest import _writer
+
+    want = reference(kind, fmt, True, sources, tmp_path)
+    kw = {"client": client} if mode == "cluster" else {"workers": mode}
+    interrupt = _Interrupt(9)  # of about 10 chunks: some are written whatever is in flight
+    real = _writer.StoreWriter.checkpoint
+
+    def checkpoint(self: Any, state: Any) -> None:
+        interrupt()
+        real(self, state)
+
+    monkeypatch.setattr(_writer.StoreWriter, "checkpoint", checkpoint)
+    dest = tmp_path / f"s{fmt}"
+    with pytest.raises(KeyboardInterrupt):
+        ingest(kind, sources, dest, **kw)
+    assert not dest.exists() and any(p.name.endswith(".journal") for p in tmp_path.iterdir())
+    monkeypatch.setattr(_writer.StoreWriter, "checkpoint", real)
+    taken: list[int] = []
+    real_take = _writer.StoreWriter._take_over
+    monkeypatch.setattr(
+        _writer.StoreWriter,
+        "_take_over",
+        lambda self, *a: real_take(self, *a) and not taken.append(a[2]["k"]),
+    )
+    ingest(kind, sources, dest, **kw).close()
+    assert taken and taken[0] >= 2
+    got = store_bytes(dest)
+    assert [k for k in want if got.get(k) != want[k]] == [] and sorted(got) == sorted(want)
+
+
+def test_cli_ingests_on_a_scheduler(client: Any, sources: Path, tmp_path: Path) -> None:
+    from oocseq.cli import main
+
+    address = client.scheduler.address
+    dest = tmp_path / "s.zarr"
+    argv = ["ingest", "npy", str(sources / "x0.npy"), str(sources / "x1.npy"), str(dest), "--chunk-len", "4"]
+    assert main([*argv, "--scheduler", address, "-q"]) == 0
+    assert main([*argv[:-3], str(tmp_path / "w.zarr"), "--chunk-len", "4", "--workers", "2", "-q"]) == 0
+    assert store_bytes(dest) == store_bytes(tmp_path / "w.zarr")
+
+
+TABLES = {
+    "class": "a,b,label\n1,2.5,cat\n3,4,dog\n5,6e3,cat\n-7,8,bird\n9,10,dog\n",
+    "int": "a,b,label\n1,2.5,3\n3,4,10\n5,6e3,-2\n-7,8,3\n9,10,0\n",
+    "float": "a,b,label\n1,2.5,3.5\n3,4,1e3\n5,6e3,-2\n-7,8,0.25\n9,10,0\n",
+    "unlabeled": "a,b,c\n1,2.5,3.5\n3,4,1e3\n5,6e3,-2\n-7,8,0.25\n9,10,0\n",
+    "missing": "a,b,label\n1,,x\n3,NA,y\nnan,6e3,x\n-7,8,z\n9,10,y\n",
+    "late text": "a,b,label\n1,2,3\n3,4,4\n5,6,5\n7,8,five\n9,10,6\n",
+}
+
+
+@pytest.mark.parametrize("preshuffle", [True, False])
+@pytest.mark.parametrize("table", sorted(TABLES))
+def test_csv_fast_path_stores_what_the_reference_path_stores(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, table: str, preshuffle: bool
+) -> None:
+    """pyarrow.csv (one pass, class names found on the way) and the pandas reference path
+    (which decides the label kind in a first pass) give the same bytes."""
+    from oocseq.ingest import csv as csv_module
+
+    src = tmp_path / "t.csv"
+    src.write_text(TABLES[table])
+    kw: dict[str, Any] = {"chunk_len": 2, "block_rows": 2, "preshuffle": preshuffle, "workers": 2}
+    kw["label_column"] = None if table == "unlabeled" else "label"
+    kw["allow_missing"] = table == "missing"
+    slow: list[int] = []
+    real = csv_module._scan_labels
+    monkeypatch.setattr(csv_module, "_scan_labels", lambda *a: slow.append(1) or real(*a))
+    fast = oocseq.ingest_csv(src, tmp_path / "fast.zarr", **kw)
+    # Only labels that turn from numbers to text in a later block need the reference path.
+    assert not slow or table == "late text"
+    fast.close()
+    monkeypatch.setattr(csv_module, "_arrow_available", lambda: False)
+    oocseq.ingest_csv(src, tmp_path / "ref.zarr", **kw).close()
+    assert store_bytes(tmp_path / "fast.zarr") == store_bytes(tmp_path / "ref.zarr")
+
+
+def test_csv_labels_that_turn_to_text_late_are_class_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Numbers for many blocks, then text: the one-pass reader hands over to the reference
+    path, which stores class names (as a table of text labels throughout would be)."""
+    from oocseq.ingest import csv as csv_module
+
+    rows = [f"{i},{i * 0.5},{i % 3}" for i in range(12000)] + ["1,2,other"]
+    (tmp_path / "t.csv").write_text("a,b,label\n" + "\n".join(rows) + "\n")
+    slow: list[int] = []
+    real = csv_module._scan_labels
+    monkeypatch.setattr(csv_module, "_scan_labels", lambda *a: slow.append(1) or real(*a))
+    store = oocseq.ingest_csv(tmp_path / "t.csv", tmp_path / "s.h5", label_column="label", block_rows=1000)
+    assert slow and store.metadata["class_names"] == ["0", "1", "2", "other"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.h5", "t.csv"]  # no spool left
+    store.close()
