@@ -8,6 +8,7 @@ Importing oocseq imports no ML framework.
 
 from __future__ import annotations
 
+from . import transforms
 from .batches import ChunkedBatches
 from .errors import (
     ArgumentError,
@@ -35,6 +36,7 @@ from .ingest.arrays import ingest_arrays
 from .ingest.csv import ingest_csv
 from .ingest.images import ingest_dataframe, ingest_image_folder
 from .ingest.npy import ingest_npy
+from .manifest import FieldSpec
 from .memory import ArraySource
 from .options import ReadOptions, ShardOptions, WorkerOptions
 from .plan import EpochPlan, epoch_order
@@ -54,6 +56,7 @@ __all__ = [
     "CorruptStoreError",
     "EpochPlan",
     "FieldInfo",
+    "FieldSpec",
     "FieldLengthError",
     "FieldNotFoundError",
     "FieldView",
@@ -82,4 +85,5 @@ __all__ = [
     "ingest_image_folder",
     "ingest_npy",
     "open_store",
+    "transforms",
 ]

@@ -66,20 +66,51 @@ def check_field_name(name: object) -> str:
     return name
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class FieldSpec:
-    """Shape of one sample of a field and its dtype. The field's shape is ``(n, *shape)``."""
+    """What one field holds: samples of shape ``sample_shape`` and dtype ``dtype``; ``n``
+    samples when known (a field of a store or of in-memory arrays; not while it is written).
 
-    shape: tuple[int, ...]
+    The one description of a field, used by ingestion, the storage backends, the manifest and
+    the reader. ``Store.fields`` gives them with ``n``: ``store.fields["x"].shape`` is the
+    field's full shape ``(n, *sample_shape)``.
+
+    Attributes:
+        sample_shape: shape of one sample (``()`` for a scalar per sample).
+        dtype: numpy dtype of the stored values.
+        n: number of samples, or None where it is not known yet.
+    """
+
+    sample_shape: tuple[int, ...]
     dtype: np.dtype
+    n: int | None = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The field's full shape ``(n, *sample_shape)``.
+
+        Raises:
+            ArgumentError: ``n`` is not known (a field spec of samples only).
+        """
+        if self.n is None:
+            raise ArgumentError(
+                f"this field spec has no sample count; its samples are {self.sample_shape} {self.dtype}"
+            )
+        return (self.n, *self.sample_shape)
 
     @property
     def sample_nbytes(self) -> int:
         """Bytes of one decoded sample."""
-        return int(math.prod(self.shape)) * self.dtype.itemsize
+        return int(math.prod(self.sample_shape)) * self.dtype.itemsize
 
     def to_json(self) -> dict[str, Any]:
-        return {"shape": list(self.shape), "dtype": self.dtype.name}
+        """The manifest's entry (the sample count is the manifest's ``n``)."""
+        return {"shape": list(self.sample_shape), "dtype": self.dtype.name}
+
+    def __repr__(self) -> str:
+        if self.n is None:
+            return f"FieldSpec(sample_shape={self.sample_shape}, dtype={self.dtype})"
+        return f"FieldSpec(shape={self.shape}, dtype={self.dtype})"
 
 
 @dataclass(frozen=True)

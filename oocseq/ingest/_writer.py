@@ -333,10 +333,10 @@ class StoreWriter:
                 f"field {name!r}: got a scalar batch after {self.samples_written(name)} samples; "
                 "batches need a sample axis"
             )
-        if arr.shape[1:] != spec.shape:
+        if arr.shape[1:] != spec.sample_shape:
             raise InvalidSourceError(
                 f"field {name!r}: got samples of shape {arr.shape[1:]} after "
-                f"{self.samples_written(name)} samples of shape {spec.shape}"
+                f"{self.samples_written(name)} samples of shape {spec.sample_shape}"
             )
         if arr.dtype != spec.dtype:
             if not np.can_cast(arr.dtype, spec.dtype, "safe"):
