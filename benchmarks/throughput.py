@@ -83,7 +83,9 @@ def sequence_epochs(
     fresh ChunkedSequence, batches requested ``"in order"`` or in a ``"random"`` order of ``i``
     (a new one each epoch). Chunk decodes are per epoch."""
     keras_order = {"arrival": "plan", "index": "index"}[serve]
-    seq = oocseq.ChunkedSequence(store, batch_size, y=None, seed=0, keras_order=keras_order)
+    seq = oocseq.ChunkedSequence(
+        store, batch_size, y=None, seed=0, read=oocseq.ReadOptions(keras_order=keras_order)
+    )
     seq.set_epoch(run * epochs)
     samples = batches = 0
     t = time.perf_counter()

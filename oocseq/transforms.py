@@ -70,7 +70,7 @@ def _bad_label(
 ) -> None:
     k = int(np.flatnonzero(bad)[0])
     sample = f"sample {int(rng.indices[k])}" if rng is not None else f"row {k} of the batch"
-    raise InvalidSourceError(f"{sample} has label {labels[k]!r} in field {name!r}; expected {expected}")
+    raise InvalidSourceError(f"{sample} has label {int(labels[k])} in field {name!r}; expected {expected}")
 
 
 @dataclass(frozen=True)

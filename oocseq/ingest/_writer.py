@@ -193,7 +193,7 @@ class StoreWriter:
             "job": _jsonable(job),
             "chunk_len": self.chunk_len,
             "compression": repr(self.compression),
-            "fields": {k: [list(s.shape), s.dtype.str] for k, s in self.specs.items()},
+            "fields": {k: [list(s.sample_shape), s.dtype.str] for k, s in self.specs.items()},
         }
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
