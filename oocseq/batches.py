@@ -30,7 +30,7 @@ from .errors import (
     ArgumentTypeError,
     BatchIndexError,
     FieldNotFoundError,
-    OocseqError,
+    InvalidSourceError,
     TransformError,
 )
 from .memory import ArraySource
@@ -211,6 +211,12 @@ class ChunkedBatches:
                 field_names(x, "x") + field_names(y, "y") + field_names(sample_weight, "sample_weight")
             )
         )
+        for name in getattr(transform, "fields_read", ()):  # (oocseq.transforms declare them)
+            if name not in self.fields:
+                raise ArgumentError(
+                    f"{transform!r} reads field {name!r}, which the batches do not hold (they hold "
+                    f"{self.fields}, named by x/y/sample_weight); name the label field with field=..."
+                )
         for name in self.fields:
             if name not in src:
                 raise FieldNotFoundError(
@@ -336,8 +342,8 @@ class ChunkedBatches:
         Raises:
             BatchIndexError: ``i`` outside ``range(len(self))``.
             TransformError: ``transform`` raised or returned a bad batch.
-            OocseqError: an error of oocseq's own that ``transform`` raised (a bad label in
-                :mod:`oocseq.transforms`, say), as it is.
+            InvalidSourceError: raised by ``transform`` (a bad label in
+                :mod:`oocseq.transforms`), as it is.
         """
         self.check_index(i)
         plan = self.plan(epoch)
@@ -392,7 +398,7 @@ class ChunkedBatches:
                 out = transform(batch, SampleRandom(self.seed, epoch, indices))
             else:
                 out = transform(batch)
-        except OocseqError as e:  # already says what is wrong (oocseq.transforms)
+        except InvalidSourceError as e:  # a bad label, say (oocseq.transforms): names the sample
             e.add_note(f"oocseq: in the transform, on {where}")
             raise
         except Exception as e:

@@ -86,6 +86,11 @@ class OneHot:
         if not isinstance(self.field, str):
             raise ArgumentTypeError(f"field must be a field name (str), got {type(self.field).__name__}")
 
+    @property
+    def fields_read(self) -> tuple[str, ...]:
+        """The fields it needs in the batch (checked when a sequence is built)."""
+        return (self.field,)
+
     def __call__(self, batch: Batch, rng: SampleRandom | None = None) -> Batch:
         k = int(self.num_classes)
         labels = _labels(batch, self.field, f"one_hot({k}, field={self.field!r})")
@@ -143,6 +148,11 @@ class ClassWeights:
         object.__setattr__(self, "weights", dict(zip(classes, values, strict=True)))
         object.__setattr__(self, "_table", table)
 
+    @property
+    def fields_read(self) -> tuple[str, ...]:
+        """The fields it needs in the batch (checked when a sequence is built)."""
+        return (self.field,)
+
     def __call__(self, batch: Batch, rng: SampleRandom | None = None) -> Batch:
         labels = _labels(batch, self.field, f"class_weights(field={self.field!r})")
         classes, values = self._table
@@ -189,6 +199,18 @@ class Compose:
         keys = [getattr(t, "sample_weight_key", None) for t in self.transforms]
         keys = [k for k in keys if k is not None]
         return keys[-1] if keys else None
+
+    @property
+    def fields_read(self) -> tuple[str, ...]:
+        """The stored fields its transforms need (not those an earlier one adds)."""
+        made: set[str] = set()
+        needed: list[str] = []
+        for t in self.transforms:
+            needed += [f for f in getattr(t, "fields_read", ()) if f not in made and f not in needed]
+            key = getattr(t, "sample_weight_key", None)
+            if key is not None:
+                made.add(key)
+        return tuple(needed)
 
     def __call__(self, batch: Batch, rng: SampleRandom | None = None) -> Batch:
         for t, two in zip(self.transforms, self._two_args, strict=True):

@@ -184,7 +184,10 @@ def test_sequence_serves_its_rank_plan(
     n, cl = len(store), store.chunk_len
     ws = data.draw(st.integers(1, 8), label="world_size")
     kw = dict(
-        window=window, seed=seed, drop_remainder=drop_remainder, read=oocseq.ReadOptions(keras_order=keras_order)
+        window=window,
+        seed=seed,
+        drop_remainder=drop_remainder,
+        read=oocseq.ReadOptions(keras_order=keras_order),
     )
     if _expected_error(n, cl, ws, remainder):
         with pytest.raises(ArgumentError):

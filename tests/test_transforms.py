@@ -95,10 +95,13 @@ def test_bad_labels_name_the_sample_not_garbage():
 
 def test_label_field_that_is_missing_or_not_integer():
     y = np.arange(8) % 2
-    with pytest.raises(oocseq.ArgumentError, match="no field 'label'"):
-        ChunkedSequence(arrays(y), 4, transform=transforms.one_hot(2, field="label"))[0]
-    with pytest.raises(oocseq.ArgumentError, match="integer labels"):
+    with pytest.raises(oocseq.ArgumentError, match=r"reads field 'label'.*field="):
+        ChunkedSequence(arrays(y), 4, transform=transforms.one_hot(2, field="label"))
+    with pytest.raises(oocseq.ArgumentError, match="reads field 'label'"):
+        ChunkedSequence(arrays(y), 4, transform=transforms.compose(transforms.class_weights({0: 1}, "label")))
+    with pytest.raises(oocseq.TransformError, match="integer labels") as err:
         ChunkedSequence(arrays(y), 4, transform=transforms.one_hot(2, field="x"))[0]
+    assert isinstance(err.value.__cause__, oocseq.ArgumentError)
 
 
 @pytest.mark.parametrize(
