@@ -34,7 +34,15 @@ from typing import Any
 import numpy as np
 
 from .batches import Batch, ChunkedBatches, FieldSelection
-from .errors import ArgumentError, ArgumentTypeError, BatchIndexError, OocseqError, ShuffleWarning, StateError
+from .errors import (
+    ArgumentError,
+    ArgumentTypeError,
+    BatchIndexError,
+    KerasIteratorWarning,
+    OocseqError,
+    ShuffleWarning,
+    StateError,
+)
 from .mixing import CLUSTERED_BELOW, DEFAULT_MAX_BATCHES, ShuffleReport, label_clustering, shuffle_report
 from .options import ReadOptions, ShardOptions, WorkerOptions
 from .plan import EpochPlan
@@ -414,8 +422,7 @@ class ChunkedSequence:
         was read by index (``for i in range(len(seq)): seq[i]``); a few peeks, or nothing
         served, change nothing, so no epoch is skipped. :meth:`set_epoch` pins the epoch; so does
         ``oocseq.adapters.keras.SyncEpoch`` in ``fit``."""
-        it = _keras_iterator(self) if self._in_pass else None
-        if it is not None and getattr(it, "_current_iterator", True) is None:
+        if self._in_pass and self._pass_continues and _dropped_requests(_keras_iterator(self)):
             self._pass_continues = False  # Keras dropped its requests (reset after a model build)
         rt = self._rt
         with rt.lock:
@@ -623,25 +630,78 @@ def check_state(core: ChunkedBatches, state: Any) -> None:
         )
 
 
+#: Frames looked through for Keras's epoch iterator (a subclass's ``on_epoch_begin`` calling
+#: ``super()`` adds one per level).
+_MAX_FRAMES = 16
+#: ``sys._getframe`` where the interpreter has it (CPython, PyPy); None elsewhere.
+_getframe: Callable[[int], Any] | None = getattr(sys, "_getframe", None)
+
+
 def _keras_iterator(seq: ChunkedSequence) -> Any:
     """The Keras epoch iterator calling ``seq.on_epoch_begin`` / ``on_epoch_end`` (through its
-    data adapter), if one is: Keras tells the dataset neither its ``steps_per_epoch`` nor
-    whether the next epoch goes on with the same requests."""
-    frame: Any = sys._getframe(3)
-    for _ in range(4):
-        if frame is None:
-            return None
-        it = frame.f_locals.get("self")
-        adapter = getattr(it, "data_adapter", None)
-        if adapter is not None and getattr(adapter, "py_dataset", None) is seq:
-            return it
-        frame = frame.f_back
+    data adapter), or None.
+
+    Keras tells a ``PyDataset`` neither its ``steps_per_epoch`` nor whether the next epoch goes
+    on with the same requests, and has no public way to ask, so this looks up the caller's
+    frames for an object whose ``data_adapter.py_dataset`` is ``seq`` (Keras 3's
+    ``EpochIterator``). Whatever fails (no frames on this interpreter, a stack too short, an
+    attribute that raises, a Keras that changed) gives None: the sequence then treats every
+    pass as a whole one (see :meth:`ChunkedSequence.on_epoch_begin`), and warns once when
+    Keras was on the stack.
+    """
+    keras_seen = False
+    try:
+        frame = _getframe(2) if _getframe is not None else None  # the caller of on_epoch_*
+        for _ in range(_MAX_FRAMES):
+            if frame is None:
+                break
+            it = frame.f_locals.get("self")
+            adapter = getattr(it, "data_adapter", None)
+            if adapter is not None and getattr(adapter, "py_dataset", None) is seq:
+                return it
+            name = frame.f_globals.get("__name__")
+            keras_seen = keras_seen or (isinstance(name, str) and name.split(".")[0] == "keras")
+            frame = frame.f_back
+    except Exception:  # anything at all: this is only a lookup
+        keras_seen = keras_seen or (_getframe is None and "keras" in sys.modules)
+    else:
+        keras_seen = keras_seen or (_getframe is None and "keras" in sys.modules)
+    if keras_seen and not seq.__dict__.get("_warned_no_iterator"):
+        seq._warned_no_iterator = True
+        warnings.warn(
+            KerasIteratorWarning(
+                f"oocseq could not find the epoch iterator of Keras {_keras_version()} among the callers "
+                "of on_epoch_begin/on_epoch_end, so it cannot tell fit(steps_per_epoch=k) from a pass cut "
+                "short: a pass that ends before the epoch's last batch starts over in the next one. Whole "
+                "epochs (fit without steps_per_epoch, evaluate, predict) are served as usual"
+            ),
+            stacklevel=4,
+        )
     return None
 
 
+def _keras_version() -> str:
+    return str(getattr(sys.modules.get("keras"), "__version__", "?"))
+
+
 def _keras_steps(it: Any) -> int | None:
-    steps = getattr(it, "steps_per_epoch", None)
-    return steps if isinstance(steps, int) and not isinstance(steps, bool) else None
+    """``steps_per_epoch`` of a Keras epoch iterator, or None (not given, or not an int > 0)."""
+    try:
+        steps = getattr(it, "steps_per_epoch", None)
+    except Exception:
+        return None
+    if isinstance(steps, (int, np.integer)) and not isinstance(steps, bool) and steps > 0:
+        return int(steps)
+    return None
+
+
+def _dropped_requests(it: Any) -> bool:
+    """Whether a Keras epoch iterator dropped its requests (``reset``, after reading a batch
+    to build the model): its current iterator is None."""
+    try:
+        return it is not None and getattr(it, "_current_iterator", True) is None
+    except Exception:
+        return False
 
 
 def _moved(old: str, new: str) -> None:
