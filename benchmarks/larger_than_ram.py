@@ -95,6 +95,7 @@ def child_main(spec: dict[str, Any]) -> dict[str, Any]:
 def child_sequence(spec: dict[str, Any], sample_rss: bool) -> dict[str, Any]:
     """One epoch of fields x and y in a random order of batch indices (Keras's order)."""
     import oocseq
+    from oocseq.bench import time_epoch
 
     store = oocseq.open_store(spec["path"])
     read = oocseq.ReadOptions(**spec["read"]) if spec.get("read") else None
@@ -104,24 +105,14 @@ def child_sequence(spec: dict[str, Any], sample_rss: bool) -> dict[str, Any]:
         for f in ("x", "y")
     )
     bound = (seq.max_resident_chunks + 2 * seq.window) * chunk_bytes
-    requests = np.random.default_rng(7).permutation(len(seq)).tolist()
-    seq.on_epoch_begin()  # a pass, as model.fit makes it
-    base = peak = rss_anon()
-    samples = 0
-    t = time.perf_counter()
-    for i in requests:
-        x, _ = seq[i]
-        samples += len(x)
-        if sample_rss:
-            peak = max(peak, rss_anon())
-    seconds = time.perf_counter() - t
-    peak = max(peak, rss_anon())
+    timing = time_epoch(seq, "keras", seed=7, sample_rss=sample_rss)
+    peak = max(timing.rss_peak, rss_anon())
     stats = seq.stats
     seq.close()
     return {
-        "samples": samples,
-        "seconds": seconds,
-        "base_rss_anon": base,
+        "samples": timing.samples,
+        "seconds": timing.seconds,
+        "base_rss_anon": timing.rss_before,
         "peak_rss_anon": peak,
         "chunk_decodes": stats["chunk_decodes"],
         "num_chunks": store.num_chunks,
