@@ -667,7 +667,7 @@ def _keras_iterator(seq: ChunkedSequence) -> Any:
     else:
         keras_seen = keras_seen or (_getframe is None and "keras" in sys.modules)
     if keras_seen and not seq.__dict__.get("_warned_no_iterator"):
-        seq._warned_no_iterator = True
+        seq.__dict__["_warned_no_iterator"] = True
         warnings.warn(
             KerasIteratorWarning(
                 f"oocseq could not find the epoch iterator of Keras {_keras_version()} among the callers "
