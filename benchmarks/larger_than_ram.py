@@ -389,9 +389,7 @@ def read_options(args: argparse.Namespace) -> dict[str, int]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--size-mb", type=float, default=1000, help="store size in MB (default 1000)")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--runs", type=int, default=3, help="runs per cgroup measurement (median; default 3)")
+    _data.common_arguments(parser, runs=3, runs_help="runs per cgroup measurement (median)")
     parser.add_argument(
         "--limit-fraction", type=float, default=0.4, help="cgroup limit / store size (default 0.4)"
     )
@@ -411,19 +409,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--readahead", type=int, help="ReadOptions.readahead (default: the library's)")
     parser.add_argument("--skip-cgroup", action="store_true", help="skip target 4")
     parser.add_argument("--skip-rss", action="store_true", help="skip target 5")
-    parser.add_argument(
-        "--quiet-wait",
-        type=float,
-        default=10,
-        help="before each timed run, wait up to this many seconds (120 in all) for other processes to go quiet",
-    )
-    parser.add_argument("--workdir", type=Path, default=Path("out/bench"), help="where the stores go")
-    parser.add_argument("--keep", action="store_true", help="keep the stores (default: delete them)")
     args = parser.parse_args(argv)
     if args.child:
         print("RESULT " + json.dumps(child_main(json.loads(args.child))), flush=True)
         return 0
-    _data.QUIET_WAIT = args.quiet_wait
+    _data.apply_arguments(args)
 
     t_start = time.perf_counter()
     bs = args.batch_size

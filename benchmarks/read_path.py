@@ -238,9 +238,7 @@ def fit_phase(x: np.ndarray, y: np.ndarray, stores: dict[str, Any], bs: int, run
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size-mb", type=float, default=1000, help="data size in MB (default 1000)")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--runs", type=int, default=5, help="rounds of read measurements (default 5)")
+    _data.common_arguments(parser, runs=5, runs_help="rounds of read measurements")
     parser.add_argument("--epochs", type=int, default=2, help="ChunkedSequence epochs per run (default 2)")
     parser.add_argument(
         "--fancy-batches", type=int, default=20, help="h5py / zarr fancy batches timed per run"
@@ -254,16 +252,8 @@ def main(argv: list[str] | None = None) -> int:
         help="stores to fit from (comma-separated)",
     )
     parser.add_argument("--no-fit", action="store_true", help="skip target 7 (no Keras / JAX import)")
-    parser.add_argument(
-        "--quiet-wait",
-        type=float,
-        default=10,
-        help="before each timed run, wait up to this many seconds (120 in all) for other processes to go quiet",
-    )
-    parser.add_argument("--workdir", type=Path, default=Path("out/bench"), help="where the stores go")
-    parser.add_argument("--keep", action="store_true", help="keep the stores (default: delete them)")
     args = parser.parse_args(argv)
-    _data.QUIET_WAIT = args.quiet_wait
+    _data.apply_arguments(args)
 
     t_start = time.perf_counter()
     bs = args.batch_size

@@ -602,3 +602,15 @@ def test_in_memory_arrays_are_checked():
         ChunkedSequence({"x": np.zeros((5, 2))}, 2)  # y="y" by default
     with pytest.raises(oocseq.ArgumentTypeError):
         ChunkedSequence(42, 2)
+
+
+def test_constructor_stays_small():
+    """Policies go into option objects (ReadOptions, WorkerOptions, ShardOptions) and
+    transforms, not new keywords: store, batch_size and 11 keywords."""
+    import inspect
+
+    params = inspect.signature(ChunkedSequence.__init__).parameters
+    named = [p for p in params.values() if p.name != "self" and p.kind is not p.VAR_KEYWORD]
+    assert len(named) <= 13, [p.name for p in named]
+    assert [p.name for p in named[:2]] == ["store", "batch_size"]
+    assert all(p.kind is p.KEYWORD_ONLY for p in named[2:])
