@@ -1,4 +1,4 @@
-"""Targets 4 and 5 of the fast-read-path issue: a store larger than the memory the process may
+"""Read-path targets 4 and 5: a store larger than the memory the process may
 use, and memory that does not grow with the store.
 
 4. Inside a memory cgroup limited to ``--limit-fraction`` (40%) of the store's size, with the

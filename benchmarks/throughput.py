@@ -15,7 +15,7 @@ Data: random 64x64x3 uint8 crops of the two real photos that ship with scikit-le
 (``load_sample_images``), so chunks compress as real images do. Stores: Zarr and HDF5, Blosc-lz4
 and uncompressed, chunks of about 4 MiB. The page cache is warm (the stores were just written).
 
-The targets of the fast-read-path issue are measured by ``read_path.py`` and
+The read-path targets are measured by ``read_path.py`` and
 ``larger_than_ram.py``; this script gives the broader comparison table.
 
 Run:  python benchmarks/throughput.py [--size-mb 256] [--runs 5] [--epochs 2] [--fancy-batches 20] [--workdir out/bench]
