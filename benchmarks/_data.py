@@ -7,6 +7,7 @@ their own folder on ``sys.path``, which ``python benchmarks/x.py`` does anyway).
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import ctypes.util
 import mmap
@@ -271,6 +272,38 @@ def wait_quiet(max_wait: float | None = None, probe: float = 0.5) -> float:
             break
     quiet_waited += time.perf_counter() - start
     return load
+
+
+def common_arguments(
+    parser: argparse.ArgumentParser,
+    *,
+    size_mb: float = 1000,
+    runs: int = 5,
+    runs_help: str = "interleaved rounds; medians over them",
+    quiet_wait: float = 10,
+) -> argparse.ArgumentParser:
+    """The arguments every benchmark script takes: ``--size-mb``, ``--batch-size``, ``--runs``,
+    ``--quiet-wait``, ``--workdir``, ``--keep``. Call :func:`apply_arguments` after parsing."""
+    parser.add_argument(
+        "--size-mb", type=float, default=size_mb, help=f"data size in MB (default {size_mb:g})"
+    )
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--runs", type=int, default=runs, help=f"{runs_help} (default {runs})")
+    parser.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=quiet_wait,
+        help="before each timed run, wait up to this many seconds for other processes to go quiet",
+    )
+    parser.add_argument("--workdir", type=Path, default=Path("out/bench"), help="where the stores go")
+    parser.add_argument("--keep", action="store_true", help="keep the stores (default: delete them)")
+    return parser
+
+
+def apply_arguments(args: argparse.Namespace) -> None:
+    """Settings of this module from :func:`common_arguments`'s arguments."""
+    global QUIET_WAIT
+    QUIET_WAIT = args.quiet_wait
 
 
 K = TypeVar("K", bound=Hashable)

@@ -40,6 +40,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import oocseq
+from oocseq.bench import time_epoch
 from oocseq.checksum import chunk_checksum
 
 WAYS = {"off": False, "once": True, "always": "always"}
@@ -80,12 +81,10 @@ def write_store(path: Path, n: int) -> None:
 
 
 def epoch(seq: oocseq.ChunkedSequence, e: int) -> tuple[float, float]:
-    """Wall and process CPU seconds of one epoch."""
+    """Wall and process CPU seconds of one epoch, requests in order."""
     seq.set_epoch(e)
-    w, c = time.perf_counter(), time.process_time()
-    for _ in seq:
-        pass
-    return time.perf_counter() - w, time.process_time() - c
+    timing = time_epoch(seq, "in order")
+    return timing.seconds, timing.cpu_seconds
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""Targets 4 and 5 of the fast-read-path issue: a store larger than the memory the process may
+"""Read-path targets 4 and 5: a store larger than the memory the process may
 use, and memory that does not grow with the store.
 
 4. Inside a memory cgroup limited to ``--limit-fraction`` (40%) of the store's size, with the
@@ -95,6 +95,7 @@ def child_main(spec: dict[str, Any]) -> dict[str, Any]:
 def child_sequence(spec: dict[str, Any], sample_rss: bool) -> dict[str, Any]:
     """One epoch of fields x and y in a random order of batch indices (Keras's order)."""
     import oocseq
+    from oocseq.bench import time_epoch
 
     store = oocseq.open_store(spec["path"])
     read = oocseq.ReadOptions(**spec["read"]) if spec.get("read") else None
@@ -104,24 +105,14 @@ def child_sequence(spec: dict[str, Any], sample_rss: bool) -> dict[str, Any]:
         for f in ("x", "y")
     )
     bound = (seq.max_resident_chunks + 2 * seq.window) * chunk_bytes
-    requests = np.random.default_rng(7).permutation(len(seq)).tolist()
-    seq.on_epoch_begin()  # a pass, as model.fit makes it
-    base = peak = rss_anon()
-    samples = 0
-    t = time.perf_counter()
-    for i in requests:
-        x, _ = seq[i]
-        samples += len(x)
-        if sample_rss:
-            peak = max(peak, rss_anon())
-    seconds = time.perf_counter() - t
-    peak = max(peak, rss_anon())
+    timing = time_epoch(seq, "keras", seed=7, sample_rss=sample_rss)
+    peak = max(timing.rss_peak, rss_anon())
     stats = seq.stats
     seq.close()
     return {
-        "samples": samples,
-        "seconds": seconds,
-        "base_rss_anon": base,
+        "samples": timing.samples,
+        "seconds": timing.seconds,
+        "base_rss_anon": timing.rss_before,
         "peak_rss_anon": peak,
         "chunk_decodes": stats["chunk_decodes"],
         "num_chunks": store.num_chunks,
@@ -398,9 +389,7 @@ def read_options(args: argparse.Namespace) -> dict[str, int]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--size-mb", type=float, default=1000, help="store size in MB (default 1000)")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--runs", type=int, default=3, help="runs per cgroup measurement (median; default 3)")
+    _data.common_arguments(parser, runs=3, runs_help="runs per cgroup measurement (median)")
     parser.add_argument(
         "--limit-fraction", type=float, default=0.4, help="cgroup limit / store size (default 0.4)"
     )
@@ -420,19 +409,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--readahead", type=int, help="ReadOptions.readahead (default: the library's)")
     parser.add_argument("--skip-cgroup", action="store_true", help="skip target 4")
     parser.add_argument("--skip-rss", action="store_true", help="skip target 5")
-    parser.add_argument(
-        "--quiet-wait",
-        type=float,
-        default=10,
-        help="before each timed run, wait up to this many seconds (120 in all) for other processes to go quiet",
-    )
-    parser.add_argument("--workdir", type=Path, default=Path("out/bench"), help="where the stores go")
-    parser.add_argument("--keep", action="store_true", help="keep the stores (default: delete them)")
     args = parser.parse_args(argv)
     if args.child:
         print("RESULT " + json.dumps(child_main(json.loads(args.child))), flush=True)
         return 0
-    _data.QUIET_WAIT = args.quiet_wait
+    _data.apply_arguments(args)
 
     t_start = time.perf_counter()
     bs = args.batch_size

@@ -15,7 +15,7 @@ Data: random 64x64x3 uint8 crops of the two real photos that ship with scikit-le
 (``load_sample_images``), so chunks compress as real images do. Stores: Zarr and HDF5, Blosc-lz4
 and uncompressed, chunks of about 4 MiB. The page cache is warm (the stores were just written).
 
-The targets of the fast-read-path issue are measured by ``read_path.py`` and
+The read-path targets are measured by ``read_path.py`` and
 ``larger_than_ram.py``; this script gives the broader comparison table.
 
 Run:  python benchmarks/throughput.py [--size-mb 256] [--runs 5] [--epochs 2] [--fancy-batches 20] [--workdir out/bench]
@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 import oocseq
+from oocseq.bench import time_epoch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -80,27 +81,20 @@ def sequence_epochs(
     run: int,
 ) -> Result:
     """``epochs`` consecutive epochs (or the first ``max_batches`` requests of one) through a
-    fresh ChunkedSequence, batches requested ``"in order"`` or in a ``"random"`` order of ``i``
-    (a new one each epoch). Chunk decodes are per epoch."""
+    fresh ChunkedSequence, each timed by :func:`oocseq.bench.time_epoch`: batches requested
+    ``"in order"`` or in a ``"random"`` order of ``i`` (a new one each epoch). Chunk decodes
+    are per epoch."""
     keras_order = {"arrival": "plan", "index": "index"}[serve]
-    seq = oocseq.ChunkedSequence(store, batch_size, y=None, seed=0, keras_order=keras_order)
+    seq = oocseq.ChunkedSequence(
+        store, batch_size, y=None, seed=0, read=oocseq.ReadOptions(keras_order=keras_order)
+    )
     seq.set_epoch(run * epochs)
-    samples = batches = 0
-    t = time.perf_counter()
-    for _ in range(epochs):
-        requests = np.arange(len(seq))
-        if order == "random":
-            requests = np.random.default_rng(seq.epoch).permutation(len(seq))
-        seq.on_epoch_begin()  # a pass, as model.fit makes it
-        for i in requests[:max_batches]:
-            (x,) = seq[int(i)]
-            samples += len(x)
-            batches += 1
-        seq.set_epoch(seq.epoch + 1)  # (a pass cut short does not end an epoch)
-    seconds = time.perf_counter() - t
-    decodes = seq.stats["chunk_decodes"] // epochs
+    timed = "keras" if order == "random" else order
+    timings = [time_epoch(seq, timed, max_batches=max_batches) for _ in range(epochs)]
     seq.close()
-    return samples / seconds, decodes, batches // epochs
+    samples = sum(t.samples for t in timings)
+    seconds = sum(t.seconds for t in timings)
+    return samples / seconds, max(t.chunk_decodes for t in timings), timings[0].batches
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -346,20 +346,10 @@ def table(results: dict[str, list[dict[str, Any]]], stores: tuple[str, ...]) -> 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size-mb", type=float, default=256, help="data size in MB (default 256)")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--runs", type=int, default=3, help="rounds; the median is shown (default 3)")
-    parser.add_argument(
-        "--quiet-wait",
-        type=float,
-        default=5,
-        help="before each timed run, wait up to this many seconds (60 in all per process) for other processes to go quiet",
-    )
+    _data.common_arguments(parser, size_mb=256, runs=3, runs_help="rounds; the median is shown", quiet_wait=5)
     parser.add_argument(
         "--part-timeout", type=float, default=900, help="seconds allowed for one part of a round"
     )
-    parser.add_argument("--workdir", type=Path, default=Path("out/bench"), help="where the stores go")
-    parser.add_argument("--keep", action="store_true", help="keep the stores (default: delete them)")
     parser.add_argument(
         "--part", choices=sorted(PARTS), help=argparse.SUPPRESS
     )  # internal: one round of a part
@@ -367,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--stores", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    _data.QUIET_WAIT = args.quiet_wait
+    _data.apply_arguments(args)
     _data.QUIET_BUDGET = 60.0
 
     if args.part:

@@ -8,6 +8,7 @@ Importing oocseq imports no ML framework.
 
 from __future__ import annotations
 
+from . import transforms
 from .batches import ChunkedBatches
 from .errors import (
     ArgumentError,
@@ -19,6 +20,7 @@ from .errors import (
     FieldNotFoundError,
     ImageDecodeError,
     InvalidSourceError,
+    KerasIteratorWarning,
     MissingDependencyError,
     NotAStoreError,
     OocseqError,
@@ -36,6 +38,7 @@ from .ingest.convert import convert_store
 from .ingest.csv import ingest_csv
 from .ingest.images import ingest_dataframe, ingest_image_folder
 from .ingest.npy import ingest_npy
+from .manifest import FieldSpec
 from .memory import ArraySource
 from .options import ReadOptions, RemoteOptions, ShardOptions, WorkerOptions
 from .plan import EpochPlan, epoch_order
@@ -55,11 +58,13 @@ __all__ = [
     "CorruptStoreError",
     "EpochPlan",
     "FieldInfo",
+    "FieldSpec",
     "FieldLengthError",
     "FieldNotFoundError",
     "FieldView",
     "ImageDecodeError",
     "InvalidSourceError",
+    "KerasIteratorWarning",
     "NotAStoreError",
     "OocseqError",
     "OutOfRangeError",
@@ -85,4 +90,5 @@ __all__ = [
     "ingest_image_folder",
     "ingest_npy",
     "open_store",
+    "transforms",
 ]

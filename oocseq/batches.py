@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .cache import FieldLayout, Hold, WindowCache, default_threads
+from .cache import Hold, WindowCache, default_threads
 from .errors import (
     ArgumentError,
     ArgumentTypeError,
@@ -110,7 +110,7 @@ class _Local:
         if threads is None:
             threads = default_threads(_compressed(src))
         fields = src.fields
-        self.layouts = {f: FieldLayout(fields[f].shape[1:], fields[f].dtype) for f in core.fields}
+        self.layouts = {f: fields[f] for f in core.fields}
         self.cache = WindowCache(
             src.read_chunk_into,
             self.layouts,
@@ -142,7 +142,7 @@ class ChunkedBatches:
 
     Raises:
         FieldNotFoundError: ``x``/``y``/``sample_weight`` names a field the source lacks.
-        ArgumentError: a bad argument (batch_size < 1, conflicting weights, ...).
+        ArgumentError: a bad argument (batch_size < 1, two sources of sample weights, ...).
     """
 
     def __init__(
@@ -158,8 +158,6 @@ class ChunkedBatches:
         window: int | None = None,
         drop_remainder: bool = False,
         transform: Callable[..., Batch] | None = None,
-        num_classes: int | None = None,
-        class_weight: Mapping[int, float] | None = None,
         shard: ShardOptions | None = None,
         read: ReadOptions | None = None,
     ) -> None:
@@ -194,16 +192,31 @@ class ChunkedBatches:
         self.drop_remainder = bool(drop_remainder)
         self.transform = transform
         self._transform_takes_rng = transform is not None and takes_two_args(transform)
-        self.num_classes = num_classes
-        self.class_weight = dict(class_weight) if class_weight is not None else None
         self.shard = shard if shard is not None else ShardOptions()
         self.read = read if read is not None else ReadOptions()
-        self._check_targets()
+        made = getattr(transform, "sample_weight_key", None)  # (oocseq.transforms.class_weights)
+        if made is not None and sample_weight is not None:
+            raise ArgumentError(
+                f"give sample_weight={sample_weight!r} or a transform that makes sample weights "
+                f"({type(transform).__name__}), not both"
+            )
+        if made is not None and y is None:
+            raise ArgumentError(
+                "a transform that makes sample weights needs y (batches (x, y, sample_weight))"
+            )
+        # The batch key served as the third element: a stored field, or one the transform adds.
+        self.weight_key: str | None = sample_weight if sample_weight is not None else made
         self.fields = list(
             dict.fromkeys(
                 field_names(x, "x") + field_names(y, "y") + field_names(sample_weight, "sample_weight")
             )
         )
+        for name in getattr(transform, "fields_read", ()):  # (oocseq.transforms declare them)
+            if name not in self.fields:
+                raise ArgumentError(
+                    f"{transform!r} reads field {name!r}, which the batches do not hold (they hold "
+                    f"{self.fields}, named by x/y/sample_weight); name the label field with field=..."
+                )
         for name in self.fields:
             if name not in src:
                 raise FieldNotFoundError(
@@ -212,18 +225,6 @@ class ChunkedBatches:
         self._local_pid = -1
         self.plan(0)  # checks the ranks against the source now, not at the first batch
         self._length = rank_length(len(src), src.chunk_len, self.shard.world_size, self.shard.balance)
-
-    def _check_targets(self) -> None:
-        if self.sample_weight is not None and self.class_weight is not None:
-            raise ArgumentError("give sample_weight or class_weight, not both")
-        if (self.num_classes is not None or self.class_weight is not None) and not isinstance(self.y, str):
-            raise ArgumentError("num_classes and class_weight need y to be one integer field")
-        if self.num_classes is not None and (
-            not isinstance(self.num_classes, int)
-            or isinstance(self.num_classes, bool)
-            or self.num_classes < 1
-        ):
-            raise ArgumentError(f"num_classes must be a positive int, got {self.num_classes!r}")
 
     # -- per-process state --------------------------------------------------------------------
     @property
@@ -345,7 +346,8 @@ class ChunkedBatches:
         Raises:
             BatchIndexError: ``i`` outside ``range(len(self))``.
             TransformError: ``transform`` raised or returned a bad batch.
-            InvalidSourceError: a label outside ``num_classes`` / ``class_weight``.
+            InvalidSourceError: raised by ``transform`` (a bad label in
+                :mod:`oocseq.transforms`), as it is.
         """
         self.check_index(i)
         plan = self.plan(epoch)
@@ -377,13 +379,11 @@ class ChunkedBatches:
                 for name in self.fields:  # one copy per sample, straight into the batch
                     np.take(buffers[name], rows, axis=0, out=batch[name][pos : pos + len(rows)], mode="clip")
                 pos += len(rows)
-        # Sample indices only where they are used (transform, label checks): ~40 us a batch.
-        indices = None
-        if self.transform is not None or self.num_classes is not None or self.class_weight is not None:
+        if self.transform is not None:
+            # Sample indices only where they are used: ~40 us a batch.
             indices = plan.span_indices(spans)  # spans as computed above: not twice
-        if self.transform is not None and indices is not None:
             batch = self._apply_transform(batch, indices, epoch, n)
-        return self._assemble(batch, indices)
+        return self._assemble(batch)
 
     def prepare(self, epoch: int, start: int, stop: int) -> list[Any]:
         """Batches ``start:stop`` of ``epoch``, in order (a worker's task); a batch that fails
@@ -406,6 +406,9 @@ class ChunkedBatches:
                 out = transform(batch, SampleRandom(self.seed, epoch, indices))
             else:
                 out = transform(batch)
+        except InvalidSourceError as e:  # a bad label, say (oocseq.transforms): names the sample
+            e.add_note(f"oocseq: in the transform, on {where}")
+            raise
         except Exception as e:
             raise TransformError(f"transform failed on {where}: {type(e).__name__}: {e}") from e
         if not isinstance(out, Mapping):
@@ -413,7 +416,8 @@ class ChunkedBatches:
                 f"transform must return a dict {{field: array}}, got {type(out).__name__} ({where})"
             )
         out = dict(out)
-        missing = [f for f in self.fields if f not in out]
+        wanted = self.fields if self.weight_key is None else [*self.fields, self.weight_key]
+        missing = [f for f in wanted if f not in out]
         if missing:
             raise TransformError(
                 f"transform returned no field {missing[0]!r}, which x/y/sample_weight name; it returned "
@@ -428,53 +432,14 @@ class ChunkedBatches:
                 )
         return out
 
-    def _assemble(self, batch: Batch, idx: np.ndarray | None) -> tuple[Any, ...]:
+    def _assemble(self, batch: Batch) -> tuple[Any, ...]:
         xs = _select(self.x, batch)
         if self.y is None:
             return (xs,)
         ys = _select(self.y, batch)
-        labels = ys
-        if self.num_classes is not None:
-            assert idx is not None
-            ys = self._one_hot(labels, idx)
-        if self.sample_weight is not None:
-            return xs, ys, np.asarray(batch[self.sample_weight])
-        if self.class_weight is not None:
-            assert idx is not None
-            return xs, ys, self._class_weights(labels, idx)
+        if self.weight_key is not None:
+            return xs, ys, np.asarray(batch[self.weight_key])
         return xs, ys
-
-    def _label_error(
-        self, labels: np.ndarray, bad: np.ndarray, idx: np.ndarray, expected: str
-    ) -> InvalidSourceError:
-        k = int(np.flatnonzero(bad)[0])
-        return InvalidSourceError(
-            f"{self.source.path}: sample {int(idx[k])} has label {labels[k]!r} in field {self.y!r}; expected {expected}"
-        )
-
-    def _one_hot(self, labels: np.ndarray, idx: np.ndarray) -> np.ndarray:
-        k = self.num_classes
-        assert k is not None
-        labels = np.asarray(labels)
-        if labels.ndim != 1 or labels.dtype.kind not in "iu":
-            raise ArgumentError(
-                f"num_classes needs a 1-D integer y field, {self.y!r} is {labels.dtype} {labels.shape[1:]}"
-            )
-        bad = (labels < 0) | (labels >= k)
-        if bad.any():
-            raise self._label_error(labels, bad, idx, f"an int in [0, {k}) (num_classes={k})")
-        out = np.zeros((len(labels), k), dtype=np.float32)
-        out[np.arange(len(labels)), labels] = 1.0
-        return out
-
-    def _class_weights(self, labels: np.ndarray, idx: np.ndarray) -> np.ndarray:
-        weights = self.class_weight or {}
-        labels = np.asarray(labels)
-        bad = ~np.isin(labels, np.fromiter(weights.keys(), dtype=np.int64))
-        if bad.any():
-            raise self._label_error(labels, bad, idx, f"one of the class_weight keys {sorted(weights)}")
-        table = {int(c): float(w) for c, w in weights.items()}
-        return np.fromiter((table[int(v)] for v in labels), dtype=np.float32, count=len(labels))
 
     # -- identity -----------------------------------------------------------------------------
     def plan_args(self) -> dict[str, Any]:

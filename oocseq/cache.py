@@ -18,18 +18,13 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 
 import numpy as np
 
+from .manifest import FieldSpec
+
 #: ``decode(field, chunk, out)`` writes chunk ``chunk`` of ``field`` into ``out``.
 Decoder = Callable[[str, int, np.ndarray], None]
-
-
-@dataclass(frozen=True)
-class FieldLayout:
-    sample_shape: tuple[int, ...]
-    dtype: np.dtype
 
 
 class Hold:
@@ -81,7 +76,7 @@ class WindowCache:
     def __init__(
         self,
         decode: Decoder,
-        fields: dict[str, FieldLayout],
+        fields: dict[str, FieldSpec],
         chunk_len: int,
         n: int,
         window: int,

@@ -7,6 +7,7 @@ built-in exception, so ``except FileNotFoundError`` or ``except ValueError`` kee
 from __future__ import annotations
 
 __all__ = [
+    "KerasIteratorWarning",
     "ShuffleWarning",
     "OocseqError",
     "ArgumentTypeError",
@@ -140,3 +141,8 @@ class ShuffleWarning(UserWarning):
 class MissingDependencyError(OocseqError, ImportError):
     """An optional dependency a function needs is not installed (Pillow for images, pandas for
     CSV tables); the message names the extra to install."""
+
+
+class KerasIteratorWarning(UserWarning):
+    """oocseq could not see how Keras drives a pass (its ``steps_per_epoch``): a Keras version
+    whose internals changed. Whole epochs are still served right."""

@@ -8,6 +8,7 @@ untrusted: :func:`Manifest.from_json` checks every field and refuses anything un
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
@@ -67,28 +68,58 @@ def check_field_name(name: object) -> str:
     return name
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class FieldSpec:
-    """Shape of one sample of a field and its dtype. The field's shape is ``(n, *shape)``.
-
+    """What one field holds: samples of shape ``sample_shape`` and dtype ``dtype``; ``n``
+    samples when known (a field of a store or of in-memory arrays; not while it is written).
     ``dims``: a name for every axis of the field, axis 0 (the sample axis) first, as Zarr's
     ``dimension_names`` and HDF5 dimension scales record them for xarray; ``None`` in stores
-    written before oocseq recorded them."""
+    written before oocseq recorded them. Not part of equality.
 
-    shape: tuple[int, ...]
+    The one description of a field, used by ingestion, the storage backends, the manifest and
+    the reader. ``Store.fields`` gives them with ``n``: ``store.fields["x"].shape`` is the
+    field's full shape ``(n, *sample_shape)``.
+
+    Attributes:
+        sample_shape: shape of one sample (``()`` for a scalar per sample).
+        dtype: numpy dtype of the stored values.
+        n: number of samples, or None where it is not known yet.
+    """
+
+    sample_shape: tuple[int, ...]
     dtype: np.dtype
-    dims: tuple[str, ...] | None = None
+    n: int | None = None
+    dims: tuple[str, ...] | None = dataclasses.field(default=None, compare=False)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The field's full shape ``(n, *sample_shape)``.
+
+        Raises:
+            ArgumentError: ``n`` is not known (a field spec of samples only).
+        """
+        if self.n is None:
+            raise ArgumentError(
+                f"this field spec has no sample count; its samples are {self.sample_shape} {self.dtype}"
+            )
+        return (self.n, *self.sample_shape)
 
     @property
     def sample_nbytes(self) -> int:
         """Bytes of one decoded sample."""
-        return int(math.prod(self.shape)) * self.dtype.itemsize
+        return int(math.prod(self.sample_shape)) * self.dtype.itemsize
 
     def to_json(self) -> dict[str, Any]:
-        doc: dict[str, Any] = {"shape": list(self.shape), "dtype": self.dtype.name}
+        """The manifest's entry (the sample count is the manifest's ``n``)."""
+        doc: dict[str, Any] = {"shape": list(self.sample_shape), "dtype": self.dtype.name}
         if self.dims is not None:
             doc["dims"] = list(self.dims)
         return doc
+
+    def __repr__(self) -> str:
+        if self.n is None:
+            return f"FieldSpec(sample_shape={self.sample_shape}, dtype={self.dtype})"
+        return f"FieldSpec(shape={self.shape}, dtype={self.dtype})"
 
 
 #: The name of axis 0 of every field (unless a field is itself named so: see :func:`with_dims`).
@@ -103,26 +134,26 @@ def with_dims(fields: dict[str, FieldSpec]) -> dict[str, FieldSpec]:
     xarray makes a field named like a dimension that dimension's coordinate, and one
     dimension has one size: a name taken by a field, or used by another field with another
     size, becomes ``"<field>_<name>"`` (``"_<name>"`` for the sample axis; field names never
-    start with ``_``). A spec's ``dims`` may name the sample axes only (``len(shape)`` names)
+    start with ``_``). A spec's ``dims`` may name the sample axes only (``len(sample_shape)`` names)
     or all axes (the first is then replaced)."""
     sample = SAMPLE_DIM if SAMPLE_DIM not in fields else "_" + SAMPLE_DIM
     sizes: dict[str, int] = {}
     out: dict[str, FieldSpec] = {}
     for name, spec in fields.items():
         given = list(spec.dims) if spec.dims is not None else []
-        if len(given) == len(spec.shape) + 1:
+        if len(given) == len(spec.sample_shape) + 1:
             given = given[1:]
-        if len(given) != len(spec.shape):
-            given = [f"{name}_dim{k}" for k in range(1, len(spec.shape) + 1)]
+        if len(given) != len(spec.sample_shape):
+            given = [f"{name}_dim{k}" for k in range(1, len(spec.sample_shape) + 1)]
         dims = [sample]
-        for dim, size in zip(given, spec.shape, strict=True):
+        for dim, size in zip(given, spec.sample_shape, strict=True):
             if dim in fields or dim == sample or sizes.get(dim, size) != size or dim in dims:
                 dim = f"{name}_{dim}"
             while dim in fields or dim in dims or sizes.get(dim, size) != size:
                 dim = "_" + dim
             sizes[dim] = size
             dims.append(dim)
-        out[name] = FieldSpec(spec.shape, spec.dtype, tuple(dims))
+        out[name] = dataclasses.replace(spec, dims=tuple(dims))
     return out
 
 
@@ -285,7 +316,7 @@ class Manifest:
                     or not all(isinstance(d, str) and _DIM_NAME.match(d) for d in dims)
                 ):
                     raise bad(f"field {name!r}: 'dims' must be {len(shape) + 1} axis names")
-                fields[name] = FieldSpec(tuple(shape), np.dtype(dtype), tuple(dims))
+                fields[name] = FieldSpec(tuple(shape), np.dtype(dtype), dims=tuple(dims))
         comp = doc.get("compression")
         compression = None
         if comp is not None:

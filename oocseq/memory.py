@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from .errors import ArgumentError, FieldLengthError, FieldNotFoundError
-from .store import FieldInfo
+from .manifest import FieldSpec
 
 __all__ = ["ArraySource"]
 
@@ -64,14 +64,14 @@ class ArraySource:
         if not isinstance(chunk_len, int) or isinstance(chunk_len, bool) or chunk_len < 1:
             raise ArgumentError(f"chunk_len must be an int >= 1, got {chunk_len!r}")
         self._chunk_len = chunk_len
-        self._fields = {name: FieldInfo(a.shape, a.dtype) for name, a in self._arrays.items()}
+        self._fields = {name: FieldSpec(a.shape[1:], a.dtype, len(a)) for name, a in self._arrays.items()}
 
     # -- the read contract of a store -------------------------------------------------------------
     def __len__(self) -> int:
         return self._n
 
     @property
-    def fields(self) -> dict[str, FieldInfo]:
+    def fields(self) -> dict[str, FieldSpec]:
         return dict(self._fields)
 
     @property

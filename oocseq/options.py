@@ -16,7 +16,17 @@ from dataclasses import dataclass
 
 from .errors import ArgumentError
 
-__all__ = ["BALANCE_POLICIES", "ReadOptions", "RemoteOptions", "ShardOptions", "WorkerOptions"]
+__all__ = [
+    "BALANCE_POLICIES",
+    "KERAS_ORDERS",
+    "ReadOptions",
+    "RemoteOptions",
+    "ShardOptions",
+    "WorkerOptions",
+]
+
+#: Which plan batch answers Keras's requests during a pass (see :class:`ReadOptions`).
+KERAS_ORDERS = ("plan", "index")
 
 
 def _is_int(value: object) -> bool:
@@ -25,22 +35,32 @@ def _is_int(value: object) -> bool:
 
 @dataclass(frozen=True)
 class ReadOptions:
-    """How a :class:`~oocseq.ChunkedSequence` reads ahead.
+    """How a :class:`~oocseq.ChunkedSequence` reads: ahead of the batch served, and in which
+    order it answers Keras's requests.
 
     Attributes:
         readahead: windows decoded in the background ahead of the one being served, when
             batches are served in order (0: none).
         threads: decoding threads (default: the cores less one, 1 to 4); 0 decodes in the calling
             thread only. numcodecs releases the GIL, so threads decode in parallel.
+        keras_order: during a Keras pass, ``"plan"`` (default): the k-th distinct index Keras
+            asks for gets the plan's k-th batch, so ``fit``'s shuffled requests read the store
+            in plan order (chunk locality); ``"index"``: index ``i`` gets plan batch ``i``
+            (each window is decoded again for every request that lands in it). Requests in
+            order (``predict``, ``evaluate``, ``fit(shuffle=False)``) get the same batches
+            either way; so does every epoch's set of batches.
 
     Raises:
-        ArgumentError: a negative or non-integer value.
+        ArgumentError: a negative or non-integer value, an unknown ``keras_order``.
     """
 
     readahead: int = 1
     threads: int | None = None
+    keras_order: str = "plan"
 
     def __post_init__(self) -> None:
+        if self.keras_order not in KERAS_ORDERS:
+            raise ArgumentError(f"keras_order must be one of {KERAS_ORDERS}, got {self.keras_order!r}")
         if not _is_int(self.readahead) or self.readahead < 0:
             raise ArgumentError(f"readahead must be an int >= 0, got {self.readahead!r}")
         if self.threads is not None and (not _is_int(self.threads) or self.threads < 0):

@@ -34,7 +34,15 @@ from typing import Any
 import numpy as np
 
 from .batches import Batch, ChunkedBatches, FieldSelection
-from .errors import ArgumentError, ArgumentTypeError, BatchIndexError, OocseqError, ShuffleWarning, StateError
+from .errors import (
+    ArgumentError,
+    ArgumentTypeError,
+    BatchIndexError,
+    KerasIteratorWarning,
+    OocseqError,
+    ShuffleWarning,
+    StateError,
+)
 from .mixing import CLUSTERED_BELOW, DEFAULT_MAX_BATCHES, ShuffleReport, label_clustering, shuffle_report
 from .options import ReadOptions, ShardOptions, WorkerOptions
 from .plan import EpochPlan
@@ -43,7 +51,6 @@ from .store import Store
 
 __all__ = ["ChunkedSequence", "FieldSelection", "ReadOptions", "ShardOptions", "WorkerOptions"]
 
-KERAS_ORDERS = ("plan", "index")
 _SERVE_TO_ORDER = {"arrival": "plan", "index": "index"}
 
 
@@ -115,14 +122,11 @@ class ChunkedSequence:
             :class:`~oocseq.rng.SampleRandom`: per-sample random numbers keyed by
             ``(seed, epoch, sample index)``. A subclass may define a ``transform`` method
             instead. Errors in it are raised as TransformError naming the samples.
-        num_classes: one-hot encode ``y`` (one integer field) into float32 ``(batch, num_classes)``.
-        class_weight: ``{class: weight}``: per-sample weights from the integer ``y``, served as
-            the third element. Not together with ``sample_weight``.
-        keras_order: during a Keras pass, ``"plan"`` (default): the k-th distinct index Keras
-            asks for gets the plan's k-th batch, so ``fit``'s shuffled requests keep chunk
-            locality; ``"index"``: index ``i`` gets plan batch ``i``. Requests in order get
-            the same batches either way. See the module docstring.
-        read: :class:`~oocseq.ReadOptions` (read-ahead windows, decoding threads).
+            :mod:`oocseq.transforms` has stock ones: ``one_hot(num_classes)``,
+            ``class_weights({class: weight})`` (served as the third element) and ``compose``.
+        read: :class:`~oocseq.ReadOptions`: read-ahead windows, decoding threads, and
+            ``keras_order``, which plan batch answers Keras's requests (see the module
+            docstring).
         shard: :class:`~oocseq.ShardOptions`: this process's rank and world size; ranks serve
             disjoint, chunk-aligned shares of every epoch and the same number of batches.
             Default: :meth:`ShardOptions.detect` (``torch.distributed``, JAX or ``RANK`` /
@@ -166,22 +170,17 @@ class ChunkedSequence:
         window: int | None = None,
         drop_remainder: bool = False,
         transform: Callable[..., Batch] | None = None,
-        num_classes: int | None = None,
-        class_weight: Mapping[int, float] | None = None,
-        keras_order: str = "plan",
         read: ReadOptions | None = None,
         shard: ShardOptions | None = None,
         workers: int | WorkerOptions = 1,
         **kwargs: Any,
     ) -> None:
-        keras_order, shard, worker_options = _legacy_arguments(keras_order, shard, workers, kwargs)
-        if keras_order not in KERAS_ORDERS:
-            raise ArgumentError(f"keras_order must be one of {KERAS_ORDERS}, got {keras_order!r}")
         hook = getattr(type(self), "transform", None)
         if transform is None and callable(hook):
             transform = self.transform  # a subclass's method (a bound method pickles)
         else:
             self.transform: Callable[..., Batch] | None = transform
+        read, shard, worker_options, transform = _legacy_arguments(read, shard, workers, transform, kwargs, y)
         self.core = ChunkedBatches(
             store,
             batch_size,
@@ -193,12 +192,9 @@ class ChunkedSequence:
             window=window,
             drop_remainder=drop_remainder,
             transform=transform,
-            num_classes=num_classes,
-            class_weight=class_weight,
             shard=shard if shard is not None else ShardOptions.detect(),
             read=read,
         )
-        self.keras_order = keras_order
         self.worker_options = worker_options
         self._epoch = 0
         self._position = 0  # plan batches of the epoch handed out (by a Keras pass or iteration)
@@ -256,9 +252,8 @@ class ChunkedSequence:
     drop_remainder = property(
         lambda self: self.core.drop_remainder, doc="Whether the short batch is dropped."
     )
-    num_classes = property(lambda self: self.core.num_classes, doc="One-hot classes, if any.")
-    class_weight = property(lambda self: self.core.class_weight, doc="Class weights, if any.")
     read = property(lambda self: self.core.read, doc="The :class:`ReadOptions`.")
+    keras_order = property(lambda self: self.core.read.keras_order, doc="``read.keras_order``.")
     shard = property(lambda self: self.core.shard, doc="The :class:`ShardOptions`.")
     rank = property(lambda self: self.core.shard.rank, doc="This process's rank.")
     world_size = property(lambda self: self.core.shard.world_size, doc="Ranks in all.")
@@ -427,8 +422,7 @@ class ChunkedSequence:
         was read by index (``for i in range(len(seq)): seq[i]``); a few peeks, or nothing
         served, change nothing, so no epoch is skipped. :meth:`set_epoch` pins the epoch; so does
         ``oocseq.adapters.keras.SyncEpoch`` in ``fit``."""
-        it = _keras_iterator(self) if self._in_pass else None
-        if it is not None and getattr(it, "_current_iterator", True) is None:
+        if self._in_pass and self._pass_continues and _dropped_requests(_keras_iterator(self)):
             self._pass_continues = False  # Keras dropped its requests (reset after a model build)
         rt = self._rt
         with rt.lock:
@@ -636,45 +630,134 @@ def check_state(core: ChunkedBatches, state: Any) -> None:
         )
 
 
+#: Frames looked through for Keras's epoch iterator (a subclass's ``on_epoch_begin`` calling
+#: ``super()`` adds one per level).
+_MAX_FRAMES = 16
+#: ``sys._getframe`` where the interpreter has it (CPython, PyPy); None elsewhere.
+_getframe: Callable[[int], Any] | None = getattr(sys, "_getframe", None)
+
+
 def _keras_iterator(seq: ChunkedSequence) -> Any:
     """The Keras epoch iterator calling ``seq.on_epoch_begin`` / ``on_epoch_end`` (through its
-    data adapter), if one is: Keras tells the dataset neither its ``steps_per_epoch`` nor
-    whether the next epoch goes on with the same requests."""
-    frame: Any = sys._getframe(3)
-    for _ in range(4):
-        if frame is None:
-            return None
-        it = frame.f_locals.get("self")
-        adapter = getattr(it, "data_adapter", None)
-        if adapter is not None and getattr(adapter, "py_dataset", None) is seq:
-            return it
-        frame = frame.f_back
+    data adapter), or None.
+
+    Keras tells a ``PyDataset`` neither its ``steps_per_epoch`` nor whether the next epoch goes
+    on with the same requests, and has no public way to ask, so this looks up the caller's
+    frames for an object whose ``data_adapter.py_dataset`` is ``seq`` (Keras 3's
+    ``EpochIterator``). Whatever fails (no frames on this interpreter, a stack too short, an
+    attribute that raises, a Keras that changed) gives None: the sequence then treats every
+    pass as a whole one (see :meth:`ChunkedSequence.on_epoch_begin`), and warns once when
+    Keras was on the stack.
+    """
+    keras_seen = False
+    try:
+        frame = _getframe(2) if _getframe is not None else None  # the caller of on_epoch_*
+        for _ in range(_MAX_FRAMES):
+            if frame is None:
+                break
+            it = frame.f_locals.get("self")
+            adapter = getattr(it, "data_adapter", None)
+            if adapter is not None and getattr(adapter, "py_dataset", None) is seq:
+                return it
+            name = frame.f_globals.get("__name__")
+            keras_seen = keras_seen or (isinstance(name, str) and name.split(".")[0] == "keras")
+            frame = frame.f_back
+    except Exception:  # anything at all: this is only a lookup
+        keras_seen = keras_seen or (_getframe is None and "keras" in sys.modules)
+    else:
+        keras_seen = keras_seen or (_getframe is None and "keras" in sys.modules)
+    if keras_seen and not seq.__dict__.get("_warned_no_iterator"):
+        seq.__dict__["_warned_no_iterator"] = True
+        warnings.warn(
+            KerasIteratorWarning(
+                f"oocseq could not find the epoch iterator of Keras {_keras_version()} among the callers "
+                "of on_epoch_begin/on_epoch_end, so it cannot tell fit(steps_per_epoch=k) from a pass cut "
+                "short: a pass that ends before the epoch's last batch starts over in the next one. Whole "
+                "epochs (fit without steps_per_epoch, evaluate, predict) are served as usual"
+            ),
+            stacklevel=4,
+        )
     return None
 
 
+def _keras_version() -> str:
+    return str(getattr(sys.modules.get("keras"), "__version__", "?"))
+
+
 def _keras_steps(it: Any) -> int | None:
-    steps = getattr(it, "steps_per_epoch", None)
-    return steps if isinstance(steps, int) and not isinstance(steps, bool) else None
+    """``steps_per_epoch`` of a Keras epoch iterator, or None (not given, or not an int > 0)."""
+    try:
+        steps = getattr(it, "steps_per_epoch", None)
+    except Exception:
+        return None
+    if isinstance(steps, (int, np.integer)) and not isinstance(steps, bool) and steps > 0:
+        return int(steps)
+    return None
+
+
+def _dropped_requests(it: Any) -> bool:
+    """Whether a Keras epoch iterator dropped its requests (``reset``, after reading a batch
+    to build the model): its current iterator is None."""
+    try:
+        return it is not None and getattr(it, "_current_iterator", True) is None
+    except Exception:
+        return False
+
+
+def _moved(old: str, new: str) -> None:
+    warnings.warn(
+        f"ChunkedSequence({old}) is deprecated and will be removed; write {new}",
+        DeprecationWarning,
+        stacklevel=4,
+    )
 
 
 def _legacy_arguments(
-    keras_order: str, shard: ShardOptions | None, workers: int | WorkerOptions, kwargs: dict[str, Any]
-) -> tuple[str, ShardOptions | None, WorkerOptions]:
-    """Keyword arguments of earlier versions and Keras's ``PyDataset`` keywords."""
+    read: ReadOptions | None,
+    shard: ShardOptions | None,
+    workers: int | WorkerOptions,
+    transform: Callable[..., Batch] | None,
+    kwargs: dict[str, Any],
+    y: FieldSelection,
+) -> tuple[ReadOptions | None, ShardOptions | None, WorkerOptions, Callable[..., Batch] | None]:
+    """Keyword arguments of earlier versions (each still works, with a DeprecationWarning that
+    says what to write instead) and Keras's ``PyDataset`` keywords."""
     kwargs = dict(kwargs)
+    order = None
     if "serve" in kwargs:
         serve = kwargs.pop("serve")
-        warnings.warn("serve= is now keras_order= ('arrival' -> 'plan')", DeprecationWarning, stacklevel=3)
         if serve not in _SERVE_TO_ORDER:
             raise ArgumentError(f"serve must be 'arrival' or 'index', got {serve!r}")
-        keras_order = _SERVE_TO_ORDER[serve]
+        order = _SERVE_TO_ORDER[serve]
+        _moved(f"serve={serve!r}", f"read=oocseq.ReadOptions(keras_order={order!r})")
+    if "keras_order" in kwargs:
+        order = kwargs.pop("keras_order")
+        _moved(f"keras_order={order!r}", f"read=oocseq.ReadOptions(keras_order={order!r})")
+    if order is not None:
+        read = dataclasses.replace(read if read is not None else ReadOptions(), keras_order=order)
+    labels = {k: kwargs.pop(k) for k in ("class_weight", "num_classes") if kwargs.get(k) is not None}
+    for k in ("class_weight", "num_classes"):
+        kwargs.pop(k, None)  # (None: the old default)
+    if labels:
+        from . import transforms
+
+        if not isinstance(y, str):
+            raise ArgumentError("num_classes and class_weight need y to be one integer field")
+        made: list[Callable[..., Batch]] = [] if transform is None else [transform]
+        written = []
+        if "class_weight" in labels:  # from the integer labels: before any one-hot encoding
+            made.append(transforms.class_weights(labels["class_weight"], field=y))
+            written.append(f"oocseq.transforms.class_weights({labels['class_weight']!r}, field={y!r})")
+        if "num_classes" in labels:
+            made.append(transforms.one_hot(labels["num_classes"], field=y))
+            written.append(f"oocseq.transforms.one_hot({labels['num_classes']!r}, field={y!r})")
+        transform = made[0] if len(made) == 1 else transforms.compose(*made)
+        what = " and ".join(f"{k}=" for k in labels)
+        new = written[0] if len(written) == 1 else f"oocseq.transforms.compose({', '.join(written)})"
+        _moved(what, f"transform={new} (with a transform of your own first in compose)")
     flat = {k: kwargs.pop(k) for k in ("rank", "world_size", "remainder") if k in kwargs}
     if flat:
-        warnings.warn(
-            "rank=, world_size= and remainder= are now shard=ShardOptions(rank, world_size, balance)",
-            DeprecationWarning,
-            stacklevel=3,
-        )
+        _moved("rank=, world_size=, remainder=", "shard=oocseq.ShardOptions(rank, world_size, balance)")
         if shard is not None:
             raise ArgumentError("give shard=ShardOptions(...) or rank/world_size, not both")
         rank, world_size = flat.get("rank"), flat.get("world_size")
@@ -698,8 +781,8 @@ def _legacy_arguments(
             raise ArgumentError(
                 "give use_multiprocessing and max_queue_size inside WorkerOptions, not beside it"
             )
-        return keras_order, shard, workers
+        return read, shard, workers, transform
     options = WorkerOptions(
         workers, use_mp if use_mp is not None else False, queue if queue is not None else 10
     )
-    return keras_order, shard, options
+    return read, shard, options, transform

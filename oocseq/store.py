@@ -12,10 +12,10 @@ it was opened is refused.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -32,21 +32,17 @@ from .errors import (
     OutOfRangeError,
     StoreNotFoundError,
 )
-from .manifest import Manifest
+from .manifest import FieldSpec, Manifest
 from .options import RemoteOptions
 from .storage import StorageReader, _commit, open_reader, store_format
 from .storage._raw import SYSTEM_ERRNOS, os_error
 from .storage._remote import check_scheme, is_url, local_path_of
 
-__all__ = ["Store", "FieldInfo", "FieldView", "open_store"]
+__all__ = ["FieldInfo", "FieldSpec", "FieldView", "Store", "open_store"]
 
 
-@dataclass(frozen=True)
-class FieldInfo:
-    """Shape (``(n, *sample_shape)``) and dtype of one field."""
-
-    shape: tuple[int, ...]
-    dtype: np.dtype
+#: The name earlier versions gave :class:`~oocseq.manifest.FieldSpec` in ``Store.fields``.
+FieldInfo = FieldSpec
 
 
 class Store:
@@ -242,10 +238,11 @@ class Store:
         return self.manifest.n
 
     @property
-    def fields(self) -> dict[str, FieldInfo]:
-        """Field name -> :class:`FieldInfo` (full shape ``(n, ...)`` and dtype)."""
+    def fields(self) -> dict[str, FieldSpec]:
+        """Field name -> :class:`~oocseq.manifest.FieldSpec` with ``n``: ``.shape`` is the full
+        shape ``(n, *sample_shape)``, ``.dtype`` the dtype."""
         n = self.manifest.n
-        return {k: FieldInfo((n, *v.shape), v.dtype) for k, v in self.manifest.fields.items()}
+        return {k: dataclasses.replace(v, n=n) for k, v in self.manifest.fields.items()}
 
     @property
     def chunk_len(self) -> int:

@@ -17,6 +17,7 @@ from conftest import ids_of, make_store, y_of
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+import oocseq
 from oocseq import ArgumentError, ChunkedSequence, EpochPlan, ShardOptions
 from oocseq.distributed import detect_rank
 from oocseq.plan import epoch_order, num_batches, rank_length, rank_orders
@@ -182,7 +183,12 @@ def test_sequence_serves_its_rank_plan(
     store = data.draw(st.sampled_from(rank_stores), label="store")
     n, cl = len(store), store.chunk_len
     ws = data.draw(st.integers(1, 8), label="world_size")
-    kw = dict(window=window, seed=seed, drop_remainder=drop_remainder, keras_order=keras_order)
+    kw = dict(
+        window=window,
+        seed=seed,
+        drop_remainder=drop_remainder,
+        read=oocseq.ReadOptions(keras_order=keras_order),
+    )
     if _expected_error(n, cl, ws, remainder):
         with pytest.raises(ArgumentError):
             ChunkedSequence(store, batch_size, shard=ShardOptions(0, ws, remainder), **kw)

@@ -11,6 +11,7 @@ from conftest import ids_of
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import oocseq
 from oocseq import ChunkedSequence, ShardOptions, TransformError
 from oocseq.rng import SampleRandom
 
@@ -190,7 +191,7 @@ def _serve(store, epochs, **kw) -> dict:
 LAYOUTS = [
     dict(batch_size=7, window=2),
     dict(batch_size=32, window=5),
-    dict(batch_size=1, window=1, keras_order="index"),
+    dict(batch_size=1, window=1, read=oocseq.ReadOptions(keras_order="index")),
     dict(batch_size=10, window=3, shuffle=False),
     dict(batch_size=9, window=2, shard=ShardOptions(0, 3)),
     dict(batch_size=9, window=2, shard=ShardOptions(1, 3)),

@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import oocseq
-from oocseq import ChunkedSequence
+from oocseq import ChunkedSequence, ReadOptions, transforms
 
 
 def epoch_ids(seq: ChunkedSequence) -> list[np.ndarray]:
@@ -126,7 +126,7 @@ def test_arrival_order_keeps_locality(store_cache, fmt, n, chunk_len, batch_size
 
 
 def test_keras_order_index_answers_by_index(store):
-    seq = ChunkedSequence(store, 10, seed=3, keras_order="index")
+    seq = ChunkedSequence(store, 10, seed=3, read=ReadOptions(keras_order="index"))
     seq.on_epoch_begin()
     order = np.random.default_rng(0).permutation(len(seq))
     served = []
@@ -136,9 +136,12 @@ def test_keras_order_index_answers_by_index(store):
         served.append(ids)
     np.testing.assert_array_equal(np.sort(np.concatenate(served)), np.arange(len(store)))
     with pytest.raises(ValueError, match="keras_order"):
-        ChunkedSequence(store, 10, keras_order="random")
-    with pytest.warns(DeprecationWarning, match="keras_order"):
+        ReadOptions(keras_order="random")
+    with pytest.warns(DeprecationWarning, match=r"read=oocseq.ReadOptions\(keras_order='index'\)"):
         assert ChunkedSequence(store, 10, serve="index").keras_order == "index"
+    with pytest.warns(DeprecationWarning, match=r"read=oocseq.ReadOptions\(keras_order='index'\)"):
+        old = ChunkedSequence(store, 10, keras_order="index", read=ReadOptions(readahead=0))
+    assert old.read == ReadOptions(readahead=0, keras_order="index")
 
 
 def test_batch_is_by_index_whatever_the_requests(store):
@@ -273,7 +276,7 @@ def test_sample_weight_field_is_third(store):
 
 def test_class_weight_is_third(store):
     cw = {c: 1 + c / 10 for c in range(10)}
-    seq = ChunkedSequence(store, 9, class_weight=cw, seed=2)
+    seq = ChunkedSequence(store, 9, transform=transforms.class_weights(cw), seed=2)
     for i in range(len(seq)):
         idx = seq.batch_indices(i)
         x, y, w = seq[i]
@@ -284,19 +287,19 @@ def test_class_weight_is_third(store):
 
 def test_class_weight_unknown_label_raises(store):
     cw = {c: 1.0 for c in range(9)}  # no weight for label 9
-    seq = ChunkedSequence(store, 5, class_weight=cw, shuffle=False)
+    seq = ChunkedSequence(store, 5, transform=transforms.class_weights(cw), shuffle=False)
     assert len(seq[0]) == 3  # samples 0..4: labels 0..4 all weighted
     with pytest.raises(ValueError, match=r"\b9\b"):  # samples 5..9: sample 9 has label 9
         seq[1]
 
 
 def test_sample_weight_and_class_weight_together_rejected(store):
-    with pytest.raises(ValueError):
-        ChunkedSequence(store, 5, sample_weight="w", class_weight={0: 1.0})
+    with pytest.raises(ValueError, match="not both"):
+        ChunkedSequence(store, 5, sample_weight="w", transform=transforms.class_weights({0: 1.0}))
 
 
 def test_num_classes_one_hot(store):
-    seq = ChunkedSequence(store, 11, num_classes=10, seed=5)
+    seq = ChunkedSequence(store, 11, transform=transforms.one_hot(10), seed=5)
     for i in range(len(seq)):
         idx = seq.batch_indices(i)
         x, y = seq[i]
@@ -306,11 +309,11 @@ def test_num_classes_one_hot(store):
 
 
 def test_num_classes_too_small_names_the_sample(store):
-    seq = ChunkedSequence(store, 5, num_classes=5, shuffle=False)
+    seq = ChunkedSequence(store, 5, transform=transforms.one_hot(5), shuffle=False)
     assert seq[0][1].shape == (5, 5)  # samples 0..4 have labels 0..4
     with pytest.raises(ValueError, match=r"sample 5\b"):  # sample 5 has label 5
         seq[1]
-    shuffled = ChunkedSequence(store, 5, num_classes=5, seed=3)
+    shuffled = ChunkedSequence(store, 5, transform=transforms.one_hot(5), seed=3)
     for i in range(len(shuffled)):  # served in order: batch i holds batch_indices(i)
         idx = shuffled.batch_indices(i)
         if not (y_of(idx) >= 5).any():
@@ -599,3 +602,15 @@ def test_in_memory_arrays_are_checked():
         ChunkedSequence({"x": np.zeros((5, 2))}, 2)  # y="y" by default
     with pytest.raises(oocseq.ArgumentTypeError):
         ChunkedSequence(42, 2)
+
+
+def test_constructor_stays_small():
+    """Policies go into option objects (ReadOptions, WorkerOptions, ShardOptions) and
+    transforms, not new keywords: store, batch_size and 11 keywords."""
+    import inspect
+
+    params = inspect.signature(ChunkedSequence.__init__).parameters
+    named = [p for p in params.values() if p.name != "self" and p.kind is not p.VAR_KEYWORD]
+    assert len(named) <= 13, [p.name for p in named]
+    assert [p.name for p in named[:2]] == ["store", "batch_size"]
+    assert all(p.kind is p.KEYWORD_ONLY for p in named[2:])

@@ -180,7 +180,7 @@ def test_assert_bounded_work(store):
     # Broken locality: seq[i] always the plan's batch i, asked in a random order, with one
     # window cached at a time: windows are decoded again and again.
     broken = ChunkedSequence(
-        store, 4, x=IDS, y="y", window=1, keras_order="index", read=oocseq.ReadOptions(readahead=0)
+        store, 4, x=IDS, y="y", window=1, read=oocseq.ReadOptions(readahead=0, keras_order="index")
     )
     with pytest.raises(AssertionError, match="locality lost"):
         assert_bounded_work(broken, order="keras")

@@ -94,7 +94,7 @@ def field_spec(
         )
     if any(int(s) == 0 for s in sample_shape):
         raise InvalidSourceError(f"field {name!r} has an empty sample shape {tuple(sample_shape)}")
-    return FieldSpec(tuple(int(s) for s in sample_shape), dt, dims)
+    return FieldSpec(tuple(int(s) for s in sample_shape), dt, dims=dims)
 
 
 class StoreWriter:
@@ -225,7 +225,7 @@ class StoreWriter:
             "job": _jsonable(job),
             "chunk_len": self.chunk_len,
             "compression": repr(self.compression),
-            "fields": {k: [list(s.shape), s.dtype.str] for k, s in self.specs.items()},
+            "fields": {k: [list(s.sample_shape), s.dtype.str] for k, s in self.specs.items()},
         }
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
@@ -373,10 +373,10 @@ class StoreWriter:
                 f"field {name!r}: got a scalar batch after {self.samples_written(name)} samples; "
                 "batches need a sample axis"
             )
-        if arr.shape[1:] != spec.shape:
+        if arr.shape[1:] != spec.sample_shape:
             raise InvalidSourceError(
                 f"field {name!r}: got samples of shape {arr.shape[1:]} after "
-                f"{self.samples_written(name)} samples of shape {spec.shape}"
+                f"{self.samples_written(name)} samples of shape {spec.sample_shape}"
             )
         if arr.dtype != spec.dtype:
             if not np.can_cast(arr.dtype, spec.dtype, "safe"):

@@ -214,10 +214,10 @@ class _Concatenated:
         except InvalidSourceError as e:
             raise InvalidSourceError(f"{str(files[0])!r}: {e}") from None
         for path, arr in zip(files[1:], self.arrays[1:], strict=True):
-            if arr.shape[1:] != self.spec.shape or _native(arr.dtype) != self.spec.dtype:
+            if arr.shape[1:] != self.spec.sample_shape or _native(arr.dtype) != self.spec.dtype:
                 raise InvalidSourceError(
                     f"{str(path)!r} holds samples of shape {arr.shape[1:]} and dtype {arr.dtype}, but "
-                    f"{str(files[0])!r}, the first file of field {name!r}, holds shape {self.spec.shape} "
+                    f"{str(files[0])!r}, the first file of field {name!r}, holds shape {self.spec.sample_shape} "
                     f"and dtype {first.dtype}; every file of a field needs the same sample shape and dtype"
                 )
         self.file_rows = [int(a.shape[0]) for a in self.arrays]

@@ -39,7 +39,7 @@ class StorageReader(ABC):
         self, name: str, n: int, chunk_len: int, spec: FieldSpec, compression: Compression | None = None
     ) -> None:
         """Raise :class:`~oocseq.errors.CorruptStoreError` unless field ``name`` is stored as
-        the manifest says: shape ``(n, *spec.shape)``, ``spec.dtype``, chunks of ``chunk_len``
+        the manifest says: shape ``(n, *spec.sample_shape)``, ``spec.dtype``, chunks of ``chunk_len``
         along axis 0 only, and exactly the codecs oocseq writes for ``compression``
         (configuration included). Must be called for a field before it is read."""
 

@@ -106,12 +106,17 @@ class HDF5Reader(StorageReader):
     ) -> None:
         ds = self._dataset(name)
         where = f"{self.path}: field {name!r}"
-        if ds.shape != (n, *spec.shape) or ds.dtype != spec.dtype:
+        if ds.shape != (n, *spec.sample_shape) or ds.dtype != spec.dtype:
             raise CorruptStoreError(
-                f"{where} is {ds.shape} {ds.dtype}, the manifest says {(n, *spec.shape)} {spec.dtype}"
+                f"{where} is {ds.shape} {ds.dtype}, the manifest says {(n, *spec.sample_shape)} {spec.dtype}"
             )
-        if ds.chunks != (chunk_len, *spec.shape) or ds.id.get_create_plist().get_layout() != h5py.h5d.CHUNKED:
-            raise CorruptStoreError(f"{where}: chunks {ds.chunks}, expected {(chunk_len, *spec.shape)}")
+        if (
+            ds.chunks != (chunk_len, *spec.sample_shape)
+            or ds.id.get_create_plist().get_layout() != h5py.h5d.CHUNKED
+        ):
+            raise CorruptStoreError(
+                f"{where}: chunks {ds.chunks}, expected {(chunk_len, *spec.sample_shape)}"
+            )
         if not np.little_endian or ds.dtype.byteorder not in "=|<":
             raise CorruptStoreError(
                 f"{where}: oocseq reads little-endian data on little-endian machines only"
@@ -289,9 +294,9 @@ class HDF5Writer(StorageWriter):
             )
         self._datasets[name] = self._file.create_dataset(
             name,
-            shape=(0, *spec.shape),
-            maxshape=(None, *spec.shape),
-            chunks=(chunk_len, *spec.shape),
+            shape=(0, *spec.sample_shape),
+            maxshape=(None, *spec.sample_shape),
+            chunks=(chunk_len, *spec.sample_shape),
             dtype=spec.dtype,
             **kwargs,
         )

@@ -554,12 +554,14 @@ class RemoteZarrReader(StorageReader):
 
         arr = self._array(name)
         where = f"{self.url}: field {name!r}"
-        if arr.shape != (n, *spec.shape) or arr.dtype != spec.dtype:
+        if arr.shape != (n, *spec.sample_shape) or arr.dtype != spec.dtype:
             raise CorruptStoreError(
-                f"{where} is {arr.shape} {arr.dtype}, the manifest says {(n, *spec.shape)} {spec.dtype}"
+                f"{where} is {arr.shape} {arr.dtype}, the manifest says {(n, *spec.sample_shape)} {spec.dtype}"
             )
-        if tuple(arr.chunks) != (chunk_len, *spec.shape) and not (n == 0 or 0 in spec.shape):
-            raise CorruptStoreError(f"{where}: chunks {arr.chunks}, expected {(chunk_len, *spec.shape)}")
+        if tuple(arr.chunks) != (chunk_len, *spec.sample_shape) and not (n == 0 or 0 in spec.sample_shape):
+            raise CorruptStoreError(
+                f"{where}: chunks {arr.chunks}, expected {(chunk_len, *spec.sample_shape)}"
+            )
         enc = arr.metadata.chunk_key_encoding
         if getattr(enc, "name", None) != "default" or getattr(enc, "separator", None) != "/":
             raise CorruptStoreError(f"{where}: unsupported chunk key encoding {enc!r}")

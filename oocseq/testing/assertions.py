@@ -161,7 +161,7 @@ def assert_matches_source(
     """Every field served in one epoch equals the source rows of the samples it claims to hold:
     ``served[field] == arrays[field][ids]`` (after ``transform`` of the source rows, for a
     sequence with a deterministic transform). Fields are told by the sequence's ``x`` / ``y``
-    selections (a name, a list or a dict); ``num_classes`` / weights are not compared.
+    selections (a name, a list or a dict); sample weights are not compared.
 
     Raises:
         AssertionError: naming the field, the batch and the first differing sample.
@@ -169,7 +169,7 @@ def assert_matches_source(
     for k, batch in enumerate(serve_epoch(seq, epoch, order=order)):
         sample_ids = _ids(batch, ids, f"epoch {epoch}, request {k}")
         served = {**_flatten(batch[0], seq.x)}
-        if len(batch) > 1 and getattr(seq, "num_classes", None) is None:
+        if len(batch) > 1:
             served.update(_flatten(batch[1], seq.y))
         source = {f: np.asarray(arrays[f])[sample_ids] for f in served if f in arrays}
         if transform is not None:

@@ -32,7 +32,7 @@ from hypothesis.extra import numpy as hnp
 
 from ..ingest.arrays import ingest_arrays
 from ..manifest import ALLOWED_DTYPES
-from ..options import ShardOptions, WorkerOptions
+from ..options import ReadOptions, ShardOptions, WorkerOptions
 from ..plan import EpochPlan
 from ..store import Store
 from .stores import index_encoding_fields
@@ -182,8 +182,8 @@ def sequence_kwargs(
     workers: bool = False,
 ) -> dict[str, Any]:
     """Keyword arguments of :class:`~oocseq.ChunkedSequence` valid for ``store``: batch_size,
-    window (None or 1 to a few more than the chunks), seed, shuffle, drop_remainder, keras_order
-    and, with ``ranks``, a ``shard`` (:class:`~oocseq.ShardOptions`, each rank holding a chunk);
+    window (None or 1 to a few more than the chunks), seed, shuffle, drop_remainder, ``read``
+    (:class:`~oocseq.ReadOptions` with a ``keras_order``) and, with ``ranks``, a ``shard`` (:class:`~oocseq.ShardOptions`, each rank holding a chunk);
     with ``workers``, thread workers (1-3) with a max_queue_size (:class:`~oocseq.WorkerOptions`)."""
     if isinstance(store, StoreExample):
         store = store.store
@@ -194,7 +194,7 @@ def sequence_kwargs(
         "seed": draw(st.integers(0, 2**32)),
         "shuffle": draw(st.booleans()),
         "drop_remainder": draw(st.booleans()),
-        "keras_order": draw(st.sampled_from(["plan", "index"])),
+        "read": ReadOptions(keras_order=draw(st.sampled_from(["plan", "index"]))),
     }
     if kw["drop_remainder"] and kw["batch_size"] > n:
         kw["drop_remainder"] = False  # no batch at all: not a sequence anyone trains on
