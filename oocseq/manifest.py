@@ -91,6 +91,12 @@ class FieldSpec:
     n: int | None = None
     dims: tuple[str, ...] | None = dataclasses.field(default=None, compare=False)
 
+    def __post_init__(self) -> None:
+        if self.n is not None and (
+            not isinstance(self.n, (int, np.integer)) or isinstance(self.n, bool) or self.n < 0
+        ):
+            raise ArgumentError(f"FieldSpec n must be None or a sample count (int >= 0), not {self.n!r}")
+
     @property
     def shape(self) -> tuple[int, ...]:
         """The field's full shape ``(n, *sample_shape)``.

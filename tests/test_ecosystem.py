@@ -97,8 +97,8 @@ def test_csv_features_dim(tmp_path: Path, fmt: str) -> None:
 
 def test_with_dims_names_and_collisions() -> None:
     u8 = np.dtype(np.uint8)
-    img = FieldSpec((4, 5, 3), u8, ("height", "width", "channel"))
-    got = with_dims({"x": img, "height": FieldSpec((), u8), "m": FieldSpec((4, 6, 3), u8, img.dims)})
+    img = FieldSpec((4, 5, 3), u8, dims=("height", "width", "channel"))
+    got = with_dims({"x": img, "height": FieldSpec((), u8), "m": FieldSpec((4, 6, 3), u8, dims=img.dims)})
     assert got["x"].dims == ("sample", "x_height", "width", "channel")
     assert got["height"].dims == ("sample",)
     # the same name with another size becomes the field's own
