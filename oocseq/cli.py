@@ -404,9 +404,10 @@ def ingest_report(store: Any, seconds: float, unit: str = "samples") -> str:
     source = f"read {_bytes(read)} from {files} file{'' if files == 1 else 's'}; " if files else ""
     rate = n / seconds if seconds > 0 else float("inf")
     lines = [
-        f"wrote {store.path} ({store.format}): {n} samples; {fields}",
-        f"  {source}wrote {_bytes(stored)} of chunks ({_bytes(raw)} uncompressed, {ratio}; "
-        f"{_bytes(_disk_bytes(store.path))} on disk)",
+        f"wrote {store.location} ({store.format}): {n} samples; {fields}",
+        f"  {source}wrote {_bytes(stored)} of chunks ({_bytes(raw)} uncompressed, {ratio}"
+        + ("" if store.url is not None else f"; {_bytes(_disk_bytes(store.path))} on disk")
+        + ")",
         f"  {seconds:.1f} s: {rate:,.0f} {unit}/s"
         + (f", {_bytes(int(read / seconds))}/s read" if files and seconds > 0 else ""),
     ]

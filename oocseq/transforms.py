@@ -60,7 +60,7 @@ def _labels(batch: Mapping[str, Any], name: str, what: str) -> np.ndarray:
     if labels.ndim != 1 or labels.dtype.kind not in "iu":
         raise ArgumentError(
             f"{what} needs a field of integer labels (shape (batch,) or (batch, 1)); "
-            f"field {name!r} is {labels.dtype} of shape {labels.shape[1:]} per batch"
+            f"field {name!r} is {labels.dtype} of shape {labels.shape[1:]} per sample"
         )
     return labels
 

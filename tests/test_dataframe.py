@@ -184,6 +184,17 @@ def test_stacked_extra_columns_and_weights(tmp_path: Path) -> None:
     assert store.metadata["field_class_names"] == {"y": ["a", "b", "c"]}
     assert store.metadata["source"]["index"] == {"name": ["patient", "visit"], "kind": "str"}
     assert store.dataframe_index.tolist() == [str(t) for t in df.index]
+    # A converted copy keeps every per-sample record, so saved sequence states still apply.
+    other = ".h5" if store.format == "zarr" else ".zarr"
+    copy = oocseq.convert_store(store, tmp_path / f"copy{other}")
+    back = oocseq.convert_store(copy, tmp_path / f"back.{store.format}")
+    for converted in (copy, back):
+        assert converted.dataframe_index.tolist() == store.dataframe_index.tolist()
+        assert converted.sources.tolist() == store.sources.tolist()
+        assert converted.manifest.aux == store.manifest.aux
+    assert back.manifest.checksums == store.manifest.checksums
+    copy.close()
+    back.close()
     seq = oocseq.ChunkedSequence(
         store, 3, x={"image": "x", "tab": "tab"}, y="y", sample_weight="w", shuffle=False
     )

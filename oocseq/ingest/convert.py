@@ -58,9 +58,8 @@ def convert_store(
         for c in range(manifest.num_chunks):
             for name in manifest.fields:
                 w.append(name, store.read_chunk(name, c))
-        sources = store.sources
-        if sources is not None:
-            w.set_aux("source", sources)
+        for name in manifest.aux:  # every per-sample record (sources, a DataFrame's index ...)
+            w.set_aux(name, _aux_values(store, name))
     except BaseException:
         w.abort()
         raise
@@ -70,3 +69,17 @@ def convert_store(
             f"{dest}: the copy's checksums differ from those of {store.location}; the copy is not faithful"
         )
     return out
+
+
+def _aux_values(store: Store, name: str) -> np.ndarray:
+    """An auxiliary array as the store serves it (the known ones with their types normalised:
+    Zarr and HDF5 return strings differently)."""
+    if name == "source":
+        values = store.sources
+    elif name == "dataframe_index":
+        values = store.dataframe_index
+    else:
+        values = store._open().read_aux(name)
+    if values is None:  # listed in the manifest, so the reader has it
+        raise CorruptStoreError(f"{store.location}: auxiliary array {name!r} is listed but missing")
+    return values
