@@ -415,6 +415,32 @@ def test_ingest_straight_to_s3_with_the_manifest_last(s3, local):
         s3.get(BUCKET, f"{dest.removeprefix(f's3://{BUCKET}/')}/x/c/20/0")
 
 
+def test_a_cluster_ingesting_to_s3_sends_chunks_back(s3, local):
+    """With a URL destination the store is staged on this machine, which a cluster's other
+    machines do not see: cluster workers return encoded chunks instead of writing files."""
+    distributed = pytest.importorskip("distributed")
+    from oocseq.ingest._writer import StoreWriter, field_spec
+    from oocseq.testing.stores import index_encoding_fields
+
+    dest = f"s3://{BUCKET}/cluster/{uuid.uuid4().hex}.zarr"
+    w = StoreWriter(dest, {"x": field_spec("x", (3,), np.float32)}, chunk_len=4)
+    try:
+        assert w.encode_args("x", 0)[3] is None
+    finally:
+        w.abort()
+    with (
+        distributed.LocalCluster(
+            n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as c,
+        distributed.Client(c) as client,
+    ):
+        store = oocseq.ingest_arrays(
+            dest, index_encoding_fields(N), chunk_len=CHUNK, preshuffle=False, client=client
+        )
+    assert store.manifest.checksums == local.manifest.checksums
+    store.close()
+
+
 def test_hdf5_cannot_be_ingested_to_object_storage():
     from oocseq.testing.stores import index_encoding_fields
 

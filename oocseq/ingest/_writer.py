@@ -434,9 +434,11 @@ class StoreWriter:
     def encode_args(self, name: str, c: int) -> tuple[int, Compression | None, str, str | None]:
         """``(chunk_len, compression, format, target)`` for :func:`encode_chunk` of chunk ``c``
         of field ``name``: ``target`` is the chunk's file in the partial store where the
-        encoder writes it itself (Zarr), else ``None`` (the encoded bytes come back)."""
+        encoder writes it itself (Zarr), else ``None`` (the encoded bytes come back: HDF5, and a
+        URL destination, whose staging folder other machines do not see)."""
         self._create_fields()
-        target = self._backend.chunk_path(name, c) if self.format == "zarr" else None
+        local_zarr = self.format == "zarr" and self.url is None
+        target = self._backend.chunk_path(name, c) if local_zarr else None
         return self.chunk_len, self.compression, self.format, None if target is None else str(target)
 
     def _reserve(self, name: str, c: int, count: int) -> None:
