@@ -482,7 +482,7 @@ def _shuffle_report(store: Any, batch_size: int, window: int | None) -> Any:
 
     from .sequence import ChunkedSequence
 
-    label = "y" if "y" in store.fields else None
+    label = _label_field(store)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the report says it in full
         x = next((name for name in store.fields if name != label), label)
@@ -491,6 +491,19 @@ def _shuffle_report(store: Any, batch_size: int, window: int | None) -> Any:
         return seq.shuffle_report()
     finally:
         seq.close()
+
+
+def _label_field(store: Any) -> str | None:
+    """The field the shuffle report measures: ``y``, else the first field of class indices
+    (a multi-output DataFrame's ``y_col=[...]``), else none."""
+    if "y" in store.fields:
+        return "y"
+    per_field = store.metadata.get("field_class_names")
+    if isinstance(per_field, dict):
+        for name in per_field:
+            if name in store.fields and store.fields[name].dtype.kind in "iu":
+                return str(name)
+    return None
 
 
 def _run_verify(args: argparse.Namespace) -> None:

@@ -205,6 +205,10 @@ def test_a_lock_file_being_created_is_not_taken(tmp_path: Path) -> None:
     oocseq.open_store(dest).close()
     assert _commit.OwnerLock.adopt(creating) is None
     assert creating.exists()
+    # Killed after writing its pid (it held the flock then): taken at once, not after a delay.
+    creating.write_text("12345\n")
+    oocseq.open_store(dest).close()
+    assert not creating.exists()
 
 
 @pytest.mark.parametrize("fmt", [".zarr", ".h5"])

@@ -222,6 +222,10 @@ def test_multi_output_classes_per_column(tmp_path: Path) -> None:
 
     text = describe(store)
     assert "classes of gender (2): f, m" in text and "classes of race (3): c, b, a" in text
+    # No field named y: the shuffle report measures the first field of class indices.
+    from oocseq.cli import _shuffle_report
+
+    assert _shuffle_report(store, 2, None).label == "gender"
 
 
 @pytest.mark.parametrize(

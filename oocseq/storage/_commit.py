@@ -37,7 +37,7 @@ from ..errors import NotAStoreError, StoreExistsError
 
 # "-new": a lock file or journal being created under a temporary name (a kill can leave it).
 KINDS = ("partial", "journal", "lock", "old", "lock-new", "journal-new")
-# How old a "lock-new" must be before it is taken for a killed owner's (seconds).
+# How old an empty "lock-new" must be before it is taken for a killed owner's (seconds).
 _CREATING_S = 10.0
 
 
@@ -164,9 +164,11 @@ class OwnerLock:
         except OSError:
             return None
         try:
-            # A lock under its temporary name exists unlocked for the instant between its
-            # creation and its flock in create(): taking it then would break a live ingestion.
-            if path.name.endswith("-new") and time.time() - os.fstat(fd).st_mtime < _CREATING_S:
+            # A lock under its temporary name exists unlocked, and empty, for the instant between
+            # its creation and its flock in create(): taking it then would break a live
+            # ingestion. Once it holds a pid its creator had the flock, so a free one is dead.
+            st = os.fstat(fd)
+            if path.name.endswith("-new") and st.st_size == 0 and time.time() - st.st_mtime < _CREATING_S:
                 os.close(fd)
                 return None
             if not _flock(fd, blocking=False):
