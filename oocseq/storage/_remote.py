@@ -550,22 +550,10 @@ class RemoteZarrReader(StorageReader):
     def check_layout(
         self, name: str, n: int, chunk_len: int, spec: FieldSpec, compression: Compression | None = None
     ) -> None:
-        from ._zarr import _check_field_codecs
+        from ._zarr import check_field_layout
 
-        arr = self._array(name)
         where = f"{self.url}: field {name!r}"
-        if arr.shape != (n, *spec.sample_shape) or arr.dtype != spec.dtype:
-            raise CorruptStoreError(
-                f"{where} is {arr.shape} {arr.dtype}, the manifest says {(n, *spec.sample_shape)} {spec.dtype}"
-            )
-        if tuple(arr.chunks) != (chunk_len, *spec.sample_shape) and not (n == 0 or 0 in spec.sample_shape):
-            raise CorruptStoreError(
-                f"{where}: chunks {arr.chunks}, expected {(chunk_len, *spec.sample_shape)}"
-            )
-        enc = arr.metadata.chunk_key_encoding
-        if getattr(enc, "name", None) != "default" or getattr(enc, "separator", None) != "/":
-            raise CorruptStoreError(f"{where}: unsupported chunk key encoding {enc!r}")
-        self._kinds[name] = _check_field_codecs(arr, spec, compression, where)
+        self._kinds[name] = check_field_layout(self._array(name), n, chunk_len, spec, compression, where)
 
     def _key(self, name: str, c: int) -> str:
         return f"{name}/c/" + "/".join([str(c)] + ["0"] * (self._array(name).ndim - 1))

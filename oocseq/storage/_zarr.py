@@ -135,20 +135,8 @@ class ZarrReader(StorageReader):
     def check_layout(
         self, name: str, n: int, chunk_len: int, spec: FieldSpec, compression: Compression | None = None
     ) -> None:
-        arr = self._array(name)
         where = f"{self.path}: field {name!r}"
-        if arr.shape != (n, *spec.sample_shape) or arr.dtype != spec.dtype:
-            raise CorruptStoreError(
-                f"{where} is {arr.shape} {arr.dtype}, the manifest says {(n, *spec.sample_shape)} {spec.dtype}"
-            )
-        if tuple(arr.chunks) != (chunk_len, *spec.sample_shape) and not (n == 0 or 0 in spec.sample_shape):
-            raise CorruptStoreError(
-                f"{where}: chunks {arr.chunks}, expected {(chunk_len, *spec.sample_shape)}"
-            )
-        enc = arr.metadata.chunk_key_encoding
-        if getattr(enc, "name", None) != "default" or getattr(enc, "separator", None) != "/":
-            raise CorruptStoreError(f"{where}: unsupported chunk key encoding {enc!r}")
-        self._kinds[name] = _check_field_codecs(arr, spec, compression, where)
+        self._kinds[name] = check_field_layout(self._array(name), n, chunk_len, spec, compression, where)
 
     def _chunk_dir(self, name: str) -> int:
         """An open fd of the field's ``c`` directory (links refused)."""
@@ -455,3 +443,21 @@ class ZarrWriter(StorageWriter):
 
     def close(self) -> None:
         self._arrays.clear()
+
+
+def check_field_layout(
+    arr: Any, n: int, chunk_len: int, spec: FieldSpec, compression: Compression | None, where: str
+) -> Any:
+    """CorruptStoreError unless the Zarr array ``arr`` holds what the manifest says (shape,
+    dtype, chunks, chunk keys, codecs); returns its codec kind (:func:`_check_field_codecs`).
+    Shared by the local and the remote reader."""
+    if arr.shape != (n, *spec.sample_shape) or arr.dtype != spec.dtype:
+        raise CorruptStoreError(
+            f"{where} is {arr.shape} {arr.dtype}, the manifest says {(n, *spec.sample_shape)} {spec.dtype}"
+        )
+    if tuple(arr.chunks) != (chunk_len, *spec.sample_shape) and not (n == 0 or 0 in spec.sample_shape):
+        raise CorruptStoreError(f"{where}: chunks {arr.chunks}, expected {(chunk_len, *spec.sample_shape)}")
+    enc = arr.metadata.chunk_key_encoding
+    if getattr(enc, "name", None) != "default" or getattr(enc, "separator", None) != "/":
+        raise CorruptStoreError(f"{where}: unsupported chunk key encoding {enc!r}")
+    return _check_field_codecs(arr, spec, compression, where)
