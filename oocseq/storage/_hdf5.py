@@ -24,10 +24,11 @@ from ._raw import (
     BLOSC_MAX_OVERHEAD,
     SYSTEM_ERRNOS,
     Handles,
+    aligned_empty,
     blosc_decode_into,
     os_error,
-    read_exactly,
     read_exactly_into,
+    read_scratch,
     serve,
 )
 
@@ -185,14 +186,14 @@ class HDF5Reader(StorageReader):
         shape = (ds.chunks[0], *ds.shape[1:])  # HDF5 stores whole chunks, the last one padded
         nbytes = math.prod(shape) * ds.dtype.itemsize
         # Decoded straight into the window buffer when the chunk fills it.
-        chunk = out if out is not None and stop - start == shape[0] else np.empty(shape, dtype=ds.dtype)
+        chunk = out if out is not None and stop - start == shape[0] else aligned_empty(shape, ds.dtype)
         if table.blosc and not skipped_filter:
             if size > nbytes + BLOSC_MAX_OVERHEAD:
                 raise CorruptStoreError(
                     f"{where}: compressed chunk has {size} bytes, more than the {nbytes} bytes it "
                     "decodes to plus the Blosc header"
                 )
-            blosc_decode_into(read_exactly(self._fd, offset, size, where), chunk, where)
+            blosc_decode_into(read_scratch(self._fd, offset, size, where), chunk, where)
         else:
             if size != nbytes:
                 raise CorruptStoreError(f"{where}: stored chunk has {size} bytes, expected {nbytes}")

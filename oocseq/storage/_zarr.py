@@ -23,12 +23,14 @@ from ._raw import (
     BLOSC_MAX_OVERHEAD,
     SYSTEM_ERRNOS,
     Handles,
+    aligned_empty,
     blosc_decode_into,
     blosc_header,
     open_beneath,
     os_error,
     read_exactly,
     read_exactly_into,
+    read_scratch,
     serve,
 )
 
@@ -204,7 +206,7 @@ class ZarrReader(StorageReader):
         shape = (arr.chunks[0], *arr.shape[1:])  # files hold whole chunks, the last one padded
         nbytes = math.prod(shape) * arr.dtype.itemsize
         # Decoded straight into the window buffer when the chunk fills it.
-        chunk = out if out is not None and stop - start == shape[0] else np.empty(shape, dtype=arr.dtype)
+        chunk = out if out is not None and stop - start == shape[0] else aligned_empty(shape, arr.dtype)
         fd, where = self._open_chunk(name, c)
         try:
             size = os.fstat(fd).st_size
@@ -220,7 +222,7 @@ class ZarrReader(StorageReader):
                         f"{where}: compressed chunk file has {size} bytes, more than the {nbytes} "
                         "bytes it decodes to plus the Blosc header"
                     )
-                blosc_decode_into(read_exactly(fd, 0, size, where), chunk, where)
+                blosc_decode_into(read_scratch(fd, 0, size, where), chunk, where)
         finally:
             os.close(fd)
         return serve(chunk, out, stop - start)
