@@ -51,7 +51,11 @@ class Hold:
 
 
 class _Window:
-    """The decoded buffers of one window and the futures of its chunk decodes."""
+    """The decoded buffers of one window and one future per chunk decode.
+
+    A chunk's decode is run once, by whichever thread claims it first: a pool thread, or a
+    thread that needs the window now and would otherwise wait (it decodes the chunks no pool
+    thread has started, so no core idles while the window it waits for has work left)."""
 
     def __init__(self, bases: dict[str, np.ndarray], chunks: np.ndarray, sizes: np.ndarray) -> None:
         total = int(sizes.sum())
@@ -59,7 +63,9 @@ class _Window:
         self.buffers = {f: b[:total] for f, b in bases.items()}
         self.chunks = chunks
         self.offsets = np.r_[0, np.cumsum(sizes)]
-        self.futures: list[Future[None]] = []
+        self.futures: list[Future[None]] = [Future() for _ in range(len(chunks))]
+        self.claimed = [False] * len(chunks)
+        self.ready = False  # every decode done and checked by a get()
 
 
 class WindowCache:
@@ -133,13 +139,35 @@ class WindowCache:
             window = _Window(self._buffers(), chunks, sizes)
             self._items[key] = window
             self.peak_resident = max(self.peak_resident, self._resident_chunks())
-            if self._threads > 0:
-                if self._pool is None:
-                    self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="oocseq-decode")
-                window.futures = [
-                    self._pool.submit(self._decode_chunk, window, j) for j in range(len(chunks))
-                ]
+            pool = self._get_pool()
+            if pool is not None:
+                for j in range(len(chunks)):
+                    pool.submit(self._run, window, j)
             return window, True
+
+    def _get_pool(self) -> ThreadPoolExecutor | None:
+        """The decoding threads (started on first use); None without threads. Call with the
+        lock held."""
+        if self._threads > 0 and self._pool is None:
+            self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="oocseq-decode")
+        return self._pool
+
+    def _run(self, window: _Window, j: int) -> None:
+        """Decode chunk ``j`` of ``window`` unless another thread claimed it or the window was
+        dropped first; the outcome goes to ``window.futures[j]``."""
+        with self._lock:
+            if window.claimed[j]:
+                return
+            window.claimed[j] = True
+        fut = window.futures[j]
+        if not fut.set_running_or_notify_cancel():
+            return  # the window was dropped before its decode started
+        try:
+            self._decode_chunk(window, j)
+        except BaseException as e:
+            fut.set_exception(e)
+        else:
+            fut.set_result(None)
 
     def advise(self, key: Hashable, chunks: np.ndarray) -> None:
         """Tell the kernel that a window's chunks will be read soon (asynchronous read-ahead
@@ -161,24 +189,33 @@ class WindowCache:
             self._start(key, chunks)
 
     def get(self, key: Hashable, chunks: np.ndarray) -> dict[str, np.ndarray]:
-        """The decoded buffers (field -> array) of the window made of ``chunks``."""
+        """The decoded buffers (field -> array) of the window made of ``chunks``. Decodes the
+        window's chunks that no thread has started in the calling thread, and waits for the
+        others."""
         window, created = self._start(key, chunks)
+        if window.ready:
+            with self._lock:
+                self.hits += 1
+            return window.buffers
         if not created:
             with self._lock:
                 self.hits += 1
-        if self._threads == 0 and created:
-            try:
-                for j in range(len(chunks)):
-                    self._decode_chunk(window, j)
-            except BaseException:
-                self._forget(key, window)
-                raise
+        if self._threads == 0:
+            for j, fut in enumerate(window.futures):
+                self._run(window, j)
+                if fut.done() and fut.exception() is not None:
+                    break  # (reported below)
+        else:  # from the last chunk down: the pool's threads take them from the first one up
+            for j in range(len(window.futures) - 1, -1, -1):
+                if not window.claimed[j]:
+                    self._run(window, j)
         for fut in window.futures:
             try:
                 fut.result()
             except BaseException:
                 self._forget(key, window)  # do not keep a half-decoded window
                 raise
+        window.ready = True
         return window.buffers
 
     def _buffers(self) -> dict[str, np.ndarray]:
@@ -255,9 +292,13 @@ class WindowCache:
     def close(self) -> None:
         with self._lock:
             self._holds.clear()
+            items = list(self._items.values())
             self._items.clear()
             self._free.clear()
             pool, self._pool = self._pool, None
+        for window in items:  # a thread waiting for a decode that will not run is told
+            for fut in window.futures:
+                fut.cancel()
         if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)
 

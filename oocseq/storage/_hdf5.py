@@ -26,6 +26,7 @@ from ._raw import (
     Handles,
     aligned_empty,
     blosc_decode_into,
+    in_page_cache,
     os_error,
     read_exactly_into,
     read_scratch,
@@ -165,7 +166,7 @@ class HDF5Reader(StorageReader):
         table = self._table(name)
         for c in chunks.tolist():
             offset, size, _ = table.lookup(c * table.chunk_len)
-            if offset >= 0:
+            if offset >= 0 and not in_page_cache(self._fd, offset, size):
                 os.posix_fadvise(self._fd, offset, size, os.POSIX_FADV_WILLNEED)
 
     def read_chunk_fast(

@@ -26,6 +26,7 @@ from ._raw import (
     aligned_empty,
     blosc_decode_into,
     blosc_header,
+    in_page_cache,
     open_beneath,
     os_error,
     read_exactly,
@@ -194,7 +195,8 @@ class ZarrReader(StorageReader):
             except Exception:
                 continue  # a missing or refused chunk is reported when it is read
             try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+                if not in_page_cache(fd, 0, os.fstat(fd).st_size):
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
             finally:
                 os.close(fd)
 
