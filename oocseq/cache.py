@@ -99,9 +99,12 @@ class WindowCache:
         self._window_rows = window * chunk_len
         self._threads = threads
         # Buffers of dropped windows, reused: no fresh pages (and page faults) per window, and
-        # a resident size that stays flat. Holds at most _max_free sets (windows).
+        # a resident size that stays flat. Holds _max_free sets (windows), or more while fewer
+        # windows are in use than at the most so far (between epochs): buffers in use and free
+        # never exceed that most plus _max_free.
         self._free: list[dict[str, np.ndarray]] = []
         self._max_free = 2
+        self._peak_windows = 0
         self._pool: ThreadPoolExecutor | None = None
         self._items: dict[Hashable, _Window] = {}
         self._lock = threading.Lock()
@@ -139,6 +142,7 @@ class WindowCache:
             window = _Window(self._buffers(), chunks, sizes)
             self._items[key] = window
             self.peak_resident = max(self.peak_resident, self._resident_chunks())
+            self._peak_windows = max(self._peak_windows, len(self._items))
             pool = self._get_pool()
             if pool is not None:
                 for j in range(len(chunks)):
@@ -232,7 +236,7 @@ class WindowCache:
         pending = [f for f in window.futures if not f.cancel() and not f.done()]
         if not pending:
             with self._lock:
-                if len(self._free) < self._max_free:
+                if self._keep_free():
                     self._free.append(window.bases)
             return
         left = [len(pending)]
@@ -240,11 +244,16 @@ class WindowCache:
         def one_done(_: Future[None]) -> None:
             with self._lock:
                 left[0] -= 1
-                if left[0] == 0 and len(self._free) < self._max_free:
+                if left[0] == 0 and self._keep_free():
                     self._free.append(window.bases)
 
         for f in pending:
             f.add_done_callback(one_done)
+
+    def _keep_free(self) -> bool:
+        """Whether one more set of buffers may join the free ones. Call with the lock held."""
+        free = len(self._free)
+        return free < self._max_free or free + len(self._items) < self._peak_windows
 
     def _forget(self, key: Hashable, window: _Window) -> None:
         with self._lock:

@@ -1,0 +1,185 @@
+"""The window cache's buffers and decode threads (:mod:`oocseq.cache`) and the read buffers
+of the fast read path (:mod:`oocseq.storage._raw`): page-aligned, reused rather than
+allocated per window or per chunk, and every chunk decoded once however the threads share
+the work."""
+
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from conftest import make_store
+
+from oocseq import ChunkedSequence
+from oocseq.cache import WindowCache
+from oocseq.manifest import FieldSpec
+from oocseq.storage import _raw
+from oocseq.storage._raw import ALIGNMENT, aligned_empty, in_page_cache, read_scratch
+
+CHUNK = 4  # samples per chunk in the caches below
+SAMPLE = (64, 64, 3)  # 12288 bytes: whole pages, so every chunk in a window starts on a page
+
+
+def fill(field: str, c: int, out: np.ndarray) -> None:
+    """A decoder: chunk ``c`` holds the value ``c + 1`` everywhere."""
+    out[...] = c + 1
+
+
+def new_cache(decode=fill, threads: int = 0, n: int = 40, window: int = 2) -> WindowCache:
+    fields = {"x": FieldSpec(SAMPLE, np.dtype(np.uint8))}
+    return WindowCache(decode, fields, CHUNK, n, window, threads)
+
+
+@pytest.mark.parametrize("shape", [(0,), (1,), (7, 3), (5, *SAMPLE)])
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32, np.int64])
+def test_aligned_empty_starts_on_a_page(shape, dtype):
+    a = aligned_empty(shape, dtype)
+    assert a.shape == shape and a.dtype == dtype and a.flags.c_contiguous and a.flags.writeable
+    assert a.size == 0 or a.ctypes.data % ALIGNMENT == 0
+    a[...] = 1  # the whole array is usable memory
+    assert a.sum() == a.size
+
+
+def test_window_buffers_are_aligned_and_reused_across_windows():
+    cache = new_cache()
+    chunks = np.arange(10)
+    seen: set[int] = set()
+    for w in range(5):
+        key = (0, w)
+        ws = chunks[2 * w : 2 * w + 2]
+        with cache.hold([key]):
+            buf = cache.get(key, ws)["x"]
+            assert buf.ctypes.data % ALIGNMENT == 0
+            # a chunk of whole pages starts on a page inside the window's buffer
+            assert buf[CHUNK:].ctypes.data % ALIGNMENT == 0
+            assert np.array_equal(buf[:, 0, 0, 0], np.repeat(ws + 1, CHUNK))
+            seen.add(buf.ctypes.data)
+        cache.drop_unheld()
+    assert len(seen) == 1  # one window at a time: its buffer came back each time
+    assert cache.decodes == 10
+
+
+def test_read_scratch_is_reused_by_its_thread(tmp_path):
+    path = tmp_path / "bytes"
+    data = np.random.default_rng(0).integers(0, 256, 1 << 20, dtype=np.uint8)
+    path.write_bytes(data.tobytes())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        first = read_scratch(fd, 0, 1000, "f")
+        addr = np.frombuffer(first, np.uint8).ctypes.data
+        assert addr % ALIGNMENT == 0 and bytes(first) == data[:1000].tobytes()
+        second = read_scratch(fd, 5000, 3000, "f")
+        assert bytes(second) == data[5000:8000].tobytes()
+        # a larger read grows the buffer once; smaller ones reuse it
+        big = read_scratch(fd, 0, len(data), "f")
+        addr = np.frombuffer(big, np.uint8).ctypes.data
+        small = read_scratch(fd, 10, 20, "f")
+        assert np.frombuffer(small, np.uint8).ctypes.data == addr
+        assert bytes(small) == data[10:30].tobytes()
+        with ThreadPoolExecutor(1) as pool:  # another thread has a buffer of its own
+            other = pool.submit(lambda: np.frombuffer(read_scratch(fd, 10, 20, "f"), np.uint8).ctypes.data)
+            assert other.result() != addr
+        with pytest.raises(Exception, match="file ends"):
+            read_scratch(fd, len(data) - 10, 20, "f")
+    finally:
+        os.close(fd)
+
+
+def test_in_page_cache_and_its_fallback(tmp_path, monkeypatch):
+    path = tmp_path / "bytes"
+    path.write_bytes(b"x" * 10000)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.pread(fd, 10000, 0)  # now cached
+        assert in_page_cache(fd, 0, 10000) is (_raw._NOWAIT is not None)
+        assert in_page_cache(fd, 0, 0) is False
+        monkeypatch.setattr(_raw, "_NOWAIT", None)  # a system that cannot tell: always advise
+        assert in_page_cache(fd, 0, 10000) is False
+    finally:
+        os.close(fd)
+
+
+def test_a_waiting_thread_decodes_the_chunks_no_pool_thread_started():
+    """The pool's one thread is stuck in chunk 0; the thread that needs the window decodes
+    the rest itself, each chunk exactly once."""
+    started, release = threading.Event(), threading.Event()
+    by: dict[int, str] = {}
+
+    def decode(field: str, c: int, out: np.ndarray) -> None:
+        by[c] = threading.current_thread().name
+        if c == 0:
+            started.set()
+            assert release.wait(10)
+        out[...] = c + 1
+
+    cache = new_cache(decode, threads=1, window=4)
+    chunks = np.arange(4)
+    cache.prefetch((0, 0), chunks)
+    assert started.wait(10)
+    result: dict[str, np.ndarray] = {}
+    getter = threading.Thread(target=lambda: result.update(cache.get((0, 0), chunks)), name="getter")
+    getter.start()
+    while len(by) < 4:  # chunks 1-3 decoded by the getter while the pool thread waits
+        threading.Event().wait(0.01)
+    assert getter.is_alive()  # still waiting for chunk 0
+    release.set()
+    getter.join(10)
+    assert {c: name == "getter" for c, name in by.items()} == {0: False, 1: True, 2: True, 3: True}
+    assert np.array_equal(result["x"][:, 0, 0, 0], np.repeat(chunks + 1, CHUNK))
+    assert cache.decodes == 4
+    cache.close()
+
+
+def test_a_failed_decode_is_raised_and_the_window_decoded_again():
+    calls: list[int] = []
+
+    def decode(field: str, c: int, out: np.ndarray) -> None:
+        calls.append(c)
+        if c == 1 and calls.count(1) == 1:
+            raise OSError("flaky disk")
+        out[...] = c + 1
+
+    for threads in (0, 2):
+        calls.clear()
+        cache = new_cache(decode, threads=threads, window=3)
+        with pytest.raises(OSError, match="flaky"):
+            cache.get((0, 0), np.arange(3))
+        assert len(cache) == 0  # no half-decoded window kept
+        buf = cache.get((0, 0), np.arange(3))["x"]
+        assert np.array_equal(buf[:, 0, 0, 0], np.repeat(np.arange(3) + 1, CHUNK))
+        if threads == 0:  # in the calling thread: stops at the first failure
+            assert calls == [0, 1, 0, 1, 2]
+        cache.close()
+
+
+@pytest.mark.parametrize("fmt,compression", [("zarr", None), ("hdf5", "lz4")])
+def test_epochs_reuse_window_buffers(tmp_path, fmt, compression):
+    """Epoch after epoch, the decoded windows live in a bounded set of aligned buffers."""
+    suffix = ".zarr" if fmt == "zarr" else ".h5"
+    store = make_store(tmp_path / f"s{suffix}", 300, 10, compression=compression)
+    seq = ChunkedSequence(store, 16, y=None, window=3)
+    cache = seq.core._local.cache
+    made: list[int] = []
+    original = cache._buffers
+
+    def counted():
+        fresh = not cache._free
+        bufs = original()
+        if fresh:
+            made.append(1)
+        assert all(b.ctypes.data % ALIGNMENT == 0 for b in bufs.values())
+        return bufs
+
+    cache._buffers = counted
+    for _ in range(4):
+        for _ in seq:  # (a new epoch each time)
+            pass
+    chunks = store.num_chunks
+    assert seq.stats["chunk_decodes"] == 4 * chunks
+    # the most windows in use at once (two that a batch spans, one read ahead), allocated in
+    # the first epoch only: none per window, none per epoch
+    assert len(made) <= 3
+    seq.close()
