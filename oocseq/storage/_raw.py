@@ -105,7 +105,7 @@ def aligned_empty(shape: tuple[int, ...], dtype: np.dtype[Any] | type) -> np.nda
 
 
 #: The most bytes a thread keeps in its reusable read buffer (a larger chunk gets a new one).
-_SCRATCH_MAX = 64 << 20
+_SCRATCH_MAX = 16 << 20
 _scratch = threading.local()
 
 
