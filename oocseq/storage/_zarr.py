@@ -18,6 +18,7 @@ from zarr.codecs import BloscCodec
 from ..errors import CorruptStoreError, NotAStoreError
 from ..manifest import ATTR_KEY, AUX_GROUP, Compression, FieldSpec
 from ._base import StorageReader, StorageWriter
+from ._commit import start_writeback
 from ._raw import (
     BLOSC_HEADER,
     BLOSC_MAX_OVERHEAD,
@@ -344,6 +345,8 @@ def write_chunk_file(target: str, payload: Any) -> None:
     tmp = path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.partial")
     with open(tmp, "wb") as f:
         f.write(payload)
+        f.flush()
+        start_writeback(f.fileno())  # the commit's fsync then waits less
     os.replace(tmp, path)
 
 
