@@ -175,6 +175,7 @@ class StoreWriter:
             )
         self.specs = with_dims(specs)  # every axis named, for xarray
         self.chunk_len = chunk_len
+        self._n = int(n) if n else None
         self.compression = Compression.parse(compression)
         self.overwrite = overwrite
         self.attrs: dict[str, Any] = {}
@@ -273,6 +274,7 @@ class StoreWriter:
         self._lock = OwnerLock.create(self.dest, self._id)
         self._tmp = sibling(self.dest, self._id, "partial")
         self._backend = create_writer(self._tmp, self.format)
+        self._backend.expected_n = self._n
         if self._fingerprint is not None:
             self._open_journal([])
         if not self._shrinkable:
@@ -286,6 +288,7 @@ class StoreWriter:
         k = journal["k"]
         try:
             self._backend = create_writer(self._tmp, self.format, resume=True)
+            self._backend.expected_n = self._n
             for name in self.specs:
                 self._backend.reopen_field(name)
         except Exception as e:
@@ -361,11 +364,13 @@ class StoreWriter:
                 "may hold fewer than chunk_len samples"
             )
 
-    def append(self, name: str, data: Any) -> None:
+    def append(self, name: str, data: Any, *, copy: bool = True) -> None:
         """Append samples (an array of shape ``(k, *sample_shape)``) to field ``name``.
 
         Samples of a dtype that casts safely to the field's (e.g. int16 into int64) are cast;
-        raises InvalidSourceError if the shape differs or the dtype does not cast safely."""
+        raises InvalidSourceError if the shape differs or the dtype does not cast safely.
+        ``copy=False``: ``data`` is a new array nobody else writes to, kept as it is (no copy)
+        until its chunk is written."""
         spec = self.specs[name]
         arr = np.asarray(data)
         if arr.ndim == 0:
@@ -394,7 +399,7 @@ class StoreWriter:
         self._pos[name] += len(arr)
         while len(arr):
             take = min(len(arr), self.chunk_len - self._buffered[name])
-            self._buffers[name].append(np.array(arr[:take], copy=True, order="C"))
+            self._buffers[name].append(np.array(arr[:take], copy=copy or None, order="C"))
             self._buffered[name] += take
             arr = arr[take:]
             if self._buffered[name] == self.chunk_len:

@@ -235,7 +235,7 @@ def _write(
                         if shuffle is None:
                             w.append(name, np.asarray(src[start:stop]))
                         else:
-                            w.append(name, shuffle.gather(_slicer(src), start, stop))
+                            w.append(name, shuffle.gather(_slicer(src), start, stop), copy=False)
                     bar.update(stop - start)
             else:
                 for name, src in sources.items():
@@ -246,8 +246,11 @@ def _write(
     return w.close()  # already closed by the with block: returns the opened store
 
 
-def _slicer(src: Any) -> Callable[[int, int], Any]:
-    """``read(lo, hi)`` -> rows ``[lo, hi)`` of an array-like."""
+def _slicer(src: Any) -> Callable[[int, int], Any] | np.ndarray:
+    """What :meth:`BlockShuffle.gather` reads from: a numpy array itself, else
+    ``read(lo, hi)`` -> rows ``[lo, hi)`` of the array-like."""
+    if isinstance(src, np.ndarray):
+        return src
     return lambda lo, hi: src[lo:hi]
 
 

@@ -138,7 +138,7 @@ def ingest_npy(
                 if shuffle is None:
                     w.append(name, source.rows(start, stop))
                 else:
-                    w.append(name, shuffle.gather(source.rows, start, stop))
+                    w.append(name, shuffle.gather(source.reader(), start, stop), copy=False)
             bar.update(stop - start)
         w.attrs["source"] = {
             "kind": "npy",
@@ -225,6 +225,11 @@ class _Concatenated:
 
     def __len__(self) -> int:
         return self.offsets[-1]
+
+    def reader(self) -> Any:
+        """What :meth:`BlockShuffle.gather` reads from: the memory map of a single file, else
+        :meth:`rows`."""
+        return self.arrays[0] if len(self.arrays) == 1 else self.rows
 
     def rows(self, start: int, stop: int) -> Any:
         """Samples ``[start, stop)``: a view into one file's memory map, or a copy joining the

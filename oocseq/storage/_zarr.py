@@ -355,6 +355,9 @@ class ZarrWriter(StorageWriter):
         super().__init__(path)
         self._group = zarr.open_group(str(path), mode="r+" if resume else "w-")
         self._arrays: dict[str, Any] = {}
+        #: The number of samples, when known: a field grows to it at once (each resize
+        #: rewrites the array's metadata).
+        self.expected_n: int | None = None
 
     def reopen_field(self, name: str) -> None:
         arr = self._group[name]
@@ -397,7 +400,7 @@ class ZarrWriter(StorageWriter):
     def reserve(self, name: str, stop: int) -> None:
         arr = self._arrays[name]
         if arr.shape[0] < stop:
-            arr.resize((max(stop, 2 * arr.shape[0]), *arr.shape[1:]))
+            arr.resize((max(stop, 2 * arr.shape[0], self.expected_n or 0), *arr.shape[1:]))
         (self.path / name / "c").mkdir(exist_ok=True)
 
     def chunk_path(self, name: str, c: int) -> Path:
