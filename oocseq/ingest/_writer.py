@@ -28,7 +28,7 @@ import shutil
 import tempfile
 import warnings
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -59,7 +59,7 @@ from ..storage._commit import (
 )
 from ..storage._zarr import write_chunk_file
 from ..store import Store
-from ._parallel import Executor
+from ._parallel import Executor, make_executor
 
 #: Target decoded bytes per chunk of the widest field when ``chunk_len`` is not given. DESIGN.md:
 #: chunks of 1-8 MiB are the sweet spot (per-chunk overhead vs. window memory).
@@ -637,6 +637,26 @@ class StoreWriter:
         if getattr(self, "_id", None) is not None:
             _discard(self.dest, self._id, self._lock)
             self._lock = None
+
+
+@contextlib.contextmanager
+def open_writer(
+    dest: str | os.PathLike[str],
+    specs: dict[str, FieldSpec],
+    *,
+    workers: int | None,
+    client: Any = None,
+    **writer_args: Any,
+) -> Iterator[StoreWriter]:
+    """A :class:`StoreWriter` (``writer_args``: its keyword arguments but ``executor``) whose
+    chunks are encoded by ``workers`` local threads or a Dask ``client``'s workers (see
+    :func:`~oocseq.ingest._parallel.make_executor`). On leaving the block the writer finishes
+    (or discards, or suspends) the store first, then the executor stops."""
+    with (
+        make_executor(workers, client) as executor,
+        StoreWriter(dest, specs, executor=executor, **writer_args) as w,
+    ):
+        yield w
 
 
 def encode_chunk(

@@ -14,11 +14,10 @@ import numpy as np
 from ..errors import FieldLengthError, InvalidSourceError
 from ..manifest import Compression
 from ..store import Store
-from ._parallel import make_executor
 from ._preshuffle import BlockShuffle, default_block_len
 from ._progress import progress_bar
 from ._spool import Spool
-from ._writer import StoreWriter, choose_chunk_len, field_spec
+from ._writer import choose_chunk_len, field_spec, open_writer
 
 
 def _is_array(obj: Any) -> bool:
@@ -202,8 +201,7 @@ def _write(
         chunk_len = choose_chunk_len(specs, total)
     # Unknown length and no chunk_len: the writer picks one, shrunk to the data if it is shorter.
     with (
-        make_executor(workers, client) as executor,
-        StoreWriter(
+        open_writer(
             dest,
             specs,
             chunk_len=chunk_len,
@@ -212,7 +210,8 @@ def _write(
             n=total,
             job=job,
             resume=resume,
-            executor=executor,
+            workers=workers,
+            client=client,
         ) as w,
     ):
         w.before_commit.extend(before_commit or ())

@@ -25,10 +25,9 @@ from .._optional import require
 from ..errors import ArgumentError, CSVValueError, InvalidSourceError, SourceNotFoundError
 from ..manifest import Compression
 from ..store import Store
-from ._parallel import make_executor
 from ._progress import progress_bar
 from ._spool import Spool
-from ._writer import StoreWriter, choose_chunk_len, field_spec
+from ._writer import choose_chunk_len, field_spec, open_writer
 from .arrays import _write
 
 if TYPE_CHECKING:
@@ -344,8 +343,7 @@ def ingest_csv(
                 before_commit=[spool.close],
             )
     with (
-        make_executor(workers, client) as executor,
-        StoreWriter(
+        open_writer(
             dest,
             specs,
             chunk_len=chunk_len,
@@ -354,7 +352,8 @@ def ingest_csv(
             n=total,
             job=job,
             resume=resume,
-            executor=executor,
+            workers=workers,
+            client=client,
         ) as w,
         progress_bar(progress, total, f"ingest {os.fspath(dest)}", unit="row") as bar,
     ):
@@ -551,8 +550,7 @@ def _ingest_arrow(
     if label_column is None and not preshuffle:
         specs = {"x": field_spec("x", (len(features),), np.float32, FEATURE_DIMS)}
         with (
-            make_executor(write_args["workers"], write_args["client"]) as executor,
-            StoreWriter(
+            open_writer(
                 dest,
                 specs,
                 chunk_len=write_args["chunk_len"],
@@ -560,7 +558,8 @@ def _ingest_arrow(
                 overwrite=write_args["overwrite"],
                 job=write_args["job"],
                 resume=write_args["resume"],
-                executor=executor,
+                workers=write_args["workers"],
+                client=write_args["client"],
             ) as w,
             progress_bar(progress, None, f"ingest {os.fspath(dest)}", unit="row") as bar,
         ):

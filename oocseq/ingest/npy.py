@@ -17,10 +17,9 @@ import numpy as np
 from ..errors import FieldLengthError, InvalidSourceError, SourceNotFoundError
 from ..manifest import Compression, FieldSpec
 from ..store import Store
-from ._parallel import make_executor
 from ._preshuffle import BlockShuffle, default_block_len
 from ._progress import progress_bar
-from ._writer import StoreWriter, choose_chunk_len, field_spec
+from ._writer import choose_chunk_len, field_spec, open_writer
 
 #: One ``.npy`` path, or several (concatenated in the order given).
 NpyPaths = str | os.PathLike | Sequence[str | os.PathLike]
@@ -109,8 +108,7 @@ def ingest_npy(
         "preshuffle": {"seed": seed} if preshuffle else None,
     }
     with (
-        make_executor(workers, client) as executor,
-        StoreWriter(
+        open_writer(
             dest,
             specs,
             chunk_len=chunk_len,
@@ -119,7 +117,8 @@ def ingest_npy(
             n=n,
             job=job,
             resume=resume,
-            executor=executor,
+            workers=workers,
+            client=client,
         ) as w,
         progress_bar(progress, n, f"ingest {os.fspath(dest)}") as bar,
     ):
