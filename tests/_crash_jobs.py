@@ -29,9 +29,14 @@ def arrays_data(seed: int, n: int = 1200) -> dict[str, np.ndarray]:
 
 
 def run(job: dict[str, Any]) -> oocseq.Store:
-    """Run one ingestion described by ``job`` (kind, src, dest, extra keyword arguments)."""
+    """Run one ingestion described by ``job`` (kind, src, dest, extra keyword arguments, and
+    optionally the ``scheduler`` address of a Dask cluster to run it on)."""
     kind, src, dest = job["kind"], job.get("src"), job["dest"]
     kw = {"overwrite": True, **job.get("kw", {})}
+    if job.get("scheduler"):  # a Dask cluster's address: its workers encode (and write) the chunks
+        import distributed
+
+        kw["client"] = distributed.Client(job["scheduler"], timeout=30)  # never closed: killed
     if kind == "arrays":
         return oocseq.ingest_arrays(dest, arrays_data(job.get("seed", 1)), chunk_len=100, **kw)
     if kind == "npy":

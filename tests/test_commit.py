@@ -235,3 +235,29 @@ def test_open_tidies_up_after_a_commit_killed_before_its_cleanup(tmp_path: Path,
         assert left == {dest.name, live.path.name, f".{dest.name}.live01234567.journal"} | interrupted
     finally:
         live.release(delete=True)
+
+
+def test_zarr_chunk_files_start_their_writeback_as_they_are_written(tmp_path: Path, monkeypatch) -> None:
+    """Each chunk file asks the kernel to start writing it out (the commit's fsyncs then wait
+    less); the commit still fsyncs every file (test above). A refused hint is no error."""
+    if _commit._sync_file_range is None:
+        pytest.skip("no sync_file_range here (not Linux)")
+    real = _commit._sync_file_range
+    asked: list[str] = []
+
+    def spy(fd: int, offset: int, nbytes: int, flags: int) -> int:
+        asked.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real(fd, offset, nbytes, flags)
+
+    monkeypatch.setattr(_commit, "_sync_file_range", spy)
+    oocseq.ingest_arrays(tmp_path / "s.zarr", data(), chunk_len=8, preshuffle=False, workers=2).close()
+    chunk_files = {re.sub(r"\.[^./]*\.partial$", "", p.split(".partial/")[-1]) for p in asked}
+    assert {f"x/c/{c}/0" for c in range(5)} <= chunk_files
+    monkeypatch.setattr(_commit, "_sync_file_range", real)
+    r, w = os.pipe()
+    try:
+        _commit.start_writeback(r)  # a pipe: refused (ESPIPE), ignored
+    finally:
+        os.close(r)
+        os.close(w)
+    _commit.start_writeback(-1)  # a bad descriptor: ignored

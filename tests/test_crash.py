@@ -232,6 +232,53 @@ def test_random_sigkills_leave_old_or_new_and_resume_bit_identical(
     assert len(takeovers.chunks) >= KILLS // 4, "too few kills fell after the first chunk"
 
 
+@pytest.mark.parametrize(("kind", "fmt"), [("npy", ".zarr"), ("images", ".h5")])
+def test_sigkilled_cluster_ingestion_resumes_bit_identical(
+    kind: str, fmt: str, server: Server, sources: dict[str, str], tmp_path: Path, monkeypatch
+) -> None:
+    """An ingestion on a Dask cluster (worker processes encode the chunks; for Zarr they also
+    write them into the partial store) whose client process is SIGKILLed mid-way: the next
+    run, on the same cluster, takes over the partial store and ends bit-identical to an
+    uninterrupted run without a cluster."""
+    distributed = pytest.importorskip("distributed")
+    ref = tmp_path / "ref" / f"s{fmt}"
+    _crash_jobs.run({"kind": kind, "src": sources[kind], "dest": str(ref)}).close()
+    reference = digest(ref)
+    takeovers = TakeOvers(monkeypatch)
+    with (
+        distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as cluster,
+        distributed.Client(cluster) as client,
+    ):
+        for trial, chunks in enumerate((2, 7)):
+            dest = tmp_path / f"t{trial}" / f"s{fmt}"
+            dest.parent.mkdir()
+            job = {
+                "kind": kind,
+                "src": sources[kind],
+                "dest": str(dest),
+                "scheduler": cluster.scheduler_address,
+            }
+            (pid,) = server.start(job)
+            wait_for_journal(dest, chunks, time.perf_counter() + 60)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            assert server.wait() == [-signal.SIGKILL], "the ingestion ended before it was killed"
+            assert not dest.exists()
+            # The dead client's units still running on the workers finish (the scheduler drops
+            # the rest once it notices the client is gone).
+            deadline = time.perf_counter() + 30
+            while any(client.processing().values()) and time.perf_counter() < deadline:
+                time.sleep(0.05)
+            _crash_jobs.run(
+                {"kind": kind, "src": sources[kind], "dest": str(dest), "kw": {"client": client}}
+            ).close()
+            assert digest(dest) == reference, f"trial {trial}: the resumed store differs"
+            assert leftovers(dest) == [], f"trial {trial}"
+    assert len(takeovers.chunks) == 2 and min(takeovers.chunks) >= 2, takeovers.chunks
+
+
 AIMS = [  # (where the child kills itself, what the destination must then hold)
     ({"at": "rename", "k": 1}, "old"),  # before the old store is moved aside
     ({"at": "rename", "k": 1, "after": True}, "old"),  # old store aside, the new one not in place

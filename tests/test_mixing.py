@@ -53,6 +53,8 @@ def test_block_shuffle_is_a_permutation_in_blocks(n: int, block_len: int, seed: 
 
         np.testing.assert_array_equal(shuffle.gather(read, start, stop), src[expected])
         assert reads == sorted(reads)  # the source is read in increasing order
+        # a numpy array is sliced directly: the same samples
+        np.testing.assert_array_equal(shuffle.gather(src, start, stop), src[expected])
     # a pure function of (n, block_len, seed)
     np.testing.assert_array_equal(BlockShuffle(n, block_len, seed).source_index(), order)
 

@@ -90,24 +90,31 @@ class BlockShuffle:
         except (KeyError, TypeError, ValueError, ArgumentError) as e:
             raise CorruptStoreError(f"malformed pre-shuffle record {dict(meta)!r}: {e}") from None
 
+    def _pieces(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(lo, hi, at)``: the source ranges ``[lo, hi)`` that, concatenated in order, are
+        stored positions ``[start, stop)``, and where each begins among them (int64 arrays)."""
+        if not 0 <= start <= stop <= self.n:
+            raise ArgumentError(f"positions [{start}, {stop}) are outside the {self.n} samples")
+        if start == stop:
+            empty = np.zeros(0, dtype=np.int64)
+            return empty, empty, empty
+        ends: np.ndarray = self._ends  # type: ignore[attr-defined]
+        order: np.ndarray = self._order  # type: ignore[attr-defined]
+        first = int(np.searchsorted(ends, start, side="right"))
+        last = int(np.searchsorted(ends, stop - 1, side="right"))
+        ks = np.arange(first, last + 1)
+        block_end = ends[ks]
+        block_start = np.concatenate(([0], ends))[ks]
+        begin = np.maximum(block_start, start)
+        lo = order[ks].astype(np.int64) * self.block_len + (begin - block_start)
+        hi = lo + (np.minimum(block_end, stop) - begin)
+        return lo, hi, begin - start
+
     def source_ranges(self, start: int, stop: int) -> list[tuple[int, int]]:
         """Source ranges ``[(lo, hi), ...]`` that, concatenated in order, are stored positions
         ``[start, stop)``."""
-        if not 0 <= start <= stop <= self.n:
-            raise ArgumentError(f"positions [{start}, {stop}) are outside the {self.n} samples")
-        ends: np.ndarray = self._ends  # type: ignore[attr-defined]
-        order: np.ndarray = self._order  # type: ignore[attr-defined]
-        out = []
-        k = int(np.searchsorted(ends, start, side="right"))
-        pos = start
-        while pos < stop:
-            block_start = int(ends[k - 1]) if k else 0
-            lo = int(order[k]) * self.block_len + (pos - block_start)
-            take = min(stop, int(ends[k])) - pos
-            out.append((lo, lo + take))
-            pos += take
-            k += 1
-        return out
+        lo, hi, _ = self._pieces(start, stop)
+        return list(zip(lo.tolist(), hi.tolist(), strict=True))
 
     def source_index(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Source positions (int64, shape ``(stop - start,)``) of stored samples ``[start, stop)``."""
@@ -117,18 +124,27 @@ class BlockShuffle:
             return np.zeros(0, dtype=np.int64)
         return np.concatenate([np.arange(lo, hi, dtype=np.int64) for lo, hi in ranges])
 
-    def gather(self, read: Callable[[int, int], Any], start: int, stop: int) -> np.ndarray:
-        """Stored samples ``[start, stop)`` as one array, from ``read(lo, hi)`` (source rows
-        ``[lo, hi)``, any array-like). Source ranges are read in increasing order (sequential
-        I/O on a memory map or an h5py / zarr array) and placed where they belong."""
-        ranges = self.source_ranges(start, stop)
-        offsets = np.cumsum([0] + [hi - lo for lo, hi in ranges])
-        out: np.ndarray | None = None
-        for j in sorted(range(len(ranges)), key=lambda j: ranges[j][0]):
-            piece = np.asarray(read(*ranges[j]))
-            if out is None:
-                out = np.empty((stop - start, *piece.shape[1:]), dtype=piece.dtype)
-            out[offsets[j] : offsets[j + 1]] = piece
-        if out is None:
+    def gather(self, read: Callable[[int, int], Any] | np.ndarray, start: int, stop: int) -> np.ndarray:
+        """Stored samples ``[start, stop)`` as one new array, from ``read(lo, hi)`` (source rows
+        ``[lo, hi)``, any array-like), or from slices of ``read`` if it is a numpy array (a
+        memory map). Source ranges are read in increasing order (sequential I/O on a memory map
+        or an h5py / zarr array) and placed where they belong."""
+        lo, hi, at = self._pieces(start, stop)
+        if not len(lo):
             raise ArgumentError(f"no samples in positions [{start}, {stop})")
+        by_source = np.argsort(lo, kind="stable")
+        lo_s, hi_s = lo[by_source].tolist(), hi[by_source].tolist()
+        at_s = at[by_source].tolist()
+        if isinstance(read, np.ndarray):
+            # Plain slices (not np.memmap's, whose every slice runs Python code).
+            src = read.view(np.ndarray)
+            out = np.empty((stop - start, *src.shape[1:]), dtype=src.dtype)
+            for a, b, d in zip(lo_s, hi_s, at_s, strict=True):
+                out[d : d + b - a] = src[a:b]
+            return out
+        first = np.asarray(read(lo_s[0], hi_s[0]))
+        out = np.empty((stop - start, *first.shape[1:]), dtype=first.dtype)
+        out[at_s[0] : at_s[0] + len(first)] = first
+        for a, b, d in zip(lo_s[1:], hi_s[1:], at_s[1:], strict=True):
+            out[d : d + b - a] = np.asarray(read(a, b))
         return out

@@ -28,7 +28,7 @@ import shutil
 import tempfile
 import warnings
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -59,7 +59,7 @@ from ..storage._commit import (
 )
 from ..storage._zarr import write_chunk_file
 from ..store import Store
-from ._parallel import Executor
+from ._parallel import Executor, make_executor
 
 #: Target decoded bytes per chunk of the widest field when ``chunk_len`` is not given. DESIGN.md:
 #: chunks of 1-8 MiB are the sweet spot (per-chunk overhead vs. window memory).
@@ -175,6 +175,7 @@ class StoreWriter:
             )
         self.specs = with_dims(specs)  # every axis named, for xarray
         self.chunk_len = chunk_len
+        self._n = int(n) if n else None
         self.compression = Compression.parse(compression)
         self.overwrite = overwrite
         self.attrs: dict[str, Any] = {}
@@ -273,6 +274,7 @@ class StoreWriter:
         self._lock = OwnerLock.create(self.dest, self._id)
         self._tmp = sibling(self.dest, self._id, "partial")
         self._backend = create_writer(self._tmp, self.format)
+        self._backend.expected_n = self._n
         if self._fingerprint is not None:
             self._open_journal([])
         if not self._shrinkable:
@@ -286,6 +288,7 @@ class StoreWriter:
         k = journal["k"]
         try:
             self._backend = create_writer(self._tmp, self.format, resume=True)
+            self._backend.expected_n = self._n
             for name in self.specs:
                 self._backend.reopen_field(name)
         except Exception as e:
@@ -361,11 +364,13 @@ class StoreWriter:
                 "may hold fewer than chunk_len samples"
             )
 
-    def append(self, name: str, data: Any) -> None:
+    def append(self, name: str, data: Any, *, copy: bool = True) -> None:
         """Append samples (an array of shape ``(k, *sample_shape)``) to field ``name``.
 
         Samples of a dtype that casts safely to the field's (e.g. int16 into int64) are cast;
-        raises InvalidSourceError if the shape differs or the dtype does not cast safely."""
+        raises InvalidSourceError if the shape differs or the dtype does not cast safely.
+        ``copy=False``: ``data`` is a new array nobody else writes to, kept as it is (no copy)
+        until its chunk is written."""
         spec = self.specs[name]
         arr = np.asarray(data)
         if arr.ndim == 0:
@@ -394,7 +399,7 @@ class StoreWriter:
         self._pos[name] += len(arr)
         while len(arr):
             take = min(len(arr), self.chunk_len - self._buffered[name])
-            self._buffers[name].append(np.array(arr[:take], copy=True, order="C"))
+            self._buffers[name].append(np.array(arr[:take], copy=copy or None, order="C"))
             self._buffered[name] += take
             arr = arr[take:]
             if self._buffered[name] == self.chunk_len:
@@ -632,6 +637,26 @@ class StoreWriter:
         if getattr(self, "_id", None) is not None:
             _discard(self.dest, self._id, self._lock)
             self._lock = None
+
+
+@contextlib.contextmanager
+def open_writer(
+    dest: str | os.PathLike[str],
+    specs: dict[str, FieldSpec],
+    *,
+    workers: int | None,
+    client: Any = None,
+    **writer_args: Any,
+) -> Iterator[StoreWriter]:
+    """A :class:`StoreWriter` (``writer_args``: its keyword arguments but ``executor``) whose
+    chunks are encoded by ``workers`` local threads or a Dask ``client``'s workers (see
+    :func:`~oocseq.ingest._parallel.make_executor`). On leaving the block the writer finishes
+    (or discards, or suspends) the store first, then the executor stops."""
+    with (
+        make_executor(workers, client) as executor,
+        StoreWriter(dest, specs, executor=executor, **writer_args) as w,
+    ):
+        yield w
 
 
 def encode_chunk(

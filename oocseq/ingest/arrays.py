@@ -14,11 +14,10 @@ import numpy as np
 from ..errors import FieldLengthError, InvalidSourceError
 from ..manifest import Compression
 from ..store import Store
-from ._parallel import make_executor
 from ._preshuffle import BlockShuffle, default_block_len
 from ._progress import progress_bar
 from ._spool import Spool
-from ._writer import StoreWriter, choose_chunk_len, field_spec
+from ._writer import choose_chunk_len, field_spec, open_writer
 
 
 def _is_array(obj: Any) -> bool:
@@ -202,8 +201,7 @@ def _write(
         chunk_len = choose_chunk_len(specs, total)
     # Unknown length and no chunk_len: the writer picks one, shrunk to the data if it is shorter.
     with (
-        make_executor(workers, client) as executor,
-        StoreWriter(
+        open_writer(
             dest,
             specs,
             chunk_len=chunk_len,
@@ -212,7 +210,8 @@ def _write(
             n=total,
             job=job,
             resume=resume,
-            executor=executor,
+            workers=workers,
+            client=client,
         ) as w,
     ):
         w.before_commit.extend(before_commit or ())
@@ -235,7 +234,7 @@ def _write(
                         if shuffle is None:
                             w.append(name, np.asarray(src[start:stop]))
                         else:
-                            w.append(name, shuffle.gather(_slicer(src), start, stop))
+                            w.append(name, shuffle.gather(_slicer(src), start, stop), copy=False)
                     bar.update(stop - start)
             else:
                 for name, src in sources.items():
@@ -246,8 +245,11 @@ def _write(
     return w.close()  # already closed by the with block: returns the opened store
 
 
-def _slicer(src: Any) -> Callable[[int, int], Any]:
-    """``read(lo, hi)`` -> rows ``[lo, hi)`` of an array-like."""
+def _slicer(src: Any) -> Callable[[int, int], Any] | np.ndarray:
+    """What :meth:`BlockShuffle.gather` reads from: a numpy array itself, else
+    ``read(lo, hi)`` -> rows ``[lo, hi)`` of the array-like."""
+    if isinstance(src, np.ndarray):
+        return src
     return lambda lo, hi: src[lo:hi]
 
 

@@ -25,10 +25,9 @@ from .._optional import require
 from ..errors import ArgumentError, CSVValueError, InvalidSourceError, SourceNotFoundError
 from ..manifest import Compression
 from ..store import Store
-from ._parallel import make_executor
 from ._progress import progress_bar
 from ._spool import Spool
-from ._writer import StoreWriter, choose_chunk_len, field_spec
+from ._writer import choose_chunk_len, field_spec, open_writer
 from .arrays import _write
 
 if TYPE_CHECKING:
@@ -344,8 +343,7 @@ def ingest_csv(
                 before_commit=[spool.close],
             )
     with (
-        make_executor(workers, client) as executor,
-        StoreWriter(
+        open_writer(
             dest,
             specs,
             chunk_len=chunk_len,
@@ -354,7 +352,8 @@ def ingest_csv(
             n=total,
             job=job,
             resume=resume,
-            executor=executor,
+            workers=workers,
+            client=client,
         ) as w,
         progress_bar(progress, total, f"ingest {os.fspath(dest)}", unit="row") as bar,
     ):
@@ -439,16 +438,19 @@ def _arrow_blocks(
             except (pa.ArrowException, ValueError, UnicodeDecodeError) as e:
                 raise _SlowPath from e
             k = batch.num_rows
-            x = np.empty((k, len(features)), dtype=np.float32)
+            # Column by column into contiguous rows of the transpose, then one transposing copy:
+            # quicker than writing each column with a stride of a whole row.
+            xt = np.empty((len(features), k), dtype=np.float32)
             for j, name in enumerate(features):
                 col = batch.column(name)
                 if col.null_count and not allow_missing:
                     raise _SlowPath  # the reference path names the missing cell
                 values = col.to_numpy(zero_copy_only=False)
                 with np.errstate(over="ignore"):
-                    x[:, j] = values
-                if (np.isinf(x[:, j]) & np.isfinite(values)).any():
+                    xt[j] = values
+                if np.isinf(xt[j]).any() and (np.isinf(xt[j]) & np.isfinite(values)).any():
                     raise _SlowPath  # float32 overflow: named with the cell's text there
+            x = np.ascontiguousarray(xt.T)
             labels = None
             if label_column is not None:
                 labels = batch.column(label_column)
@@ -551,8 +553,7 @@ def _ingest_arrow(
     if label_column is None and not preshuffle:
         specs = {"x": field_spec("x", (len(features),), np.float32, FEATURE_DIMS)}
         with (
-            make_executor(write_args["workers"], write_args["client"]) as executor,
-            StoreWriter(
+            open_writer(
                 dest,
                 specs,
                 chunk_len=write_args["chunk_len"],
@@ -560,7 +561,8 @@ def _ingest_arrow(
                 overwrite=write_args["overwrite"],
                 job=write_args["job"],
                 resume=write_args["resume"],
-                executor=executor,
+                workers=write_args["workers"],
+                client=write_args["client"],
             ) as w,
             progress_bar(progress, None, f"ingest {os.fspath(dest)}", unit="row") as bar,
         ):

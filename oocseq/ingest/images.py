@@ -25,7 +25,7 @@ from ..plan import permutation
 from ..store import Store
 from ._parallel import make_executor, ordered
 from ._progress import progress_bar
-from ._writer import StoreWriter, choose_chunk_len, encode_chunk, field_spec
+from ._writer import choose_chunk_len, encode_chunk, field_spec, open_writer
 
 #: Extensions read from an image folder, as Keras ``image_dataset_from_directory`` reads them.
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png")
@@ -163,9 +163,8 @@ def _write_images(
         # two threads decode 1.2x as fast as one, two processes 1.4x); chunks are encoded in
         # threads (Blosc and CRC32C release the GIL) or, with a client, on the cluster.
         decoder = stack.enter_context(make_executor(workers, client, kind="process"))
-        encoder = decoder if client is not None else stack.enter_context(make_executor(workers))
         w = stack.enter_context(
-            StoreWriter(
+            open_writer(
                 dest,
                 specs,
                 chunk_len=chunk_len,
@@ -174,7 +173,8 @@ def _write_images(
                 n=len(paths),
                 job=job,
                 resume=resume,
-                executor=encoder,
+                workers=workers,
+                client=client,
             )
         )
         bar = stack.enter_context(progress_bar(progress, len(paths), f"ingest {os.fspath(dest)}", unit="img"))

@@ -17,10 +17,9 @@ import numpy as np
 from ..errors import FieldLengthError, InvalidSourceError, SourceNotFoundError
 from ..manifest import Compression, FieldSpec
 from ..store import Store
-from ._parallel import make_executor
 from ._preshuffle import BlockShuffle, default_block_len
 from ._progress import progress_bar
-from ._writer import StoreWriter, choose_chunk_len, field_spec
+from ._writer import choose_chunk_len, field_spec, open_writer
 
 #: One ``.npy`` path, or several (concatenated in the order given).
 NpyPaths = str | os.PathLike | Sequence[str | os.PathLike]
@@ -109,8 +108,7 @@ def ingest_npy(
         "preshuffle": {"seed": seed} if preshuffle else None,
     }
     with (
-        make_executor(workers, client) as executor,
-        StoreWriter(
+        open_writer(
             dest,
             specs,
             chunk_len=chunk_len,
@@ -119,7 +117,8 @@ def ingest_npy(
             n=n,
             job=job,
             resume=resume,
-            executor=executor,
+            workers=workers,
+            client=client,
         ) as w,
         progress_bar(progress, n, f"ingest {os.fspath(dest)}") as bar,
     ):
@@ -138,7 +137,7 @@ def ingest_npy(
                 if shuffle is None:
                     w.append(name, source.rows(start, stop))
                 else:
-                    w.append(name, shuffle.gather(source.rows, start, stop))
+                    w.append(name, shuffle.gather(source.reader(), start, stop), copy=False)
             bar.update(stop - start)
         w.attrs["source"] = {
             "kind": "npy",
@@ -225,6 +224,11 @@ class _Concatenated:
 
     def __len__(self) -> int:
         return self.offsets[-1]
+
+    def reader(self) -> Any:
+        """What :meth:`BlockShuffle.gather` reads from: the memory map of a single file, else
+        :meth:`rows`."""
+        return self.arrays[0] if len(self.arrays) == 1 else self.rows
 
     def rows(self, start: int, stop: int) -> Any:
         """Samples ``[start, stop)``: a view into one file's memory map, or a copy joining the

@@ -99,6 +99,29 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+_SYNC_FILE_RANGE_WRITE = 2
+_sync_file_range = None
+if sys.platform.startswith("linux"):
+    try:
+        import ctypes
+
+        _sync_file_range = ctypes.CDLL(None, use_errno=True).sync_file_range
+        _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+        _sync_file_range.restype = ctypes.c_int
+    except (OSError, AttributeError):
+        _sync_file_range = None
+
+
+def start_writeback(fd: int) -> None:
+    """Ask the kernel to start writing a file's dirty pages to disk now, without waiting
+    (Linux ``sync_file_range(SYNC_FILE_RANGE_WRITE)``; elsewhere nothing). A hint, not
+    durability: the commit still fsyncs every file. But the fsyncs then find the data on its
+    way, instead of each one writing its file alone while the disk's queue is otherwise empty
+    (a store of many chunk files is made durable about as fast as one file of the same size)."""
+    if _sync_file_range is not None:
+        _sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)  # errors (e.g. unsupported) ignored
+
+
 def fsync_tree(path: Path) -> None:
     """fsync every file of ``path`` (a file or a folder tree), then every folder, bottom up."""
     if not path.is_dir():

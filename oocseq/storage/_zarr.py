@@ -18,6 +18,7 @@ from zarr.codecs import BloscCodec
 from ..errors import CorruptStoreError, NotAStoreError
 from ..manifest import ATTR_KEY, AUX_GROUP, Compression, FieldSpec
 from ._base import StorageReader, StorageWriter
+from ._commit import start_writeback
 from ._raw import (
     BLOSC_HEADER,
     BLOSC_MAX_OVERHEAD,
@@ -348,6 +349,8 @@ def write_chunk_file(target: str, payload: Any) -> None:
     tmp = path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.partial")
     with open(tmp, "wb") as f:
         f.write(payload)
+        f.flush()
+        start_writeback(f.fileno())  # the commit's fsync then waits less
     os.replace(tmp, path)
 
 
@@ -356,6 +359,9 @@ class ZarrWriter(StorageWriter):
         super().__init__(path)
         self._group = zarr.open_group(str(path), mode="r+" if resume else "w-")
         self._arrays: dict[str, Any] = {}
+        #: The number of samples, when known: a field grows to it at once (each resize
+        #: rewrites the array's metadata).
+        self.expected_n: int | None = None
 
     def reopen_field(self, name: str) -> None:
         arr = self._group[name]
@@ -398,7 +404,7 @@ class ZarrWriter(StorageWriter):
     def reserve(self, name: str, stop: int) -> None:
         arr = self._arrays[name]
         if arr.shape[0] < stop:
-            arr.resize((max(stop, 2 * arr.shape[0]), *arr.shape[1:]))
+            arr.resize((max(stop, 2 * arr.shape[0], self.expected_n or 0), *arr.shape[1:]))
         (self.path / name / "c").mkdir(exist_ok=True)
 
     def chunk_path(self, name: str, c: int) -> Path:
