@@ -28,7 +28,7 @@ import shutil
 import tempfile
 import warnings
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -46,6 +46,7 @@ from ..errors import (
     StoreWriteError,
 )
 from ..manifest import ALLOWED_DTYPES, Compression, FieldSpec, Manifest, check_field_name, with_dims
+from ..options import RemoteOptions
 from ..storage import create_writer, store_format
 from ..storage._commit import (
     OwnerLock,
@@ -121,6 +122,14 @@ class StoreWriter:
             whose workers see ``dest``'s folder). Chunks are written in order and encoded by
             :func:`encode_chunk` alone, so the store's bytes do not depend on it. The caller
             owns (and closes) the executor.
+        storage_options: for a destination in object storage (``s3://bucket/x.zarr``...):
+            credentials and endpoint, as for :func:`oocseq.open_store` (default: the
+            environment's). ``ArgumentError`` for a local ``dest``.
+        remote: :class:`~oocseq.RemoteOptions` for a destination in object storage: chunks are
+            sent as they are made, ``max_requests`` at once, at most ``max_bytes_in_flight``
+            bytes waiting to be sent; only the store's metadata is staged on local disk, and
+            the manifest is sent last. A URL destination is never resumed (``resume`` is
+            ignored): an interrupted ingestion leaves no store there and starts over.
 
     After construction, ``resume_state`` is ``None`` for a fresh start, or the state the
     source passed to :meth:`checkpoint` from which it must now replay; ``resumed_chunks`` is
@@ -142,8 +151,13 @@ class StoreWriter:
         job: Any = None,
         resume: bool = True,
         executor: Executor | None = None,
+        storage_options: Mapping[str, Any] | None = None,
+        remote: RemoteOptions | None = None,
     ) -> None:
-        self.url, dest = _staging_for(dest, overwrite)
+        self._uploader: Any = None
+        self._storage_options = _check_storage_options(dest, storage_options)
+        self._remote = remote if remote is not None else RemoteOptions()
+        self.url, dest = _staging_for(dest, overwrite, self._storage_options, self._remote)
         self.dest = Path(dest)
         self.format = store_format(self.dest)
         if self.url is not None:
@@ -195,7 +209,8 @@ class StoreWriter:
         self._created = False
         self._backend: Any = None
         self._lock: OwnerLock | None = None
-        self._fingerprint = None if job is None else self._fingerprint_of(job)
+        # no journal for a URL destination: its staging folder is new, nothing to resume
+        self._fingerprint = None if job is None or self.url is not None else self._fingerprint_of(job)
         self._executor = executor if executor is not None else Executor()
         # Chunks handed to the executor and not yet written: (field, chunk, samples, handle).
         self._pending: deque[tuple[str, int, int, Any]] = deque()
@@ -207,6 +222,8 @@ class StoreWriter:
         #: a process killed after its commit leaves nothing behind).
         self.before_commit: list[Callable[[], None]] = []
         try:
+            if self.url is not None:
+                self._uploader = _stream_to(self.url, overwrite, self._storage_options, self._remote)
             self.dest.parent.mkdir(parents=True, exist_ok=True)
             taken = self._claim(resume, job is not None)
             if taken is None or not self._take_over(*taken):
@@ -482,7 +499,11 @@ class StoreWriter:
                     f"{name!r} comes out differently from the source now than it did then (the source "
                     "changed). The partial store is discarded: run the ingestion again to start over"
                 )
-            if payload is not None:
+            if payload is not None and self._uploader is not None:  # straight to the bucket
+                self._uploader.put(
+                    self._backend.chunk_path(name, c).relative_to(self._tmp).as_posix(), payload
+                )
+            elif payload is not None:
                 try:
                     self._backend.write_encoded(name, c, self.chunk_len, payload, raw)
                 except OSError as e:
@@ -569,6 +590,8 @@ class StoreWriter:
             for name in self.specs:
                 self._flush(name)
             self._drain(0)
+            if self._uploader is not None:
+                self._uploader.wait()
             manifest = Manifest(
                 n=n,
                 chunk_len=self.chunk_len,
@@ -595,7 +618,12 @@ class StoreWriter:
             raise
         self._finish()
         if self.url is not None:
-            store = _publish(store, self.url)
+            # From here on the chunks sent belong to a store whose manifest may have landed.
+            uploader, self._uploader = self._uploader, None
+            try:
+                store = _publish(store, self.url, self._storage_options, self._remote, uploader.keys)
+            finally:
+                uploader.close()
         self.store = store
         return self.store
 
@@ -618,11 +646,22 @@ class StoreWriter:
         if self._lock is not None:
             self._lock.release(delete=False)
 
+    def _drop_uploaded(self) -> None:
+        """Stop streaming chunks to the bucket and delete those sent (best effort: the store
+        is not visible anyway, its manifest never having landed)."""
+        uploader, self._uploader = self._uploader, None
+        if uploader is not None:
+            uploader.cancel()
+            with contextlib.suppress(Exception):
+                uploader.delete(sorted(uploader.keys))
+            uploader.close()
+
     def abort(self) -> None:
         """Drop the partial store (and its journal and lock)."""
         if self.url is not None:
             shutil.rmtree(self.dest.parent, ignore_errors=True)
         self._cancel_pending()
+        self._drop_uploaded()
         if self._backend is not None:
             self._backend.discard()
         if self._journal is not None:
@@ -740,9 +779,33 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
-def _staging_for(dest: str | os.PathLike[str], overwrite: bool) -> tuple[str | None, str | os.PathLike[str]]:
+def _check_storage_options(
+    dest: str | os.PathLike[str], storage_options: Mapping[str, Any] | None
+) -> dict[str, Any] | None:
+    from ..storage._remote import is_url, local_path_of
+
+    if storage_options is None:
+        return None
+    if not isinstance(storage_options, Mapping):
+        raise ArgumentError(f"storage_options must be a dict, got {type(storage_options).__name__}")
+    if not storage_options:
+        return None
+    if not is_url(dest) or local_path_of(str(dest)) is not None:
+        raise ArgumentError(
+            f"storage_options apply to destinations in object storage (s3://, gs://, ...), not {dest}"
+        )
+    return dict(storage_options)
+
+
+def _staging_for(
+    dest: str | os.PathLike[str],
+    overwrite: bool,
+    storage_options: Mapping[str, Any] | None,
+    options: RemoteOptions,
+) -> tuple[str | None, str | os.PathLike[str]]:
     """``(url, local dest)``: for a destination in object storage, the URL and a new local
-    staging path where the store is written first (then uploaded by :func:`_publish`)."""
+    staging path where the store's metadata is written (its chunks go to the bucket as they
+    are made; :func:`_publish` sends the rest, the manifest last)."""
     from ..storage._remote import check_scheme, exists, is_url, local_path_of
 
     if not is_url(dest):
@@ -755,23 +818,43 @@ def _staging_for(dest: str | os.PathLike[str], overwrite: bool) -> tuple[str | N
     name = Path(urlsplit(url).path).name
     if store_format(name) != "zarr":
         raise ArgumentError(f"{url}: stores in object storage are Zarr stores; name it *.zarr")
-    from ..options import RemoteOptions
-
-    if exists(url, None, RemoteOptions()) and not overwrite:
+    if exists(url, storage_options, options) and not overwrite:
         raise StoreExistsError(f"{url} already exists; pass overwrite=True to replace it")
     return url, Path(tempfile.mkdtemp(prefix="oocseq-upload-")) / name
 
 
-def _publish(store: Store, url: str) -> Store:
-    """Upload the committed local ``store`` to ``url`` (manifest last), drop the local copy,
-    and open the uploaded store."""
-    from ..options import RemoteOptions
+def _stream_to(
+    url: str, overwrite: bool, storage_options: Mapping[str, Any] | None, options: RemoteOptions
+) -> Any:
+    """A :class:`~oocseq.storage._remote.ChunkUploader` for ``url``; a store being replaced
+    there stops being visible first (its manifest deleted), before any of its chunks is."""
+    from ..storage._remote import ChunkUploader
+
+    uploader = ChunkUploader(url, storage_options, options)
+    if overwrite:
+        try:
+            uploader.delete(["zarr.json"])
+        except Exception as e:
+            uploader.close()
+            raise StoreWriteError(f"cannot replace the store at {url}: {type(e).__name__}: {e}") from None
+    return uploader
+
+
+def _publish(
+    store: Store,
+    url: str,
+    storage_options: Mapping[str, Any] | None,
+    options: RemoteOptions,
+    sent: set[str],
+) -> Store:
+    """Send the committed local ``store``'s files (metadata: its chunks were streamed) to
+    ``url``, the manifest last; drop the local copy, and open the uploaded store."""
     from ..storage._remote import upload
 
     staging = store.path.parent
     try:
         store.close()
-        upload(store.path, url, None, RemoteOptions())
+        upload(store.path, url, storage_options, options, sent)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return Store(url)
+    return Store(url, storage_options=storage_options)

@@ -718,8 +718,16 @@ def exists(url: str, storage_options: Mapping[str, Any] | None, options: RemoteO
     return True
 
 
-def upload(local: Path, url: str, storage_options: Mapping[str, Any] | None, options: RemoteOptions) -> int:
+def upload(
+    local: Path,
+    url: str,
+    storage_options: Mapping[str, Any] | None,
+    options: RemoteOptions,
+    sent: frozenset[str] | set[str] = frozenset(),
+) -> int:
     """Copy the committed local Zarr store ``local`` to ``url``; returns the bytes sent.
+    ``sent``: keys of objects of the new store already sent (the chunks an ingestion streamed),
+    which are kept.
 
     What is atomic: each object (one PUT replaces it whole). The store's root ``zarr.json``,
     which holds the manifest, is deleted first (a store being replaced stops being visible)
@@ -738,8 +746,9 @@ def upload(local: Path, url: str, storage_options: Mapping[str, Any] | None, opt
     store = object_store(url, storage_options, options).store
     files = sorted(p for p in local.rglob("*") if p.is_file())
     keys = {p: p.relative_to(local).as_posix() for p in files}
+    keep = set(keys.values()) | set(sent)
     loop = _Loop(options.max_requests)
-    sent = 0
+    total = 0
     try:
 
         def put(path: Path) -> Future[Any]:
@@ -753,15 +762,114 @@ def upload(local: Path, url: str, storage_options: Mapping[str, Any] | None, opt
             futures = [put(p) for p in files if p != root]
             for f in futures:
                 f.result()
-            sent = sum(p.stat().st_size for p in files)
+            total = sum(p.stat().st_size for p in files)
             put(root).result()  # the manifest, last
-            stale = [
-                m["path"] for batch in obstore.list(store) for m in batch if m["path"] not in keys.values()
-            ]
+            stale = [m["path"] for batch in obstore.list(store) for m in batch if m["path"] not in keep]
             if stale:
                 loop.submit(lambda: obstore.delete_async(store, stale)).result()
         except Exception as e:
             raise StoreWriteError(f"cannot write the store to {url}: {type(e).__name__}: {e}") from None
     finally:
         loop.close()
-    return sent
+    return total
+
+
+class ChunkUploader:
+    """Chunk objects sent to a store in object storage as an ingestion makes them: one PUT per
+    chunk (atomic: a reader never sees part of an object), up to ``options.max_requests``
+    at once and at most ``options.max_bytes_in_flight`` bytes handed over and not yet sent
+    (:meth:`put` waits for room, so the writer's memory stays bounded).
+
+    A failed PUT (after obstore's retries) is raised, as StoreWriteError naming the object, by
+    the next :meth:`put` or by :meth:`wait`.
+
+    Attributes:
+        keys: the keys sent (or being sent).
+        bytes: bytes sent.
+        peak_bytes: the most bytes in flight at once.
+    """
+
+    def __init__(self, url: str, storage_options: Mapping[str, Any] | None, options: RemoteOptions) -> None:
+        self.url = url
+        self.store = object_store(url, storage_options, options).store
+        self._max_bytes = options.max_bytes_in_flight
+        self._loop = _Loop(options.max_requests)
+        self._cond = threading.Condition()
+        self._in_flight = 0
+        self._futures: set[Future[Any]] = set()
+        self._error: BaseException | None = None
+        self._failed = ""
+        self._retries = options.retries
+        self.keys: set[str] = set()
+        self.bytes = 0
+        self.peak_bytes = 0
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            from ..errors import StoreWriteError
+
+            e = self._error
+            raise StoreWriteError(
+                f"cannot write {self.url}/{self._failed} (after {self._retries} retries): "
+                f"{type(e).__name__}: {str(e).strip()[:500]}. Nothing at {self.url} opens as a store; "
+                "run the ingestion again"
+            ) from None
+
+    def delete(self, keys: list[str]) -> None:
+        """Delete objects (missing ones are no error)."""
+        import obstore
+
+        if keys:
+            self._loop.submit(lambda: obstore.delete_async(self.store, keys)).result()
+
+    def put(self, key: str, data: bytes) -> None:
+        """Start sending ``data`` as object ``key``; waits while the bytes in flight are at
+        their bound."""
+        import obstore
+
+        size = len(data)
+        with self._cond:
+            while self._in_flight and self._in_flight + size > self._max_bytes and self._error is None:
+                self._cond.wait()
+            self._raise()
+            self._in_flight += size
+            self.peak_bytes = max(self.peak_bytes, self._in_flight)
+            self.keys.add(key)
+
+        fut = self._loop.submit(lambda: obstore.put_async(self.store, key, data, use_multipart=False))
+        with self._cond:
+            self._futures.add(fut)
+        fut.add_done_callback(functools.partial(self._done, key, size))
+
+    def _done(self, key: str, size: int, fut: Future[Any]) -> None:
+        with self._cond:
+            self._futures.discard(fut)
+            self._in_flight -= size
+            if not fut.cancelled():
+                e = fut.exception()
+                if e is None:
+                    self.bytes += size
+                elif self._error is None:
+                    self._error = e
+                    self._failed = key
+            self._cond.notify_all()
+
+    def wait(self) -> None:
+        """Wait until every object handed over is sent; raise the first failure."""
+        with self._cond:
+            while self._futures:
+                self._cond.wait()
+            self._raise()
+
+    def cancel(self) -> None:
+        """Stop sending (objects already sent stay) and wait for the requests running."""
+        with self._cond:
+            futures = list(self._futures)
+        for f in futures:
+            f.cancel()
+        for f in futures:
+            with contextlib.suppress(BaseException):
+                f.result(timeout=60)
+
+    def close(self) -> None:
+        self._loop.close()
