@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -29,9 +30,10 @@ import tempfile
 import warnings
 from collections import deque
 from collections.abc import Callable, Mapping
+from contextvars import ContextVar
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -68,6 +70,30 @@ TARGET_CHUNK_BYTES = 4 << 20
 #: The largest chunk (decoded bytes of one field) oocseq writes: under Blosc's 2 GiB limit.
 MAX_CHUNK_BYTES = (1 << 31) - 1 - 16
 JOURNAL_VERSION = 1
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+#: ``storage_options`` of the ``ingest_*`` call running in this thread (see :func:`url_options`)
+_STORAGE_OPTIONS: ContextVar[Mapping[str, Any] | None] = ContextVar("oocseq_storage_options", default=None)
+
+
+def url_options(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Decorate an ingestion function with a keyword argument ``storage_options``: every
+    :class:`StoreWriter` it creates (in the calling thread) writes with those options, so
+    they need not be passed down through its helpers."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        options = kwargs.get("storage_options")
+        if options is None:
+            return fn(*args, **kwargs)
+        token = _STORAGE_OPTIONS.set(options)  # type: ignore[arg-type]
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _STORAGE_OPTIONS.reset(token)
+
+    return wrapper
 
 
 def choose_chunk_len(
@@ -155,6 +181,8 @@ class StoreWriter:
         remote: RemoteOptions | None = None,
     ) -> None:
         self._uploader: Any = None
+        if storage_options is None:
+            storage_options = _STORAGE_OPTIONS.get()
         self._storage_options = _check_storage_options(dest, storage_options)
         self._remote = remote if remote is not None else RemoteOptions()
         self.url, dest = _staging_for(dest, overwrite, self._storage_options, self._remote)

@@ -809,9 +809,11 @@ class ChunkUploader:
             from ..errors import StoreWriteError
 
             e = self._error
+            first = (str(e).strip().splitlines() or [""])[0][:500]  # (obstore appends a debug dump)
             raise StoreWriteError(
                 f"cannot write {self.url}/{self._failed} (after {self._retries} retries): "
-                f"{type(e).__name__}: {str(e).strip()[:500]}. Nothing at {self.url} opens as a store; "
+                f"{type(e).__name__}: {first}. Nothing at {self.url} "
+                "opens as a store; "
                 "run the ingestion again"
             ) from None
 
