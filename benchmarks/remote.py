@@ -13,11 +13,16 @@ For each delay:
   the cache's files evicted from the page cache first (as local's).
 * a delay of 0 ms shows what the server itself (not the latency) allows.
 
-Ratios are remote / local within one round. The S3 server and the proxy are Python
-processes on the same (small) machine, so they compete with the reader for the CPU: the
-figures are a lower bound on what a real object store gives.
+Ratios are remote / local within one round; local and remote runs alternate. The S3 server
+and the proxy are Python (moto, http.server) on the same (small) machine, in a process of
+their own (``--server process``, default) or in the reader's (``--server thread``): they
+compete with the reader for the CPU. Each row gives the CPU seconds the reader's process and
+the server's process used during the remote epoch, against the epoch's wall time: when the
+server's CPU time nears the wall time, the server is the bottleneck and the figures are a lower
+bound on what a real object store gives.
 
 Run:  python benchmarks/remote.py [--size-mb 128] [--delays-ms 10,50] [--runs 1] [--workdir out/bench]
+      [--server process|thread] [--max-requests 32] [--max-bytes-mb 256]
 """
 
 from __future__ import annotations
@@ -72,19 +77,28 @@ class PeakRss:
         self.peak = max(self.peak, rss_anon() - self.base)
 
 
-def epoch(source: Any, batch_size: int, epoch_no: int = 0) -> tuple[float, int]:
-    """Seconds for one shuffled epoch (batches in order) and peak RssAnon bytes."""
+def epoch(
+    source: Any, batch_size: int, epoch_no: int = 0, server: Any = None
+) -> tuple[float, int, float, float]:
+    """Seconds for one shuffled epoch (batches in order), peak RssAnon bytes, and the CPU
+    seconds this process and ``server``'s process used meanwhile."""
+    import os
+
     import oocseq
 
     seq = oocseq.ChunkedSequence(source, batch_size, x="x", y="y", seed=0)
     seq.set_epoch(epoch_no)
+    server_cpu = server.cpu_seconds() if server is not None else 0.0
     with PeakRss() as rss:
+        cpu = os.times()
         t = time.perf_counter()
         for i in range(len(seq)):
             seq[i]
         took = time.perf_counter() - t
+        after = os.times()
+    server_cpu = server.cpu_seconds() - server_cpu if server is not None else 0.0
     seq.close()
-    return took, rss.peak
+    return took, rss.peak, (after.user + after.system) - (cpu.user + cpu.system), server_cpu
 
 
 def main() -> None:
@@ -95,6 +109,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--server", choices=("process", "thread"), default="process")
+    ap.add_argument("--max-requests", type=int, default=None, help="RemoteOptions.max_requests")
+    ap.add_argument("--max-bytes-mb", type=int, default=None, help="RemoteOptions.max_bytes_in_flight")
     args = ap.parse_args()
 
     import oocseq
@@ -117,40 +134,55 @@ def main() -> None:
     print(f"store: {n} samples, {store.num_chunks} chunks of {store.chunk_len}, {stored / 1e6:.1f} MB stored")
     rows: list[Target] = []
     table = [
-        "| delay | local (cold) | remote | ratio | bytes fetched / stored | remote + cache (2nd epoch) | ratio | peak RssAnon local / remote |",
-        "|---|---|---|---|---|---|---|---|",
+        "| delay | local (cold) | remote | ratio | remote epoch: wall / reader CPU / server CPU | "
+        "bytes fetched / stored | remote + cache (2nd epoch) | ratio | peak RssAnon local / remote |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
+    tuned: dict[str, int] = {}
+    if args.max_requests is not None:
+        tuned["max_requests"] = args.max_requests
+    if args.max_bytes_mb is not None:
+        tuned["max_bytes_in_flight"] = args.max_bytes_mb << 20
+    print(f"server: {args.server}; RemoteOptions({', '.join(f'{k}={v}' for k, v in tuned.items())})")
     try:
-        with S3Server() as s3:
+        with S3Server(own_process=args.server == "process") as s3:
             s3.create_bucket(BUCKET)
             s3.upload(path, BUCKET, "crops.zarr")
             url = f"s3://{BUCKET}/crops.zarr"
             for delay in delays:
                 s3.proxy.delay = delay
                 local_r, remote_r, cached_r, fetched, rss_l, rss_r = [], [], [], [], [], []
+                walls, reader_cpu, server_cpu = [], [], []
+                remote = oocseq.RemoteOptions(**tuned)
                 for _ in range(args.runs):
                     make_cold(files_of(path))
-                    t_local, rss = epoch(oocseq.open_store(path), args.batch_size)
+                    t_local, rss, _, _ = epoch(oocseq.open_store(path), args.batch_size)
                     local_r.append(n / t_local)
                     rss_l.append(rss)
                     s3.proxy.reset()
-                    t_remote, rss = epoch(oocseq.open_store(url), args.batch_size)
+                    t_remote, rss, cpu, cpu_s = epoch(
+                        oocseq.open_store(url, remote=remote), args.batch_size, 0, s3
+                    )
                     remote_r.append(n / t_remote)
                     rss_r.append(rss)
+                    walls.append(t_remote)
+                    reader_cpu.append(cpu)
+                    server_cpu.append(cpu_s)
                     fetched.append(s3.proxy.bytes_out)
                     cache = workdir / "cache"
                     remove(cache)
-                    opts = oocseq.RemoteOptions(cache_dir=str(cache))
+                    opts = oocseq.RemoteOptions(cache_dir=str(cache), **tuned)
                     epoch(oocseq.open_store(url, remote=opts), args.batch_size, 0)
                     make_cold(files_of(cache))  # as cold as local's
-                    t_cached, _ = epoch(oocseq.open_store(url, remote=opts), args.batch_size, 1)
+                    t_cached, *_ = epoch(oocseq.open_store(url, remote=opts), args.batch_size, 1)
                     cached_r.append(n / t_cached)
                     remove(cache)
                 lo, re_, ca = median(local_r), median(remote_r), median(cached_r)
                 by = median(fetched) / stored
                 table.append(
                     f"| {delay * 1000:.0f} ms | {fmt_rate(lo)}/s | {fmt_rate(re_)}/s | {fmt_ratio(re_ / lo)} | "
-                    f"{by:.3f} | {fmt_rate(ca)}/s | {fmt_ratio(ca / lo)} | "
+                    f"{median(walls):.2f} / {median(reader_cpu):.2f} / "
+                    f"{median(server_cpu) if args.server == 'process' else float('nan'):.2f} s | {by:.3f} | {fmt_rate(ca)}/s | {fmt_ratio(ca / lo)} | "
                     f"{median(rss_l) / 2**20:.0f} / {median(rss_r) / 2**20:.0f} MiB |"
                 )
                 tag = f"{delay * 1000:.0f} ms"
