@@ -28,6 +28,7 @@ Run:  python benchmarks/remote.py [--size-mb 128] [--delays-ms 10,50] [--runs 1]
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import tempfile
 import threading
@@ -77,6 +78,132 @@ class PeakRss:
         self.peak = max(self.peak, rss_anon() - self.base)
 
 
+_NGINX_CONF = """
+load_module {modules}/ngx_http_echo_module.so;
+{user}
+worker_processes 1;
+daemon off;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log;
+events {{ worker_connections 1024; }}
+http {{
+  log_format sent '$body_bytes_sent';
+  access_log {dir}/access.log sent;
+  client_body_temp_path {dir}/body;
+  proxy_temp_path {dir}/proxy;
+  fastcgi_temp_path {dir}/fastcgi;
+  uwsgi_temp_path {dir}/uwsgi;
+  scgi_temp_path {dir}/scgi;
+  server {{
+    listen 127.0.0.1:{port};
+    location / {{ {sleep} echo_exec @files; }}
+    location @files {{ root {root}; }}
+  }}
+}}
+"""
+
+
+class NginxServer:
+    """nginx (C, one worker process) serving the folder ``root`` over plain HTTP with range
+    requests, every request delayed by ``delay`` seconds first (the echo module's non-blocking
+    ``echo_sleep``): a fast stand-in for an object store, read through ``http://`` URLs.
+    The same interface as :class:`oocseq.testing.s3.S3Server` where the benchmark uses it.
+    Needs ``nginx`` and its echo module (Debian: ``apt-get install nginx-light``)."""
+
+    def __init__(self, root: Path, workdir: Path) -> None:
+        import shutil
+
+        from oocseq.testing.s3 import free_port
+
+        binary = shutil.which("nginx") or "/usr/sbin/nginx"
+        modules = Path("/usr/lib/nginx/modules")
+        if not Path(binary).exists() or not (modules / "ngx_http_echo_module.so").exists():
+            raise SystemExit("--server nginx needs nginx with its echo module (apt-get install nginx-light)")
+        self.binary, self.modules, self.root = binary, modules, root
+        self.dir = workdir / "nginx"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.proc: Any = None
+        self.proxy = self  # delay, reset(), bytes_out as on S3Server.proxy
+        self._delay = 0.0
+
+    def _start(self) -> None:
+        import subprocess
+
+        sleep = f"echo_sleep {self._delay:.3f};" if self._delay else ""
+        import os
+
+        conf = _NGINX_CONF.format(
+            user="user root;" if os.geteuid() == 0 else "",  # else workers cannot read a 0700 folder
+            modules=self.modules,
+            dir=self.dir,
+            port=self.port,
+            sleep=sleep,
+            root=self.root,
+        )
+        (self.dir / "nginx.conf").write_text(conf)
+        self.proc = subprocess.Popen([self.binary, "-c", str(self.dir / "nginx.conf"), "-p", str(self.dir)])
+        import http.client
+
+        for _ in range(100):
+            try:
+                conn = http.client.HTTPConnection(f"127.0.0.1:{self.port}", timeout=5)
+                conn.request("HEAD", "/")
+                conn.getresponse().read()
+                conn.close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"nginx did not start; see {self.dir / 'error.log'}")
+
+    def _stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
+            self.proc = None
+
+    def __enter__(self) -> NginxServer:
+        self._start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop()
+
+    @property
+    def delay(self) -> float:
+        return self._delay
+
+    @delay.setter
+    def delay(self, seconds: float) -> None:
+        self._delay = seconds
+        self._stop()
+        self._start()
+
+    def reset(self) -> None:
+        (self.dir / "access.log").write_text("")
+
+    @property
+    def bytes_out(self) -> int:
+        text = (self.dir / "access.log").read_text()
+        return sum(int(v) for v in text.split())
+
+    def cpu_seconds(self) -> float:
+        """CPU seconds of nginx's master and worker processes so far."""
+        import os
+
+        pids = [self.proc.pid]
+        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
+        if children.exists():
+            pids += [int(p) for p in children.read_text().split()]
+        total = 0.0
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return total
+
+
 def epoch(
     source: Any, batch_size: int, epoch_no: int = 0, server: Any = None
 ) -> tuple[float, int, float, float]:
@@ -109,7 +236,13 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--keep", action="store_true")
-    ap.add_argument("--server", choices=("process", "thread"), default="process")
+    ap.add_argument(
+        "--server",
+        choices=("process", "thread", "nginx"),
+        default="process",
+        help="moto's S3 server (and the delaying proxy) in its own process or in this one's "
+        "threads; or nginx over plain http:// (C, with a non-blocking delay)",
+    )
     ap.add_argument("--max-requests", type=int, default=None, help="RemoteOptions.max_requests")
     ap.add_argument("--max-bytes-mb", type=int, default=None, help="RemoteOptions.max_bytes_in_flight")
     args = ap.parse_args()
@@ -145,10 +278,18 @@ def main() -> None:
         tuned["max_bytes_in_flight"] = args.max_bytes_mb << 20
     print(f"server: {args.server}; RemoteOptions({', '.join(f'{k}={v}' for k, v in tuned.items())})")
     try:
-        with S3Server(own_process=args.server == "process") as s3:
-            s3.create_bucket(BUCKET)
-            s3.upload(path, BUCKET, "crops.zarr")
-            url = f"s3://{BUCKET}/crops.zarr"
+        server: Any = (
+            NginxServer(workdir, workdir)
+            if args.server == "nginx"
+            else S3Server(own_process=args.server == "process")
+        )
+        with server as s3:
+            if args.server == "nginx":
+                url = f"{s3.endpoint}/{path.name}"
+            else:
+                s3.create_bucket(BUCKET)
+                s3.upload(path, BUCKET, "crops.zarr")
+                url = f"s3://{BUCKET}/crops.zarr"
             for delay in delays:
                 s3.proxy.delay = delay
                 local_r, remote_r, cached_r, fetched, rss_l, rss_r = [], [], [], [], [], []
@@ -182,7 +323,7 @@ def main() -> None:
                 table.append(
                     f"| {delay * 1000:.0f} ms | {fmt_rate(lo)}/s | {fmt_rate(re_)}/s | {fmt_ratio(re_ / lo)} | "
                     f"{median(walls):.2f} / {median(reader_cpu):.2f} / "
-                    f"{median(server_cpu) if args.server == 'process' else float('nan'):.2f} s | {by:.3f} | {fmt_rate(ca)}/s | {fmt_ratio(ca / lo)} | "
+                    f"{median(server_cpu) if args.server != 'thread' else float('nan'):.2f} s | {by:.3f} | {fmt_rate(ca)}/s | {fmt_ratio(ca / lo)} | "
                     f"{median(rss_l) / 2**20:.0f} / {median(rss_r) / 2**20:.0f} MiB |"
                 )
                 tag = f"{delay * 1000:.0f} ms"
