@@ -55,6 +55,8 @@ from _data import (  # shared with the other benchmark scripts
 )
 
 BUCKET = "bench"
+#: ReadOptions.readahead for both epochs (None: the default)
+READAHEAD: int | None = None
 
 
 class PeakRss:
@@ -206,26 +208,30 @@ class NginxServer:
 
 def epoch(
     source: Any, batch_size: int, epoch_no: int = 0, server: Any = None
-) -> tuple[float, int, float, float]:
-    """Seconds for one shuffled epoch (batches in order), peak RssAnon bytes, and the CPU
-    seconds this process and ``server``'s process used meanwhile."""
+) -> tuple[float, int, float, float, float]:
+    """Seconds for one shuffled epoch (batches in order), peak RssAnon bytes, the CPU
+    seconds this process and ``server``'s process used meanwhile, and seconds to the first
+    batch."""
     import os
 
     import oocseq
 
-    seq = oocseq.ChunkedSequence(source, batch_size, x="x", y="y", seed=0)
+    read = oocseq.ReadOptions(readahead=READAHEAD) if READAHEAD is not None else None
+    seq = oocseq.ChunkedSequence(source, batch_size, x="x", y="y", seed=0, read=read)
     seq.set_epoch(epoch_no)
     server_cpu = server.cpu_seconds() if server is not None else 0.0
     with PeakRss() as rss:
         cpu = os.times()
         t = time.perf_counter()
+        first = 0.0
         for i in range(len(seq)):
             seq[i]
+            first = first or time.perf_counter() - t
         took = time.perf_counter() - t
         after = os.times()
     server_cpu = server.cpu_seconds() - server_cpu if server is not None else 0.0
     seq.close()
-    return took, rss.peak, (after.user + after.system) - (cpu.user + cpu.system), server_cpu
+    return took, rss.peak, (after.user + after.system) - (cpu.user + cpu.system), server_cpu, first
 
 
 def main() -> None:
@@ -244,8 +250,11 @@ def main() -> None:
         "threads; or nginx over plain http:// (C, with a non-blocking delay)",
     )
     ap.add_argument("--max-requests", type=int, default=None, help="RemoteOptions.max_requests")
+    ap.add_argument("--readahead", type=int, default=None, help="ReadOptions.readahead (windows)")
     ap.add_argument("--max-bytes-mb", type=int, default=None, help="RemoteOptions.max_bytes_in_flight")
     args = ap.parse_args()
+    global READAHEAD
+    READAHEAD = args.readahead
 
     import oocseq
     from oocseq.testing.s3 import S3Server
@@ -267,7 +276,7 @@ def main() -> None:
     print(f"store: {n} samples, {store.num_chunks} chunks of {store.chunk_len}, {stored / 1e6:.1f} MB stored")
     rows: list[Target] = []
     table = [
-        "| delay | local (cold) | remote | ratio | remote epoch: wall / reader CPU / server CPU | "
+        "| delay | local (cold) | remote | ratio | remote epoch: wall / reader CPU / server CPU / 1st batch | "
         "bytes fetched / stored | remote + cache (2nd epoch) | ratio | peak RssAnon local / remote |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -276,7 +285,10 @@ def main() -> None:
         tuned["max_requests"] = args.max_requests
     if args.max_bytes_mb is not None:
         tuned["max_bytes_in_flight"] = args.max_bytes_mb << 20
-    print(f"server: {args.server}; RemoteOptions({', '.join(f'{k}={v}' for k, v in tuned.items())})")
+    print(
+        f"server: {args.server}; RemoteOptions({', '.join(f'{k}={v}' for k, v in tuned.items())}); "
+        f"readahead: {'default' if READAHEAD is None else READAHEAD}"
+    )
     try:
         server: Any = (
             NginxServer(workdir, workdir)
@@ -293,20 +305,21 @@ def main() -> None:
             for delay in delays:
                 s3.proxy.delay = delay
                 local_r, remote_r, cached_r, fetched, rss_l, rss_r = [], [], [], [], [], []
-                walls, reader_cpu, server_cpu = [], [], []
+                walls, reader_cpu, server_cpu, firsts = [], [], [], []
                 remote = oocseq.RemoteOptions(**tuned)
                 for _ in range(args.runs):
                     make_cold(files_of(path))
-                    t_local, rss, _, _ = epoch(oocseq.open_store(path), args.batch_size)
+                    t_local, rss, *_ = epoch(oocseq.open_store(path), args.batch_size)
                     local_r.append(n / t_local)
                     rss_l.append(rss)
                     s3.proxy.reset()
-                    t_remote, rss, cpu, cpu_s = epoch(
+                    t_remote, rss, cpu, cpu_s, first = epoch(
                         oocseq.open_store(url, remote=remote), args.batch_size, 0, s3
                     )
                     remote_r.append(n / t_remote)
                     rss_r.append(rss)
                     walls.append(t_remote)
+                    firsts.append(first)
                     reader_cpu.append(cpu)
                     server_cpu.append(cpu_s)
                     fetched.append(s3.proxy.bytes_out)
@@ -323,7 +336,7 @@ def main() -> None:
                 table.append(
                     f"| {delay * 1000:.0f} ms | {fmt_rate(lo)}/s | {fmt_rate(re_)}/s | {fmt_ratio(re_ / lo)} | "
                     f"{median(walls):.2f} / {median(reader_cpu):.2f} / "
-                    f"{median(server_cpu) if args.server != 'thread' else float('nan'):.2f} s | {by:.3f} | {fmt_rate(ca)}/s | {fmt_ratio(ca / lo)} | "
+                    f"{median(server_cpu) if args.server != 'thread' else float('nan'):.2f} / {median(firsts):.2f} s | {by:.3f} | {fmt_rate(ca)}/s | {fmt_ratio(ca / lo)} | "
                     f"{median(rss_l) / 2**20:.0f} / {median(rss_r) / 2**20:.0f} MiB |"
                 )
                 tag = f"{delay * 1000:.0f} ms"

@@ -200,25 +200,80 @@ def _shape_nbytes(arr: Any) -> tuple[tuple[int, ...], int]:
     return shape, math.prod(shape) * arr.dtype.itemsize
 
 
+class _Ticket:
+    """A request's place in line (:class:`_Loop`)."""
+
+    __slots__ = ("urgent", "waiter")
+
+    def __init__(self, urgent: bool) -> None:
+        self.urgent = urgent
+        self.waiter: asyncio.Future[None] | None = None
+
+
 class _Loop:
     """One asyncio event loop on a daemon thread of this process: requests run there
-    concurrently, up to ``max_requests`` at a time."""
+    concurrently, up to ``max_requests`` at a time, in the order they were submitted; an
+    *urgent* request (a chunk the reader waits for now) starts at once, whatever the others
+    fetched ahead: they must not delay the chunks needed first."""
 
     def __init__(self, max_requests: int) -> None:
         self.loop = asyncio.new_event_loop()
         self._max = max_requests
-        self._sem: asyncio.Semaphore | None = None
+        self._active = 0
+        self._line: deque[_Ticket] = deque()
         self._thread = threading.Thread(target=self.loop.run_forever, name="oocseq-fetch", daemon=True)
         self._thread.start()
 
-    def submit(self, make: Callable[[], Awaitable[Any]]) -> Future[Any]:
-        async def bounded() -> Any:
-            if self._sem is None:
-                self._sem = asyncio.Semaphore(self._max)
-            async with self._sem:
-                return await make()
+    async def _acquire(self, ticket: _Ticket) -> None:
+        if not ticket.urgent and self._active >= self._max:
+            ticket.waiter = self.loop.create_future()
+            self._line.append(ticket)
+            try:
+                await ticket.waiter
+            except BaseException:
+                if ticket in self._line:
+                    self._line.remove(ticket)
+                elif ticket.waiter.done() and not ticket.waiter.cancelled():
+                    self._release()  # given a place, then cancelled: pass it on
+                raise
+            return  # the place was handed over by _release
+        self._active += 1
 
-        return asyncio.run_coroutine_threadsafe(bounded(), self.loop)
+    def _release(self) -> None:
+        while self._line:
+            ticket = self._line.popleft()
+            if ticket.waiter is not None and not ticket.waiter.done():
+                ticket.waiter.set_result(None)  # the place goes to it: _active unchanged
+                return
+        self._active -= 1
+
+    def _hurry(self, ticket: _Ticket) -> None:
+        ticket.urgent = True
+        if ticket in self._line and ticket.waiter is not None and not ticket.waiter.done():
+            self._line.remove(ticket)
+            self._active += 1
+            ticket.waiter.set_result(None)
+
+    def submit(self, make: Callable[[], Awaitable[Any]], urgent: bool = False) -> Future[Any]:
+        ticket = _Ticket(urgent)
+
+        async def bounded() -> Any:
+            await self._acquire(ticket)
+            try:
+                return await make()
+            finally:
+                self._release()
+
+        fut = asyncio.run_coroutine_threadsafe(bounded(), self.loop)
+        fut.ticket = ticket  # type: ignore[attr-defined]
+        return fut
+
+    def hurry(self, fut: Future[Any]) -> None:
+        """Start the request ``fut`` (from :meth:`submit`) now if it waits for a place."""
+        ticket = getattr(fut, "ticket", None)
+        if ticket is not None and not fut.done() and not ticket.urgent:
+            with contextlib.suppress(RuntimeError):  # a closed loop
+                self.loop.call_soon_threadsafe(self._hurry, ticket)
 
     def close(self) -> None:
         """Stop the loop and its thread (requests still running are abandoned)."""
@@ -277,7 +332,7 @@ class Fetcher:
             weakref.finalize(self, self._loop.close)
         return self._loop
 
-    def _submit(self, key: str, limit: int) -> Future[Any]:
+    def _submit(self, key: str, limit: int, urgent: bool = False) -> Future[Any]:
         loop = self.loop()
 
         async def one() -> Any:
@@ -287,7 +342,7 @@ class Fetcher:
                 self.bytes += 0 if data is None else len(data)
             return data
 
-        return loop.submit(one)
+        return loop.submit(one, urgent)
 
     def advise(self, items: list[tuple[str, int]]) -> None:
         with self._lock:
@@ -339,7 +394,9 @@ class Fetcher:
                             break
                         self._reserved -= self._ahead.pop(stale)[1]
             self._pump()
-            fut = entry[0] if entry is not None else self._submit(key, limit)
+            fut = entry[0] if entry is not None else self._submit(key, limit, urgent=True)
+        if entry is not None and self._loop is not None:
+            self._loop.hurry(fut)  # fetched ahead but still waiting behind later chunks
         try:
             return fut.result(timeout=self._wait)
         except FutureTimeout:
