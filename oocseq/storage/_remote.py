@@ -203,10 +203,11 @@ def _shape_nbytes(arr: Any) -> tuple[tuple[int, ...], int]:
 class _Ticket:
     """A request's place in line (:class:`_Loop`)."""
 
-    __slots__ = ("urgent", "waiter")
+    __slots__ = ("running_urgent", "urgent", "waiter")
 
     def __init__(self, urgent: bool) -> None:
         self.urgent = urgent
+        self.running_urgent = False
         self.waiter: asyncio.Future[None] | None = None
 
 
@@ -214,18 +215,24 @@ class _Loop:
     """One asyncio event loop on a daemon thread of this process: requests run there
     concurrently, up to ``max_requests`` at a time, in the order they were submitted; an
     *urgent* request (a chunk the reader waits for now) starts at once, whatever the others
-    fetched ahead: they must not delay the chunks needed first."""
+    fetched ahead: they must not delay the chunks needed first. While urgent requests run, at
+    most a quarter of the places go to requests fetching ahead (they share the bandwidth)."""
 
     def __init__(self, max_requests: int) -> None:
         self.loop = asyncio.new_event_loop()
         self._max = max_requests
         self._active = 0
+        self._urgent = 0
         self._line: deque[_Ticket] = deque()
         self._thread = threading.Thread(target=self.loop.run_forever, name="oocseq-fetch", daemon=True)
         self._thread.start()
 
+    def _full(self) -> bool:
+        ahead = self._active - self._urgent
+        return self._active >= self._max or (self._urgent > 0 and ahead >= max(1, self._max // 4))
+
     async def _acquire(self, ticket: _Ticket) -> None:
-        if not ticket.urgent and self._active >= self._max:
+        if not ticket.urgent and (self._full() or self._line):
             ticket.waiter = self.loop.create_future()
             self._line.append(ticket)
             try:
@@ -234,24 +241,32 @@ class _Loop:
                 if ticket in self._line:
                     self._line.remove(ticket)
                 elif ticket.waiter.done() and not ticket.waiter.cancelled():
-                    self._release()  # given a place, then cancelled: pass it on
+                    self._release(ticket)  # given a place, then cancelled: pass it on
                 raise
             return  # the place was handed over by _release
         self._active += 1
+        if ticket.urgent:
+            ticket.running_urgent = True
+            self._urgent += 1
 
-    def _release(self) -> None:
-        while self._line:
-            ticket = self._line.popleft()
-            if ticket.waiter is not None and not ticket.waiter.done():
-                ticket.waiter.set_result(None)  # the place goes to it: _active unchanged
-                return
+    def _release(self, ticket: _Ticket | None = None) -> None:
         self._active -= 1
+        if ticket is not None and ticket.running_urgent:
+            ticket.running_urgent = False
+            self._urgent -= 1
+        while self._line and not self._full():
+            waiting = self._line.popleft()
+            if waiting.waiter is not None and not waiting.waiter.done():
+                self._active += 1
+                waiting.waiter.set_result(None)  # the place goes to it
 
     def _hurry(self, ticket: _Ticket) -> None:
         ticket.urgent = True
         if ticket in self._line and ticket.waiter is not None and not ticket.waiter.done():
             self._line.remove(ticket)
             self._active += 1
+            self._urgent += 1
+            ticket.running_urgent = True
             ticket.waiter.set_result(None)
 
     def submit(self, make: Callable[[], Awaitable[Any]], urgent: bool = False) -> Future[Any]:
@@ -262,7 +277,7 @@ class _Loop:
             try:
                 return await make()
             finally:
-                self._release()
+                self._release(ticket)
 
         fut = asyncio.run_coroutine_threadsafe(bounded(), self.loop)
         fut.ticket = ticket  # type: ignore[attr-defined]
