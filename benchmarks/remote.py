@@ -335,8 +335,8 @@ def main() -> None:
                 lo, re_, ca = median(local_r), median(remote_r), median(cached_r)
                 # ratios of the runs made side by side (local, then remote), then their median:
                 # steadier than a ratio of medians on a machine whose load drifts
-                r_remote = median([r / l for r, l in zip(remote_r, local_r, strict=True)])
-                r_cached = median([c / l for c, l in zip(cached_r, local_r, strict=True)])
+                r_remote = median([r / b for r, b in zip(remote_r, local_r, strict=True)])
+                r_cached = median([c / b for c, b in zip(cached_r, local_r, strict=True)])
                 by = median(fetched) / stored
                 table.append(
                     f"| {delay * 1000:.0f} ms | {fmt_rate(lo)}/s | {fmt_rate(re_)}/s | {fmt_ratio(r_remote)} | "
