@@ -648,3 +648,48 @@ def test_storage_options_for_writes_instead_of_the_environment(s3, local, tmp_pa
     assert back.manifest.checksums == local.manifest.checksums
     with pytest.raises(ArgumentError, match="storage_options apply to"):
         oocseq.ingest_arrays(tmp_path / "l.zarr", {"x": np.zeros(4)}, storage_options=options)
+
+
+def test_a_chunk_waited_for_goes_before_chunks_fetched_ahead():
+    import asyncio
+    import threading
+
+    from oocseq.storage._remote import _Loop
+
+    loop = _Loop(4)
+    started: list[str] = []
+    release = threading.Event()
+
+    def request(name):
+        async def run():
+            started.append(name)
+            while not release.is_set():
+                await asyncio.sleep(0.001)
+            return name
+
+        return run
+
+    def wait_for(cond):
+        deadline = time.monotonic() + 10
+        while not cond() and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert cond()
+
+    try:
+        ahead = [loop.submit(request(f"a{i}")) for i in range(8)]
+        wait_for(lambda: len(started) == 4)
+        time.sleep(0.05)
+        assert started == ["a0", "a1", "a2", "a3"], "at most max_requests at once"
+        now = loop.submit(request("now"), urgent=True)
+        wait_for(lambda: "now" in started)  # at once, although every place is taken
+        loop.hurry(ahead[6])  # fetched ahead, then waited for: it starts too
+        wait_for(lambda: "a6" in started)
+        time.sleep(0.05)
+        assert started[4:] == ["now", "a6"], "nothing else starts while places are full"
+        release.set()
+        assert [f.result(timeout=10) for f in ahead] == [f"a{i}" for i in range(8)]
+        assert now.result(timeout=10) == "now"
+        assert sorted(started) == sorted([*(f"a{i}" for i in range(8)), "now"])
+    finally:
+        release.set()
+        loop.close()
