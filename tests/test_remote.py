@@ -558,13 +558,34 @@ def test_a_failed_ingestion_to_s3_leaves_no_store(s3, local, tmp_path, monkeypat
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_killed_ingestion_to_s3_leaves_no_store_and_a_new_one_replaces_its_chunks(s3, local):
+def _run_killed(script: str, s3, key: str, tmp_path, objects: int = 4) -> None:
+    """Run ``script`` in a new process (temporary folder ``tmp_path``) and kill it once
+    ``objects`` objects are under ``key``."""
     import os
     import signal
     import subprocess
     import sys
     from pathlib import Path
 
+    env = {**os.environ, "PYTHONPATH": str(Path(oocseq.__file__).parents[1]), "TMPDIR": str(tmp_path)}
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while len(_objects(s3, key)) < objects and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, "the ingestion ended before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_killed_ingestion_to_s3_leaves_no_store_and_a_new_one_replaces_its_chunks(
+    s3, local, tmp_path, monkeypatch
+):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     dest = f"s3://{BUCKET}/killed/{uuid.uuid4().hex}.zarr"
     key = dest.removeprefix(f"s3://{BUCKET}/")
     script = (
@@ -577,24 +598,16 @@ def test_a_killed_ingestion_to_s3_leaves_no_store_and_a_new_one_replaces_its_chu
         f"        yield x[i:i + {CHUNK}]\n"
         f"oocseq.ingest_arrays({dest!r}, {{'x': slow(f['x'])}}, chunk_len={CHUNK}, preshuffle=False)\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(Path(oocseq.__file__).parents[1])}
-    proc = subprocess.Popen([sys.executable, "-c", script], env=env)
-    try:
-        deadline = time.monotonic() + 120
-        while len(_objects(s3, key)) < 4 and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert proc.poll() is None, "the ingestion ended before it could be killed"
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
+    _run_killed(script, s3, key, tmp_path)
     left = _objects(s3, key)
     assert len(left) >= 4 and not any(p.endswith("zarr.json") for p in left)
     with pytest.raises(StoreNotFoundError):
         oocseq.open_store(dest)
     # a new ingestion there needs no overwrite (there is no store) and leaves only its own objects
-    store = oocseq.ingest_arrays(dest, {"x": np.zeros((40, 3), np.float32)}, chunk_len=CHUNK)
+    with pytest.warns(UserWarning, match="discarding the partial store of an interrupted ingestion"):
+        store = oocseq.ingest_arrays(dest, {"x": np.zeros((40, 3), np.float32)}, chunk_len=CHUNK)
     assert len(store) == 40
+    assert list(tmp_path.iterdir()) == [], "the staging folder is left behind"
     assert all(p.endswith("zarr.json") or p.startswith(f"{key}/x/c/") for p in _objects(s3, key))
     assert len([p for p in _objects(s3, key) if "/c/" in p]) == 2
 
@@ -693,3 +706,38 @@ def test_a_chunk_waited_for_goes_before_chunks_fetched_ahead():
     finally:
         release.set()
         loop.close()
+
+
+def test_a_killed_ingestion_to_s3_resumes_without_sending_its_chunks_again(s3, local, tmp_path, monkeypatch):
+    import tempfile
+
+    from oocseq.testing.stores import index_encoding_fields
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dest = f"s3://{BUCKET}/resumed/{uuid.uuid4().hex}.zarr"
+    key = dest.removeprefix(f"s3://{BUCKET}/")
+    script = (
+        "import time, oocseq\n"
+        "from oocseq.testing.stores import index_encoding_fields\n"
+        "class Slow:\n"
+        "    def __init__(self, a): self.a, self.shape, self.dtype = a, a.shape, a.dtype\n"
+        "    def __getitem__(self, k):\n"
+        "        if isinstance(k, slice): time.sleep(0.15)\n"
+        "        return self.a[k]\n"
+        f"f = index_encoding_fields({N})\n"
+        "f['x'] = Slow(f['x'])\n"
+        f"oocseq.ingest_arrays({dest!r}, f, chunk_len={CHUNK}, preshuffle=False)\n"
+    )
+    _run_killed(script, s3, key, tmp_path, objects=3 * 8)
+    with pytest.raises(StoreNotFoundError):
+        oocseq.open_store(dest)
+    s3.proxy.reset()
+    store = oocseq.ingest_arrays(dest, index_encoding_fields(N), chunk_len=CHUNK, preshuffle=False)
+    sent = [p for m, p in s3.proxy.log if m == "PUT" and "/x/c/" in p]
+    assert len(sent) <= local.num_chunks - 5, "the chunks of the interrupted run were sent again"
+    assert store.manifest.checksums["x"] == local.manifest.checksums["x"]
+    assert list(tmp_path.iterdir()) == []
+    remote, here = seq_of(oocseq.open_store(dest)), seq_of(local)
+    for i in range(len(here)):
+        for a, b in zip(remote[i], here[i], strict=True):
+            np.testing.assert_array_equal(a, b)

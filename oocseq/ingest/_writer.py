@@ -154,8 +154,10 @@ class StoreWriter:
         remote: :class:`~oocseq.RemoteOptions` for a destination in object storage: chunks are
             sent as they are made, ``max_requests`` at once, at most ``max_bytes_in_flight``
             bytes waiting to be sent; only the store's metadata is staged on local disk, and
-            the manifest is sent last. A URL destination is never resumed (``resume`` is
-            ignored): an interrupted ingestion leaves no store there and starts over.
+            the manifest is sent last. Resuming works as for a local ``dest`` (the journal
+            and the metadata are kept in ``<tempdir>/oocseq-upload-<hash of the URL>``): only
+            chunks the bucket acknowledged are journaled, they are not sent again, and
+            before the manifest lands one listing checks that they are all still there.
 
     After construction, ``resume_state`` is ``None`` for a fresh start, or the state the
     source passed to :meth:`checkpoint` from which it must now replay; ``resumed_chunks`` is
@@ -188,8 +190,6 @@ class StoreWriter:
         self.url, dest = _staging_for(dest, overwrite, self._storage_options, self._remote)
         self.dest = Path(dest)
         self.format = store_format(self.dest)
-        if self.url is not None:
-            resume = False  # the staging folder is new: nothing to resume
         if not specs:
             raise InvalidSourceError("nothing to ingest: no fields given")
         for name, value in (("overwrite", overwrite), ("resume", resume)):
@@ -237,8 +237,7 @@ class StoreWriter:
         self._created = False
         self._backend: Any = None
         self._lock: OwnerLock | None = None
-        # no journal for a URL destination: its staging folder is new, nothing to resume
-        self._fingerprint = None if job is None or self.url is not None else self._fingerprint_of(job)
+        self._fingerprint = None if job is None else self._fingerprint_of(job)
         self._executor = executor if executor is not None else Executor()
         # Chunks handed to the executor and not yet written: (field, chunk, samples, handle).
         self._pending: deque[tuple[str, int, int, Any]] = deque()
@@ -250,12 +249,14 @@ class StoreWriter:
         #: a process killed after its commit leaves nothing behind).
         self.before_commit: list[Callable[[], None]] = []
         try:
-            if self.url is not None:
-                self._uploader = _stream_to(self.url, overwrite, self._storage_options, self._remote)
             self.dest.parent.mkdir(parents=True, exist_ok=True)
             taken = self._claim(resume, job is not None)
             if taken is None or not self._take_over(*taken):
                 self._start()
+            if self.url is not None:
+                self._uploader = _stream_to(self.url, overwrite, self._storage_options, self._remote)
+                for name in self.specs:  # chunks journaled by the interrupted run are in the bucket
+                    self._uploader.sent_before(name, self._written[name])
         except BaseException as e:
             self.abort()
             if isinstance(e, OSError) and not isinstance(e, OocseqError):
@@ -528,9 +529,8 @@ class StoreWriter:
                     "changed). The partial store is discarded: run the ingestion again to start over"
                 )
             if payload is not None and self._uploader is not None:  # straight to the bucket
-                self._uploader.put(
-                    self._backend.chunk_path(name, c).relative_to(self._tmp).as_posix(), payload
-                )
+                key = self._backend.chunk_path(name, c).relative_to(self._tmp).as_posix()
+                self._uploader.put(key, payload, (name, c))
             elif payload is not None:
                 try:
                     self._backend.write_encoded(name, c, self.chunk_len, payload, raw)
@@ -558,6 +558,8 @@ class StoreWriter:
 
     def _journal_progress(self) -> None:
         done = min(self._written.values())
+        if self._uploader is not None:  # journal only the chunks the bucket acknowledged
+            done = min(done, *(self._uploader.acknowledged(name) for name in self.specs))
         if done <= self._journaled:
             return
         try:
@@ -618,8 +620,12 @@ class StoreWriter:
             for name in self.specs:
                 self._flush(name)
             self._drain(0)
+            chunk_keys: set[str] = set()
             if self._uploader is not None:
                 self._uploader.wait()
+                chunk_keys = {self._chunk_key(f, c) for f in self.specs for c in range(self._written[f])}
+                if self.resumed_chunks:  # sent by the interrupted run: still all there?
+                    self._uploader.check_present(sorted(chunk_keys))
             manifest = Manifest(
                 n=n,
                 chunk_len=self.chunk_len,
@@ -649,7 +655,7 @@ class StoreWriter:
             # From here on the chunks sent belong to a store whose manifest may have landed.
             uploader, self._uploader = self._uploader, None
             try:
-                store = _publish(store, self.url, self._storage_options, self._remote, uploader.keys)
+                store = _publish(store, self.url, self._storage_options, self._remote, chunk_keys)
             finally:
                 uploader.close()
         self.store = store
@@ -663,9 +669,16 @@ class StoreWriter:
         if self._lock is not None:
             self._lock.release(delete=True)
 
+    def _chunk_key(self, name: str, c: int) -> str:
+        return self._backend.chunk_path(name, c).relative_to(self._tmp).as_posix()
+
     def _suspend(self) -> None:
         """Keep the partial store and journal for a later run; let go of them."""
         self._cancel_pending()
+        uploader, self._uploader = self._uploader, None
+        if uploader is not None:  # the chunks sent stay for the next run
+            uploader.cancel()
+            uploader.close()
         with contextlib.suppress(Exception):
             self._backend.close()
         with contextlib.suppress(Exception):
@@ -680,14 +693,15 @@ class StoreWriter:
         uploader, self._uploader = self._uploader, None
         if uploader is not None:
             uploader.cancel()
+            keys = set(uploader.keys)
+            with contextlib.suppress(Exception):  # and those the interrupted run sent
+                keys.update(self._chunk_key(f, c) for f, k in uploader.before.items() for c in range(k))
             with contextlib.suppress(Exception):
-                uploader.delete(sorted(uploader.keys))
+                uploader.delete(sorted(keys))
             uploader.close()
 
     def abort(self) -> None:
         """Drop the partial store (and its journal and lock)."""
-        if self.url is not None:
-            shutil.rmtree(self.dest.parent, ignore_errors=True)
         self._cancel_pending()
         self._drop_uploaded()
         if self._backend is not None:
@@ -699,6 +713,9 @@ class StoreWriter:
         if getattr(self, "_id", None) is not None:
             _discard(self.dest, self._id, self._lock)
             self._lock = None
+        if self.url is not None:  # the staging folder, unless another ingestion uses it
+            with contextlib.suppress(OSError):
+                self.dest.parent.rmdir()
 
 
 def encode_chunk(
@@ -848,7 +865,9 @@ def _staging_for(
         raise ArgumentError(f"{url}: stores in object storage are Zarr stores; name it *.zarr")
     if exists(url, storage_options, options) and not overwrite:
         raise StoreExistsError(f"{url} already exists; pass overwrite=True to replace it")
-    return url, Path(tempfile.mkdtemp(prefix="oocseq-upload-")) / name
+    # One folder per URL, so that an interrupted ingestion's journal is found again.
+    digest = hashlib.sha256(url.encode()).hexdigest()[:20]
+    return url, Path(tempfile.gettempdir()) / f"oocseq-upload-{digest}" / name
 
 
 def _stream_to(
@@ -879,10 +898,11 @@ def _publish(
     ``url``, the manifest last; drop the local copy, and open the uploaded store."""
     from ..storage._remote import upload
 
-    staging = store.path.parent
     try:
         store.close()
         upload(store.path, url, storage_options, options, sent)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(store.path, ignore_errors=True)
+        with contextlib.suppress(OSError):  # unless another ingestion uses it
+            store.path.parent.rmdir()
     return Store(url, storage_options=storage_options)

@@ -875,6 +875,38 @@ class ChunkUploader:
         self.keys: set[str] = set()
         self.bytes = 0
         self.peak_bytes = 0
+        self._acked: dict[str, set[int]] = {}  # chunks acknowledged past the prefix, per field
+        self._prefix: dict[str, int] = {}  # chunks 0..prefix-1 of the field all acknowledged
+        self.before: dict[str, int] = {}  # chunks sent by an interrupted run, per field
+
+    def sent_before(self, name: str, count: int) -> None:
+        """Chunks ``0..count-1`` of field ``name`` were sent (and acknowledged) by an
+        interrupted run whose ingestion this one resumes."""
+        with self._cond:
+            self.before[name] = count
+            self._prefix[name] = max(self._prefix.get(name, 0), count)
+
+    def acknowledged(self, name: str) -> int:
+        """How many chunks of field ``name``, from the first on, the bucket acknowledged."""
+        with self._cond:
+            return self._prefix.get(name, 0)
+
+    def check_present(self, keys: list[str]) -> None:
+        """StoreWriteError unless every object ``keys`` names is in the bucket (one listing)."""
+        import obstore
+
+        from ..errors import StoreWriteError
+
+        try:
+            have = {m["path"] for batch in obstore.list(self.store) for m in batch}
+        except Exception as e:
+            raise StoreWriteError(f"cannot list {self.url}: {type(e).__name__}: {e}") from None
+        missing = [k for k in keys if k not in have]
+        if missing:
+            raise StoreWriteError(
+                f"{len(missing)} chunk objects sent by the interrupted ingestion into {self.url} are "
+                f"gone (e.g. {self.url}/{missing[0]}); run the ingestion again with resume=False"
+            )
 
     def _raise(self) -> None:
         if self._error is not None:
@@ -896,9 +928,9 @@ class ChunkUploader:
         if keys:
             self._loop.submit(lambda: obstore.delete_async(self.store, keys)).result()
 
-    def put(self, key: str, data: bytes) -> None:
-        """Start sending ``data`` as object ``key``; waits while the bytes in flight are at
-        their bound."""
+    def put(self, key: str, data: bytes, chunk: tuple[str, int] | None = None) -> None:
+        """Start sending ``data`` as object ``key`` (``chunk``: its field and chunk number,
+        counted by :meth:`acknowledged`); waits while the bytes in flight are at their bound."""
         import obstore
 
         size = len(data)
@@ -913,9 +945,9 @@ class ChunkUploader:
         fut = self._loop.submit(lambda: obstore.put_async(self.store, key, data, use_multipart=False))
         with self._cond:
             self._futures.add(fut)
-        fut.add_done_callback(functools.partial(self._done, key, size))
+        fut.add_done_callback(functools.partial(self._done, key, size, chunk))
 
-    def _done(self, key: str, size: int, fut: Future[Any]) -> None:
+    def _done(self, key: str, size: int, chunk: tuple[str, int] | None, fut: Future[Any]) -> None:
         with self._cond:
             self._futures.discard(fut)
             self._in_flight -= size
@@ -923,6 +955,15 @@ class ChunkUploader:
                 e = fut.exception()
                 if e is None:
                     self.bytes += size
+                    if chunk is not None:
+                        name, c = chunk
+                        acked = self._acked.setdefault(name, set())
+                        acked.add(c)
+                        prefix = self._prefix.get(name, 0)
+                        while prefix in acked:
+                            acked.discard(prefix)
+                            prefix += 1
+                        self._prefix[name] = prefix
                 elif self._error is None:
                     self._error = e
                     self._failed = key
