@@ -371,6 +371,9 @@ def main() -> None:
     finally:
         if not args.keep:
             remove(path)
+            remove(workdir / "nginx")
+            if args.workdir is None:
+                remove(workdir)
     print()
     print("\n".join(table))
     print()
