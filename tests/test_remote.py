@@ -459,3 +459,285 @@ def test_worker_processes_started_by_spawn_serve_the_epoch(url, local):
             np.testing.assert_array_equal(remote[i][0], here[i][0])
     finally:
         remote.close()
+
+
+class _Watched:
+    """An array source that calls ``seen()`` at every read (to look at the world mid-ingestion)."""
+
+    def __init__(self, data, seen):
+        self.data, self.seen = data, seen
+        self.shape, self.dtype = data.shape, data.dtype
+
+    def __getitem__(self, key):
+        self.seen()
+        return self.data[key]
+
+    def __len__(self):
+        return len(self.data)
+
+
+def _objects(s3, prefix: str) -> list[str]:
+    import obstore
+
+    return [m["path"] for batch in obstore.list(s3._store(BUCKET), prefix=prefix) for m in batch]
+
+
+def test_ingest_to_s3_streams_chunks_and_stages_no_chunk_locally(s3, local, tmp_path, monkeypatch):
+    import tempfile
+
+    from oocseq.testing.stores import index_encoding_fields
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the writer stages metadata
+    dest = f"s3://{BUCKET}/streamed/{uuid.uuid4().hex}.zarr"
+    key = dest.removeprefix(f"s3://{BUCKET}/")
+    fields = index_encoding_fields(N)
+    reads, staged = [], []
+
+    def seen():
+        staged.append([p for p in tmp_path.rglob("*") if p.is_file() and "/c/" in p.as_posix()])
+        reads.append(sum(1 for method, path in s3.proxy.log if method == "PUT" and "/c/" in path))
+        assert not any(m == "PUT" and p.endswith(f"{key}/zarr.json") for m, p in s3.proxy.log)
+
+    s3.proxy.reset()
+    fields["x"] = _Watched(fields["x"], seen)
+    store = oocseq.ingest_arrays(dest, fields, chunk_len=CHUNK, preshuffle=False)
+    assert len(reads) >= local.num_chunks  # (and a few reads that identify the source)
+    assert reads[-1] > 0, "no chunk reached the bucket before the source was read to its end"
+    assert all(files == [] for files in staged), "chunks were staged on local disk"
+    assert list(tmp_path.iterdir()) == [], "the staging folder is left behind"
+    puts = [path for method, path in s3.proxy.log if method == "PUT"]
+    assert puts[-1] == f"/{BUCKET}/{key}/zarr.json" and puts.count(puts[-1]) == 1
+    assert sum("/c/" in p for p in puts) == 3 * local.num_chunks  # id, x, y: each chunk once
+    assert store.manifest.checksums["x"] == local.manifest.checksums["x"]
+    remote, here = seq_of(oocseq.open_store(dest)), seq_of(local)
+    for epoch in (0, 1):
+        remote.set_epoch(epoch)
+        here.set_epoch(epoch)
+        for i in range(len(here)):
+            for a, b in zip(remote[i], here[i], strict=True):
+                np.testing.assert_array_equal(a, b)
+
+
+def test_the_chunks_in_flight_stay_within_their_byte_bound(s3):
+    from oocseq.storage._remote import ChunkUploader
+
+    url = f"s3://{BUCKET}/bounded/{uuid.uuid4().hex}.zarr"
+    uploader = ChunkUploader(url, None, RemoteOptions(max_requests=8, max_bytes_in_flight=1 << 20))
+    try:
+        for i in range(12):
+            uploader.put(f"x/c/{i}/0", bytes([i]) * (300 << 10))
+        uploader.wait()
+        assert 0 < uploader.peak_bytes <= 1 << 20
+        assert uploader.bytes == 12 * (300 << 10)
+    finally:
+        uploader.close()
+    assert s3.get(BUCKET, f"{url.removeprefix(f's3://{BUCKET}/')}/x/c/11/0") == bytes([11]) * (300 << 10)
+
+
+def test_a_failed_ingestion_to_s3_leaves_no_store(s3, local, tmp_path, monkeypatch):
+    import tempfile
+
+    from oocseq.testing.stores import index_encoding_fields
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dest = f"s3://{BUCKET}/failed/{uuid.uuid4().hex}.zarr"
+    reads = []
+
+    def seen():
+        reads.append(1)
+        if len(reads) == 10:
+            raise OSError("the source's disk failed")
+
+    fields = index_encoding_fields(N)
+    fields["x"] = _Watched(fields["x"], seen)
+    with pytest.raises(OSError, match="disk failed"):
+        oocseq.ingest_arrays(dest, fields, chunk_len=CHUNK, preshuffle=False)
+    with pytest.raises(StoreNotFoundError):
+        oocseq.open_store(dest)
+    assert _objects(s3, dest.removeprefix(f"s3://{BUCKET}/")) == [], "chunks sent are deleted"
+    assert list(tmp_path.iterdir()) == []
+
+
+def _run_killed(script: str, s3, key: str, tmp_path, objects: int = 4) -> None:
+    """Run ``script`` in a new process (temporary folder ``tmp_path``) and kill it once
+    ``objects`` objects are under ``key``."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "PYTHONPATH": str(Path(oocseq.__file__).parents[1]), "TMPDIR": str(tmp_path)}
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while len(_objects(s3, key)) < objects and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, "the ingestion ended before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_killed_ingestion_to_s3_leaves_no_store_and_a_new_one_replaces_its_chunks(
+    s3, local, tmp_path, monkeypatch
+):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dest = f"s3://{BUCKET}/killed/{uuid.uuid4().hex}.zarr"
+    key = dest.removeprefix(f"s3://{BUCKET}/")
+    script = (
+        "import time, oocseq\n"
+        "from oocseq.testing.stores import index_encoding_fields\n"
+        f"f = index_encoding_fields({N})\n"
+        "def slow(x):\n"
+        f"    for i in range(0, len(x), {CHUNK}):\n"
+        "        time.sleep(0.2)\n"
+        f"        yield x[i:i + {CHUNK}]\n"
+        f"oocseq.ingest_arrays({dest!r}, {{'x': slow(f['x'])}}, chunk_len={CHUNK}, preshuffle=False)\n"
+    )
+    _run_killed(script, s3, key, tmp_path)
+    left = _objects(s3, key)
+    assert len(left) >= 4 and not any(p.endswith("zarr.json") for p in left)
+    with pytest.raises(StoreNotFoundError):
+        oocseq.open_store(dest)
+    # a new ingestion there needs no overwrite (there is no store) and leaves only its own objects
+    with pytest.warns(UserWarning, match="discarding the partial store of an interrupted ingestion"):
+        store = oocseq.ingest_arrays(dest, {"x": np.zeros((40, 3), np.float32)}, chunk_len=CHUNK)
+    assert len(store) == 40
+    assert list(tmp_path.iterdir()) == [], "the staging folder is left behind"
+    assert all(p.endswith("zarr.json") or p.startswith(f"{key}/x/c/") for p in _objects(s3, key))
+    assert len([p for p in _objects(s3, key) if "/c/" in p]) == 2
+
+
+def test_a_server_gone_mid_ingestion_is_a_clear_error_not_a_hang(tmp_path, monkeypatch):
+    import tempfile
+
+    from oocseq.errors import StoreWriteError
+    from oocseq.ingest._writer import StoreWriter, field_spec
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with S3Server() as server:
+        server.create_bucket(BUCKET)
+        options = RemoteOptions(retries=1, retry_timeout=2.0, timeout=2.0)
+        dest = f"s3://{BUCKET}/gone.zarr"
+        t0 = time.monotonic()
+        with (
+            pytest.raises(StoreWriteError, match=r"s3://data/gone.zarr/x/c/\d+/0.*run the ingestion again"),
+            StoreWriter(dest, {"x": field_spec("x", (64,), np.float32)}, chunk_len=16, remote=options) as w,
+        ):
+            for i in range(200):
+                if i == 3:
+                    server.proxy.stop()
+                w.append("x", np.full((16, 64), i, np.float32))
+        assert time.monotonic() - t0 < 90
+        assert list(tmp_path.iterdir()) == []
+
+
+def test_storage_options_for_writes_instead_of_the_environment(s3, local, tmp_path, monkeypatch):
+    from oocseq.testing.stores import index_encoding_fields
+
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_REGION"):
+        monkeypatch.delenv(name, raising=False)
+    options = {
+        "key": "testing",
+        "secret": "testing",
+        "client_kwargs": {"endpoint_url": s3.endpoint, "region_name": "us-east-1"},
+    }
+    dest = f"s3://{BUCKET}/options/{uuid.uuid4().hex}.zarr"
+    store = oocseq.ingest_arrays(
+        dest, index_encoding_fields(N), chunk_len=CHUNK, preshuffle=False, storage_options=options
+    )
+    assert store.storage_options == options
+    assert store.manifest.checksums["x"] == local.manifest.checksums["x"]
+    np.save(tmp_path / "a.npy", np.arange(50, dtype=np.int32))
+    npy = oocseq.ingest_npy(tmp_path / "a.npy", dest + "-npy.zarr", storage_options=options)
+    assert sorted(npy["x"][:].tolist()) == list(range(50))
+    copy = oocseq.convert_store(local, dest + "-copy.zarr", storage_options=options)
+    assert copy.manifest.checksums == local.manifest.checksums
+    back = oocseq.convert_store(copy, tmp_path / "back.h5")  # from a URL store to a local file
+    assert back.manifest.checksums == local.manifest.checksums
+    with pytest.raises(ArgumentError, match="storage_options apply to"):
+        oocseq.ingest_arrays(tmp_path / "l.zarr", {"x": np.zeros(4)}, storage_options=options)
+
+
+def test_a_chunk_waited_for_goes_before_chunks_fetched_ahead():
+    import asyncio
+    import threading
+
+    from oocseq.storage._remote import _Loop
+
+    loop = _Loop(4)
+    started: list[str] = []
+    release = threading.Event()
+
+    def request(name):
+        async def run():
+            started.append(name)
+            while not release.is_set():
+                await asyncio.sleep(0.001)
+            return name
+
+        return run
+
+    def wait_for(cond):
+        deadline = time.monotonic() + 10
+        while not cond() and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert cond()
+
+    try:
+        ahead = [loop.submit(request(f"a{i}")) for i in range(8)]
+        wait_for(lambda: len(started) == 4)
+        time.sleep(0.05)
+        assert started == ["a0", "a1", "a2", "a3"], "at most max_requests at once"
+        now = loop.submit(request("now"), urgent=True)
+        wait_for(lambda: "now" in started)  # at once, although every place is taken
+        loop.hurry(ahead[6])  # fetched ahead, then waited for: it starts too
+        wait_for(lambda: "a6" in started)
+        time.sleep(0.05)
+        assert started[4:] == ["now", "a6"], "nothing else starts while places are full"
+        release.set()
+        assert [f.result(timeout=10) for f in ahead] == [f"a{i}" for i in range(8)]
+        assert now.result(timeout=10) == "now"
+        assert sorted(started) == sorted([*(f"a{i}" for i in range(8)), "now"])
+    finally:
+        release.set()
+        loop.close()
+
+
+def test_a_killed_ingestion_to_s3_resumes_without_sending_its_chunks_again(s3, local, tmp_path, monkeypatch):
+    import tempfile
+
+    from oocseq.testing.stores import index_encoding_fields
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dest = f"s3://{BUCKET}/resumed/{uuid.uuid4().hex}.zarr"
+    key = dest.removeprefix(f"s3://{BUCKET}/")
+    script = (
+        "import time, oocseq\n"
+        "from oocseq.testing.stores import index_encoding_fields\n"
+        "class Slow:\n"
+        "    def __init__(self, a): self.a, self.shape, self.dtype = a, a.shape, a.dtype\n"
+        "    def __getitem__(self, k):\n"
+        "        if isinstance(k, slice): time.sleep(0.15)\n"
+        "        return self.a[k]\n"
+        f"f = index_encoding_fields({N})\n"
+        "f['x'] = Slow(f['x'])\n"
+        f"oocseq.ingest_arrays({dest!r}, f, chunk_len={CHUNK}, preshuffle=False)\n"
+    )
+    _run_killed(script, s3, key, tmp_path, objects=3 * 8)
+    with pytest.raises(StoreNotFoundError):
+        oocseq.open_store(dest)
+    s3.proxy.reset()
+    store = oocseq.ingest_arrays(dest, index_encoding_fields(N), chunk_len=CHUNK, preshuffle=False)
+    sent = [p for m, p in s3.proxy.log if m == "PUT" and "/x/c/" in p]
+    assert len(sent) <= local.num_chunks - 5, "the chunks of the interrupted run were sent again"
+    assert store.manifest.checksums["x"] == local.manifest.checksums["x"]
+    assert list(tmp_path.iterdir()) == []
+    remote, here = seq_of(oocseq.open_store(dest)), seq_of(local)
+    for i in range(len(here)):
+        for a, b in zip(remote[i], here[i], strict=True):
+            np.testing.assert_array_equal(a, b)

@@ -53,9 +53,22 @@ class Spool:
     """
 
     def __init__(self, dest: str | os.PathLike[str], overwrite: bool = False) -> None:
+        from urllib.parse import urlsplit
+
+        from ..storage._remote import is_url, local_path_of
+
+        remote = False
+        if is_url(dest):  # a store in object storage: spool in the local temporary folder
+            local = local_path_of(str(dest))
+            remote = local is None
+            dest = (
+                local
+                if local is not None
+                else Path(tempfile.gettempdir()) / Path(urlsplit(str(dest)).path).name
+            )
         dest = Path(dest)
         store_format(dest)  # refuse a bad destination before reading the source
-        if not overwrite and dest.exists():
+        if not overwrite and not remote and dest.exists():
             raise StoreExistsError(f"{dest} already exists; pass overwrite=True to replace it")
         parent = dest.parent if str(dest.parent) else Path(".")
         prefix = f".{dest.name}.spool-"

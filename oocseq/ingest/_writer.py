@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -28,10 +29,11 @@ import shutil
 import tempfile
 import warnings
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from contextvars import ContextVar
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -46,6 +48,7 @@ from ..errors import (
     StoreWriteError,
 )
 from ..manifest import ALLOWED_DTYPES, Compression, FieldSpec, Manifest, check_field_name, with_dims
+from ..options import RemoteOptions
 from ..storage import create_writer, store_format
 from ..storage._commit import (
     OwnerLock,
@@ -67,6 +70,30 @@ TARGET_CHUNK_BYTES = 4 << 20
 #: The largest chunk (decoded bytes of one field) oocseq writes: under Blosc's 2 GiB limit.
 MAX_CHUNK_BYTES = (1 << 31) - 1 - 16
 JOURNAL_VERSION = 1
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+#: ``storage_options`` of the ``ingest_*`` call running in this thread (see :func:`url_options`)
+_STORAGE_OPTIONS: ContextVar[Mapping[str, Any] | None] = ContextVar("oocseq_storage_options", default=None)
+
+
+def url_options(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Decorate an ingestion function with a keyword argument ``storage_options``: every
+    :class:`StoreWriter` it creates (in the calling thread) writes with those options, so
+    they need not be passed down through its helpers."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        options = kwargs.get("storage_options")
+        if options is None:
+            return fn(*args, **kwargs)
+        token = _STORAGE_OPTIONS.set(options)  # type: ignore[arg-type]
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _STORAGE_OPTIONS.reset(token)
+
+    return wrapper
 
 
 def choose_chunk_len(
@@ -121,6 +148,16 @@ class StoreWriter:
             whose workers see ``dest``'s folder). Chunks are written in order and encoded by
             :func:`encode_chunk` alone, so the store's bytes do not depend on it. The caller
             owns (and closes) the executor.
+        storage_options: for a destination in object storage (``s3://bucket/x.zarr``...):
+            credentials and endpoint, as for :func:`oocseq.open_store` (default: the
+            environment's). ``ArgumentError`` for a local ``dest``.
+        remote: :class:`~oocseq.RemoteOptions` for a destination in object storage: chunks are
+            sent as they are made, ``max_requests`` at once, at most ``max_bytes_in_flight``
+            bytes waiting to be sent; only the store's metadata is staged on local disk, and
+            the manifest is sent last. Resuming works as for a local ``dest`` (the journal
+            and the metadata are kept in ``<tempdir>/oocseq-upload-<hash of the URL>``): only
+            chunks the bucket acknowledged are journaled, they are not sent again, and
+            before the manifest lands one listing checks that they are all still there.
 
     After construction, ``resume_state`` is ``None`` for a fresh start, or the state the
     source passed to :meth:`checkpoint` from which it must now replay; ``resumed_chunks`` is
@@ -142,12 +179,17 @@ class StoreWriter:
         job: Any = None,
         resume: bool = True,
         executor: Executor | None = None,
+        storage_options: Mapping[str, Any] | None = None,
+        remote: RemoteOptions | None = None,
     ) -> None:
-        self.url, dest = _staging_for(dest, overwrite)
+        self._uploader: Any = None
+        if storage_options is None:
+            storage_options = _STORAGE_OPTIONS.get()
+        self._storage_options = _check_storage_options(dest, storage_options)
+        self._remote = remote if remote is not None else RemoteOptions()
+        self.url, dest = _staging_for(dest, overwrite, self._storage_options, self._remote)
         self.dest = Path(dest)
         self.format = store_format(self.dest)
-        if self.url is not None:
-            resume = False  # the staging folder is new: nothing to resume
         if not specs:
             raise InvalidSourceError("nothing to ingest: no fields given")
         for name, value in (("overwrite", overwrite), ("resume", resume)):
@@ -212,6 +254,10 @@ class StoreWriter:
             taken = self._claim(resume, job is not None)
             if taken is None or not self._take_over(*taken):
                 self._start()
+            if self.url is not None:
+                self._uploader = _stream_to(self.url, overwrite, self._storage_options, self._remote)
+                for name in self.specs:  # chunks journaled by the interrupted run are in the bucket
+                    self._uploader.sent_before(name, self._written[name])
         except BaseException as e:
             self.abort()
             if isinstance(e, OSError) and not isinstance(e, OocseqError):
@@ -487,7 +533,10 @@ class StoreWriter:
                     f"{name!r} comes out differently from the source now than it did then (the source "
                     "changed). The partial store is discarded: run the ingestion again to start over"
                 )
-            if payload is not None:
+            if payload is not None and self._uploader is not None:  # straight to the bucket
+                key = self._backend.chunk_path(name, c).relative_to(self._tmp).as_posix()
+                self._uploader.put(key, payload, (name, c))
+            elif payload is not None:
                 try:
                     self._backend.write_encoded(name, c, self.chunk_len, payload, raw)
                 except OSError as e:
@@ -514,6 +563,8 @@ class StoreWriter:
 
     def _journal_progress(self) -> None:
         done = min(self._written.values())
+        if self._uploader is not None:  # journal only the chunks the bucket acknowledged
+            done = min(done, *(self._uploader.acknowledged(name) for name in self.specs))
         if done <= self._journaled:
             return
         try:
@@ -574,6 +625,12 @@ class StoreWriter:
             for name in self.specs:
                 self._flush(name)
             self._drain(0)
+            chunk_keys: set[str] = set()
+            if self._uploader is not None:
+                self._uploader.wait()
+                chunk_keys = {self._chunk_key(f, c) for f in self.specs for c in range(self._written[f])}
+                if self.resumed_chunks:  # sent by the interrupted run: still all there?
+                    self._uploader.check_present(sorted(chunk_keys))
             manifest = Manifest(
                 n=n,
                 chunk_len=self.chunk_len,
@@ -600,7 +657,12 @@ class StoreWriter:
             raise
         self._finish()
         if self.url is not None:
-            store = _publish(store, self.url)
+            # From here on the chunks sent belong to a store whose manifest may have landed.
+            uploader, self._uploader = self._uploader, None
+            try:
+                store = _publish(store, self.url, self._storage_options, self._remote, chunk_keys)
+            finally:
+                uploader.close()
         self.store = store
         return self.store
 
@@ -612,9 +674,16 @@ class StoreWriter:
         if self._lock is not None:
             self._lock.release(delete=True)
 
+    def _chunk_key(self, name: str, c: int) -> str:
+        return self._backend.chunk_path(name, c).relative_to(self._tmp).as_posix()
+
     def _suspend(self) -> None:
         """Keep the partial store and journal for a later run; let go of them."""
         self._cancel_pending()
+        uploader, self._uploader = self._uploader, None
+        if uploader is not None:  # the chunks sent stay for the next run
+            uploader.cancel()
+            uploader.close()
         with contextlib.suppress(Exception):
             self._backend.close()
         with contextlib.suppress(Exception):
@@ -623,11 +692,23 @@ class StoreWriter:
         if self._lock is not None:
             self._lock.release(delete=False)
 
+    def _drop_uploaded(self) -> None:
+        """Stop streaming chunks to the bucket and delete those sent (best effort: the store
+        is not visible anyway, its manifest never having landed)."""
+        uploader, self._uploader = self._uploader, None
+        if uploader is not None:
+            uploader.cancel()
+            keys = set(uploader.keys)
+            with contextlib.suppress(Exception):  # and those the interrupted run sent
+                keys.update(self._chunk_key(f, c) for f, k in uploader.before.items() for c in range(k))
+            with contextlib.suppress(Exception):
+                uploader.delete(sorted(keys))
+            uploader.close()
+
     def abort(self) -> None:
         """Drop the partial store (and its journal and lock)."""
-        if self.url is not None:
-            shutil.rmtree(self.dest.parent, ignore_errors=True)
         self._cancel_pending()
+        self._drop_uploaded()
         if self._backend is not None:
             self._backend.discard()
         if self._journal is not None:
@@ -637,6 +718,9 @@ class StoreWriter:
         if getattr(self, "_id", None) is not None:
             _discard(self.dest, self._id, self._lock)
             self._lock = None
+        if self.url is not None:  # the staging folder, unless another ingestion uses it
+            with contextlib.suppress(OSError):
+                self.dest.parent.rmdir()
 
 
 @contextlib.contextmanager
@@ -765,9 +849,33 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
-def _staging_for(dest: str | os.PathLike[str], overwrite: bool) -> tuple[str | None, str | os.PathLike[str]]:
+def _check_storage_options(
+    dest: str | os.PathLike[str], storage_options: Mapping[str, Any] | None
+) -> dict[str, Any] | None:
+    from ..storage._remote import is_url, local_path_of
+
+    if storage_options is None:
+        return None
+    if not isinstance(storage_options, Mapping):
+        raise ArgumentError(f"storage_options must be a dict, got {type(storage_options).__name__}")
+    if not storage_options:
+        return None
+    if not is_url(dest) or local_path_of(str(dest)) is not None:
+        raise ArgumentError(
+            f"storage_options apply to destinations in object storage (s3://, gs://, ...), not {dest}"
+        )
+    return dict(storage_options)
+
+
+def _staging_for(
+    dest: str | os.PathLike[str],
+    overwrite: bool,
+    storage_options: Mapping[str, Any] | None,
+    options: RemoteOptions,
+) -> tuple[str | None, str | os.PathLike[str]]:
     """``(url, local dest)``: for a destination in object storage, the URL and a new local
-    staging path where the store is written first (then uploaded by :func:`_publish`)."""
+    staging path where the store's metadata is written (its chunks go to the bucket as they
+    are made; :func:`_publish` sends the rest, the manifest last)."""
     from ..storage._remote import check_scheme, exists, is_url, local_path_of
 
     if not is_url(dest):
@@ -780,23 +888,46 @@ def _staging_for(dest: str | os.PathLike[str], overwrite: bool) -> tuple[str | N
     name = Path(urlsplit(url).path).name
     if store_format(name) != "zarr":
         raise ArgumentError(f"{url}: stores in object storage are Zarr stores; name it *.zarr")
-    from ..options import RemoteOptions
-
-    if exists(url, None, RemoteOptions()) and not overwrite:
+    if exists(url, storage_options, options) and not overwrite:
         raise StoreExistsError(f"{url} already exists; pass overwrite=True to replace it")
-    return url, Path(tempfile.mkdtemp(prefix="oocseq-upload-")) / name
+    # One folder per URL, so that an interrupted ingestion's journal is found again.
+    digest = hashlib.sha256(url.encode()).hexdigest()[:20]
+    return url, Path(tempfile.gettempdir()) / f"oocseq-upload-{digest}" / name
 
 
-def _publish(store: Store, url: str) -> Store:
-    """Upload the committed local ``store`` to ``url`` (manifest last), drop the local copy,
-    and open the uploaded store."""
-    from ..options import RemoteOptions
+def _stream_to(
+    url: str, overwrite: bool, storage_options: Mapping[str, Any] | None, options: RemoteOptions
+) -> Any:
+    """A :class:`~oocseq.storage._remote.ChunkUploader` for ``url``; a store being replaced
+    there stops being visible first (its manifest deleted), before any of its chunks is."""
+    from ..storage._remote import ChunkUploader
+
+    uploader = ChunkUploader(url, storage_options, options)
+    if overwrite:
+        try:
+            uploader.delete(["zarr.json"])
+        except Exception as e:
+            uploader.close()
+            raise StoreWriteError(f"cannot replace the store at {url}: {type(e).__name__}: {e}") from None
+    return uploader
+
+
+def _publish(
+    store: Store,
+    url: str,
+    storage_options: Mapping[str, Any] | None,
+    options: RemoteOptions,
+    sent: set[str],
+) -> Store:
+    """Send the committed local ``store``'s files (metadata: its chunks were streamed) to
+    ``url``, the manifest last; drop the local copy, and open the uploaded store."""
     from ..storage._remote import upload
 
-    staging = store.path.parent
     try:
         store.close()
-        upload(store.path, url, None, RemoteOptions())
+        upload(store.path, url, storage_options, options, sent)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return Store(url)
+        shutil.rmtree(store.path, ignore_errors=True)
+        with contextlib.suppress(OSError):  # unless another ingestion uses it
+            store.path.parent.rmdir()
+    return Store(url, storage_options=storage_options)

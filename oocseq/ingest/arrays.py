@@ -17,13 +17,14 @@ from ..store import Store
 from ._preshuffle import BlockShuffle, default_block_len
 from ._progress import progress_bar
 from ._spool import Spool
-from ._writer import choose_chunk_len, field_spec, open_writer
+from ._writer import choose_chunk_len, field_spec, open_writer, url_options
 
 
 def _is_array(obj: Any) -> bool:
     return hasattr(obj, "shape") and hasattr(obj, "dtype") and hasattr(obj, "__getitem__")
 
 
+@url_options
 def ingest_arrays(
     dest: str | os.PathLike[str],
     fields: Mapping[str, Any],
@@ -38,6 +39,7 @@ def ingest_arrays(
     resume: bool = True,
     workers: int | None = None,
     client: Any = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> Store:
     """Write arrays (or iterables of batches) into a new store at ``dest``.
 
@@ -73,6 +75,9 @@ def ingest_arrays(
             for a Zarr ``dest``, write them: ``dest``'s folder must be a path every worker
             sees); this process reads the source, writes HDF5 chunks and commits. The store is
             the same bytes as without a cluster. Overrides ``workers``.
+        storage_options: for a ``dest`` in object storage (``s3://bucket/x.zarr``, ``gs://``,
+            ...): credentials and endpoint, as for :func:`oocseq.open_store` (default: the
+            environment's). Chunks go to the bucket as they are made, the manifest last.
 
     Returns:
         The opened :class:`~oocseq.Store`.

@@ -21,15 +21,18 @@ def convert_store(
     *,
     overwrite: bool = False,
     storage_options: Mapping[str, Any] | None = None,
+    dest_storage_options: Mapping[str, Any] | None = None,
 ) -> Store:
     """Write the store ``src`` again at ``dest`` (``*.zarr`` or ``*.h5`` / ``*.hdf5``): same
     samples, fields, chunk length, compression, metadata and per-sample sources. Every chunk
     of ``src`` is checked against its checksum as it is read, and the checksums the writer
     computes must equal the source's.
 
-    Use it to move an HDF5 file to object storage (convert to Zarr, then upload the folder)
-    or to get an HDF5 file of a Zarr store (``src`` may be a URL; ``storage_options`` as for
-    :func:`oocseq.open_store`).
+    Use it to move an HDF5 file to object storage (``dest`` a URL such as
+    ``s3://bucket/x.zarr``: chunks are sent as they are made, the manifest last) or to get an
+    HDF5 file of a Zarr store (``src`` a URL). ``storage_options``: credentials and endpoint
+    for ``src`` and ``dest`` where they are in object storage, as for
+    :func:`oocseq.open_store`; ``dest_storage_options``: other ones for ``dest``.
 
     Returns:
         The new store, opened.
@@ -39,7 +42,12 @@ def convert_store(
         ``overwrite``); CorruptStoreError (a chunk of ``src`` fails its checksum, or the copy's
         checksums differ from the source's).
     """
-    store = src if isinstance(src, Store) else open_store(src, storage_options=storage_options)
+    if isinstance(src, Store):
+        store = src
+    else:
+        store = open_store(src, storage_options=storage_options if _in_object_storage(src) else None)
+    if dest_storage_options is None and _in_object_storage(dest):
+        dest_storage_options = storage_options
     manifest = store.manifest
     w = StoreWriter(
         dest,
@@ -49,6 +57,7 @@ def convert_store(
         overwrite=overwrite,
         n=manifest.n,
         resume=False,
+        storage_options=dest_storage_options,
     )
     try:
         w.attrs.update(dict(manifest.attrs))
@@ -83,3 +92,9 @@ def _aux_values(store: Store, name: str) -> np.ndarray:
     if values is None:  # listed in the manifest, so the reader has it
         raise CorruptStoreError(f"{store.location}: auxiliary array {name!r} is listed but missing")
     return values
+
+
+def _in_object_storage(path: str | os.PathLike[str]) -> bool:
+    from ..storage._remote import is_url, local_path_of
+
+    return is_url(path) and local_path_of(str(path)) is None

@@ -14,7 +14,7 @@ raises the error naming the row and column.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,7 +27,7 @@ from ..manifest import Compression
 from ..store import Store
 from ._progress import progress_bar
 from ._spool import Spool
-from ._writer import choose_chunk_len, field_spec, open_writer
+from ._writer import choose_chunk_len, field_spec, open_writer, url_options
 from .arrays import _write
 
 if TYPE_CHECKING:
@@ -172,6 +172,7 @@ class _Labels:
         return out
 
 
+@url_options
 def ingest_csv(
     src: str | os.PathLike[str],
     dest: str | os.PathLike[str],
@@ -192,6 +193,7 @@ def ingest_csv(
     resume: bool = True,
     workers: int | None = None,
     client: Any = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> Store:
     """Ingest a CSV file with a header line: feature columns -> ``x``, the label column -> ``y``.
 
@@ -241,6 +243,9 @@ def ingest_csv(
             for a Zarr ``dest``, write them: ``dest``'s folder must be a path every worker
             sees); this process reads the source, writes HDF5 chunks and commits. The store is
             the same bytes as without a cluster. Overrides ``workers``.
+        storage_options: for a ``dest`` in object storage (``s3://bucket/x.zarr``, ``gs://``,
+            ...): credentials and endpoint, as for :func:`oocseq.open_store` (default: the
+            environment's). Chunks go to the bucket as they are made, the manifest last.
 
     Returns:
         The opened Store: ``x`` float32 ``(n, len(feature_columns))``; ``y`` ``(n,)`` int64 or

@@ -25,7 +25,7 @@ from ..plan import permutation
 from ..store import Store
 from ._parallel import make_executor, ordered
 from ._progress import progress_bar
-from ._writer import choose_chunk_len, encode_chunk, field_spec, open_writer
+from ._writer import choose_chunk_len, encode_chunk, field_spec, open_writer, url_options
 
 #: Extensions read from an image folder, as Keras ``image_dataset_from_directory`` reads them.
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png")
@@ -374,6 +374,7 @@ def list_image_folder(
     return class_names, rel, np.asarray(labels, dtype=np.int64)
 
 
+@url_options
 def ingest_image_folder(
     src: str | os.PathLike[str],
     dest: str | os.PathLike[str],
@@ -392,6 +393,7 @@ def ingest_image_folder(
     progress: bool = False,
     resume: bool = True,
     client: Any = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> Store:
     """Ingest a folder with one subfolder per class, as Keras ``image_dataset_from_directory``
     reads it: class names are the sorted subfolder names, the label is the class's index.
@@ -422,6 +424,9 @@ def ingest_image_folder(
         resume: if an earlier run of the same call (same files, sizes and modification
             times, same ``dest`` and arguments) was interrupted, go on from its last written
             chunk (default); ``False`` starts over.
+        storage_options: for a ``dest`` in object storage (``s3://bucket/x.zarr``, ``gs://``,
+            ...): credentials and endpoint, as for :func:`oocseq.open_store` (default: the
+            environment's). Chunks go to the bucket as they are made, the manifest last.
 
     Returns:
         The opened Store: ``x`` uint8 ``(n, H, W, C)``, ``y`` int64 ``(n,)``; metadata
@@ -468,6 +473,7 @@ def ingest_image_folder(
     )
 
 
+@url_options
 def ingest_dataframe(
     df: Any,
     dest: str | os.PathLike[str],
@@ -491,6 +497,7 @@ def ingest_dataframe(
     progress: bool = False,
     resume: bool = True,
     client: Any = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> Store:
     """Ingest a pandas DataFrame of image paths, labels and other columns, as Keras
     ``flow_from_dataframe`` takes it, in one pass.

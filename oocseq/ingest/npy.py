@@ -19,7 +19,7 @@ from ..manifest import Compression, FieldSpec
 from ..store import Store
 from ._preshuffle import BlockShuffle, default_block_len
 from ._progress import progress_bar
-from ._writer import choose_chunk_len, field_spec, open_writer
+from ._writer import choose_chunk_len, field_spec, open_writer, url_options
 
 #: One ``.npy`` path, or several (concatenated in the order given).
 NpyPaths = str | os.PathLike | Sequence[str | os.PathLike]
@@ -27,6 +27,7 @@ NpyPaths = str | os.PathLike | Sequence[str | os.PathLike]
 _NPY_MAGIC = b"\x93NUMPY"
 
 
+@url_options
 def ingest_npy(
     paths: NpyPaths | Mapping[str, NpyPaths],
     dest: str | os.PathLike[str],
@@ -41,6 +42,7 @@ def ingest_npy(
     resume: bool = True,
     workers: int | None = None,
     client: Any = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> Store:
     """Ingest one or more ``.npy`` files, concatenated along axis 0, into a new store.
 
@@ -71,6 +73,9 @@ def ingest_npy(
             for a Zarr ``dest``, write them: ``dest``'s folder must be a path every worker
             sees); this process reads the source, writes HDF5 chunks and commits. The store is
             the same bytes as without a cluster. Overrides ``workers``.
+        storage_options: for a ``dest`` in object storage (``s3://bucket/x.zarr``, ``gs://``,
+            ...): credentials and endpoint, as for :func:`oocseq.open_store` (default: the
+            environment's). Chunks go to the bucket as they are made, the manifest last.
 
     Returns:
         The opened Store. Field ``name`` has shape ``(n, *sample_shape)`` and the files'

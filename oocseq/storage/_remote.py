@@ -200,25 +200,95 @@ def _shape_nbytes(arr: Any) -> tuple[tuple[int, ...], int]:
     return shape, math.prod(shape) * arr.dtype.itemsize
 
 
+class _Ticket:
+    """A request's place in line (:class:`_Loop`)."""
+
+    __slots__ = ("running_urgent", "urgent", "waiter")
+
+    def __init__(self, urgent: bool) -> None:
+        self.urgent = urgent
+        self.running_urgent = False
+        self.waiter: asyncio.Future[None] | None = None
+
+
 class _Loop:
     """One asyncio event loop on a daemon thread of this process: requests run there
-    concurrently, up to ``max_requests`` at a time."""
+    concurrently, up to ``max_requests`` at a time, in the order they were submitted; an
+    *urgent* request (a chunk the reader waits for now) starts at once, whatever the others
+    fetched ahead: they must not delay the chunks needed first. While urgent requests run, at
+    most a quarter of the places go to requests fetching ahead (they share the bandwidth)."""
 
     def __init__(self, max_requests: int) -> None:
         self.loop = asyncio.new_event_loop()
         self._max = max_requests
-        self._sem: asyncio.Semaphore | None = None
+        self._active = 0
+        self._urgent = 0
+        self._line: deque[_Ticket] = deque()
         self._thread = threading.Thread(target=self.loop.run_forever, name="oocseq-fetch", daemon=True)
         self._thread.start()
 
-    def submit(self, make: Callable[[], Awaitable[Any]]) -> Future[Any]:
-        async def bounded() -> Any:
-            if self._sem is None:
-                self._sem = asyncio.Semaphore(self._max)
-            async with self._sem:
-                return await make()
+    def _full(self) -> bool:
+        ahead = self._active - self._urgent
+        return self._active >= self._max or (self._urgent > 0 and ahead >= max(1, self._max // 4))
 
-        return asyncio.run_coroutine_threadsafe(bounded(), self.loop)
+    async def _acquire(self, ticket: _Ticket) -> None:
+        if not ticket.urgent and (self._full() or self._line):
+            ticket.waiter = self.loop.create_future()
+            self._line.append(ticket)
+            try:
+                await ticket.waiter
+            except BaseException:
+                if ticket in self._line:
+                    self._line.remove(ticket)
+                elif ticket.waiter.done() and not ticket.waiter.cancelled():
+                    self._release(ticket)  # given a place, then cancelled: pass it on
+                raise
+            return  # the place was handed over by _release
+        self._active += 1
+        if ticket.urgent:
+            ticket.running_urgent = True
+            self._urgent += 1
+
+    def _release(self, ticket: _Ticket | None = None) -> None:
+        self._active -= 1
+        if ticket is not None and ticket.running_urgent:
+            ticket.running_urgent = False
+            self._urgent -= 1
+        while self._line and not self._full():
+            waiting = self._line.popleft()
+            if waiting.waiter is not None and not waiting.waiter.done():
+                self._active += 1
+                waiting.waiter.set_result(None)  # the place goes to it
+
+    def _hurry(self, ticket: _Ticket) -> None:
+        ticket.urgent = True
+        if ticket in self._line and ticket.waiter is not None and not ticket.waiter.done():
+            self._line.remove(ticket)
+            self._active += 1
+            self._urgent += 1
+            ticket.running_urgent = True
+            ticket.waiter.set_result(None)
+
+    def submit(self, make: Callable[[], Awaitable[Any]], urgent: bool = False) -> Future[Any]:
+        ticket = _Ticket(urgent)
+
+        async def bounded() -> Any:
+            await self._acquire(ticket)
+            try:
+                return await make()
+            finally:
+                self._release(ticket)
+
+        fut = asyncio.run_coroutine_threadsafe(bounded(), self.loop)
+        fut.ticket = ticket  # type: ignore[attr-defined]
+        return fut
+
+    def hurry(self, fut: Future[Any]) -> None:
+        """Start the request ``fut`` (from :meth:`submit`) now if it waits for a place."""
+        ticket = getattr(fut, "ticket", None)
+        if ticket is not None and not fut.done() and not ticket.urgent:
+            with contextlib.suppress(RuntimeError):  # a closed loop
+                self.loop.call_soon_threadsafe(self._hurry, ticket)
 
     def close(self) -> None:
         """Stop the loop and its thread (requests still running are abandoned)."""
@@ -277,7 +347,7 @@ class Fetcher:
             weakref.finalize(self, self._loop.close)
         return self._loop
 
-    def _submit(self, key: str, limit: int) -> Future[Any]:
+    def _submit(self, key: str, limit: int, urgent: bool = False) -> Future[Any]:
         loop = self.loop()
 
         async def one() -> Any:
@@ -287,7 +357,7 @@ class Fetcher:
                 self.bytes += 0 if data is None else len(data)
             return data
 
-        return loop.submit(one)
+        return loop.submit(one, urgent)
 
     def advise(self, items: list[tuple[str, int]]) -> None:
         with self._lock:
@@ -339,7 +409,9 @@ class Fetcher:
                             break
                         self._reserved -= self._ahead.pop(stale)[1]
             self._pump()
-            fut = entry[0] if entry is not None else self._submit(key, limit)
+            fut = entry[0] if entry is not None else self._submit(key, limit, urgent=True)
+        if entry is not None and self._loop is not None:
+            self._loop.hurry(fut)  # fetched ahead but still waiting behind later chunks
         try:
             return fut.result(timeout=self._wait)
         except FutureTimeout:
@@ -718,8 +790,16 @@ def exists(url: str, storage_options: Mapping[str, Any] | None, options: RemoteO
     return True
 
 
-def upload(local: Path, url: str, storage_options: Mapping[str, Any] | None, options: RemoteOptions) -> int:
+def upload(
+    local: Path,
+    url: str,
+    storage_options: Mapping[str, Any] | None,
+    options: RemoteOptions,
+    sent: frozenset[str] | set[str] = frozenset(),
+) -> int:
     """Copy the committed local Zarr store ``local`` to ``url``; returns the bytes sent.
+    ``sent``: keys of objects of the new store already sent (the chunks an ingestion streamed),
+    which are kept.
 
     What is atomic: each object (one PUT replaces it whole). The store's root ``zarr.json``,
     which holds the manifest, is deleted first (a store being replaced stops being visible)
@@ -738,8 +818,9 @@ def upload(local: Path, url: str, storage_options: Mapping[str, Any] | None, opt
     store = object_store(url, storage_options, options).store
     files = sorted(p for p in local.rglob("*") if p.is_file())
     keys = {p: p.relative_to(local).as_posix() for p in files}
+    keep = set(keys.values()) | set(sent)
     loop = _Loop(options.max_requests)
-    sent = 0
+    total = 0
     try:
 
         def put(path: Path) -> Future[Any]:
@@ -753,15 +834,157 @@ def upload(local: Path, url: str, storage_options: Mapping[str, Any] | None, opt
             futures = [put(p) for p in files if p != root]
             for f in futures:
                 f.result()
-            sent = sum(p.stat().st_size for p in files)
+            total = sum(p.stat().st_size for p in files)
             put(root).result()  # the manifest, last
-            stale = [
-                m["path"] for batch in obstore.list(store) for m in batch if m["path"] not in keys.values()
-            ]
+            stale = [m["path"] for batch in obstore.list(store) for m in batch if m["path"] not in keep]
             if stale:
                 loop.submit(lambda: obstore.delete_async(store, stale)).result()
         except Exception as e:
             raise StoreWriteError(f"cannot write the store to {url}: {type(e).__name__}: {e}") from None
     finally:
         loop.close()
-    return sent
+    return total
+
+
+class ChunkUploader:
+    """Chunk objects sent to a store in object storage as an ingestion makes them: one PUT per
+    chunk (atomic: a reader never sees part of an object), up to ``options.max_requests``
+    at once and at most ``options.max_bytes_in_flight`` bytes handed over and not yet sent
+    (:meth:`put` waits for room, so the writer's memory stays bounded).
+
+    A failed PUT (after obstore's retries) is raised, as StoreWriteError naming the object, by
+    the next :meth:`put` or by :meth:`wait`.
+
+    Attributes:
+        keys: the keys sent (or being sent).
+        bytes: bytes sent.
+        peak_bytes: the most bytes in flight at once.
+    """
+
+    def __init__(self, url: str, storage_options: Mapping[str, Any] | None, options: RemoteOptions) -> None:
+        self.url = url
+        self.store = object_store(url, storage_options, options).store
+        self._max_bytes = options.max_bytes_in_flight
+        self._loop = _Loop(options.max_requests)
+        self._cond = threading.Condition()
+        self._in_flight = 0
+        self._futures: set[Future[Any]] = set()
+        self._error: BaseException | None = None
+        self._failed = ""
+        self._retries = options.retries
+        self.keys: set[str] = set()
+        self.bytes = 0
+        self.peak_bytes = 0
+        self._acked: dict[str, set[int]] = {}  # chunks acknowledged past the prefix, per field
+        self._prefix: dict[str, int] = {}  # chunks 0..prefix-1 of the field all acknowledged
+        self.before: dict[str, int] = {}  # chunks sent by an interrupted run, per field
+
+    def sent_before(self, name: str, count: int) -> None:
+        """Chunks ``0..count-1`` of field ``name`` were sent (and acknowledged) by an
+        interrupted run whose ingestion this one resumes."""
+        with self._cond:
+            self.before[name] = count
+            self._prefix[name] = max(self._prefix.get(name, 0), count)
+
+    def acknowledged(self, name: str) -> int:
+        """How many chunks of field ``name``, from the first on, the bucket acknowledged."""
+        with self._cond:
+            return self._prefix.get(name, 0)
+
+    def check_present(self, keys: list[str]) -> None:
+        """StoreWriteError unless every object ``keys`` names is in the bucket (one listing)."""
+        import obstore
+
+        from ..errors import StoreWriteError
+
+        try:
+            have = {m["path"] for batch in obstore.list(self.store) for m in batch}
+        except Exception as e:
+            raise StoreWriteError(f"cannot list {self.url}: {type(e).__name__}: {e}") from None
+        missing = [k for k in keys if k not in have]
+        if missing:
+            raise StoreWriteError(
+                f"{len(missing)} chunk objects sent by the interrupted ingestion into {self.url} are "
+                f"gone (e.g. {self.url}/{missing[0]}); run the ingestion again with resume=False"
+            )
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            from ..errors import StoreWriteError
+
+            e = self._error
+            first = (str(e).strip().splitlines() or [""])[0][:500]  # (obstore appends a debug dump)
+            raise StoreWriteError(
+                f"cannot write {self.url}/{self._failed} (after {self._retries} retries): "
+                f"{type(e).__name__}: {first}. Nothing at {self.url} "
+                "opens as a store; "
+                "run the ingestion again"
+            ) from None
+
+    def delete(self, keys: list[str]) -> None:
+        """Delete objects (missing ones are no error)."""
+        import obstore
+
+        if keys:
+            self._loop.submit(lambda: obstore.delete_async(self.store, keys)).result()
+
+    def put(self, key: str, data: bytes, chunk: tuple[str, int] | None = None) -> None:
+        """Start sending ``data`` as object ``key`` (``chunk``: its field and chunk number,
+        counted by :meth:`acknowledged`); waits while the bytes in flight are at their bound."""
+        import obstore
+
+        size = len(data)
+        with self._cond:
+            while self._in_flight and self._in_flight + size > self._max_bytes and self._error is None:
+                self._cond.wait()
+            self._raise()
+            self._in_flight += size
+            self.peak_bytes = max(self.peak_bytes, self._in_flight)
+            self.keys.add(key)
+
+        fut = self._loop.submit(lambda: obstore.put_async(self.store, key, data, use_multipart=False))
+        with self._cond:
+            self._futures.add(fut)
+        fut.add_done_callback(functools.partial(self._done, key, size, chunk))
+
+    def _done(self, key: str, size: int, chunk: tuple[str, int] | None, fut: Future[Any]) -> None:
+        with self._cond:
+            self._futures.discard(fut)
+            self._in_flight -= size
+            if not fut.cancelled():
+                e = fut.exception()
+                if e is None:
+                    self.bytes += size
+                    if chunk is not None:
+                        name, c = chunk
+                        acked = self._acked.setdefault(name, set())
+                        acked.add(c)
+                        prefix = self._prefix.get(name, 0)
+                        while prefix in acked:
+                            acked.discard(prefix)
+                            prefix += 1
+                        self._prefix[name] = prefix
+                elif self._error is None:
+                    self._error = e
+                    self._failed = key
+            self._cond.notify_all()
+
+    def wait(self) -> None:
+        """Wait until every object handed over is sent; raise the first failure."""
+        with self._cond:
+            while self._futures:
+                self._cond.wait()
+            self._raise()
+
+    def cancel(self) -> None:
+        """Stop sending (objects already sent stay) and wait for the requests running."""
+        with self._cond:
+            futures = list(self._futures)
+        for f in futures:
+            f.cancel()
+        for f in futures:
+            with contextlib.suppress(BaseException):
+                f.result(timeout=60)
+
+    def close(self) -> None:
+        self._loop.close()

@@ -66,7 +66,26 @@ class LatencyProxy:
             def log_message(self, *args: Any) -> None:
                 pass
 
+            def _control(self) -> bool:
+                """``/_proxy/stats`` (GET), ``/_proxy/reset`` (POST), ``/_proxy/delay/<s>``
+                (PUT): the proxy's own answers, for a proxy in another process."""
+                if not self.path.startswith("/_proxy/"):
+                    return False
+                what = self.path.removeprefix("/_proxy/")
+                if what.startswith("delay/"):
+                    proxy.delay = float(what.removeprefix("delay/"))
+                elif what == "reset":
+                    proxy.reset()
+                body = json.dumps({"bytes_out": proxy.bytes_out, "requests": len(proxy.log)}).encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                return True
+
             def _forward(self) -> None:
+                if self._control():
+                    return
                 if proxy.down:  # drop the connection without an answer, like a network gone
                     self.close_connection = True
                     return
@@ -137,26 +156,50 @@ class S3Server:
     ``AWS_ENDPOINT_URL`` (the proxy's URL) for this process and the processes it starts;
     leaving restores them and stops both servers.
 
+    ``own_process=True`` runs both in a child process (a benchmark then sees their CPU time
+    apart from its own, and they do not share its interpreter lock); ``proxy`` is then a
+    :class:`ProxyHandle` (``delay``, ``reset()``, ``bytes_out``).
+
     Attributes:
         endpoint: the URL clients use (the proxy's).
         proxy: the :class:`LatencyProxy` (set ``proxy.delay`` to inject latency).
+        pid: the process the server runs in.
     """
 
-    def __init__(self, delay: float = 0.0) -> None:
-        from moto.server import ThreadedMotoServer
-
+    def __init__(self, delay: float = 0.0, own_process: bool = False) -> None:
         self._port = free_port()
-        self._moto = ThreadedMotoServer(ip_address="127.0.0.1", port=self._port, verbose=False)
         self._delay = delay
+        self._own_process = own_process
         self._saved: dict[str, str | None] = {}
+        self.pid = os.getpid()
 
     def __enter__(self) -> S3Server:
         import logging
 
-        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
-        self._moto.start()
-        self.proxy = LatencyProxy(f"127.0.0.1:{self._port}", self._delay)
-        self.endpoint = self.proxy.url
+        if self._own_process:
+            import subprocess
+            import sys
+
+            self._child = subprocess.Popen(
+                [sys.executable, "-m", "oocseq.testing.s3", str(self._delay)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            self.endpoint = self._child.stdout.readline().strip() if self._child.stdout else ""
+            if not self.endpoint.startswith("http://"):
+                self._child.kill()
+                raise RuntimeError(f"the S3 server process did not start: {self.endpoint!r}")
+            self.pid = self._child.pid
+            self.proxy: Any = ProxyHandle(self.endpoint)
+        else:
+            from moto.server import ThreadedMotoServer
+
+            logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
+            self._moto = ThreadedMotoServer(ip_address="127.0.0.1", port=self._port, verbose=False)
+            self._moto.start()
+            self.proxy = LatencyProxy(f"127.0.0.1:{self._port}", self._delay)
+            self.endpoint = self.proxy.url
         env = {**_ENV, "AWS_ENDPOINT_URL": self.endpoint}
         self._saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
@@ -168,11 +211,27 @@ class S3Server:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+        if self._own_process:
+            if self._child.stdin is not None:
+                self._child.stdin.close()  # the child stops when its standard input ends
+            try:
+                self._child.wait(timeout=30)
+            except Exception:
+                self._child.kill()
+                self._child.wait()
+            return
         try:
             self.proxy.stop()
         except Exception:
             pass
         self._moto.stop()
+
+    def cpu_seconds(self) -> float:
+        """CPU seconds (user + system) the server and its proxy have used so far: only
+        meaningful with ``own_process=True`` (else it is this whole process's)."""
+        with open(f"/proc/{self.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def _store(self, bucket: str) -> Any:
         from obstore.store import S3Store
@@ -229,7 +288,62 @@ class S3Server:
         return bytes(obstore.get(self._store(bucket), key).bytes())
 
 
+class ProxyHandle:
+    """A :class:`LatencyProxy` in another process, driven through its ``/_proxy/`` paths."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def _call(self, method: str, what: str) -> dict[str, Any]:
+        conn = http.client.HTTPConnection(self.url.removeprefix("http://"), timeout=30)
+        try:
+            conn.request(method, f"/_proxy/{what}")
+            return dict(json.loads(conn.getresponse().read()))
+        finally:
+            conn.close()
+
+    @property
+    def delay(self) -> float:
+        raise AttributeError("the delay of a proxy in another process is set, not read")
+
+    @delay.setter
+    def delay(self, seconds: float) -> None:
+        self._call("PUT", f"delay/{float(seconds)}")
+
+    def reset(self) -> None:
+        self._call("POST", "reset")
+
+    @property
+    def bytes_out(self) -> int:
+        return int(self._call("GET", "stats")["bytes_out"])
+
+
+def _serve(delay: float) -> None:
+    """Run moto's server and a proxy in front of it until standard input ends; print the
+    proxy's URL first."""
+    import logging
+    import sys
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    port = free_port()
+    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    moto.start()
+    proxy = LatencyProxy(f"127.0.0.1:{port}", delay)
+    print(proxy.url, flush=True)
+    sys.stdin.read()
+    proxy.stop()
+    moto.stop()
+
+
 def _files(root: Path) -> Iterator[Path]:
     for p in root.rglob("*"):
         if p.is_file():
             yield p
+
+
+if __name__ == "__main__":
+    import sys
+
+    _serve(float(sys.argv[1]) if len(sys.argv) > 1 else 0.0)
