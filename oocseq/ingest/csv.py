@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -394,21 +396,128 @@ def _arrow_available() -> bool:
 
 def _block_bytes(reader: _Reader) -> int:
     """Bytes of the file that hold about ``block_rows`` rows (from the first MiB's lines), at
-    most 4 MiB: pyarrow parses blocks in parallel, so a large block would leave cores idle."""
+    most 16 MiB: a piece parsed by pyarrow's threads while this one stores the last piece."""
     with open(reader.path, "rb") as f:
         head = f.read(1 << 20)
     lines = max(1, head.count(b"\n") - 1)
     per_row = max(1, len(head) // (lines + 1))
-    return int(min(max(reader.block_rows * per_row, 1 << 16), 1 << 22))
+    return int(min(max(reader.block_rows * per_row, 1 << 16), 1 << 24))
+
+
+def _splits_at_bytes(encoding: str) -> bool:
+    """Whether a line end and a quote are the bytes ``\n`` and ``"`` in ``encoding`` and no
+    other character contains those bytes (UTF-8, Latin-1 and the other ASCII-based ones)."""
+    import codecs
+
+    try:
+        name = codecs.lookup(encoding).name
+    except LookupError:
+        return False
+    return not name.startswith(("utf-16", "utf-32", "utf_16", "utf_32")) and '\n"'.encode(encoding) == b'\n"'
+
+
+def _row_end_after_header(data: bytes) -> int:
+    """Index just past the first line end of ``data`` outside quotes, or 0 if none."""
+    start, quotes = 0, 0
+    while (nl := data.find(b"\n", start)) >= 0:
+        quotes += data.count(b'"', start, nl)
+        if quotes % 2 == 0:
+            return nl + 1
+        start = nl + 1
+    return 0
+
+
+def _last_row_end(data: bytes) -> int:
+    """Index just past the last line end of ``data`` outside quotes (an even number of quote
+    characters before it, which holds for doubled quotes too), or 0 if none."""
+    quotes, end = data.count(b'"'), len(data)
+    while (nl := data.rfind(b"\n", 0, end)) >= 0:
+        quotes -= data.count(b'"', nl + 1, end)
+        if quotes % 2 == 0:
+            return nl + 1
+        end = nl
+    return 0
+
+
+def _text_pieces(path: Path, size: int) -> Iterator[bytes]:
+    """The file as pieces of whole rows, about ``size`` bytes each, every one starting with the
+    header line so that it parses alone. A piece ends at a line end outside quoted cells (by
+    the parity of the quote characters before it), so a well-formed quoted cell that holds a
+    line end is not cut. (A quote character inside an unquoted cell breaks the parity; the
+    pieces then usually fail to parse and the reference path reads the file, as for a quoted
+    line end that pyarrow's own block splitting cuts: it runs with ``newlines_in_values``
+    off, its default.)"""
+    header = b""
+    pending = b""
+    with open(path, "rb") as f:
+        while block := f.read(size):
+            data = pending + block if pending else block
+            if not header:
+                cut = _row_end_after_header(data)
+                if not cut:
+                    pending = data
+                    continue
+                header, data = data[:cut], data[cut:]
+            cut = _last_row_end(data)
+            if not cut:
+                pending = data
+                continue
+            yield header + data[:cut]
+            pending = data[cut:]
+    if pending or not header:
+        yield header + pending
+
+
+def _arrow_tables(
+    reader: _Reader, read_options: Any, parse_options: Any, convert_options: Any
+) -> Iterator[Any]:
+    """The file as pyarrow tables (or record batches), one per piece of about
+    ``_block_bytes(reader)``. Where the encoding allows, pieces of whole rows are each parsed
+    by ``pyarrow.csv.read_csv`` (all cores) in a helper thread, the next one while the caller
+    stores this one: ``open_csv``'s streaming reader uses about one core. Other encodings
+    (UTF-16, UTF-32) take the streaming reader. Raises what pyarrow raises."""
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
+
+    size = _block_bytes(reader)
+    if not _splits_at_bytes(reader.encoding):
+        # Blocks of at most 4 MiB: the streaming reader parses one block on each thread.
+        options = pcsv.ReadOptions(use_threads=True, block_size=min(size, 1 << 22), encoding=reader.encoding)
+        with pcsv.open_csv(
+            reader.path, read_options=options, parse_options=parse_options, convert_options=convert_options
+        ) as stream:
+            yield from stream
+        return
+    pieces = _text_pieces(reader.path, size)
+
+    def parse_next() -> Any:
+        piece = next(pieces, None)
+        if piece is None:
+            return None
+        return pcsv.read_csv(
+            pa.py_buffer(piece),
+            read_options=read_options,
+            parse_options=parse_options,
+            convert_options=convert_options,
+        )
+
+    with ThreadPoolExecutor(1, thread_name_prefix="oocseq-csv") as pool:
+        future = pool.submit(parse_next)
+        try:
+            while (table := future.result()) is not None:
+                future = pool.submit(parse_next)
+                yield table
+        finally:
+            future.cancel()
 
 
 def _arrow_blocks(
     reader: _Reader, features: list[str], label_column: str | None, allow_missing: bool
 ) -> Iterator[tuple[int, np.ndarray, Any]]:
-    """``(first_row, x, labels)`` per block read by ``pyarrow.csv`` (blocks parsed and
-    converted in its threads while this one stores the previous block): ``x`` float32
-    ``(rows, len(features))``, ``labels`` the label texts (a pyarrow string array) or
-    ``None``. Raises :class:`_SlowPath` for anything but clean numbers and labels."""
+    """``(first_row, x, labels)`` per piece of the file read by ``pyarrow.csv`` (the next
+    piece parsed while this one is stored): ``x`` float32 ``(rows, len(features))``,
+    ``labels`` the label texts (a pyarrow string array) or ``None``. Raises
+    :class:`_SlowPath` for anything but clean numbers and labels."""
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.csv as pcsv
@@ -417,13 +526,11 @@ def _arrow_blocks(
     if label_column is not None:
         types[label_column] = pa.string()
     try:
-        stream = pcsv.open_csv(
-            reader.path,
-            read_options=pcsv.ReadOptions(
-                use_threads=True, block_size=_block_bytes(reader), encoding=reader.encoding
-            ),
-            parse_options=pcsv.ParseOptions(delimiter=reader.delimiter),
-            convert_options=pcsv.ConvertOptions(
+        tables = _arrow_tables(
+            reader,
+            pcsv.ReadOptions(use_threads=True, encoding=reader.encoding),
+            pcsv.ParseOptions(delimiter=reader.delimiter),
+            pcsv.ConvertOptions(
                 column_types=types,
                 include_columns=list(types),
                 null_values=sorted(MISSING_MARKERS),
@@ -434,27 +541,26 @@ def _arrow_blocks(
         raise _SlowPath from e
     markers = pa.array(sorted(MISSING_MARKERS))
     start = 0
-    with stream:
+    with closing(tables):
         while True:
             try:
-                batch = stream.read_next_batch()
+                batch = next(tables)
             except StopIteration:
                 return
-            except (pa.ArrowException, ValueError, UnicodeDecodeError) as e:
+            except (pa.ArrowException, ValueError, TypeError, LookupError, UnicodeDecodeError) as e:
                 raise _SlowPath from e
             k = batch.num_rows
             # Column by column into contiguous rows of the transpose, then one transposing copy:
             # quicker than writing each column with a stride of a whole row.
             xt = np.empty((len(features), k), dtype=np.float32)
-            for j, name in enumerate(features):
-                col = batch.column(name)
-                if col.null_count and not allow_missing:
-                    raise _SlowPath  # the reference path names the missing cell
-                values = col.to_numpy(zero_copy_only=False)
-                with np.errstate(over="ignore"):
-                    xt[j] = values
-                if np.isinf(xt[j]).any() and (np.isinf(xt[j]) & np.isfinite(values)).any():
-                    raise _SlowPath  # float32 overflow: named with the cell's text there
+            columns = [batch.column(name) for name in features]
+            if not allow_missing and any(col.null_count for col in columns):
+                raise _SlowPath  # the reference path names the missing cell
+            with np.errstate(over="ignore"):
+                for j, col in enumerate(columns):
+                    _float32_into(xt[j], col)
+            if np.isinf(xt).any() and any(_overflows(xt[j], col) for j, col in enumerate(columns)):
+                raise _SlowPath  # float32 overflow: named with the cell's text there
             x = np.ascontiguousarray(xt.T)
             labels = None
             if label_column is not None:
@@ -463,6 +569,22 @@ def _arrow_blocks(
                     raise _SlowPath  # a row without a label: named there
             yield start, x, labels
             start += k
+
+
+def _float32_into(out: np.ndarray, col: Any) -> None:
+    """Write a float64 pyarrow column (an array or a chunked array) into float32 ``out``,
+    chunk by chunk (no float64 copy of the whole column)."""
+    at = 0
+    for chunk in getattr(col, "chunks", [col]):
+        values = chunk.to_numpy(zero_copy_only=False)
+        out[at : at + len(values)] = values
+        at += len(values)
+
+
+def _overflows(out: np.ndarray, col: Any) -> bool:
+    """Whether float32 ``out`` holds an infinity where float64 ``col`` holds a finite value."""
+    inf = np.isinf(out)
+    return bool(inf.any() and (inf & np.isfinite(col.to_numpy(zero_copy_only=False))).any())
 
 
 class _LabelCodes:
