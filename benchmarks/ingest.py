@@ -189,11 +189,12 @@ def main() -> None:
     print(
         f"ingestion vs baseline, {os.cpu_count()} cores, {args.runs} interleaved rounds (ratio > 1: oocseq faster)"
     )
-    print(f"{'source':<16}{'size':>14}{'baseline /s':>14}{'oocseq /s':>14}{'ratio':>8}")
+    print(f"{'source':<16}{'size':>14}{'baseline /s':>14}{'oocseq /s':>14}{'ratio':>8}{'rounds':>14}")
     for name, (_, _, size, _) in cases.items():
         b = statistics.median(r[0] for r in rates[name])
         o = statistics.median(r[1] for r in rates[name])
-        print(f"{name:<16}{size:>14}{b:>14.1f}{o:>14.1f}{statistics.median(ratios[name]):>7.2f}x")
+        spread = f"{min(ratios[name]):.2f}-{max(ratios[name]):.2f}"
+        print(f"{name:<16}{size:>14}{b:>14.1f}{o:>14.1f}{statistics.median(ratios[name]):>7.2f}x{spread:>14}")
     for p in ("i.zarr", "c.h5", "c.zarr", "n.zarr", "n.h5"):
         target = work / p
         if target.is_dir():

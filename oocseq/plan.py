@@ -21,6 +21,7 @@ Nothing here materialises the whole order unless asked (:func:`epoch_order`): an
 
 from __future__ import annotations
 
+import bisect
 import math
 import threading
 from collections import OrderedDict
@@ -154,6 +155,9 @@ class EpochPlan:
         num_own = len(self.chunk_order)
         per_window = np.add.reduceat(sizes, np.arange(0, num_own, self.window)) if num_own else sizes
         self.window_offsets = np.r_[0, np.cumsum(per_window)].astype(np.int64)
+        # The same as Python ints: a bisect of a list is several times quicker than a
+        # searchsorted of an array for the one position a batch asks about.
+        self._offsets = self.window_offsets.tolist()
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -206,7 +210,7 @@ class EpochPlan:
 
     def window_of(self, position: int) -> int:
         """The window that serves epoch position ``position``."""
-        return int(np.searchsorted(self.window_offsets, position, side="right")) - 1
+        return bisect.bisect_right(self._offsets, position) - 1
 
     def indices(self, start: int, stop: int) -> np.ndarray:
         """Sample indices at epoch positions ``[start, stop)`` (clipped to ``[0, n)``), int64."""
@@ -229,7 +233,7 @@ class EpochPlan:
             base = start - start % self.own
             a, b = start - base, min(stop - base, self.own)
             for w in range(self.window_of(a), self.window_of(b - 1) + 1):
-                off = int(self.window_offsets[w])
+                off = self._offsets[w]
                 spans.append((w, self.window_rows(w)[max(a - off, 0) : b - off]))
             start = base + b
         return spans

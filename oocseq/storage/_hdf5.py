@@ -20,6 +20,7 @@ import numpy as np
 from ..errors import CorruptStoreError, NotAStoreError
 from ..manifest import ATTR_KEY, AUX_GROUP, Compression, FieldSpec
 from ._base import StorageReader, StorageWriter
+from ._commit import start_writeback
 from ._raw import (
     BLOSC_MAX_OVERHEAD,
     SYSTEM_ERRNOS,
@@ -266,11 +267,19 @@ def _filters(ds: Any) -> list[tuple[Any, ...]]:
     return [plist.get_filter(i) for i in range(plist.get_nfilters())]
 
 
+#: Bytes of chunks written between two writeback hints.
+_WRITEBACK_BYTES = 16 << 20
+
+
 class HDF5Writer(StorageWriter):
     def __init__(self, path: Path, resume: bool = False) -> None:
         super().__init__(path)
         self._file = h5py.File(path, "r+" if resume else "w-")
         self._datasets: dict[str, Any] = {}
+        # Per field: (chunk offset's trailing zeros, filter mask of a raw chunk), asked of HDF5
+        # once (each ask costs a dataspace or property-list round trip).
+        self._direct: dict[str, tuple[tuple[int, ...], int]] = {}
+        self._unsynced = 0  # bytes written since the last writeback hint
 
     def reopen_field(self, name: str) -> None:
         ds = self._file[name]
@@ -323,10 +332,19 @@ class HDF5Writer(StorageWriter):
 
     def write_encoded(self, name: str, c: int, chunk_len: int, payload: bytes, raw: bool) -> None:
         ds = self._datasets[name]
-        # Filter mask bit 0: the (only) filter, Blosc, was skipped for this chunk.
-        mask = 1 if raw and ds.id.get_create_plist().get_nfilters() else 0
+        if name not in self._direct:
+            # Filter mask bit 0: the (only) filter, Blosc, was skipped for a raw chunk.
+            self._direct[name] = ((0,) * (ds.ndim - 1), 1 if ds.id.get_create_plist().get_nfilters() else 0)
+        tail, raw_mask = self._direct[name]
         with self._failing():
-            ds.id.write_direct_chunk((c * chunk_len,) + (0,) * (ds.ndim - 1), payload, mask)
+            ds.id.write_direct_chunk((c * chunk_len, *tail), payload, raw_mask if raw else 0)
+        self._unsynced += len(payload)
+        if self._unsynced >= _WRITEBACK_BYTES:
+            # Chunk data goes to the file as written (HDF5's sec2 driver): start its writeback
+            # now, so that the commit's fsync finds it on its way.
+            self._unsynced = 0
+            with contextlib.suppress(OSError, RuntimeError, ValueError):  # a driver without a descriptor
+                start_writeback(self._file.id.get_vfd_handle())
 
     def write_aux(self, name: str, values: np.ndarray) -> None:
         if f"{AUX_GROUP}/{name}" in self._file:  # a resumed ingestion may have written it before
