@@ -30,7 +30,6 @@ import tempfile
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
 from pathlib import Path
 from types import TracebackType
@@ -246,11 +245,6 @@ class StoreWriter:
         # In this process a chunk is encoded on the spot: nothing to overlap, so nothing waits.
         self._in_flight = 0 if type(self._executor) is Executor else 2 * self._executor.workers
         self._written = dict.fromkeys(specs, 0)  # chunks written, per field (journaled ones count)
-        # Encoded chunks that one helper thread writes into the backend (HDF5: one file, one
-        # writer at a time) while this thread gathers the next ones, in order:
-        # (field, chunk, checksum, future of the write, or None where nothing is written here).
-        self._writing: deque[tuple[str, int, Any, Any]] = deque()
-        self._write_thread: ThreadPoolExecutor | None = None
         self._tail = dict.fromkeys(specs, 0)  # samples of a short last chunk given encoded
         #: Called once every chunk is written, before the commit (e.g. delete a spool, so that
         #: a process killed after its commit leaves nothing behind).
@@ -498,17 +492,7 @@ class StoreWriter:
         target = self._backend.chunk_path(name, c) if local_zarr else None
         return self.chunk_len, self.compression, self.format, None if target is None else str(target)
 
-    @property
-    def _write_behind(self) -> bool:
-        """Whether one helper thread grows the fields and writes the chunks, in order, while
-        this thread gathers and hands out the next ones: HDF5 (one file that takes one writer
-        at a time) with chunks encoded elsewhere. Then every HDF5 call from the first write
-        to the last runs on that thread (HDF5 keeps per-thread call state)."""
-        return self.format == "hdf5" and self._in_flight > 0 and self._uploader is None
-
     def _reserve(self, name: str, c: int, count: int) -> None:
-        if self._write_behind:
-            return  # grown by the write of the chunk, on the write thread
         try:
             self._backend.reserve(name, c * self.chunk_len + count)
         except OSError as e:
@@ -533,7 +517,7 @@ class StoreWriter:
     def _drain(self, limit: int) -> None:
         """Write encoded chunks, in order, until at most ``limit`` are in flight."""
         while len(self._pending) > limit:
-            name, c, count, handle = self._pending[0]
+            name, c, _count, handle = self._pending[0]
             try:
                 crc, payload, raw = handle.result() if hasattr(handle, "result") else handle
             except OSError as e:
@@ -549,66 +533,25 @@ class StoreWriter:
                     f"{name!r} comes out differently from the source now than it did then (the source "
                     "changed). The partial store is discarded: run the ingestion again to start over"
                 )
-            write = None
             if payload is not None and self._uploader is not None:  # straight to the bucket
                 key = self._backend.chunk_path(name, c).relative_to(self._tmp).as_posix()
                 self._uploader.put(key, payload, (name, c))
-            elif payload is not None and self._write_behind:
-                if self._write_thread is None:
-                    self._write_thread = ThreadPoolExecutor(1, thread_name_prefix="oocseq-write")
-                write = self._write_thread.submit(self._grow_and_write, name, c, count, payload, raw)
             elif payload is not None:
-                self._backend_write(
-                    name, c, self._backend.write_encoded, name, c, self.chunk_len, payload, raw
-                )
-            self._writing.append((name, c, crc, write))
-            self._settle(self._in_flight)
-        self._settle(self._in_flight if limit else 0)
-
-    def _grow_and_write(self, name: str, c: int, count: int, payload: bytes, raw: bool) -> None:
-        """On the write thread: grow field ``name`` to hold chunk ``c`` (``count`` samples),
-        write it, and flush the file when a journal will record it (a journaled chunk must be
-        in the file as the operating system sees it)."""
-        try:
-            self._backend.reserve(name, c * self.chunk_len + count)
-        except OSError as e:
-            raise StoreWriteError(e.errno, f"cannot grow field {name!r} of {self.dest}: {_why(e)}") from e
-        self._backend.write_encoded(name, c, self.chunk_len, payload, raw)
-        if self._journal is not None:
-            self._backend.flush()
-
-    def _settle(self, limit: int) -> None:
-        """Count chunks as written, in order, once their write is done, until at most
-        ``limit`` wait for it: only then are they checksummed in the manifest and journaled
-        (a resumed run skips journaled chunks)."""
-        while len(self._writing) > limit:
-            name, c, crc, write = self._writing[0]
-            if write is not None:
-                self._backend_write(name, c, write.result)
-            self._writing.popleft()
+                try:
+                    self._backend.write_encoded(name, c, self.chunk_len, payload, raw)
+                except OSError as e:
+                    raise StoreWriteError(
+                        e.errno, f"cannot write chunk {c} of field {name!r} of {self.dest}: {_why(e)}"
+                    ) from e
             self._checksums[name].append(crc)
             self._written[name] += 1
             if self._journal is not None:
                 self._journal_progress()
 
-    def _backend_write(self, name: str, c: int, fn: Callable[..., Any], *args: Any) -> None:
-        """``fn(*args)``, a write of chunk ``c`` of field ``name`` (or the wait for it); an
-        OSError becomes a StoreWriteError naming the chunk."""
-        try:
-            fn(*args)
-        except OSError as e:
-            if isinstance(e, OocseqError):
-                raise
-            raise StoreWriteError(
-                e.errno, f"cannot write chunk {c} of field {name!r} of {self.dest}: {_why(e)}"
-            ) from e
-
     def _cancel_pending(self) -> None:
         """Cancel the chunks in flight, and wait for those already running (they may be
         writing into the partial store that is about to be removed or handed on)."""
         pending, self._pending = list(self._pending), deque()
-        pending += [(name, c, 0, write) for name, c, _, write in self._writing if write is not None]
-        self._writing = deque()
         for *_, handle in pending:
             if hasattr(handle, "cancel"):
                 with contextlib.suppress(Exception):
@@ -617,12 +560,6 @@ class StoreWriter:
             if hasattr(handle, "result"):
                 with contextlib.suppress(Exception, asyncio.CancelledError):
                     handle.result()
-        self._stop_write_thread()
-
-    def _stop_write_thread(self) -> None:
-        thread, self._write_thread = self._write_thread, None
-        if thread is not None:
-            thread.shutdown(wait=True)
 
     def _journal_progress(self) -> None:
         done = min(self._written.values())
@@ -631,8 +568,7 @@ class StoreWriter:
         if done <= self._journaled:
             return
         try:
-            if not self._write_behind:  # else flushed on the write thread after each chunk
-                self._backend.flush()
+            self._backend.flush()
         except OSError as e:
             raise StoreWriteError(e.errno, f"cannot write {self.dest}: {_why(e)}") from e
         lines = []
@@ -689,7 +625,6 @@ class StoreWriter:
             for name in self.specs:
                 self._flush(name)
             self._drain(0)
-            self._stop_write_thread()
             chunk_keys: set[str] = set()
             if self._uploader is not None:
                 self._uploader.wait()

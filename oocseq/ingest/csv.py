@@ -14,7 +14,7 @@ raises the error naming the row and column.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass
@@ -470,7 +470,7 @@ def _text_pieces(path: Path, size: int) -> Iterator[bytes]:
 
 def _arrow_tables(
     reader: _Reader, read_options: Any, parse_options: Any, convert_options: Any
-) -> Iterator[Any]:
+) -> Generator[Any, None, None]:
     """The file as pyarrow tables (or record batches), one per piece of about
     ``_block_bytes(reader)``. Where the encoding allows, pieces of whole rows are each parsed
     by ``pyarrow.csv.read_csv`` (all cores) in a helper thread, the next one while the caller
