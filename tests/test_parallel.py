@@ -339,3 +339,33 @@ def test_csv_fast_path_in_small_pieces_does_what_the_reference_path_does(
         fast = outcome(Path(tmp) / "fast.zarr")
         mp.setattr(csv_module, "_arrow_available", lambda: False)
         assert fast == outcome(Path(tmp) / "ref.zarr")
+
+
+def test_csv_in_many_pieces_takes_the_fast_path_with_quoted_labels(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A table cut into dozens of pieces, labels quoted because they hold the delimiter or a
+    quote: parsed piece by piece (never handed to the reference path), the same bytes as the
+    reference path stores."""
+    from oocseq.ingest import csv as csv_module
+
+    names = ["a,b", 'say "hi"', "plain"]
+    lines = [f"{i},{i / 7!r},{names[i % 3]!r}".replace("'", '"') for i in range(300)]
+    lines = [line.replace('"say "hi""', '"say ""hi"""') for line in lines]
+    (tmp_path / "t.csv").write_text("a,b,label\n" + "\n".join(lines) + "\n")
+    kw: dict[str, Any] = {"label_column": "label", "chunk_len": 16, "workers": 1}
+    slow: list[int] = []
+    real = csv_module._scan_labels
+    monkeypatch.setattr(csv_module, "_scan_labels", lambda *a: slow.append(1) or real(*a))
+    pieces: list[int] = []
+    real_pieces = csv_module._text_pieces
+    monkeypatch.setattr(
+        csv_module, "_text_pieces", lambda path, size: (pieces.append(1) or p for p in real_pieces(path, 200))
+    )
+    fast = oocseq.ingest_csv(tmp_path / "t.csv", tmp_path / "fast.zarr", **kw)
+    assert not slow and len(pieces) > 20
+    assert fast.metadata["class_names"] == sorted(names)
+    fast.close()
+    monkeypatch.setattr(csv_module, "_arrow_available", lambda: False)
+    oocseq.ingest_csv(tmp_path / "t.csv", tmp_path / "ref.zarr", **kw).close()
+    assert store_bytes(tmp_path / "fast.zarr") == store_bytes(tmp_path / "ref.zarr")

@@ -396,7 +396,7 @@ def _arrow_available() -> bool:
 
 def _block_bytes(reader: _Reader) -> int:
     """Bytes of the file that hold about ``block_rows`` rows (from the first MiB's lines), at
-    most 16 MiB: a piece parsed by pyarrow's threads while this one stores the last piece."""
+    at most 16 MiB (the pieces parsed on all cores, one piece ahead of the one stored)."""
     with open(reader.path, "rb") as f:
         head = f.read(1 << 20)
     lines = max(1, head.count(b"\n") - 1)
@@ -407,13 +407,10 @@ def _block_bytes(reader: _Reader) -> int:
 def _splits_at_bytes(encoding: str) -> bool:
     """Whether a line end and a quote are the bytes ``\n`` and ``"`` in ``encoding`` and no
     other character contains those bytes (UTF-8, Latin-1 and the other ASCII-based ones)."""
-    import codecs
-
-    try:
-        name = codecs.lookup(encoding).name
+    try:  # UTF-16 and UTF-32 (any byte order) encode these two characters otherwise
+        return '\n"'.encode(encoding) == b'\n"'
     except LookupError:
         return False
-    return not name.startswith(("utf-16", "utf-32", "utf_16", "utf_32")) and '\n"'.encode(encoding) == b'\n"'
 
 
 def _row_end_after_header(data: bytes) -> int:
@@ -439,7 +436,7 @@ def _last_row_end(data: bytes) -> int:
     return 0
 
 
-def _text_pieces(path: Path, size: int) -> Iterator[bytes]:
+def _text_pieces(path: Path, size: int) -> Generator[bytes, None, None]:
     """The file as pieces of whole rows, about ``size`` bytes each, every one starting with the
     header line so that it parses alone. A piece ends at a line end outside quoted cells (by
     the parity of the quote characters before it), so a well-formed quoted cell that holds a
@@ -501,7 +498,8 @@ def _arrow_tables(
             convert_options=convert_options,
         )
 
-    with ThreadPoolExecutor(1, thread_name_prefix="oocseq-csv") as pool:
+    # The pool is left first (waiting for a parse under way), then the file is closed.
+    with closing(pieces), ThreadPoolExecutor(1, thread_name_prefix="oocseq-csv") as pool:
         future = pool.submit(parse_next)
         try:
             while (table := future.result()) is not None:
