@@ -136,18 +136,18 @@ def test_rename_noreplace(tmp_path: Path, fmt: str, native: bool, monkeypatch) -
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_resume_false_and_streams_start_over(tmp_path: Path, fmt: str, monkeypatch) -> None:
     dest = tmp_path / f"s{fmt}"
-    real_append, calls = _writer.StoreWriter.append, [0]
+    real_checkpoint, calls = _writer.StoreWriter.checkpoint, [0]
 
-    def interrupted(self, name, values):
+    def interrupted(self, state):
         calls[0] += 1
-        if calls[0] == 5:
+        if calls[0] == 3:
             raise KeyboardInterrupt
-        real_append(self, name, values)
+        real_checkpoint(self, state)
 
-    monkeypatch.setattr(_writer.StoreWriter, "append", interrupted)
+    monkeypatch.setattr(_writer.StoreWriter, "checkpoint", interrupted)
     with pytest.raises(KeyboardInterrupt):
         oocseq.ingest_arrays(dest, data(), chunk_len=8, preshuffle=False)
-    monkeypatch.setattr(_writer.StoreWriter, "append", real_append)
+    monkeypatch.setattr(_writer.StoreWriter, "checkpoint", real_checkpoint)
     assert {p.name.rsplit(".", 1)[1] for p in tmp_path.iterdir()} == {"partial", "journal", "lock"}
     with pytest.warns(UserWarning, match="stream of batches cannot be replayed"):
         store = oocseq.ingest_arrays(

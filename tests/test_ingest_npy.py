@@ -80,16 +80,33 @@ def test_small_input_is_one_chunk_of_its_own_size(tmp_path: Path) -> None:
     cuts=st.lists(st.integers(0, 50), max_size=4),
     chunk_len=st.integers(1, 60),
     fmt=st.sampled_from([".zarr", ".h5"]),
+    big_endian=st.booleans(),
+    preshuffle=st.booleans(),
+    workers=st.sampled_from([1, 2]),
 )
-def test_round_trip_property(x: np.ndarray, cuts: list[int], chunk_len: int, fmt: str) -> None:
-    """Any array, split into files at any points, reads back bit for bit."""
+def test_round_trip_property(
+    x: np.ndarray,
+    cuts: list[int],
+    chunk_len: int,
+    fmt: str,
+    big_endian: bool,
+    preshuffle: bool,
+    workers: int,
+) -> None:
+    """Any array, split into files at any points, in either byte order, read and encoded in
+    the calling thread or in worker threads, reads back bit for bit (with checksums that
+    match: every chunk read is checked)."""
     with tempfile.TemporaryDirectory() as tmp:
         pieces = np.split(x, sorted(min(c, len(x)) for c in cuts))
-        files = [save(Path(tmp) / f"p{i}.npy", p) for i, p in enumerate(pieces)]
-        store = ingest_npy(files, Path(tmp) / f"s{fmt}", chunk_len=chunk_len)
+        stored = [p.astype(p.dtype.newbyteorder(">")) if big_endian else p for p in pieces]
+        files = [save(Path(tmp) / f"p{i}.npy", p) for i, p in enumerate(stored)]
+        store = ingest_npy(
+            files, Path(tmp) / f"s{fmt}", chunk_len=chunk_len, preshuffle=preshuffle, workers=workers
+        )
         out = store["x"][:]
         assert out.dtype == x.dtype
         assert out.tobytes() == x[store.source_index].tobytes()
+        assert store.verify() == store.num_chunks
         store.close()
 
 

@@ -59,10 +59,13 @@ class Executor:
     """Runs work units: ``submit(fn, *args)`` returns a future-like (``result()``,
     ``cancel()``). ``workers`` is the number of units it runs at once; ``remote`` is true when
     units run on other machines (results travel over the network, files they write must be on
-    a shared path). Use as a context manager: leaving it stops the pool it started."""
+    a shared path). ``shares_memory`` is true when units run in this process (in the calling
+    thread or a thread pool), so a unit may take arguments that cannot travel, such as a
+    memory map. Use as a context manager: leaving it stops the pool it started."""
 
     workers = 1
     remote = False
+    shares_memory = True
 
     def submit(self, fn: Callable[..., R], *args: Any) -> _Handle:
         return _Done(fn, args)
@@ -81,6 +84,7 @@ class _PoolExecutor(Executor):
     def __init__(self, pool: _FuturesExecutor, workers: int) -> None:
         self._pool = pool
         self.workers = workers
+        self.shares_memory = isinstance(pool, ThreadPoolExecutor)
 
     def submit(self, fn: Callable[..., R], *args: Any) -> Future[R]:
         return self._pool.submit(fn, *args)
@@ -91,6 +95,7 @@ class _PoolExecutor(Executor):
 
 class _DaskExecutor(Executor):
     remote = True
+    shares_memory = False
 
     def __init__(self, client: Any) -> None:
         self._client = client

@@ -417,25 +417,7 @@ class StoreWriter:
         raises InvalidSourceError if the shape differs or the dtype does not cast safely.
         ``copy=False``: ``data`` is a new array nobody else writes to, kept as it is (no copy)
         until its chunk is written."""
-        spec = self.specs[name]
-        arr = np.asarray(data)
-        if arr.ndim == 0:
-            raise InvalidSourceError(
-                f"field {name!r}: got a scalar batch after {self.samples_written(name)} samples; "
-                "batches need a sample axis"
-            )
-        if arr.shape[1:] != spec.sample_shape:
-            raise InvalidSourceError(
-                f"field {name!r}: got samples of shape {arr.shape[1:]} after "
-                f"{self.samples_written(name)} samples of shape {spec.sample_shape}"
-            )
-        if arr.dtype != spec.dtype:
-            if not np.can_cast(arr.dtype, spec.dtype, "safe"):
-                raise InvalidSourceError(
-                    f"field {name!r}: got dtype {arr.dtype} after {self.samples_written(name)} "
-                    f"samples of dtype {spec.dtype}; give every batch the same dtype"
-                )
-            arr = arr.astype(spec.dtype)
+        arr = conform(name, self.specs[name], data, self.samples_written(name))
         if len(arr):
             self._check_open(name)
         if self._pos[name] < self._drop_until:  # replayed samples already in the partial store
@@ -450,6 +432,26 @@ class StoreWriter:
             arr = arr[take:]
             if self._buffered[name] == self.chunk_len:
                 self._flush(name)
+
+    def append_made(self, name: str, count: int, make: Callable[..., Any], *args: Any) -> None:
+        """Append the ``count`` samples that ``make(*args)`` returns (an array, as for
+        :meth:`append`, that nobody writes to afterwards) to field ``name``. Where the next sample starts a chunk, ``count``
+        fills one (or ends the field) and the executor shares this process's memory, the
+        executor makes, checks and encodes them (so ``make`` may read a memory map, and the
+        calling thread goes on); otherwise they are made here and appended. Either way the
+        store gets the same bytes."""
+        spec = self.specs[name]
+        if not (self._executor.shares_memory and self.aligned(name) and 0 < count <= self.chunk_len):
+            self.append(name, make(*args), copy=False)
+            return
+        if self._pos[name] + count <= self._drop_until:  # already in the partial store
+            self.append_encoded(name, count, None)
+            return
+        at = self.samples_written(name)
+        args_ = self.encode_args(name, self._chunks_done[name])
+        self.append_encoded(
+            name, count, self._executor.submit(_make_encode, make, args, name, spec, count, at, args_)
+        )
 
     def aligned(self, name: str) -> bool:
         """Whether the next sample of field ``name`` starts a chunk (then
@@ -785,6 +787,49 @@ def encode_chunk(
         return crc, bytes(payload), raw
     write_chunk_file(target, payload)
     return crc, None, raw
+
+
+def conform(name: str, spec: FieldSpec, data: Any, written: int) -> np.ndarray:
+    """``data`` as an array of samples of field ``name`` (``spec``) (cast if its dtype casts safely to
+    the field's). Raises InvalidSourceError, naming the field and the ``written`` samples
+    before it, if it has no sample axis, another sample shape, or a dtype that does not cast
+    safely."""
+    arr = np.asarray(data)
+    if arr.ndim == 0:
+        raise InvalidSourceError(
+            f"field {name!r}: got a scalar batch after {written} samples; batches need a sample axis"
+        )
+    if arr.shape[1:] != spec.sample_shape:
+        raise InvalidSourceError(
+            f"field {name!r}: got samples of shape {arr.shape[1:]} after {written} samples of "
+            f"shape {spec.sample_shape}"
+        )
+    if arr.dtype != spec.dtype:
+        if not np.can_cast(arr.dtype, spec.dtype, "safe"):
+            raise InvalidSourceError(
+                f"field {name!r}: got dtype {arr.dtype} after {written} samples of dtype "
+                f"{spec.dtype}; give every batch the same dtype"
+            )
+        arr = arr.astype(spec.dtype)
+    return arr
+
+
+def _make_encode(
+    make: Callable[..., Any],
+    args: tuple[Any, ...],
+    name: str,
+    spec: FieldSpec,
+    count: int,
+    written: int,
+    encode_args: tuple[Any, ...],
+) -> tuple[int, Any, bool]:
+    """``make(*args)``, checked against ``spec`` and ``count``, then :func:`encode_chunk`."""
+    chunk = conform(name, spec, make(*args), written)
+    if len(chunk) != count:
+        raise InvalidSourceError(
+            f"field {name!r}: got {len(chunk)} samples after {written} where {count} were announced"
+        )
+    return encode_chunk(chunk, *encode_args)
 
 
 def _why(e: OSError) -> str:

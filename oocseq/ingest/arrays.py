@@ -236,7 +236,10 @@ def _write(
                     w.checkpoint({"start": start})
                     stop = min(start + chunk_len, total or 0)
                     for name, src in sources.items():
-                        if shuffle is None:
+                        if isinstance(src, np.ndarray):  # read in the encoding threads
+                            make = _rows if shuffle is None else shuffle.gather
+                            w.append_made(name, stop - start, make, src, start, stop)
+                        elif shuffle is None:  # h5py, zarr, dask...: read in this thread only
                             w.append(name, np.asarray(src[start:stop]))
                         else:
                             w.append(name, shuffle.gather(_slicer(src), start, stop), copy=False)
@@ -248,6 +251,10 @@ def _write(
                         if name == next(iter(sources)):
                             bar.update(len(batch))
     return w.close()  # already closed by the with block: returns the opened store
+
+
+def _rows(src: np.ndarray, start: int, stop: int) -> np.ndarray:
+    return src[start:stop]
 
 
 def _slicer(src: Any) -> Callable[[int, int], Any] | np.ndarray:

@@ -139,10 +139,11 @@ def ingest_npy(
             w.checkpoint({"start": start})
             stop = min(start + chunk_len, n)
             for name, source in fields.items():
+                # Read (and pre-shuffle) in the encoding threads: the calling thread only writes.
                 if shuffle is None:
-                    w.append(name, source.rows(start, stop))
+                    w.append_made(name, stop - start, source.rows, start, stop)
                 else:
-                    w.append(name, shuffle.gather(source.reader(), start, stop), copy=False)
+                    w.append_made(name, stop - start, shuffle.gather, source.reader(), start, stop)
             bar.update(stop - start)
         w.attrs["source"] = {
             "kind": "npy",
