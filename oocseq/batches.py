@@ -38,6 +38,7 @@ from .options import ReadOptions, ShardOptions
 from .plan import EpochPlan, default_window, num_batches, rank_length
 from .prefetch import Failed
 from .rng import SampleRandom
+from .storage._raw import aligned_empty
 from .store import Store
 
 __all__ = ["Batch", "ChunkedBatches", "FieldSelection"]
@@ -362,17 +363,25 @@ class ChunkedBatches:
             horizon = min(horizon, end[-1][0] + 1) if end else horizon
         ahead = range(last + 1, min(last + 1 + (self.read.readahead if readahead else 0), horizon))
         keys = [(epoch, w) for w, _ in spans] + [(epoch, w) for w in ahead]
-        with cache.hold(keys):
-            cache.drop_unheld()
+        with cache.hold(keys) as hold:
+            cache.drop_unheld(hold)
             if readahead:  # disk read-ahead one window beyond the decoded read-ahead
                 for w in range(last + 1, min(ahead.stop + 1, horizon)):
-                    cache.advise((epoch, w), plan.window_chunks(w))
-            for w in [w for w, _ in spans] + list(ahead):
+                    cache.advise((epoch, w), plan.window_chunks(w), background=True)
+            for w, _ in spans:
+                cache.prefetch((epoch, w), plan.window_chunks(w))
+            for w in ahead:
+                if (epoch, w) not in cache:
+                    # Its serving order (a sort, ~0.25 ms) is worked out off this thread too,
+                    # before its chunks are read (the threads take work in order).
+                    cache.background(plan.window_rows, w)
                 cache.prefetch((epoch, w), plan.window_chunks(w))
             n = sum(len(rows) for _, rows in spans)
             batch: Batch = {}
             for name, layout in local.layouts.items():  # not source.fields: it builds a dict per call
-                batch[name] = np.empty((n, *layout.sample_shape), dtype=layout.dtype)
+                # Page-aligned: copying samples into an array 16 bytes past a page (where malloc
+                # often puts one) ran at a fifth of the rate (memcpy of 12 KiB samples).
+                batch[name] = aligned_empty((n, *layout.sample_shape), layout.dtype)
             pos = 0
             for w, rows in spans:
                 buffers = cache.get((epoch, w), plan.window_chunks(w))

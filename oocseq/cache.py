@@ -13,6 +13,7 @@ one field read and decoded), ``hits`` (window requests served from the cache),
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections import OrderedDict
@@ -173,10 +174,13 @@ class WindowCache:
         else:
             fut.set_result(None)
 
-    def advise(self, key: Hashable, chunks: np.ndarray) -> None:
+    def advise(self, key: Hashable, chunks: np.ndarray, background: bool = False) -> None:
         """Tell the kernel that a window's chunks will be read soon (asynchronous read-ahead
-        from disk; a no-op for data in the page cache), once per window."""
-        if self._advise is None:
+        from disk; a no-op for data in the page cache), once per window. ``background``: in a
+        decoding thread, if there are any (a hint costs a few system calls per chunk, which
+        the thread serving batches need not wait for; one that fails is dropped: the read
+        reports the problem)."""
+        if self._advise is None or key in self._advised:  # (atomic lookup, checked again below)
             return
         with self._lock:
             if key in self._advised:
@@ -184,13 +188,28 @@ class WindowCache:
             self._advised[key] = None
             if len(self._advised) > 64:
                 self._advised.popitem(last=False)
-        for name in self._fields:
-            self._advise(name, chunks)
+            pool = self._get_pool() if background else None
+        if pool is not None:
+            pool.submit(_advise_fields, self._advise, list(self._fields), chunks, True)
+        else:
+            _advise_fields(self._advise, list(self._fields), chunks)
 
     def prefetch(self, key: Hashable, chunks: np.ndarray) -> None:
         """Start decoding a window in the background (no-op without threads or if cached)."""
-        if self._threads > 0:
+        if self._threads > 0 and key not in self._items:  # (a dict lookup is atomic: no lock)
             self._start(key, chunks)
+
+    def background(self, fn: Callable[..., object], *args: object) -> None:
+        """Run ``fn(*args)`` in a decoding thread, or here without threads; its result and
+        any exception are dropped (for work that only warms a cache, such as a window's
+        serving order)."""
+        with self._lock:
+            pool = self._get_pool()
+        if pool is None:
+            with contextlib.suppress(Exception):
+                fn(*args)
+        else:
+            pool.submit(fn, *args)
 
     def get(self, key: Hashable, chunks: np.ndarray) -> dict[str, np.ndarray]:
         """The decoded buffers (field -> array) of the window made of ``chunks``. Decodes the
@@ -277,9 +296,12 @@ class WindowCache:
         with self._lock:
             return {k for h in self._holds.values() for k in h.keys}
 
-    def drop_unheld(self) -> None:
+    def drop_unheld(self, hold: Hold | None = None) -> None:
         """Drop every window no :class:`Hold` keeps (decodes already running finish, then their
-        buffers are reused)."""
+        buffers are reused). ``hold``: one of the holds, whose windows are likely all there
+        is (then nothing is dropped, found without taking the lock)."""
+        if hold is not None and all(k in hold.keys for k in list(self._items)):
+            return
         with self._lock:
             keep = {k for h in self._holds.values() for k in h.keys}
             dropped = [self._items.pop(k) for k in [k for k in self._items if k not in keep]]
@@ -298,6 +320,10 @@ class WindowCache:
     def __len__(self) -> int:
         return len(self._items)
 
+    def __contains__(self, key: Hashable) -> bool:
+        """Whether window ``key`` is cached or being decoded (no lock: a dict lookup is atomic)."""
+        return key in self._items
+
     def close(self) -> None:
         with self._lock:
             self._holds.clear()
@@ -310,6 +336,17 @@ class WindowCache:
                 fut.cancel()
         if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _advise_fields(
+    advise: Callable[[str, np.ndarray], None], fields: list[str], chunks: np.ndarray, quiet: bool = False
+) -> None:
+    for name in fields:
+        if quiet:  # a hint in the background: a failing one is dropped
+            with contextlib.suppress(Exception):
+                advise(name, chunks)
+        else:
+            advise(name, chunks)
 
 
 def default_threads(compressed: bool) -> int:

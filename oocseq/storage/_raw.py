@@ -100,7 +100,7 @@ def aligned_empty(shape: tuple[int, ...], dtype: np.dtype[Any] | type) -> np.nda
     dt = np.dtype(dtype)
     nbytes = math.prod(shape) * dt.itemsize
     raw = np.empty(nbytes + ALIGNMENT, dtype=np.uint8)
-    skip = -raw.ctypes.data % ALIGNMENT
+    skip = -raw.__array_interface__["data"][0] % ALIGNMENT  # (``raw.ctypes`` costs ~4 us)
     return raw[skip : skip + nbytes].view(dt).reshape(shape)
 
 
