@@ -49,6 +49,9 @@ FieldSelection = str | Sequence[str] | Mapping[str, str] | None
 Batch = dict[str, np.ndarray]
 
 _PLANS_KEPT = 3  # plans of recent epochs kept per process (current, next, a late request's)
+#: Windows ahead whose serving order is worked out in a decoding thread (fewer than a plan
+#: keeps, so that none is dropped before it is served).
+_ROWS_AHEAD = EpochPlan.CACHED_WINDOWS // 2
 
 
 def open_source(source: Any) -> Store | ArraySource:
@@ -367,11 +370,11 @@ class ChunkedBatches:
             cache.drop_unheld(hold)
             if readahead:  # disk read-ahead one window beyond the decoded read-ahead
                 for w in range(last + 1, min(ahead.stop + 1, horizon)):
-                    cache.advise((epoch, w), plan.window_chunks(w), background=True)
+                    cache.advise((epoch, w), plan.window_chunks(w))
             for w, _ in spans:
                 cache.prefetch((epoch, w), plan.window_chunks(w))
             for w in ahead:
-                if (epoch, w) not in cache:
+                if (epoch, w) not in cache and w - last <= _ROWS_AHEAD:
                     # Its serving order (a sort, ~0.25 ms) is worked out off this thread too,
                     # before its chunks are read (the threads take work in order).
                     cache.background(plan.window_rows, w)

@@ -13,7 +13,6 @@ one field read and decoded), ``hits`` (window requests served from the cache),
 
 from __future__ import annotations
 
-import contextlib
 import os
 import threading
 from collections import OrderedDict
@@ -110,6 +109,7 @@ class WindowCache:
         self._items: dict[Hashable, _Window] = {}
         self._lock = threading.Lock()
         self._holds: dict[int, Hold] = {}
+        self._closed = False  # no new pool once closed (a thread still serving decodes itself)
         self.decodes = 0
         self.hits = 0
         self.peak_resident = 0
@@ -153,7 +153,7 @@ class WindowCache:
     def _get_pool(self) -> ThreadPoolExecutor | None:
         """The decoding threads (started on first use); None without threads. Call with the
         lock held."""
-        if self._threads > 0 and self._pool is None:
+        if self._threads > 0 and self._pool is None and not self._closed:
             self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="oocseq-decode")
         return self._pool
 
@@ -174,12 +174,9 @@ class WindowCache:
         else:
             fut.set_result(None)
 
-    def advise(self, key: Hashable, chunks: np.ndarray, background: bool = False) -> None:
+    def advise(self, key: Hashable, chunks: np.ndarray) -> None:
         """Tell the kernel that a window's chunks will be read soon (asynchronous read-ahead
-        from disk; a no-op for data in the page cache), once per window. ``background``: in a
-        decoding thread, if there are any (a hint costs a few system calls per chunk, which
-        the thread serving batches need not wait for; one that fails is dropped: the read
-        reports the problem)."""
+        from disk; a no-op for data in the page cache), once per window."""
         if self._advise is None or key in self._advised:  # (atomic lookup, checked again below)
             return
         with self._lock:
@@ -188,11 +185,8 @@ class WindowCache:
             self._advised[key] = None
             if len(self._advised) > 64:
                 self._advised.popitem(last=False)
-            pool = self._get_pool() if background else None
-        if pool is not None:
-            pool.submit(_advise_fields, self._advise, list(self._fields), chunks, True)
-        else:
-            _advise_fields(self._advise, list(self._fields), chunks)
+        for name in self._fields:
+            self._advise(name, chunks)
 
     def prefetch(self, key: Hashable, chunks: np.ndarray) -> None:
         """Start decoding a window in the background (no-op without threads or if cached)."""
@@ -200,16 +194,13 @@ class WindowCache:
             self._start(key, chunks)
 
     def background(self, fn: Callable[..., object], *args: object) -> None:
-        """Run ``fn(*args)`` in a decoding thread, or here without threads; its result and
-        any exception are dropped (for work that only warms a cache, such as a window's
-        serving order)."""
+        """Run ``fn(*args)`` in a decoding thread; nothing without threads or once closed.
+        Its result and any exception are dropped: for work that only warms a cache (such as
+        a window's serving order), which the caller would otherwise do when it needs it."""
         with self._lock:
             pool = self._get_pool()
-        if pool is None:
-            with contextlib.suppress(Exception):
-                fn(*args)
-        else:
-            pool.submit(fn, *args)
+            if pool is not None:  # (under the lock: close() shuts the pool down under it too)
+                pool.submit(fn, *args)
 
     def get(self, key: Hashable, chunks: np.ndarray) -> dict[str, np.ndarray]:
         """The decoded buffers (field -> array) of the window made of ``chunks``. Decodes the
@@ -298,8 +289,8 @@ class WindowCache:
 
     def drop_unheld(self, hold: Hold | None = None) -> None:
         """Drop every window no :class:`Hold` keeps (decodes already running finish, then their
-        buffers are reused). ``hold``: one of the holds, whose windows are likely all there
-        is (then nothing is dropped, found without taking the lock)."""
+        buffers are reused). ``hold``: one of the holds not yet released, whose windows are
+        likely all there is (then nothing is dropped, found without taking the lock)."""
         if hold is not None and all(k in hold.keys for k in list(self._items)):
             return
         with self._lock:
@@ -326,6 +317,7 @@ class WindowCache:
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             self._holds.clear()
             items = list(self._items.values())
             self._items.clear()
@@ -336,17 +328,6 @@ class WindowCache:
                 fut.cancel()
         if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)
-
-
-def _advise_fields(
-    advise: Callable[[str, np.ndarray], None], fields: list[str], chunks: np.ndarray, quiet: bool = False
-) -> None:
-    for name in fields:
-        if quiet:  # a hint in the background: a failing one is dropped
-            with contextlib.suppress(Exception):
-                advise(name, chunks)
-        else:
-            advise(name, chunks)
 
 
 def default_threads(compressed: bool) -> int:

@@ -90,7 +90,8 @@ class EpochPlan:
     ``plan.indices(start, stop)`` is ``epoch_order(...)[start:stop]`` as int64.
     """
 
-    _CACHED_WINDOWS = 8
+    #: Windows whose serving order (:meth:`window_rows`) a plan keeps, most recent first.
+    CACHED_WINDOWS = 8
 
     def __init__(
         self,
@@ -192,7 +193,7 @@ class EpochPlan:
         rows.flags.writeable = False
         with self._lock:
             self._cache[w] = rows
-            if len(self._cache) > self._CACHED_WINDOWS:
+            if len(self._cache) > self.CACHED_WINDOWS:
                 self._cache.popitem(last=False)
         return rows
 

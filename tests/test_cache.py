@@ -12,6 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 from conftest import make_store
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from oocseq import ChunkedSequence
 from oocseq.cache import WindowCache
@@ -153,6 +155,60 @@ def test_a_failed_decode_is_raised_and_the_window_decoded_again():
         if threads == 0:  # in the calling thread: stops at the first failure
             assert calls == [0, 1, 0, 1, 2]
         cache.close()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    steps=st.lists(
+        st.tuples(st.sampled_from(["hold", "release", "get", "drop"]), st.integers(0, 5), st.integers(0, 3)),
+        max_size=25,
+    )
+)
+def test_dropping_through_a_hold_drops_what_dropping_alone_does(steps):
+    """``drop_unheld(hold)`` (the serving path's, with a lock-free early return) leaves the
+    same windows as ``drop_unheld()``, whatever holds, windows and releases came before."""
+    caches = [new_cache(threads=0, window=1), new_cache(threads=0, window=1)]
+    holds: list[list] = [[], []]
+    for op, a, b in steps:
+        for cache, hs in zip(caches, holds, strict=True):
+            if op == "hold":
+                hs.append(cache.hold([(0, k) for k in range(a, a + b)]))
+            elif op == "release" and hs:
+                hs.pop(a % len(hs)).release()
+            elif op == "get":
+                cache.get((0, a), np.array([a]))
+            elif op == "drop" and cache is caches[0]:
+                cache.drop_unheld()
+            elif op == "drop":
+                # through the last hold still held, as ChunkedBatches.get does
+                live = [h for h in hs if not h._released]
+                cache.drop_unheld(live[-1] if live else None)
+        assert set(caches[0]._items) == set(caches[1]._items)
+    for cache in caches:
+        cache.close()
+
+
+def test_background_work_runs_in_a_decoding_thread_only():
+    """``background`` runs its function in a decoding thread; without threads, or once the
+    cache is closed, it runs nothing and raises nothing (the work only warms a cache)."""
+    ran: list[str] = []
+    done = threading.Event()
+
+    def work(tag: str) -> None:
+        ran.append(f"{tag}:{threading.current_thread().name}")
+        done.set()
+
+    cache = new_cache(threads=0)
+    cache.background(work, "none")
+    cache = new_cache(threads=1)
+    cache.background(work, "pool")
+    assert done.wait(10)
+    cache.close()
+    cache.background(work, "closed")  # no new pool after close
+    cache.prefetch((0, 0), np.arange(2))  # nor for decodes: a late get decodes by itself
+    assert np.array_equal(cache.get((0, 0), np.arange(2))["x"][:, 0, 0, 0], np.repeat([1, 2], CHUNK))
+    assert len(ran) == 1 and ran[0].startswith("pool:oocseq-decode")
+    assert cache._pool is None
 
 
 @pytest.mark.parametrize("fmt,compression", [("zarr", None), ("hdf5", "lz4")])

@@ -435,23 +435,24 @@ class StoreWriter:
 
     def append_made(self, name: str, count: int, make: Callable[..., Any], *args: Any) -> None:
         """Append the ``count`` samples that ``make(*args)`` returns (an array, as for
-        :meth:`append`, that nobody writes to afterwards) to field ``name``. Where the next sample starts a chunk, ``count``
-        fills one (or ends the field) and the executor shares this process's memory, the
-        executor makes, checks and encodes them (so ``make`` may read a memory map, and the
-        calling thread goes on); otherwise they are made here and appended. Either way the
-        store gets the same bytes."""
+        :meth:`append`, that nobody writes to afterwards) to field ``name``.
+
+        Where the next sample starts a chunk, ``count`` fills one (or ends the field) and the
+        executor shares this process's memory, the executor makes, checks and encodes them
+        (so ``make`` may read a memory map, and the calling thread goes on); otherwise they
+        are made here and appended. Either way the store gets the same bytes, and a bad
+        array raises InvalidSourceError (from the executor: when its chunk is written)."""
         spec = self.specs[name]
         if not (self._executor.shares_memory and self.aligned(name) and 0 < count <= self.chunk_len):
             self.append(name, make(*args), copy=False)
             return
-        if self._pos[name] + count <= self._drop_until:  # already in the partial store
-            self.append_encoded(name, count, None)
-            return
         at = self.samples_written(name)
-        args_ = self.encode_args(name, self._chunks_done[name])
-        self.append_encoded(
-            name, count, self._executor.submit(_make_encode, make, args, name, spec, count, at, args_)
-        )
+        c = self._claim_chunk(name, count)
+        if c is not None:  # (claimed, and its space reserved, before any thread works on it)
+            args_ = self.encode_args(name, c)
+            handle = self._executor.submit(_make_encode, make, args, name, spec, count, at, args_)
+            self._pending.append((name, c, count, handle))
+            self._drain(self._in_flight)
 
     def aligned(self, name: str) -> bool:
         """Whether the next sample of field ``name`` starts a chunk (then
@@ -466,11 +467,19 @@ class StoreWriter:
         (``chunk_len``, or fewer for the field's last chunk) and ``encoded``, the result of
         :func:`encode_chunk` for them (or a future of it) with this writer's
         :meth:`encode_args`. Only where :meth:`aligned` is true."""
+        c = self._claim_chunk(name, count)
+        if c is not None:
+            self._pending.append((name, c, count, encoded))
+            self._drain(self._in_flight)
+
+    def _claim_chunk(self, name: str, count: int) -> int | None:
+        """Count ``count`` samples of field ``name`` as one whole chunk and reserve its space:
+        its number, or None if the partial store being resumed holds it already."""
         if not self.aligned(name) or not 0 < count <= self.chunk_len:
             raise InvalidSourceError(f"field {name!r}: an encoded chunk must start a chunk and fit in one")
         if self._pos[name] + count <= self._drop_until:  # already in the partial store
             self._pos[name] += count
-            return
+            return None
         if self._pos[name] != self._drop_until and self._pos[name] < self._drop_until:
             raise InvalidSourceError(f"field {name!r}: an encoded chunk straddles the resumed position")
         self._pos[name] += count
@@ -481,8 +490,7 @@ class StoreWriter:
             self._tail[name] = count
         else:
             self._chunks_done[name] += 1
-        self._pending.append((name, c, count, encoded))
-        self._drain(self._in_flight)
+        return c
 
     def encode_args(self, name: str, c: int) -> tuple[int, Compression | None, str, str | None]:
         """``(chunk_len, compression, format, target)`` for :func:`encode_chunk` of chunk ``c``
