@@ -369,3 +369,38 @@ def test_csv_in_many_pieces_takes_the_fast_path_with_quoted_labels(
     monkeypatch.setattr(csv_module, "_arrow_available", lambda: False)
     oocseq.ingest_csv(tmp_path / "t.csv", tmp_path / "ref.zarr", **kw).close()
     assert store_bytes(tmp_path / "fast.zarr") == store_bytes(tmp_path / "ref.zarr")
+
+
+def test_hdf5_ingestion_is_safe_while_another_thread_uses_h5py(tmp_path: Path) -> None:
+    """HDF5 is not thread-safe, and h5py writes a raw chunk without its global lock: another
+    thread opening and freeing h5py objects meanwhile (the user's, or the garbage collector in
+    an encoding thread) failed the write ("Unspecified error in H5Dwrite_chunk") within the
+    first few chunks. The store must come out whole, every time."""
+    import threading
+
+    import h5py
+
+    other = tmp_path / "other.h5"
+    with h5py.File(other, "w") as f:
+        f.create_dataset("a", data=np.arange(10))
+    stop = threading.Event()
+
+    def churn() -> None:
+        while not stop.is_set():
+            f = h5py.File(other, "r")
+            d = f["a"]
+            del d, f  # each free runs HDF5 on this thread
+
+    x = np.arange(400 * 256, dtype=np.float32).reshape(400, 256)
+    thread = threading.Thread(target=churn)
+    thread.start()
+    try:
+        for k in range(3):
+            store = oocseq.ingest_arrays(
+                tmp_path / f"s{k}.h5", {"x": x}, chunk_len=2, compression=None, preshuffle=False, workers=2
+            )
+            np.testing.assert_array_equal(store["x"][:], x)
+            store.close()
+    finally:
+        stop.set()
+        thread.join()

@@ -16,6 +16,7 @@ from typing import Any
 import h5py
 import hdf5plugin
 import numpy as np
+from h5py._objects import phil as _h5py_lock  # the lock h5py's own calls take
 
 from ..errors import CorruptStoreError, NotAStoreError
 from ..manifest import ATTR_KEY, AUX_GROUP, Compression, FieldSpec
@@ -336,7 +337,11 @@ class HDF5Writer(StorageWriter):
             # Filter mask bit 0: the (only) filter, Blosc, was skipped for a raw chunk.
             self._direct[name] = ((0,) * (ds.ndim - 1), 1 if ds.id.get_create_plist().get_nfilters() else 0)
         tail, raw_mask = self._direct[name]
-        with self._failing():
+        # h5py runs this one call without its global lock (its other calls take it): another
+        # thread freeing an h5py object meanwhile (the garbage collector in an encoding thread,
+        # the user's own threads) would run HDF5, which is not thread-safe, at the same time,
+        # and the write fails ("Unspecified error in H5Dwrite_chunk"). Under the lock it waits.
+        with _h5py_lock, self._failing():
             ds.id.write_direct_chunk((c * chunk_len, *tail), payload, raw_mask if raw else 0)
         self._unsynced += len(payload)
         if self._unsynced >= _WRITEBACK_BYTES:
