@@ -261,3 +261,48 @@ def test_zarr_chunk_files_start_their_writeback_as_they_are_written(tmp_path: Pa
         os.close(r)
         os.close(w)
     _commit.start_writeback(-1)  # a bad descriptor: ignored
+
+
+def test_a_resumed_hdf5_store_left_half_flushed_starts_over(tmp_path: Path, monkeypatch) -> None:
+    """A process killed inside an HDF5 flush can leave the file's end-of-allocation address
+    (in the superblock) short of a chunk its index already records. Resuming then fails the
+    first rewrite inside HDF5 ("addr overflow"). The ingestion must warn, start over and
+    write the same store as an uninterrupted run, not fail."""
+    import json
+    import struct
+
+    import h5py
+
+    x = np.arange(200 * 64, dtype=np.float32).reshape(200, 64)
+    kw = {"chunk_len": 20, "compression": None, "preshuffle": False}
+    want = oocseq.ingest_arrays(tmp_path / "ref" / "s.h5", {"x": x}, **kw)
+    want_x = want["x"][:]
+    want.close()
+    real, calls = _writer.StoreWriter.checkpoint, [0]
+
+    def interrupted(self, state):
+        calls[0] += 1
+        if calls[0] == 6:
+            raise KeyboardInterrupt
+        real(self, state)
+
+    monkeypatch.setattr(_writer.StoreWriter, "checkpoint", interrupted)
+    dest = tmp_path / "s.h5"
+    with pytest.raises(KeyboardInterrupt):
+        oocseq.ingest_arrays(dest, {"x": x}, **kw)
+    monkeypatch.setattr(_writer.StoreWriter, "checkpoint", real)
+    (partial,) = tmp_path.glob(".s.h5.*.partial")
+    (journal,) = tmp_path.glob(".s.h5.*.journal")
+    k = [json.loads(line) for line in journal.read_text().splitlines()][-1]["k"]
+    with h5py.File(partial, "r") as f:
+        ds = f["x"].id
+        infos = [ds.get_chunk_info(i) for i in range(ds.get_num_chunks())]
+    redone = next(i for i in infos if i.chunk_offset[0] == (k - 1) * 20)  # rewritten on resume
+    raw = bytearray(partial.read_bytes())
+    assert raw[8] == 0  # superblock version 0: the end-of-allocation address is at byte 40
+    raw[40:48] = struct.pack("<Q", redone.byte_offset)
+    partial.write_bytes(bytes(raw))
+    with pytest.warns(UserWarning, match="is damaged .*starts over"):
+        store = oocseq.ingest_arrays(dest, {"x": x}, **kw)
+    np.testing.assert_array_equal(store["x"][:], want_x)
+    assert store.verify() and sorted(p.name for p in tmp_path.iterdir()) == ["ref", "s.h5"]

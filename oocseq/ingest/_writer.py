@@ -85,15 +85,26 @@ def url_options(fn: Callable[_P, _R]) -> Callable[_P, _R]:
     @functools.wraps(fn)
     def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
         options = kwargs.get("storage_options")
-        if options is None:
-            return fn(*args, **kwargs)
-        token = _STORAGE_OPTIONS.set(options)  # type: ignore[arg-type]
+        token = None if options is None else _STORAGE_OPTIONS.set(options)  # type: ignore[arg-type]
         try:
-            return fn(*args, **kwargs)
+            try:
+                return fn(*args, **kwargs)
+            except _ResumeDamaged as e:
+                # The damaged partial store is gone (the failed writer discarded it): the
+                # same call again starts over, and writes the same store.
+                warnings.warn(e.strerror or str(e), stacklevel=2)
+                return fn(*args, **kwargs)
         finally:
-            _STORAGE_OPTIONS.reset(token)
+            if token is not None:
+                _STORAGE_OPTIONS.reset(token)
 
     return wrapper
+
+
+class _ResumeDamaged(StoreWriteError):
+    """The partial store taken over from an interrupted run failed a write the format's
+    library reports as internal (HDF5 metadata left half-flushed by a killed process): the
+    ingestion starts over. Caught by :func:`url_options`; never reaches the user."""
 
 
 def choose_chunk_len(
@@ -550,9 +561,14 @@ class StoreWriter:
                 try:
                     self._backend.write_encoded(name, c, self.chunk_len, payload, raw)
                 except OSError as e:
-                    raise StoreWriteError(
-                        e.errno, f"cannot write chunk {c} of field {name!r} of {self.dest}: {_why(e)}"
-                    ) from e
+                    where = f"chunk {c} of field {name!r} of {self.dest}"
+                    if self.resumed_chunks and e.errno is None:  # not the system's: the file's
+                        raise _ResumeDamaged(
+                            e.errno,
+                            f"the partial store of an interrupted ingestion into {self.dest} is damaged "
+                            f"(writing {where}: {_why(e)}); this ingestion starts over",
+                        ) from e
+                    raise StoreWriteError(e.errno, f"cannot write {where}: {_why(e)}") from e
             self._checksums[name].append(crc)
             self._written[name] += 1
             if self._journal is not None:
