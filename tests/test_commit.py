@@ -3,11 +3,13 @@ processes; these check each rule on its own)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -133,21 +135,31 @@ def test_rename_noreplace(tmp_path: Path, fmt: str, native: bool, monkeypatch) -
     assert not a.exists() and (tmp_path / f"c{fmt}").exists()
 
 
+@contextlib.contextmanager
+def interrupted_at(monkeypatch: pytest.MonkeyPatch, k: int) -> Iterator[None]:
+    """Inside the block, the ``k``-th ``StoreWriter.checkpoint`` raises KeyboardInterrupt
+    (which keeps the partial store and journal for a rerun); the block must be interrupted."""
+    real, calls = _writer.StoreWriter.checkpoint, [0]
+
+    def checkpoint(self: _writer.StoreWriter, state: object) -> None:
+        calls[0] += 1
+        if calls[0] == k:
+            raise KeyboardInterrupt
+        real(self, state)
+
+    monkeypatch.setattr(_writer.StoreWriter, "checkpoint", checkpoint)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            yield
+    finally:
+        monkeypatch.setattr(_writer.StoreWriter, "checkpoint", real)
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_resume_false_and_streams_start_over(tmp_path: Path, fmt: str, monkeypatch) -> None:
     dest = tmp_path / f"s{fmt}"
-    real_checkpoint, calls = _writer.StoreWriter.checkpoint, [0]
-
-    def interrupted(self, state):
-        calls[0] += 1
-        if calls[0] == 3:
-            raise KeyboardInterrupt
-        real_checkpoint(self, state)
-
-    monkeypatch.setattr(_writer.StoreWriter, "checkpoint", interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at(monkeypatch, 3):
         oocseq.ingest_arrays(dest, data(), chunk_len=8, preshuffle=False)
-    monkeypatch.setattr(_writer.StoreWriter, "checkpoint", real_checkpoint)
     assert {p.name.rsplit(".", 1)[1] for p in tmp_path.iterdir()} == {"partial", "journal", "lock"}
     with pytest.warns(UserWarning, match="stream of batches cannot be replayed"):
         store = oocseq.ingest_arrays(
@@ -278,19 +290,9 @@ def test_a_resumed_hdf5_store_left_half_flushed_starts_over(tmp_path: Path, monk
     want = oocseq.ingest_arrays(tmp_path / "ref" / "s.h5", {"x": x}, **kw)
     want_x = want["x"][:]
     want.close()
-    real, calls = _writer.StoreWriter.checkpoint, [0]
-
-    def interrupted(self, state):
-        calls[0] += 1
-        if calls[0] == 6:
-            raise KeyboardInterrupt
-        real(self, state)
-
-    monkeypatch.setattr(_writer.StoreWriter, "checkpoint", interrupted)
     dest = tmp_path / "s.h5"
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at(monkeypatch, 6):
         oocseq.ingest_arrays(dest, {"x": x}, **kw)
-    monkeypatch.setattr(_writer.StoreWriter, "checkpoint", real)
     (partial,) = tmp_path.glob(".s.h5.*.partial")
     (journal,) = tmp_path.glob(".s.h5.*.journal")
     k = [json.loads(line) for line in journal.read_text().splitlines()][-1]["k"]
