@@ -68,9 +68,11 @@ def ingest_arrays(
             interrupted, go on from its last written chunk (default); ``False`` starts over.
             Only arrays can be resumed: with an iterable of batches the ingestion starts over
             (with a warning), as a stream cannot be replayed.
-        workers: threads that checksum, compress and write chunks while the source is read
-            (default ``None``: every core this process may use; ``1``: all in this process).
-            The store is the same bytes whatever the number.
+        workers: threads that checksum, compress and, for Zarr, write chunks, and read them
+            from numpy arrays (other array types, such as h5py or zarr arrays, are read by this
+            thread; HDF5 chunks are written by it) (default ``None``: every core this process
+            may use; ``1``: all in this process). The store is the same bytes whatever the
+            number.
         client: a ``dask.distributed.Client``: the cluster's workers compress the chunks (and,
             for a Zarr ``dest``, write them: ``dest``'s folder must be a path every worker
             sees); this process reads the source, writes HDF5 chunks and commits. The store is

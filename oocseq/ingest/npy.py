@@ -66,9 +66,10 @@ def ingest_npy(
         resume: if an earlier run of the same call (same files, sizes and modification
             times, same ``dest`` and arguments) was interrupted, go on from its last written
             chunk (default); ``False`` starts over.
-        workers: threads that checksum, compress and write chunks while the source is read
-            (default ``None``: every core this process may use; ``1``: all in this process).
-            The store is the same bytes whatever the number.
+        workers: threads that read (and pre-shuffle) chunks from the memory-mapped files,
+            checksum, compress and, for Zarr, write them, while this thread writes HDF5
+            chunks (default ``None``: every core this process may use; ``1``: all in this
+            process). The store is the same bytes whatever the number.
         client: a ``dask.distributed.Client``: the cluster's workers compress the chunks (and,
             for a Zarr ``dest``, write them: ``dest``'s folder must be a path every worker
             sees); this process reads the source, writes HDF5 chunks and commits. The store is
