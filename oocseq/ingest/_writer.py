@@ -517,7 +517,20 @@ class StoreWriter:
         try:
             self._backend.reserve(name, c * self.chunk_len + count)
         except OSError as e:
-            raise StoreWriteError(e.errno, f"cannot grow field {name!r} of {self.dest}: {_why(e)}") from e
+            raise self._write_error(e, f"grow field {name!r} of {self.dest}") from e
+
+    def _write_error(self, e: OSError, doing: str) -> StoreWriteError:
+        """The error to raise for ``e``, met trying to ``doing`` (e.g. "write chunk 3 of ..."):
+        in a resumed run, one the format's library raises itself (no system errno: HDF5
+        metadata a killed process left half-flushed) means the partial store is damaged, and
+        the ingestion starts over (:func:`url_options`); else a StoreWriteError."""
+        if self.resumed_chunks and e.errno is None:
+            return _ResumeDamaged(
+                None,
+                f"the partial store of an interrupted ingestion into {self.dest} is damaged "
+                f"(cannot {doing}: {_why(e)}); this ingestion starts over",
+            )
+        return StoreWriteError(e.errno, f"cannot {doing}: {_why(e)}")
 
     def _flush(self, name: str) -> None:
         parts = self._buffers[name]
@@ -561,14 +574,7 @@ class StoreWriter:
                 try:
                     self._backend.write_encoded(name, c, self.chunk_len, payload, raw)
                 except OSError as e:
-                    where = f"chunk {c} of field {name!r} of {self.dest}"
-                    if self.resumed_chunks and e.errno is None:  # not the system's: the file's
-                        raise _ResumeDamaged(
-                            e.errno,
-                            f"the partial store of an interrupted ingestion into {self.dest} is damaged "
-                            f"(writing {where}: {_why(e)}); this ingestion starts over",
-                        ) from e
-                    raise StoreWriteError(e.errno, f"cannot write {where}: {_why(e)}") from e
+                    raise self._write_error(e, f"write chunk {c} of field {name!r} of {self.dest}") from e
             self._checksums[name].append(crc)
             self._written[name] += 1
             if self._journal is not None:
@@ -596,7 +602,7 @@ class StoreWriter:
         try:
             self._backend.flush()
         except OSError as e:
-            raise StoreWriteError(e.errno, f"cannot write {self.dest}: {_why(e)}") from e
+            raise self._write_error(e, f"write {self.dest}") from e
         lines = []
         for k in range(self._journaled + 1, done + 1):
             bound = (k - 1) * self.chunk_len  # replay must start at or before chunk k-1
@@ -814,10 +820,10 @@ def encode_chunk(
 
 
 def conform(name: str, spec: FieldSpec, data: Any, written: int) -> np.ndarray:
-    """``data`` as an array of samples of field ``name`` (``spec``) (cast if its dtype casts safely to
-    the field's). Raises InvalidSourceError, naming the field and the ``written`` samples
-    before it, if it has no sample axis, another sample shape, or a dtype that does not cast
-    safely."""
+    """``data`` as an array of samples of field ``name``, laid out as ``spec`` says (cast to
+    its dtype where that is safe). Raises InvalidSourceError, naming the field and the
+    ``written`` samples before it, for no sample axis, another sample shape, or a dtype that
+    does not cast safely."""
     arr = np.asarray(data)
     if arr.ndim == 0:
         raise InvalidSourceError(
