@@ -24,11 +24,13 @@ from ._raw import (
     BLOSC_MAX_OVERHEAD,
     SYSTEM_ERRNOS,
     Handles,
+    Where,
     aligned_empty,
     blosc_decode_into,
     blosc_header,
     in_page_cache,
     open_beneath,
+    open_sized_beneath,
     os_error,
     read_exactly,
     read_exactly_into,
@@ -96,6 +98,7 @@ class ZarrReader(StorageReader):
         self._arrays: dict[str, Any] = {}
         self._chunk_dirs: dict[str, int] = {}
         self._kinds: dict[str, str] = {}
+        self._ndims: dict[str, int] = {}
         self._lock = threading.Lock()
 
     def manifest_doc(self) -> Any:
@@ -172,31 +175,40 @@ class ZarrReader(StorageReader):
     def chunk_location(self, name: str, c: int) -> str:
         return str(self.path / name / "c" / "/".join([str(c)] + ["0"] * (len(self._array(name).shape) - 1)))
 
-    def _open_chunk(self, name: str, c: int) -> tuple[int, str]:
-        """``(fd, where)`` of chunk ``c``'s file, opened without following links. A missing
-        chunk file is corruption (zarr would serve the fill value)."""
-        ndim = self._array(name).ndim
-        parts = [str(c)] + ["0"] * (ndim - 1)
-        where = f"{self.path}: chunk {c} of field {name!r} ({self.path / name / 'c' / '/'.join(parts)})"
+    def _chunk_parts(self, name: str, c: int) -> list[str]:
+        """Chunk ``c``'s file, as path components below the field's ``c`` directory."""
+        ndim = self._ndims.get(name)
+        if ndim is None:
+            ndim = self._ndims[name] = self._array(name).ndim
+        return [str(c)] + ["0"] * (ndim - 1)
+
+    def _chunk_words(self, name: str, c: int) -> str:
+        return f"{self.path}: chunk {c} of field {name!r} ({self.path / name / 'c' / '/'.join(self._chunk_parts(name, c))})"
+
+    def _open_chunk(self, name: str, c: int) -> tuple[int, int, Where]:
+        """``(fd, size, where)`` of chunk ``c``'s file, opened without following links. A
+        missing chunk file is corruption (zarr would serve the fill value)."""
+        where = Where(self._chunk_words, name, c)
         try:
-            return open_beneath(self._chunk_dir(name), parts, where), where
+            fd, size = open_sized_beneath(self._chunk_dir(name), self._chunk_parts(name, c), where)
         except CorruptStoreError as e:
             if "missing" in str(e):
                 raise CorruptStoreError(
                     f"{where} is missing; the store is incomplete or damaged. Ingest it again."
                 ) from None
             raise
+        return fd, size, where
 
     def advise_chunks(self, name: str, chunks: np.ndarray) -> None:
         if not self.fast or not hasattr(os, "posix_fadvise"):
             return
         for c in chunks.tolist():
             try:
-                fd, _ = self._open_chunk(name, c)
+                fd, size = open_sized_beneath(self._chunk_dir(name), self._chunk_parts(name, c), "")
             except Exception:
                 continue  # a missing or refused chunk is reported when it is read
             try:
-                if not in_page_cache(fd, 0, os.fstat(fd).st_size):
+                if not in_page_cache(fd, 0, size):
                     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
             finally:
                 os.close(fd)
@@ -210,9 +222,8 @@ class ZarrReader(StorageReader):
         nbytes = math.prod(shape) * arr.dtype.itemsize
         # Decoded straight into the window buffer when the chunk fills it.
         chunk = out if out is not None and stop - start == shape[0] else aligned_empty(shape, arr.dtype)
-        fd, where = self._open_chunk(name, c)
+        fd, size, where = self._open_chunk(name, c)
         try:
-            size = os.fstat(fd).st_size
             if kind == "raw":
                 if size != nbytes:
                     raise CorruptStoreError(
@@ -232,14 +243,12 @@ class ZarrReader(StorageReader):
 
     def read_chunk_library(self, name: str, c: int, start: int, stop: int) -> np.ndarray:
         arr = self._array(name)
-        fd, where = self._open_chunk(name, c)
+        fd, size, where = self._open_chunk(name, c)
         try:
             if self._kinds[name] == "blosc":  # its decoded size, before zarr decodes it
                 shape = (arr.chunks[0], *arr.shape[1:])
                 nbytes = math.prod(shape) * arr.dtype.itemsize
-                said, _ = blosc_header(
-                    read_exactly(fd, 0, min(BLOSC_HEADER, os.fstat(fd).st_size), where), where
-                )
+                said, _ = blosc_header(read_exactly(fd, 0, min(BLOSC_HEADER, size), where), where)
                 if said != nbytes:
                     raise CorruptStoreError(
                         f"{where}: compressed chunk says {said} bytes decoded, expected {nbytes}"
