@@ -126,6 +126,9 @@ class _Local:
         )
         self.lock = threading.Lock()
         self.plans: OrderedDict[int, EpochPlan] = OrderedDict()
+        #: ``(epoch, first window, read-ahead stop, horizon, readahead)`` of the last batch
+        #: whose read-ahead was asked for.
+        self.setup: tuple[int, int, int, int, bool] | None = None
 
 
 def _compressed(src: Store | ArraySource) -> bool:
@@ -279,6 +282,9 @@ class ChunkedBatches:
     def plan(self, epoch: int) -> EpochPlan:
         """The :class:`~oocseq.plan.EpochPlan` of ``epoch`` (a few recent ones are kept)."""
         local = self._local
+        plan = local.plans.get(epoch)  # (a dict lookup is atomic: no lock)
+        if plan is not None and next(reversed(local.plans), None) == epoch:
+            return plan  # the most recent already
         with local.lock:
             plan = local.plans.get(epoch)
             if plan is not None:
@@ -368,18 +374,24 @@ class ChunkedBatches:
         keys = [(epoch, w) for w, _ in spans] + [(epoch, w) for w in ahead]
         with cache.hold(keys) as hold:
             cache.drop_unheld(hold)
-            if readahead:  # disk read-ahead one window beyond the decoded read-ahead
-                for w in range(last + 1, min(ahead.stop + 1, horizon)):
-                    cache.advise((epoch, w), plan.window_chunks(w))
-            for w, _ in spans:
-                cache.prefetch((epoch, w), plan.window_chunks(w))
-            for w in ahead:
-                if (epoch, w) not in cache and w - last <= _ROWS_AHEAD:
-                    # Its serving order (a sort, ~0.25 ms) is worked out off this thread too,
-                    # before its chunks are read (the threads take work in order).
-                    cache.background(plan.window_rows, w)
-                cache.prefetch((epoch, w), plan.window_chunks(w))
-            n = sum(len(rows) for _, rows in spans)
+            # Read-ahead is asked for once per window the batches move into, not per batch
+            # (another thread's new window asks again; a window no thread asked for is
+            # decoded when a batch needs it).
+            setup = (epoch, spans[0][0], ahead.stop, horizon, readahead)
+            if setup != local.setup:
+                local.setup = setup
+                if readahead:  # disk read-ahead one window beyond the decoded read-ahead
+                    for w in range(last + 1, min(ahead.stop + 1, horizon)):
+                        cache.advise((epoch, w), plan.window_chunks(w))
+                for w, _ in spans:
+                    cache.prefetch((epoch, w), plan.window_chunks(w))
+                for w in ahead:
+                    if (epoch, w) not in cache and w - last <= _ROWS_AHEAD:
+                        # Its serving order (a sort, ~0.25 ms) is worked out off this thread
+                        # too, before its chunks are read (the threads take work in order).
+                        cache.background(plan.window_rows, w)
+                    cache.prefetch((epoch, w), plan.window_chunks(w))
+            n = len(spans[0][1]) if len(spans) == 1 else sum(len(rows) for _, rows in spans)
             batch: Batch = {}
             for name, layout in local.layouts.items():  # not source.fields: it builds a dict per call
                 # Page-aligned: copying samples into an array 16 bytes past a page (where malloc
@@ -389,7 +401,7 @@ class ChunkedBatches:
             for w, rows in spans:
                 buffers = cache.get((epoch, w), plan.window_chunks(w))
                 for name in self.fields:  # one copy per sample, straight into the batch
-                    np.take(buffers[name], rows, axis=0, out=batch[name][pos : pos + len(rows)], mode="clip")
+                    buffers[name].take(rows, axis=0, out=batch[name][pos : pos + len(rows)], mode="clip")
                 pos += len(rows)
         if self.transform is not None:
             # Sample indices only where they are used: ~40 us a batch.

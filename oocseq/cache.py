@@ -206,6 +206,11 @@ class WindowCache:
         """The decoded buffers (field -> array) of the window made of ``chunks``. Decodes the
         window's chunks that no thread has started in the calling thread, and waits for the
         others."""
+        window = self._items.get(key)  # (a dict lookup is atomic: no lock)
+        if window is not None and window.ready:
+            with self._lock:
+                self.hits += 1
+            return window.buffers
         window, created = self._start(key, chunks)
         if window.ready:
             with self._lock:

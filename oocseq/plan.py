@@ -228,6 +228,11 @@ class EpochPlan:
         """Epoch positions ``[start, stop)`` as ``(window, rows)`` pieces, in order: the rows
         of each window's buffer that those positions serve."""
         start, stop = max(0, start), min(stop, self.length)
+        if start < stop <= self.own:  # the usual batch: in one window, no padding
+            w = self.window_of(start)
+            off, end = self._offsets[w], self._offsets[w + 1]
+            if stop <= end:
+                return [(w, self.window_rows(w)[start - off : stop - off])]
         spans: list[tuple[int, np.ndarray]] = []
         # Positions past this rank's own samples (padding) repeat its order from the start.
         while start < stop:

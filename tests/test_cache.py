@@ -19,7 +19,7 @@ from oocseq import ChunkedSequence
 from oocseq.cache import WindowCache
 from oocseq.manifest import FieldSpec
 from oocseq.storage import _raw
-from oocseq.storage._raw import ALIGNMENT, aligned_empty, in_page_cache, read_scratch
+from oocseq.storage._raw import ALIGNMENT, Where, aligned_empty, in_page_cache, read_scratch
 
 CHUNK = 4  # samples per chunk in the caches below
 SAMPLE = (64, 64, 3)  # 12288 bytes: whole pages, so every chunk in a window starts on a page
@@ -86,6 +86,27 @@ def test_read_scratch_is_reused_by_its_thread(tmp_path):
             assert other.result() != addr
         with pytest.raises(Exception, match="file ends"):
             read_scratch(fd, len(data) - 10, 20, "f")
+    finally:
+        os.close(fd)
+
+
+def test_a_place_is_worded_only_when_an_error_names_it(tmp_path):
+    worded: list[int] = []
+
+    def words(c: int) -> str:
+        worded.append(c)
+        return f"chunk {c} of {tmp_path}"
+
+    where = Where(words, 7)
+    path = tmp_path / "bytes"
+    path.write_bytes(b"x" * 100)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        read_scratch(fd, 0, 100, where)  # a read that succeeds words nothing
+        assert worded == []
+        with pytest.raises(Exception, match=rf"^chunk 7 of {tmp_path}: file ends"):
+            read_scratch(fd, 50, 100, where)
+        assert worded == [7]
     finally:
         os.close(fd)
 
@@ -239,3 +260,68 @@ def test_epochs_reuse_window_buffers(tmp_path, fmt, compression):
     # the first epoch only: none per window, none per epoch
     assert len(made) <= 3
     seq.close()
+
+
+@pytest.fixture(scope="module")
+def ahead_store(tmp_path_factory: pytest.TempPathFactory):
+    store = make_store(tmp_path_factory.mktemp("ahead") / "s.zarr", 157, 5)
+    yield store
+    store.close()
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    batch_size=st.integers(1, 23),
+    window=st.integers(1, 4),
+    readahead=st.integers(0, 2),
+    shuffle=st.booleans(),
+    start=st.integers(0, 40),
+)
+def test_read_ahead_is_asked_for_at_every_batch_served_in_order(
+    ahead_store, batch_size: int, window: int, readahead: int, shuffle: bool, start: int
+) -> None:
+    """Served in order (from any batch on), each batch leaves the windows after its own being
+    decoded ahead (asked for once per window the batches move into, not per batch), and the
+    batches are right; served out of order, nothing is read ahead."""
+    from oocseq.batches import ChunkedBatches
+    from oocseq.options import ReadOptions
+
+    core = ChunkedBatches(
+        ahead_store,
+        batch_size,
+        y=None,
+        window=window,
+        shuffle=shuffle,
+        seed=3,
+        read=ReadOptions(threads=1, readahead=readahead),
+    )
+    cache = core._local.cache
+    plan = core.plan(0)
+    x = ahead_store["x"][:]
+    try:
+        for i in range(min(start, len(core) - 1), len(core)):
+            (got,) = core.get(0, i, readahead=True)
+            np.testing.assert_array_equal(got, x[core.batch_indices(0, i)])
+            last = plan.window_of(min((i + 1) * batch_size, len(plan)) - 1)
+            for w in range(last + 1, min(last + 1 + readahead, plan.num_windows)):
+                assert (0, w) in cache, (i, w)
+        core.close()
+        core = ChunkedBatches(
+            ahead_store,
+            batch_size,
+            y=None,
+            window=window,
+            shuffle=shuffle,
+            seed=3,
+            read=ReadOptions(threads=1, readahead=readahead),
+        )
+        cache = core._local.cache
+        for i in reversed(range(len(core))):  # out of order: no read-ahead
+            core.get(0, i)
+            first = plan.window_of(i * batch_size)
+            assert all(
+                w <= plan.window_of(min((i + 1) * batch_size, len(plan)) - 1) for _, w in cache._items
+            ), i
+            assert first in {w for _, w in cache._items}
+    finally:
+        core.close()

@@ -782,7 +782,7 @@ def test_zarr_missing_chunk_never_reads_as_zeros(tmp_path: Path, field: str) -> 
     needles = ("chunk 1", f"'{field}'")
     with pytest.raises(CorruptStoreError) as e:
         store.read_chunk(field, 1)
-    check_error(e.value, CorruptStoreError, ValueError, *needles)
+    check_error(e.value, CorruptStoreError, ValueError, *needles, str(chunk_file))
     for key in (slice(4, 6), slice(None), 5, [0, 7]):
         with pytest.raises(CorruptStoreError) as e:
             store[field][key]

@@ -13,6 +13,7 @@ array already returned.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import math
 import os
@@ -119,7 +120,9 @@ def aligned_empty(shape: tuple[int, ...], dtype: np.dtype[Any] | type) -> np.nda
     dt = np.dtype(dtype)
     nbytes = math.prod(shape) * dt.itemsize
     raw = np.empty(nbytes + ALIGNMENT, dtype=np.uint8)
-    skip = -raw.__array_interface__["data"][0] % ALIGNMENT  # (``raw.ctypes`` costs ~4 us)
+    # The address through a ctypes view of the buffer: 0.8 us (``raw.ctypes.data`` 2.2 us,
+    # ``raw.__array_interface__`` 3.3 us); a batch array is made for every batch.
+    skip = -ctypes.addressof(ctypes.c_char.from_buffer(raw)) % ALIGNMENT
     return raw[skip : skip + nbytes].view(dt).reshape(shape)
 
 
