@@ -126,6 +126,7 @@ class _Local:
         )
         self.lock = threading.Lock()
         self.plans: OrderedDict[int, EpochPlan] = OrderedDict()
+        self.latest = -1  # the epoch of the plan used last (the last of ``plans``)
         #: ``(epoch, first window, read-ahead stop, horizon, readahead)`` of the last batch
         #: whose read-ahead was asked for.
         self.setup: tuple[int, int, int, int, bool] | None = None
@@ -283,12 +284,13 @@ class ChunkedBatches:
         """The :class:`~oocseq.plan.EpochPlan` of ``epoch`` (a few recent ones are kept)."""
         local = self._local
         plan = local.plans.get(epoch)  # (a dict lookup is atomic: no lock)
-        if plan is not None and next(reversed(local.plans), None) == epoch:
-            return plan  # the most recent already
+        if plan is not None and local.latest == epoch:
+            return plan  # the most recently used already
         with local.lock:
             plan = local.plans.get(epoch)
             if plan is not None:
                 local.plans.move_to_end(epoch)
+                local.latest = epoch
                 return plan
         src = self.source
         plan = EpochPlan(
@@ -304,6 +306,7 @@ class ChunkedBatches:
         )
         with local.lock:
             local.plans[epoch] = plan
+            local.latest = epoch
             while len(local.plans) > _PLANS_KEPT:
                 local.plans.popitem(last=False)
         return plan
