@@ -368,11 +368,14 @@ class ChunkedBatches:
         local = self._local
         cache = local.cache
         spans = plan.window_spans(start, start + self.batch_size)
-        last = spans[-1][0]
+        # The highest window, not the last span's: a padded rank's last batch wraps round to
+        # the epoch's first window.
+        last = max(w for w, _ in spans)
         horizon = plan.num_windows
         if until is not None and until > i:
-            end = plan.window_spans((until - 1) * self.batch_size, until * self.batch_size)
-            horizon = min(horizon, end[-1][0] + 1) if end else horizon
+            stop = min(until * self.batch_size, len(plan))
+            if stop <= plan.own:  # (past its own samples, a padded rank serves every window)
+                horizon = min(horizon, plan.window_of(stop - 1) + 1)
         ahead = range(last + 1, min(last + 1 + (self.read.readahead if readahead else 0), horizon))
         keys = [(epoch, w) for w, _ in spans] + [(epoch, w) for w in ahead]
         with cache.hold(keys) as hold:
@@ -382,7 +385,6 @@ class ChunkedBatches:
             # decoded when a batch needs it).
             setup = (epoch, spans[0][0], ahead.stop, horizon, readahead)
             if setup != local.setup:
-                local.setup = setup
                 if readahead:  # disk read-ahead one window beyond the decoded read-ahead
                     for w in range(last + 1, min(ahead.stop + 1, horizon)):
                         cache.advise((epoch, w), plan.window_chunks(w))
@@ -394,6 +396,7 @@ class ChunkedBatches:
                         # too, before its chunks are read (the threads take work in order).
                         cache.background(plan.window_rows, w)
                     cache.prefetch((epoch, w), plan.window_chunks(w))
+                local.setup = setup  # (only once asked: a failed hint is asked again)
             n = len(spans[0][1]) if len(spans) == 1 else sum(len(rows) for _, rows in spans)
             batch: Batch = {}
             for name, layout in local.layouts.items():  # not source.fields: it builds a dict per call

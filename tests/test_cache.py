@@ -277,7 +277,7 @@ def ahead_store(tmp_path_factory: pytest.TempPathFactory):
     shuffle=st.booleans(),
     start=st.integers(0, 40),
 )
-def test_read_ahead_is_asked_for_at_every_batch_served_in_order(
+def test_batches_served_in_order_keep_the_next_windows_decoding(
     ahead_store, batch_size: int, window: int, readahead: int, shuffle: bool, start: int
 ) -> None:
     """Served in order (from any batch on), each batch leaves the windows after its own being
@@ -323,5 +323,62 @@ def test_read_ahead_is_asked_for_at_every_batch_served_in_order(
                 w <= plan.window_of(min((i + 1) * batch_size, len(plan)) - 1) for _, w in cache._items
             ), i
             assert first in {w for _, w in cache._items}
+    finally:
+        core.close()
+
+
+@pytest.mark.parametrize(("rank", "world_size"), [(0, 1), (1, 3), (2, 3), (0, 2)])
+def test_read_ahead_within_a_workers_range_and_on_padded_ranks(
+    ahead_store, rank: int, world_size: int
+) -> None:
+    """A range of batches served in order up to ``until`` (a DataLoader worker's) reads ahead
+    up to its end, also on a rank whose last batch wraps round to the epoch's first window."""
+    from oocseq.batches import ChunkedBatches
+    from oocseq.options import ReadOptions, ShardOptions
+
+    core = ChunkedBatches(
+        ahead_store,
+        11,
+        y=None,
+        window=2,
+        seed=3,
+        read=ReadOptions(threads=1, readahead=1),
+        shard=ShardOptions(rank=rank, world_size=world_size),
+    )
+    plan, n = core.plan(0), len(core)
+    x = ahead_store["x"][:]
+    try:
+        for i in range(n):
+            (got,) = core.get(0, i, readahead=True, until=n)
+            np.testing.assert_array_equal(got, x[core.batch_indices(0, i)])
+            top = max(w for w, _ in plan.window_spans(i * 11, (i + 1) * 11))
+            if top + 1 < plan.num_windows:
+                assert (0, top + 1) in core._local.cache, (i, top + 1)
+    finally:
+        core.close()
+
+
+def test_a_failed_read_ahead_is_asked_for_again(ahead_store) -> None:
+    """A read-ahead that raises (a remote store's fetch, say) fails that batch; the next batch
+    of the same window asks for it again."""
+    from oocseq.batches import ChunkedBatches
+    from oocseq.options import ReadOptions
+
+    core = ChunkedBatches(ahead_store, 3, y=None, window=2, seed=3, read=ReadOptions(threads=1, readahead=1))
+    cache = core._local.cache
+    failures = [1]
+
+    def prefetch_failing_once(key, chunks):
+        if key == (0, 1) and failures[0]:
+            failures[0] -= 1
+            raise OSError("read-ahead failed")
+        WindowCache.prefetch(cache, key, chunks)
+
+    cache.prefetch = prefetch_failing_once
+    try:
+        with pytest.raises(OSError, match="read-ahead failed"):
+            core.get(0, 0, readahead=True)
+        core.get(0, 0, readahead=True)
+        assert (0, 1) in cache
     finally:
         core.close()
