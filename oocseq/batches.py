@@ -112,7 +112,7 @@ class _Local:
         src = core.source
         threads = core.read.threads
         if threads is None:
-            threads = default_threads(_compressed(src))
+            threads = default_threads()
         fields = src.fields
         self.layouts = {f: fields[f] for f in core.fields}
         self.cache = WindowCache(
@@ -130,12 +130,6 @@ class _Local:
         #: ``(epoch, first window, read-ahead stop, horizon, readahead)`` of the last batch
         #: whose read-ahead was asked for.
         self.setup: tuple[int, int, int, int, bool] | None = None
-
-
-def _compressed(src: Store | ArraySource) -> bool:
-    if isinstance(src, ArraySource):
-        return False
-    return src.manifest.compression is not None
 
 
 class ChunkedBatches:

@@ -335,10 +335,10 @@ class WindowCache:
             pool.shutdown(wait=False, cancel_futures=True)
 
 
-def default_threads(compressed: bool) -> int:
-    """Decoding threads when none are given, 1 to 4: all cores for compressed chunks
-    (decoding is the work), the cores less one for uncompressed ones (a copy: leave a core to
-    the thread that gathers batches). Measured on 2 cores (``benchmarks/README.md``): 2 threads
-    served lz4 stores 25-29% faster than 1; 1 thread served uncompressed ones 8-28% faster."""
+def default_threads() -> int:
+    """Decoding threads when none are given: the cores less one, 1 to 4 (the thread that
+    serves batches has the last core, and decodes on it the chunks no decoding thread has
+    started whenever it would wait for them). Measured on 2 cores (``benchmarks/README.md``):
+    1 thread served uncompressed stores 8-28% faster than 2, and lz4 stores 7-10% faster."""
     cores = os.cpu_count() or 1
-    return max(1, min(4, cores if compressed else cores - 1))
+    return max(1, min(4, cores - 1))
