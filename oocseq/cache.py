@@ -207,11 +207,9 @@ class WindowCache:
         window's chunks that no thread has started in the calling thread, and waits for the
         others."""
         window = self._items.get(key)  # (a dict lookup is atomic: no lock)
-        if window is not None and window.ready:
-            with self._lock:
-                self.hits += 1
-            return window.buffers
-        window, created = self._start(key, chunks)
+        created = False
+        if window is None or not window.ready:
+            window, created = self._start(key, chunks)
         if window.ready:
             with self._lock:
                 self.hits += 1

@@ -16,8 +16,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from oocseq import ChunkedSequence
+from oocseq.batches import ChunkedBatches
 from oocseq.cache import WindowCache
 from oocseq.manifest import FieldSpec
+from oocseq.options import ReadOptions, ShardOptions
 from oocseq.storage import _raw
 from oocseq.storage._raw import ALIGNMENT, Where, aligned_empty, in_page_cache, read_scratch
 
@@ -283,18 +285,14 @@ def test_batches_served_in_order_keep_the_next_windows_decoding(
     """Served in order (from any batch on), each batch leaves the windows after its own being
     decoded ahead (asked for once per window the batches move into, not per batch), and the
     batches are right; served out of order, nothing is read ahead."""
-    from oocseq.batches import ChunkedBatches
-    from oocseq.options import ReadOptions
 
-    core = ChunkedBatches(
-        ahead_store,
-        batch_size,
-        y=None,
-        window=window,
-        shuffle=shuffle,
-        seed=3,
-        read=ReadOptions(threads=1, readahead=readahead),
-    )
+    def new_core() -> ChunkedBatches:
+        read = ReadOptions(threads=1, readahead=readahead)
+        return ChunkedBatches(
+            ahead_store, batch_size, y=None, window=window, shuffle=shuffle, seed=3, read=read
+        )
+
+    core = new_core()
     cache = core._local.cache
     plan = core.plan(0)
     x = ahead_store["x"][:]
@@ -306,15 +304,7 @@ def test_batches_served_in_order_keep_the_next_windows_decoding(
             for w in range(last + 1, min(last + 1 + readahead, plan.num_windows)):
                 assert (0, w) in cache, (i, w)
         core.close()
-        core = ChunkedBatches(
-            ahead_store,
-            batch_size,
-            y=None,
-            window=window,
-            shuffle=shuffle,
-            seed=3,
-            read=ReadOptions(threads=1, readahead=readahead),
-        )
+        core = new_core()
         cache = core._local.cache
         for i in reversed(range(len(core))):  # out of order: no read-ahead
             core.get(0, i)
@@ -333,9 +323,6 @@ def test_read_ahead_within_a_workers_range_and_on_padded_ranks(
 ) -> None:
     """A range of batches served in order up to ``until`` (a DataLoader worker's) reads ahead
     up to its end, also on a rank whose last batch wraps round to the epoch's first window."""
-    from oocseq.batches import ChunkedBatches
-    from oocseq.options import ReadOptions, ShardOptions
-
     core = ChunkedBatches(
         ahead_store,
         11,
@@ -361,9 +348,6 @@ def test_read_ahead_within_a_workers_range_and_on_padded_ranks(
 def test_a_failed_read_ahead_is_asked_for_again(ahead_store) -> None:
     """A read-ahead that raises (a remote store's fetch, say) fails that batch; the next batch
     of the same window asks for it again."""
-    from oocseq.batches import ChunkedBatches
-    from oocseq.options import ReadOptions
-
     core = ChunkedBatches(ahead_store, 3, y=None, window=2, seed=3, read=ReadOptions(threads=1, readahead=1))
     cache = core._local.cache
     failures = [1]

@@ -173,7 +173,7 @@ class ZarrReader(StorageReader):
         return cur
 
     def chunk_location(self, name: str, c: int) -> str:
-        return str(self.path / name / "c" / "/".join([str(c)] + ["0"] * (len(self._array(name).shape) - 1)))
+        return str(self.path / name / "c" / "/".join(self._chunk_parts(name, c)))
 
     def _chunk_parts(self, name: str, c: int) -> list[str]:
         """Chunk ``c``'s file, as path components below the field's ``c`` directory."""
@@ -183,7 +183,7 @@ class ZarrReader(StorageReader):
         return [str(c)] + ["0"] * (ndim - 1)
 
     def _chunk_words(self, name: str, c: int) -> str:
-        return f"{self.path}: chunk {c} of field {name!r} ({self.path / name / 'c' / '/'.join(self._chunk_parts(name, c))})"
+        return f"{self.path}: chunk {c} of field {name!r} ({self.chunk_location(name, c)})"
 
     def _open_chunk(self, name: str, c: int) -> tuple[int, int, Where]:
         """``(fd, size, where)`` of chunk ``c``'s file, opened without following links. A
