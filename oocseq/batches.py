@@ -2,7 +2,8 @@
 
 :class:`ChunkedBatches` computes ``(epoch, i) -> batch``: epoch plan (:mod:`oocseq.plan`) ->
 the windows batch ``i`` spans, from a bounded cache of decoded windows (:mod:`oocseq.cache`)
--> gathered into new arrays -> ``transform`` -> ``(x, y[, sample_weight])``. It holds no
+-> the batch's arrays (a slice of the window for a field decoded in serving order, else
+gathered into new arrays) -> ``transform`` -> ``(x, y[, sample_weight])``. It holds no
 cursor: the same call gives the same batch in any thread, worker process, DataLoader worker or
 rank. Its per-process state (the cache, its threads, a lock) is rebuilt after a fork or
 unpickling, so it pickles as its arguments and the store's path.
@@ -20,6 +21,7 @@ import threading
 import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -33,6 +35,7 @@ from .errors import (
     InvalidSourceError,
     TransformError,
 )
+from .manifest import FieldSpec
 from .memory import ArraySource
 from .options import ReadOptions, ShardOptions
 from .plan import EpochPlan, default_window, num_batches, rank_length
@@ -97,6 +100,14 @@ def field_names(sel: FieldSelection, what: str) -> list[str]:
     return values
 
 
+def _key(epoch: int, w: int, lap: int, local: _Local) -> tuple[int, ...]:
+    """The cache key of window ``w`` of ``epoch``. Where batches share their window's memory
+    (fields decoded in serving order), padding that comes back round to a window (``lap`` >
+    0) reads a copy of its own: the rank's own batches, which may have been written to, are
+    never read again."""
+    return (epoch, w) if lap == 0 or not local.scattered else (epoch, w, lap)
+
+
 def _select(sel: FieldSelection, batch: Batch) -> Any:
     if isinstance(sel, str):
         return batch[sel]
@@ -115,6 +126,8 @@ class _Local:
             threads = default_threads()
         fields = src.fields
         self.layouts = {f: fields[f] for f in core.fields}
+        #: Fields decoded in serving order (their batches are slices of the window).
+        self.scattered = frozenset(f for f in core.fields if src.scatters(f))
         self.cache = WindowCache(
             src.read_chunk_into,
             self.layouts,
@@ -123,6 +136,7 @@ class _Local:
             core.window,
             threads,
             src.advise_chunks,
+            self.scattered,
         )
         self.lock = threading.Lock()
         self.plans: OrderedDict[int, EpochPlan] = OrderedDict()
@@ -324,14 +338,17 @@ class ChunkedBatches:
         start = self.check_index(i) * self.batch_size
         return self.plan(epoch).indices(start, start + self.batch_size)
 
-    def windows(self, epoch: int, start: int, stop: int, readahead: int = 0) -> list[tuple[int, int]]:
-        """Cache keys ``(epoch, window)`` of batches ``start:stop`` of ``epoch``, and of
+    def windows(self, epoch: int, start: int, stop: int, readahead: int = 0) -> list[tuple[int, ...]]:
+        """Cache keys (``(epoch, window)``, see :func:`_key`) of batches ``start:stop`` of ``epoch``, and of
         ``readahead`` windows after them."""
         plan = self.plan(epoch)
-        ws = [w for w, _ in plan.window_spans(start * self.batch_size, stop * self.batch_size)]
-        if ws:
-            ws += range(ws[-1] + 1, min(ws[-1] + 1 + readahead, plan.num_windows))
-        return [(epoch, w) for w in ws]
+        pieces = plan.window_slices(start * self.batch_size, stop * self.batch_size)
+        local = self._local
+        keys = [_key(epoch, w, lap, local) for w, _, _, lap in pieces]
+        if pieces:
+            last = max(w for w, _, _, _ in pieces)
+            keys += [(epoch, w) for w in range(last + 1, min(last + 1 + readahead, plan.num_windows))]
+        return keys
 
     def hold(self, epoch: int, start: int, stop: int) -> Hold:
         """Keep the windows of batches ``start:stop`` of ``epoch`` (and the read-ahead beyond
@@ -361,53 +378,87 @@ class ChunkedBatches:
         start = i * self.batch_size
         local = self._local
         cache = local.cache
-        spans = plan.window_spans(start, start + self.batch_size)
-        # The highest window, not the last span's: a padded rank's last batch wraps round to
+        pieces = plan.window_slices(start, start + self.batch_size)
+        # The highest window, not the last piece's: a padded rank's last batch wraps round to
         # the epoch's first window.
-        last = max(w for w, _ in spans)
+        last = max(w for w, _, _, _ in pieces)
         horizon = plan.num_windows
         if until is not None and until > i:
             stop = min(until * self.batch_size, len(plan))
             if stop <= plan.own:  # (past its own samples, a padded rank serves every window)
                 horizon = min(horizon, plan.window_of(stop - 1) + 1)
         ahead = range(last + 1, min(last + 1 + (self.read.readahead if readahead else 0), horizon))
-        keys = [(epoch, w) for w, _ in spans] + [(epoch, w) for w in ahead]
+        keys = [_key(epoch, w, lap, local) for w, _, _, lap in pieces] + [(epoch, w) for w in ahead]
         with cache.hold(keys) as hold:
             cache.drop_unheld(hold)
             # Read-ahead is asked for once per window the batches move into, not per batch
             # (another thread's new window asks again; a window no thread asked for is
             # decoded when a batch needs it).
-            setup = (epoch, spans[0][0], ahead.stop, horizon, readahead)
+            setup = (epoch, pieces[0][0], ahead.stop, horizon, readahead)
             if setup != local.setup:
                 if readahead:  # disk read-ahead one window beyond the decoded read-ahead
                     for w in range(last + 1, min(ahead.stop + 1, horizon)):
                         cache.advise((epoch, w), plan.window_chunks(w))
-                for w, _ in spans:
-                    cache.prefetch((epoch, w), plan.window_chunks(w))
+                for w, _, _, lap in pieces:
+                    cache.prefetch(
+                        _key(epoch, w, lap, local), plan.window_chunks(w), partial(plan.window_positions, w)
+                    )
                 for w in ahead:
                     if (epoch, w) not in cache and w - last <= _ROWS_AHEAD:
                         # Its serving order (a sort, ~0.25 ms) is worked out off this thread
                         # too, before its chunks are read (the threads take work in order).
-                        cache.background(plan.window_rows, w)
-                    cache.prefetch((epoch, w), plan.window_chunks(w))
+                        cache.background(plan.window_positions, w)
+                    cache.prefetch((epoch, w), plan.window_chunks(w), partial(plan.window_positions, w))
                 local.setup = setup  # (only once asked: a failed hint is asked again)
-            n = len(spans[0][1]) if len(spans) == 1 else sum(len(rows) for _, rows in spans)
             batch: Batch = {}
-            for name, layout in local.layouts.items():  # not source.fields: it builds a dict per call
-                # Page-aligned: copying samples into an array 16 bytes past a page (where malloc
-                # often puts one) ran at a fifth of the rate (memcpy of 12 KiB samples).
-                batch[name] = aligned_empty((n, *layout.sample_shape), layout.dtype)
-            pos = 0
-            for w, rows in spans:
-                buffers = cache.get((epoch, w), plan.window_chunks(w))
-                for name in self.fields:  # one copy per sample, straight into the batch
-                    buffers[name].take(rows, axis=0, out=batch[name][pos : pos + len(rows)], mode="clip")
-                pos += len(rows)
+            scattered = local.scattered
+            if len(pieces) == 1:
+                w, a, b, lap = pieces[0]
+                order = partial(plan.window_positions, w)
+                # A field decoded in serving order is a slice of its window's buffer: shared,
+                # not copied (the cache hands no position out twice, see oocseq.cache).
+                shared = (a, b) if scattered else None
+                buffers = cache.get(_key(epoch, w, lap, local), plan.window_chunks(w), order, shared)
+                n = b - a
+                rows: np.ndarray | None = None
+                for name in self.fields:
+                    if name in scattered:
+                        batch[name] = buffers[name][a:b]
+                        continue
+                    if rows is None:
+                        rows = plan.window_rows(w)[a:b]
+                    batch[name] = self._gather(buffers[name], rows, local.layouts[name], n)
+            else:  # across windows (or round a padded rank's end): one copy per sample
+                n = sum(b - a for _, a, b, _ in pieces)
+                for name, layout in local.layouts.items():  # not source.fields: it builds a dict per call
+                    batch[name] = aligned_empty((n, *layout.sample_shape), layout.dtype)
+                pos = 0
+                for w, a, b, lap in pieces:
+                    order = partial(plan.window_positions, w)
+                    key = _key(epoch, w, lap, local)
+                    buffers = cache.get(key, plan.window_chunks(w), order, (a, b), shared=False)
+                    piece = plan.window_rows(w)[a:b]
+                    for name in self.fields:
+                        out = batch[name][pos : pos + b - a]
+                        if name in scattered:
+                            out[...] = buffers[name][a:b]
+                        else:
+                            buffers[name].take(piece, axis=0, out=out, mode="clip")
+                    pos += b - a
         if self.transform is not None:
             # Sample indices only where they are used: ~40 us a batch.
-            indices = plan.span_indices(spans)  # spans as computed above: not twice
+            indices = plan.indices(start, start + self.batch_size)
             batch = self._apply_transform(batch, indices, epoch, n)
         return self._assemble(batch)
+
+    @staticmethod
+    def _gather(buffer: np.ndarray, rows: np.ndarray, layout: FieldSpec, n: int) -> np.ndarray:
+        """Rows ``rows`` of a window's buffer, copied into a new page-aligned batch array
+        (copying samples into an array 16 bytes past a page, where malloc often puts one, ran
+        at a fifth of the rate: memcpy of 12 KiB samples)."""
+        out = aligned_empty((n, *layout.sample_shape), layout.dtype)
+        buffer.take(rows, axis=0, out=out, mode="clip")
+        return out
 
     def prepare(self, epoch: int, start: int, stop: int) -> list[Any]:
         """Batches ``start:stop`` of ``epoch``, in order (a worker's task); a batch that fails

@@ -1,8 +1,18 @@
 """The window cache: decoded windows, read ahead by a thread pool.
 
-A window's chunks are decoded straight into one buffer per field, back to back, by the pool's
-threads (numcodecs and memcpy release the GIL, so they run in parallel with the thread that
-serves batches). A batch is then one ``np.take`` per window it spans: one copy per sample.
+A window's chunks are decoded into one buffer per field by the pool's threads (numcodecs,
+memcpy and ``preadv`` release the GIL, so they run in parallel with the thread that serves
+batches), each sample straight to the position it is served at (:meth:`EpochPlan.window_positions
+<oocseq.plan.EpochPlan.window_positions>`): the buffer holds the window in serving order, and a
+batch is a slice of it. An uncompressed chunk is read from the page cache to those positions
+by the kernel: one copy per sample, as many as numpy's own ``x[idx]``.
+
+A batch shares its window's buffer, so the cache never hands out the same positions twice
+(:meth:`WindowCache.get` with ``rows``: positions asked for again are decoded again, into a new
+buffer, since the caller may have written to the first batch) and never reuses a buffer while
+any array still points into it (its reference count tells): memory stays bounded as long as
+batches are dropped after use, as a training loop does; a batch kept keeps its window's
+buffer.
 
 Batches in flight *hold* the windows they use (:meth:`WindowCache.hold`, a context manager);
 :meth:`WindowCache.drop_unheld` drops every other window, so memory is bounded by the windows
@@ -14,6 +24,7 @@ one field read and decoded), ``hits`` (window requests served from the cache),
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterable
@@ -24,8 +35,12 @@ import numpy as np
 from .manifest import FieldSpec
 from .storage._raw import aligned_empty
 
-#: ``decode(field, chunk, out)`` writes chunk ``chunk`` of ``field`` into ``out``.
-Decoder = Callable[[str, int, np.ndarray], None]
+#: ``decode(field, chunk, out, positions)`` writes chunk ``chunk`` of ``field`` into ``out``
+#: (positions None: ``out`` has the chunk's length) or its sample ``k`` into ``out[positions[k]]``.
+Decoder = Callable[[str, int, np.ndarray, "np.ndarray | None"], None]
+#: ``order()``: where each row of a window's chunks is served (see :class:`WindowCache`), or
+#: None for the chunks' own order; called by the thread that decodes the window.
+Order = Callable[[], "np.ndarray | None"]
 
 
 class Hold:
@@ -57,15 +72,29 @@ class _Window:
     thread that needs the window now and would otherwise wait (it decodes the chunks no pool
     thread has started, so no core idles while the window it waits for has work left)."""
 
-    def __init__(self, bases: dict[str, np.ndarray], chunks: np.ndarray, sizes: np.ndarray) -> None:
+    def __init__(
+        self, bases: dict[str, np.ndarray], chunks: np.ndarray, sizes: np.ndarray, order: Order | None
+    ) -> None:
         total = int(sizes.sum())
         self.bases = bases  # full-size buffers, returned to the pool when the window is dropped
         self.buffers = {f: b[:total] for f, b in bases.items()}
         self.chunks = chunks
         self.offsets = np.r_[0, np.cumsum(sizes)]
+        self.order = order
+        self.positions: np.ndarray | None = None  # order(), once a decoding thread asked
         self.futures: list[Future[None]] = [Future() for _ in range(len(chunks))]
         self.claimed = [False] * len(chunks)
         self.ready = False  # every decode done and checked by a get()
+        self.served = np.zeros(total, dtype=bool)  # positions handed out in batches
+
+
+def _in_use(bases: dict[str, np.ndarray]) -> bool:
+    """Whether any array other than ``bases`` points into their memory. Every view of a
+    buffer (a batch, a tensor made from one, a window's slice) holds a reference to the array
+    that owns the memory (numpy points a view's ``base`` at the owner), so the owner's
+    reference count is 2 (the buffer's ``base`` and the call's argument) exactly when none is
+    left."""
+    return any(sys.getrefcount(b.base) > 2 for b in bases.values())
 
 
 class WindowCache:
@@ -78,6 +107,9 @@ class WindowCache:
         window: chunks per window (sizes the reusable buffers).
         threads: decoding threads; 0 decodes in the calling thread.
         advise: ``advise(field, chunks)`` hints the kernel to read chunks ahead (optional).
+        scattered: fields whose buffers hold a window in serving order (each chunk's samples
+            written to their positions, see :meth:`get`'s ``order``); the others hold the
+            chunks' samples back to back.
     """
 
     def __init__(
@@ -89,8 +121,10 @@ class WindowCache:
         window: int,
         threads: int,
         advise: Callable[[str, np.ndarray], None] | None = None,
+        scattered: Iterable[str] = (),
     ) -> None:
         self._decode = decode
+        self._scattered = frozenset(scattered)
         self._advise = advise
         self._advised: OrderedDict[Hashable, None] = OrderedDict()
         self._fields = fields
@@ -120,12 +154,19 @@ class WindowCache:
     def _decode_chunk(self, window: _Window, j: int) -> None:
         c = int(window.chunks[j])
         a, b = int(window.offsets[j]), int(window.offsets[j + 1])
+        if window.positions is None and window.order is not None and self._scattered:
+            window.positions = window.order()
+            window.order = None  # (asked once: None means the chunks' own order)
+        positions = window.positions
         for name, buf in window.buffers.items():
-            self._decode(name, c, buf[a:b])
+            if positions is None or name not in self._scattered:
+                self._decode(name, c, buf[a:b], None)
+            else:
+                self._decode(name, c, buf, positions[a:b])
             with self._lock:
                 self.decodes += 1
 
-    def _start(self, key: Hashable, chunks: np.ndarray) -> tuple[_Window, bool]:
+    def _start(self, key: Hashable, chunks: np.ndarray, order: Order | None) -> tuple[_Window, bool]:
         """The window for ``key``, creating it (and queuing its decodes) if absent."""
         with self._lock:
             window = self._items.get(key)
@@ -140,7 +181,7 @@ class WindowCache:
                 return window, False
             starts = chunks * self._chunk_len
             sizes = np.minimum(starts + self._chunk_len, self._n) - starts
-            window = _Window(self._buffers(), chunks, sizes)
+            window = _Window(self._buffers(), chunks, sizes, order)
             self._items[key] = window
             self.peak_resident = max(self.peak_resident, self._resident_chunks())
             self._peak_windows = max(self._peak_windows, len(self._items))
@@ -188,10 +229,11 @@ class WindowCache:
         for name in self._fields:
             self._advise(name, chunks)
 
-    def prefetch(self, key: Hashable, chunks: np.ndarray) -> None:
-        """Start decoding a window in the background (no-op without threads or if cached)."""
+    def prefetch(self, key: Hashable, chunks: np.ndarray, order: Order | None = None) -> None:
+        """Start decoding a window in the background (no-op without threads or if cached);
+        ``order`` as for :meth:`get`."""
         if self._threads > 0 and key not in self._items:  # (a dict lookup is atomic: no lock)
-            self._start(key, chunks)
+            self._start(key, chunks, order)
 
     def background(self, fn: Callable[..., object], *args: object) -> None:
         """Run ``fn(*args)`` in a decoding thread; nothing without threads or once closed.
@@ -202,14 +244,37 @@ class WindowCache:
             if pool is not None:  # (under the lock: close() shuts the pool down under it too)
                 pool.submit(fn, *args)
 
-    def get(self, key: Hashable, chunks: np.ndarray) -> dict[str, np.ndarray]:
+    def get(
+        self,
+        key: Hashable,
+        chunks: np.ndarray,
+        order: Order | None = None,
+        rows: tuple[int, int] | None = None,
+        shared: bool = True,
+    ) -> dict[str, np.ndarray]:
         """The decoded buffers (field -> array) of the window made of ``chunks``. Decodes the
         window's chunks that no thread has started in the calling thread, and waits for the
-        others."""
+        others.
+
+        Args:
+            order: where each of the chunks' samples goes in the buffers (their serving
+                positions), asked for by the decoding thread; None: the chunks' own order.
+            rows: positions ``a:b`` the caller reads: if any was handed out before, the
+                window is decoded again, into new buffers (the batch it went out in may have
+                been written to).
+            shared: the caller hands ``rows`` out as views of the buffers (a batch), rather
+                than copying them.
+        """
         window = self._items.get(key)  # (a dict lookup is atomic: no lock)
         created = False
         if window is None or not window.ready:
-            window, created = self._start(key, chunks)
+            window, created = self._start(key, chunks, order)
+        if rows is not None and not self._hand_out(window, rows, shared):
+            # The caller may have written to them: decode them again (other threads may be
+            # reading or waiting for the window now: its decodes are left to run).
+            self._forget(key, window, cancel=False)
+            window, created = self._start(key, chunks, order)
+            self._hand_out(window, rows, shared)
         if window.ready:
             with self._lock:
                 self.hits += 1
@@ -235,45 +300,76 @@ class WindowCache:
         window.ready = True
         return window.buffers
 
+    def _hand_out(self, window: _Window, rows: tuple[int, int], shared: bool) -> bool:
+        """False if any of positions ``rows`` of ``window`` was handed out before; else True,
+        and with ``shared`` they are recorded as handed out."""
+        a, b = rows
+        with self._lock:
+            if window.served[a:b].any():
+                return False
+            if shared:
+                window.served[a:b] = True
+            return True
+
     def _buffers(self) -> dict[str, np.ndarray]:
-        """A set of full-window buffers, from the pool if one is free. Call with the lock held."""
-        if self._free:
-            return self._free.pop()
+        """A set of full-window buffers, from the pool if one is free (dropped, and no batch
+        points into it). Call with the lock held."""
+        for k in range(len(self._free) - 1, -1, -1):
+            if not _in_use(self._free[k]):
+                return self._free.pop(k)
         rows = self._window_rows
         # Page-aligned, as are the chunks in them (whole pages each, for the usual sample
         # sizes): the kernel copies a chunk's bytes into them several times faster.
         return {f: aligned_empty((rows, *lay.sample_shape), lay.dtype) for f, lay in self._fields.items()}
 
-    def _recycle(self, window: _Window) -> None:
-        """Return a dropped window's buffers to the pool once no decode writes to them."""
-        pending = [f for f in window.futures if not f.cancel() and not f.done()]
+    def _recycle(self, window: _Window, cancel: bool = True) -> None:
+        """Return a dropped window's buffers to the pool once no decode writes to them.
+
+        ``cancel``: no thread reads the window any more (it was dropped unheld, or failed):
+        its decodes not started yet are cancelled and it lets go of its buffers (work queued
+        for it may keep the window object a while). Else its decodes run and it keeps them (a
+        thread may still be reading or waiting for it); they are reused once it is gone."""
+        pending = [f for f in window.futures if not (cancel and f.cancel()) and not f.done()]
+        bases = window.bases
+
+        def release() -> None:  # (with the lock held)
+            if cancel:
+                window.bases, window.buffers = {}, {}
+            self._add_free(bases)
+
         if not pending:
             with self._lock:
-                if self._keep_free():
-                    self._free.append(window.bases)
+                release()
             return
         left = [len(pending)]
 
         def one_done(_: Future[None]) -> None:
             with self._lock:
                 left[0] -= 1
-                if left[0] == 0 and self._keep_free():
-                    self._free.append(window.bases)
+                if left[0] == 0:
+                    release()
 
         for f in pending:
             f.add_done_callback(one_done)
 
-    def _keep_free(self) -> bool:
-        """Whether one more set of buffers may join the free ones. Call with the lock held."""
+    def _add_free(self, bases: dict[str, np.ndarray]) -> None:
+        """Keep a dropped window's buffers for reuse (if the pool has room, or in place of a
+        set a batch still points into). Call with the lock held."""
         free = len(self._free)
-        return free < self._max_free or free + len(self._items) < self._peak_windows
+        if free < self._max_free or free + len(self._items) < self._peak_windows:
+            self._free.append(bases)
+            return
+        for k, other in enumerate(self._free):
+            if _in_use(other):  # freed once no batch points into it
+                self._free[k] = bases
+                return
 
-    def _forget(self, key: Hashable, window: _Window) -> None:
+    def _forget(self, key: Hashable, window: _Window, cancel: bool = True) -> None:
         with self._lock:
             if self._items.get(key) is not window:
                 return
             del self._items[key]
-        self._recycle(window)
+        self._recycle(window, cancel)
 
     def hold(self, keys: Iterable[Hashable]) -> Hold:
         """Keep the windows ``keys`` (decoded now or later) until the returned :class:`Hold` is

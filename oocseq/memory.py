@@ -13,6 +13,7 @@ import numpy as np
 
 from .errors import ArgumentError, FieldLengthError, FieldNotFoundError
 from .manifest import FieldSpec
+from .storage._raw import SCATTER_MIN_BYTES
 
 __all__ = ["ArraySource"]
 
@@ -111,10 +112,26 @@ class ArraySource:
         a = self._check(name, c)
         return a[c * self._chunk_len : (c + 1) * self._chunk_len].copy()
 
-    def read_chunk_into(self, name: str, c: int, out: np.ndarray) -> None:
-        """Copy chunk ``c`` of ``name`` into ``out`` (of the chunk's shape)."""
+    def read_chunk_into(
+        self, name: str, c: int, out: np.ndarray, positions: np.ndarray | None = None
+    ) -> None:
+        """Copy chunk ``c`` of ``name`` into ``out`` (of the chunk's shape), or with
+        ``positions`` (one per sample of the chunk) sample ``k`` into ``out[positions[k]]``."""
         a = self._check(name, c)
-        out[...] = a[c * self._chunk_len : (c + 1) * self._chunk_len]
+        chunk = a[c * self._chunk_len : (c + 1) * self._chunk_len]
+        if positions is None:
+            out[...] = chunk
+        elif len(positions) != len(chunk):
+            raise ArgumentError(
+                f"chunk {c} of {name!r} has {len(chunk)} samples, positions has {len(positions)}"
+            )
+        else:
+            out[positions] = chunk
+
+    def scatters(self, name: str) -> bool:
+        """As :meth:`oocseq.Store.scatters`: samples of at least a page are copied straight
+        to the positions they are served at."""
+        return self._fields[name].sample_nbytes >= SCATTER_MIN_BYTES
 
     def advise_chunks(self, name: str, chunks: np.ndarray) -> None:
         """Nothing to read ahead in memory."""

@@ -159,7 +159,7 @@ class EpochPlan:
         # The same as Python ints: a bisect of a list is several times quicker than a
         # searchsorted of an array for the one position a batch asks about.
         self._offsets = self.window_offsets.tolist()
-        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._cache: OrderedDict[int, tuple[np.ndarray, np.ndarray | None]] = OrderedDict()
         self._lock = threading.Lock()
 
     @property
@@ -175,27 +175,44 @@ class EpochPlan:
         return self.chunk_order[w * self.window : (w + 1) * self.window]
 
     def window_rows(self, w: int) -> np.ndarray:
-        """The serving order of window ``w`` as rows of its decoded buffer (int64, read-only).
+        """The serving order of window ``w`` as rows of its chunks' samples (int64, read-only).
 
-        A window's buffer holds its chunks' samples back to back, in :meth:`window_chunks`
-        order; row ``r`` of it is sample ``window_samples(w)[r]``. Served position ``j`` of
-        the window is row ``window_rows(w)[j]``."""
+        Row ``r`` of window ``w`` is sample ``window_samples(w)[r]`` (its chunks' samples back
+        to back, in :meth:`window_chunks` order). Served position ``j`` of the window is row
+        ``window_rows(w)[j]``."""
+        return self._window_order(w)[0]
+
+    def window_positions(self, w: int) -> np.ndarray | None:
+        """Where each row of window ``w`` is served (int64, read-only): the inverse of
+        :meth:`window_rows`, so row ``r`` is served at position ``window_positions(w)[r]`` of
+        the window. None for a plan that does not shuffle (row ``r`` is served at ``r``).
+
+        A decoded window holds its samples in serving order: each chunk's rows are written to
+        their positions, and a batch is then a slice of the window."""
+        return self._window_order(w)[1]
+
+    def _window_order(self, w: int) -> tuple[np.ndarray, np.ndarray | None]:
         with self._lock:
             cached = self._cache.get(w)
             if cached is not None:
                 self._cache.move_to_end(w)
                 return cached
         samples = self.window_samples(w)
+        positions: np.ndarray | None = None
         if self.shuffle:
             rows = np.argsort(hash_keys(self.seed, self.epoch, STREAMS["samples"], samples), kind="stable")
+            positions = np.empty_like(rows)
+            positions[rows] = np.arange(len(rows), dtype=np.int64)
+            positions.flags.writeable = False
         else:
             rows = np.arange(len(samples), dtype=np.int64)
         rows.flags.writeable = False
+        order = (rows, positions)
         with self._lock:
-            self._cache[w] = rows
+            self._cache[w] = order
             if len(self._cache) > self.CACHED_WINDOWS:
                 self._cache.popitem(last=False)
-        return rows
+        return order
 
     def window_samples(self, w: int) -> np.ndarray:
         """Sample indices of window ``w`` in buffer order: its chunks' ranges back to back."""
@@ -226,23 +243,29 @@ class EpochPlan:
 
     def window_spans(self, start: int, stop: int) -> list[tuple[int, np.ndarray]]:
         """Epoch positions ``[start, stop)`` as ``(window, rows)`` pieces, in order: the rows
-        of each window's buffer that those positions serve."""
+        of each window (:meth:`window_rows`) that those positions serve."""
+        return [(w, self.window_rows(w)[a:b]) for w, a, b, _ in self.window_slices(start, stop)]
+
+    def window_slices(self, start: int, stop: int) -> list[tuple[int, int, int, int]]:
+        """Epoch positions ``[start, stop)`` as ``(window, a, b, lap)`` pieces, in order:
+        served positions ``a:b`` of each window; ``lap`` is 0 for this rank's own positions
+        and counts the times padding has come back round to the start of its order."""
         start, stop = max(0, start), min(stop, self.length)
         if start < stop <= self.own:  # the usual batch: in one window, no padding
             w = self.window_of(start)
             off, end = self._offsets[w], self._offsets[w + 1]
             if stop <= end:
-                return [(w, self.window_rows(w)[start - off : stop - off])]
-        spans: list[tuple[int, np.ndarray]] = []
+                return [(w, start - off, stop - off, 0)]
+        pieces: list[tuple[int, int, int, int]] = []
         # Positions past this rank's own samples (padding) repeat its order from the start.
         while start < stop:
-            base = start - start % self.own
-            a, b = start - base, min(stop - base, self.own)
+            lap, a = divmod(start, self.own)
+            b = min(stop - lap * self.own, self.own)
             for w in range(self.window_of(a), self.window_of(b - 1) + 1):
-                off = self._offsets[w]
-                spans.append((w, self.window_rows(w)[max(a - off, 0) : b - off]))
-            start = base + b
-        return spans
+                off, end = self._offsets[w], self._offsets[w + 1]
+                pieces.append((w, max(a - off, 0), min(b, end) - off, lap))
+            start = lap * self.own + b
+        return pieces
 
 
 REMAINDER_POLICIES = ("pad", "drop")

@@ -35,7 +35,7 @@ from .errors import (
 from .manifest import FieldSpec, Manifest
 from .options import RemoteOptions
 from .storage import StorageReader, _commit, open_reader, store_format
-from .storage._raw import SYSTEM_ERRNOS, os_error
+from .storage._raw import SCATTER_MIN_BYTES, SYSTEM_ERRNOS, os_error, scratch_array
 from .storage._remote import check_scheme, is_url, local_path_of
 
 __all__ = ["FieldInfo", "FieldSpec", "FieldView", "Store", "open_store"]
@@ -340,6 +340,17 @@ class Store:
         self._check_sum(reader, verified, name, c, chunk)
         return chunk
 
+    def _must_check(
+        self, reader: StorageReader, verified: dict[str, np.ndarray], name: str, c: int, force: bool = False
+    ) -> bool:
+        """Whether reading chunk ``c`` of ``name`` checks its checksum (see :meth:`_check_sum`)."""
+        if self.verify_checksums is False and not force:
+            return False
+        done = verified.get(name)
+        # A store in object storage downloads the chunk again at every read: check each one.
+        again = self.verify_checksums == "always" or getattr(reader, "refetches", False)
+        return done is None or not done[c] or again or force
+
     def _check_sum(
         self,
         reader: StorageReader,
@@ -352,15 +363,11 @@ class Store:
         """Raise CorruptStoreError unless ``chunk`` matches its manifest checksum. Skipped
         with ``verify_checksums=False``, and for a chunk already checked through the same
         handles (unless ``"always"`` or ``force``)."""
-        if self.verify_checksums is False and not force:
+        if not self._must_check(reader, verified, name, c, force):
             return
         done = verified.get(name)
         if done is None:  # handles reopened since; check against the record of this read
             done = np.zeros(self.num_chunks, bool)
-        # A store in object storage downloads the chunk again at every read: check each one.
-        again = self.verify_checksums == "always" or getattr(reader, "refetches", False)
-        if done[c] and not again and not force:
-            return
         sums = self.manifest.checksums.get(name)
         if sums is None:
             raise CorruptStoreError(f"{self.location}: the manifest has no checksums for field {name!r}")
@@ -379,23 +386,51 @@ class Store:
         if passed is not None:  # e.g. a remote reader keeps the checked chunk in its disk cache
             passed(name, c)
 
+    def scatters(self, name: str) -> bool:
+        """Whether chunks of field ``name`` are best read straight to the positions their
+        samples are served at (``read_chunk_into`` with ``positions``): uncompressed, in a
+        local file, and samples of at least a page (one ``preadv`` segment each). Other
+        fields are decoded in chunk order and their batches gathered."""
+        spec = self.manifest.fields[name]
+        return (
+            self.url is None and self.manifest.compression is None and spec.sample_nbytes >= SCATTER_MIN_BYTES
+        )
+
     def advise_chunks(self, name: str, chunks: np.ndarray) -> None:
         """Hint the kernel to read these chunks of field ``name`` ahead (asynchronous; a no-op
         where unsupported). Used by the read-ahead of :class:`~oocseq.ChunkedSequence`."""
         self._open().advise_chunks(name, chunks)
 
-    def read_chunk_into(self, name: str, c: int, out: np.ndarray) -> None:
+    def read_chunk_into(
+        self, name: str, c: int, out: np.ndarray, positions: np.ndarray | None = None
+    ) -> None:
         """Decode chunk ``c`` of field ``name`` into ``out`` (C-contiguous, shape of the chunk),
-        in place where the format allows. Raises as :meth:`read_chunk`."""
+        in place where the format allows. With ``positions`` (int64, one per sample of the
+        chunk, distinct, in ``range(len(out))``), sample ``k`` goes to ``out[positions[k]]``
+        instead (``out`` of any length): an uncompressed chunk whose checksum was checked
+        before is then read straight to those positions. Raises as :meth:`read_chunk`, and
+        ArgumentError for an ``out`` or ``positions`` of the wrong length."""
         self._check_field(name)
         if not 0 <= c < self.num_chunks:
             raise OutOfRangeError(f"chunk {c} out of range: {self.location} has {self.num_chunks} chunks")
         start, stop = self.manifest.chunk_bounds(c)
-        if out.shape[0] != stop - start:
-            raise ArgumentError(f"chunk {c} of {name!r} has {stop - start} samples, out has {out.shape[0]}")
+        rows = out.shape[0] if positions is None else len(positions)
+        if rows != stop - start:
+            what = "out" if positions is None else "positions"
+            raise ArgumentError(f"chunk {c} of {name!r} has {stop - start} samples, {what} has {rows}")
         reader, verified = self._open_handles()
-        reader.read_chunk_into(name, c, start, stop, out)
-        self._check_sum(reader, verified, name, c, out)
+        if positions is None:
+            reader.read_chunk_into(name, c, start, stop, out)
+            self._check_sum(reader, verified, name, c, out)
+            return
+        if not self._must_check(reader, verified, name, c) and reader.read_chunk_scattered(
+            name, c, start, stop, out, positions
+        ):
+            return
+        chunk = scratch_array((stop - start, *out.shape[1:]), out.dtype)
+        reader.read_chunk_into(name, c, start, stop, chunk)
+        self._check_sum(reader, verified, name, c, chunk)
+        out[positions] = chunk
 
     def __getitem__(self, name: str) -> FieldView:
         """A read-only view of field ``name`` that slices like an array."""

@@ -100,8 +100,12 @@ def test_worker_threads_serve_the_plan_with_each_chunk_decoded_once(
         low = high = 0
         for e in range(2):
             plan = seq.core.plan(e)
-            visits = [w for w, _ in plan.window_spans(0, len(plan))]
-            runs = [w for j, w in enumerate(visits) if j == 0 or visits[j - 1] != w]
+            # (padding comes back to windows already served: their batches may have been
+            # written to, so those windows are decoded again)
+            runs = []
+            for a in range(0, len(plan), plan.own):
+                visits = [w for w, _, _, _ in plan.window_slices(a, min(a + plan.own, len(plan)))]
+                runs += [w for j, w in enumerate(visits) if j == 0 or visits[j - 1] != w]
             low += len(plan.chunk_order)
             high += sum(len(plan.window_chunks(w)) for w in runs) + seq.read.readahead * window
         assert 2 * low <= seq.stats["chunk_decodes"] <= 2 * high

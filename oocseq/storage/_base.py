@@ -63,6 +63,15 @@ class StorageReader(ABC):
             return
         out[...] = self.read_chunk_library(name, c, start, stop)
 
+    def read_chunk_scattered(
+        self, name: str, c: int, start: int, stop: int, out: np.ndarray, positions: np.ndarray
+    ) -> bool:
+        """Read an uncompressed chunk's samples straight to ``out[positions[k]]`` (see
+        :func:`~oocseq.storage._raw.read_scattered`) and return True, or return False where
+        the chunk's layout does not allow it (compressed, small samples, a remote store):
+        then the caller decodes it and copies its samples. Raises as :meth:`read_chunk`."""
+        return False
+
     def chunk_location(self, name: str, c: int) -> str:
         """Where chunk ``c`` of field ``name`` is stored (a file path), for error messages."""
         return str(self.path)

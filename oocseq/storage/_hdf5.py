@@ -24,6 +24,7 @@ from ._base import StorageReader, StorageWriter
 from ._commit import start_writeback
 from ._raw import (
     BLOSC_MAX_OVERHEAD,
+    SCATTER_MIN_BYTES,
     SYSTEM_ERRNOS,
     Handles,
     aligned_empty,
@@ -31,6 +32,7 @@ from ._raw import (
     in_page_cache,
     os_error,
     read_exactly_into,
+    read_scattered,
     read_scratch,
     serve,
 )
@@ -202,6 +204,26 @@ class HDF5Reader(StorageReader):
                 raise CorruptStoreError(f"{where}: stored chunk has {size} bytes, expected {nbytes}")
             read_exactly_into(self._fd, offset, chunk, where)  # one kernel copy
         return serve(chunk, out, stop - start)
+
+    def read_chunk_scattered(
+        self, name: str, c: int, start: int, stop: int, out: np.ndarray, positions: np.ndarray
+    ) -> bool:
+        if not self.fast or out[:1].nbytes < SCATTER_MIN_BYTES:
+            return False
+        table = self._table(name)
+        offset, size, skipped_filter = table.lookup(start)
+        if offset < 0 or (table.blosc and not skipped_filter):
+            return False  # (a missing chunk is reported by the usual read)
+        nbytes = self._dataset(name).chunks[0] * out[:1].nbytes  # whole chunks, the last padded
+        where = f"{self.path}: chunk {c} of field {name!r}"
+        if size != nbytes:
+            raise CorruptStoreError(f"{where}: stored chunk has {size} bytes, expected {nbytes}")
+        if offset + size > self._size:
+            raise CorruptStoreError(
+                f"{where}: chunk at bytes {offset}..{offset + size} lies outside the file"
+            )
+        read_scattered(self._fd, offset, out, positions[: stop - start], where)
+        return True
 
     def read_chunk_library(self, name: str, c: int, start: int, stop: int) -> np.ndarray:
         ds = self._dataset(name)

@@ -22,6 +22,7 @@ from ._commit import start_writeback
 from ._raw import (
     BLOSC_HEADER,
     BLOSC_MAX_OVERHEAD,
+    SCATTER_MIN_BYTES,
     SYSTEM_ERRNOS,
     Handles,
     Where,
@@ -34,6 +35,7 @@ from ._raw import (
     os_error,
     read_exactly,
     read_exactly_into,
+    read_scattered,
     read_scratch,
     serve,
 )
@@ -240,6 +242,24 @@ class ZarrReader(StorageReader):
         finally:
             os.close(fd)
         return serve(chunk, out, stop - start)
+
+    def read_chunk_scattered(
+        self, name: str, c: int, start: int, stop: int, out: np.ndarray, positions: np.ndarray
+    ) -> bool:
+        if not self.fast or self._kinds.get(name) != "raw" or out[:1].nbytes < SCATTER_MIN_BYTES:
+            return False  # (a field's kind is known once read_chunk_fast has opened it)
+        arr = self._array(name)
+        nbytes = arr.chunks[0] * out[:1].nbytes  # files hold whole chunks, the last one padded
+        fd, size, where = self._open_chunk(name, c)
+        try:
+            if size != nbytes:
+                raise CorruptStoreError(
+                    f"{where}: uncompressed chunk file has {size} bytes, expected {nbytes}"
+                )
+            read_scattered(fd, 0, out, positions[: stop - start], where)
+        finally:
+            os.close(fd)
+        return True
 
     def read_chunk_library(self, name: str, c: int, start: int, stop: int) -> np.ndarray:
         arr = self._array(name)
