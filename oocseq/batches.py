@@ -417,8 +417,8 @@ class ChunkedBatches:
                 order = partial(plan.window_positions, w)
                 # A field decoded in serving order is a slice of its window's buffer: shared,
                 # not copied (the cache hands no position out twice, see oocseq.cache).
-                shared = (a, b) if scattered else None
-                buffers = cache.get(_key(epoch, w, lap, local), plan.window_chunks(w), order, shared)
+                handed_out = (a, b) if scattered else None
+                buffers = cache.get(_key(epoch, w, lap, local), plan.window_chunks(w), order, handed_out)
                 n = b - a
                 rows: np.ndarray | None = None
                 for name in self.fields:
@@ -427,7 +427,7 @@ class ChunkedBatches:
                         continue
                     if rows is None:
                         rows = plan.window_rows(w)[a:b]
-                    batch[name] = self._gather(buffers[name], rows, local.layouts[name], n)
+                    batch[name] = self._gather(buffers[name], rows, local.layouts[name])
             else:  # across windows (or round a padded rank's end): one copy per sample
                 n = sum(b - a for _, a, b, _ in pieces)
                 for name, layout in local.layouts.items():  # not source.fields: it builds a dict per call
@@ -452,11 +452,11 @@ class ChunkedBatches:
         return self._assemble(batch)
 
     @staticmethod
-    def _gather(buffer: np.ndarray, rows: np.ndarray, layout: FieldSpec, n: int) -> np.ndarray:
+    def _gather(buffer: np.ndarray, rows: np.ndarray, layout: FieldSpec) -> np.ndarray:
         """Rows ``rows`` of a window's buffer, copied into a new page-aligned batch array
         (copying samples into an array 16 bytes past a page, where malloc often puts one, ran
         at a fifth of the rate: memcpy of 12 KiB samples)."""
-        out = aligned_empty((n, *layout.sample_shape), layout.dtype)
+        out = aligned_empty((len(rows), *layout.sample_shape), layout.dtype)
         buffer.take(rows, axis=0, out=out, mode="clip")
         return out
 

@@ -2,10 +2,12 @@
 
 A window's chunks are decoded into one buffer per field by the pool's threads (numcodecs,
 memcpy and ``preadv`` release the GIL, so they run in parallel with the thread that serves
-batches), each sample straight to the position it is served at (:meth:`EpochPlan.window_positions
-<oocseq.plan.EpochPlan.window_positions>`): the buffer holds the window in serving order, and a
-batch is a slice of it. An uncompressed chunk is read from the page cache to those positions
-by the kernel: one copy per sample, as many as numpy's own ``x[idx]``.
+batches). For a *scattered* field (uncompressed samples of a page or more, see
+:meth:`oocseq.Store.scatters`) each sample goes straight to the position it is served at
+(:meth:`EpochPlan.window_positions <oocseq.plan.EpochPlan.window_positions>`): the buffer holds
+the window in serving order, a batch is a slice of it, and the kernel reads a chunk from the
+page cache to those positions: one copy per sample, as many as numpy's own ``x[idx]``. Other
+fields hold their chunks' samples back to back and a batch is gathered from them (``np.take``).
 
 A batch shares its window's buffer, so the cache never hands out the same positions twice
 (:meth:`WindowCache.get` with ``rows``: positions asked for again are decoded again, into a new
@@ -98,7 +100,8 @@ def _in_use(bases: dict[str, np.ndarray]) -> bool:
 
 
 class WindowCache:
-    """Decoded windows keyed by any hashable (the sequence uses ``(epoch, window)``).
+    """Decoded windows keyed by any hashable (the batch core uses ``(epoch, window)``, and
+    ``(epoch, window, lap)`` for a padded rank's second reading of a window).
 
     Args:
         decode: writes one chunk of one field into a buffer (see :data:`Decoder`).
@@ -154,8 +157,9 @@ class WindowCache:
     def _decode_chunk(self, window: _Window, j: int) -> None:
         c = int(window.chunks[j])
         a, b = int(window.offsets[j]), int(window.offsets[j + 1])
-        if window.positions is None and window.order is not None and self._scattered:
-            window.positions = window.order()
+        order = window.order  # (read once: another thread may set it to None meanwhile)
+        if window.positions is None and order is not None and self._scattered:
+            window.positions = order()  # (two threads may both ask: the same array)
             window.order = None  # (asked once: None means the chunks' own order)
         positions = window.positions
         for name, buf in window.buffers.items():
@@ -269,12 +273,12 @@ class WindowCache:
         created = False
         if window is None or not window.ready:
             window, created = self._start(key, chunks, order)
-        if rows is not None and not self._hand_out(window, rows, shared):
+        while rows is not None and not self._hand_out(window, rows, shared):
             # The caller may have written to them: decode them again (other threads may be
-            # reading or waiting for the window now: its decodes are left to run).
+            # reading or waiting for the window now: its decodes are left to run). Again
+            # until this thread's claim holds: another may claim the new window's first.
             self._forget(key, window, cancel=False)
             window, created = self._start(key, chunks, order)
-            self._hand_out(window, rows, shared)
         if window.ready:
             with self._lock:
                 self.hits += 1
@@ -331,10 +335,13 @@ class WindowCache:
         thread may still be reading or waiting for it); they are reused once it is gone."""
         pending = [f for f in window.futures if not (cancel and f.cancel()) and not f.done()]
         bases = window.bases
+        # (Not the window itself when it keeps its buffers: its futures would hold it, and
+        # so its buffers, in a reference cycle until the garbage collector runs.)
+        emptied = window if cancel else None
 
         def release() -> None:  # (with the lock held)
-            if cancel:
-                window.bases, window.buffers = {}, {}
+            if emptied is not None:
+                emptied.bases, emptied.buffers = {}, {}
             self._add_free(bases)
 
         if not pending:

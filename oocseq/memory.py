@@ -13,7 +13,7 @@ import numpy as np
 
 from .errors import ArgumentError, FieldLengthError, FieldNotFoundError
 from .manifest import FieldSpec
-from .storage._raw import SCATTER_MIN_BYTES
+from .storage._raw import SCATTER_MIN_BYTES, check_positions
 
 __all__ = ["ArraySource"]
 
@@ -121,11 +121,8 @@ class ArraySource:
         chunk = a[c * self._chunk_len : (c + 1) * self._chunk_len]
         if positions is None:
             out[...] = chunk
-        elif len(positions) != len(chunk):
-            raise ArgumentError(
-                f"chunk {c} of {name!r} has {len(chunk)} samples, positions has {len(positions)}"
-            )
         else:
+            check_positions(out, positions, len(chunk))
             out[positions] = chunk
 
     def scatters(self, name: str) -> bool:

@@ -35,7 +35,7 @@ from .errors import (
 from .manifest import FieldSpec, Manifest
 from .options import RemoteOptions
 from .storage import StorageReader, _commit, open_reader, store_format
-from .storage._raw import SCATTER_MIN_BYTES, SYSTEM_ERRNOS, os_error, scratch_array
+from .storage._raw import SCATTER_MIN_BYTES, SYSTEM_ERRNOS, check_positions, os_error, scratch_array
 from .storage._remote import check_scheme, is_url, local_path_of
 
 __all__ = ["FieldInfo", "FieldSpec", "FieldView", "Store", "open_store"]
@@ -414,10 +414,15 @@ class Store:
         if not 0 <= c < self.num_chunks:
             raise OutOfRangeError(f"chunk {c} out of range: {self.location} has {self.num_chunks} chunks")
         start, stop = self.manifest.chunk_bounds(c)
-        rows = out.shape[0] if positions is None else len(positions)
-        if rows != stop - start:
-            what = "out" if positions is None else "positions"
-            raise ArgumentError(f"chunk {c} of {name!r} has {stop - start} samples, {what} has {rows}")
+        if positions is None and out.shape[0] != stop - start:
+            raise ArgumentError(f"chunk {c} of {name!r} has {stop - start} samples, out has {out.shape[0]}")
+        if positions is not None:
+            spec = self.manifest.fields[name]
+            if out.dtype != spec.dtype or out.shape[1:] != spec.sample_shape:
+                raise ArgumentError(
+                    f"field {name!r} has samples {spec.sample_shape} {spec.dtype}, out has {out.shape[1:]} {out.dtype}"
+                )
+            check_positions(out, positions, stop - start)
         reader, verified = self._open_handles()
         if positions is None:
             reader.read_chunk_into(name, c, start, stop, out)

@@ -9,6 +9,7 @@ this way is refused, naming it."""
 from __future__ import annotations
 
 import shutil
+import threading
 
 import numpy as np
 import pytest
@@ -225,3 +226,81 @@ def test_read_scattered_refuses_bad_positions_and_short_files(tmp_path) -> None:
             read_scattered(fd, 0, frozen, np.arange(2), "f")
         with pytest.raises(CorruptStoreError, match="f: file ends 32 bytes before the chunk does"):
             read_scattered(fd, 16 * 2, out, np.arange(10), "f")
+
+
+def test_two_threads_asking_again_for_one_batch_get_memory_of_their_own(sources, monkeypatch) -> None:
+    """Both threads find the batch handed out before (a peek) and decode its window again:
+    each must end with its own copy, however their claims interleave."""
+    core = ChunkedBatches(sources[".zarr"], 4, window=2, seed=1, read=ReadOptions(threads=0))
+    try:
+        core.get(0, 0)  # the peek
+        claim = cache_module.WindowCache._hand_out
+        both_refused = threading.Barrier(2, timeout=10)
+        seen = threading.local()
+
+        def hand_out(self, window, rows, shared):
+            ok = claim(self, window, rows, shared)
+            if not getattr(seen, "once", False):  # each thread's first claim: refused
+                seen.once = True
+                both_refused.wait()
+            return ok
+
+        monkeypatch.setattr(cache_module.WindowCache, "_hand_out", hand_out)
+        got: list = [None, None]
+        threads = [threading.Thread(target=lambda k=k: got.__setitem__(k, core.get(0, 0))) for k in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(20)
+        (a, _), (b, _) = got
+        assert not np.shares_memory(a, b)
+        want = x_of(core.batch_indices(0, 0))
+        a[...] = -1
+        np.testing.assert_array_equal(b, want)
+    finally:
+        core.close()
+
+
+@pytest.mark.parametrize("suffix", [".zarr", ".h5"])
+def test_placing_a_chunk_checks_out_and_positions(tmp_path, suffix) -> None:
+    """``Store.read_chunk_into`` with ``positions``, at a chunk's first (checked) read and
+    after it: bad positions or buffers are refused alike both times, and a one-sample buffer
+    with any stride (C-contiguous by numpy's flags) gets its one sample only."""
+    n = 2 * CHUNK + 1  # the last chunk holds one sample
+    idx = np.arange(n)
+    store = oocseq.ingest_arrays(
+        tmp_path / f"s{suffix}",
+        {"x": x_of(idx), "y": idx},
+        chunk_len=CHUNK,
+        compression=None,
+        preshuffle=False,
+    )
+    last = store.num_chunks - 1
+    try:
+        for _ in range(2):
+            buf = np.zeros((12, WIDTH), np.float32)
+            bad = [
+                (np.array([0, 1, 12, 2, 3]), "outside a buffer of 12 samples"),
+                (np.array([-1, 0, 1, 2, 3]), "outside a buffer"),
+                (np.arange(5.0), "1-D integer array"),
+                (np.array([0, 1, 2]), "5 samples to place, 3 positions"),
+            ]
+            for positions, match in bad:
+                with pytest.raises(ArgumentError, match=match):
+                    store.read_chunk_into("x", 0, buf, positions)
+            with pytest.raises(ArgumentError, match="samples"):
+                store.read_chunk_into("x", 0, np.zeros((12, 7), np.float32), np.arange(5))
+            frozen = np.zeros((12, WIDTH), np.float32)
+            frozen.flags.writeable = False
+            with pytest.raises(ArgumentError, match="writable"):
+                store.read_chunk_into("x", 0, frozen, np.arange(5))
+            assert not buf.any()
+            store.read_chunk_into("x", 0, buf, np.array([11, 0, 5, 6, 3]))
+            np.testing.assert_array_equal(buf[[11, 0, 5, 6, 3]], x_of(np.arange(5)))
+            big = np.zeros((12, WIDTH), np.float32)
+            single = big[::6][:1]
+            store.read_chunk_into("x", last, single, np.array([0]))
+            np.testing.assert_array_equal(big[0], x_of(np.array([n - 1]))[0])
+            assert not big[1:].any()
+    finally:
+        store.close()

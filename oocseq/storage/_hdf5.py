@@ -208,13 +208,15 @@ class HDF5Reader(StorageReader):
     def read_chunk_scattered(
         self, name: str, c: int, start: int, stop: int, out: np.ndarray, positions: np.ndarray
     ) -> bool:
-        if not self.fast or out[:1].nbytes < SCATTER_MIN_BYTES:
+        ds = self._dataset(name)
+        sample_bytes = math.prod(ds.shape[1:]) * ds.dtype.itemsize
+        if not self.fast or sample_bytes < SCATTER_MIN_BYTES:
             return False
         table = self._table(name)
         offset, size, skipped_filter = table.lookup(start)
         if offset < 0 or (table.blosc and not skipped_filter):
             return False  # (a missing chunk is reported by the usual read)
-        nbytes = self._dataset(name).chunks[0] * out[:1].nbytes  # whole chunks, the last padded
+        nbytes = ds.chunks[0] * sample_bytes  # whole chunks, the last one padded
         where = f"{self.path}: chunk {c} of field {name!r}"
         if size != nbytes:
             raise CorruptStoreError(f"{where}: stored chunk has {size} bytes, expected {nbytes}")
@@ -222,7 +224,7 @@ class HDF5Reader(StorageReader):
             raise CorruptStoreError(
                 f"{where}: chunk at bytes {offset}..{offset + size} lies outside the file"
             )
-        read_scattered(self._fd, offset, out, positions[: stop - start], where)
+        read_scattered(self._fd, offset, out, positions, where)
         return True
 
     def read_chunk_library(self, name: str, c: int, start: int, stop: int) -> np.ndarray:

@@ -152,18 +152,15 @@ def read_scattered(fd: int, offset: int, out: np.ndarray, positions: np.ndarray,
     """Read ``len(positions)`` samples stored back to back at ``offset`` so that sample ``k``
     lands in ``out[positions[k]]``: one kernel copy per byte, no intermediate buffer.
 
-    ``out``: C-contiguous and writable, samples along axis 0; ``positions``: distinct ints in
-    ``range(len(out))`` (checked: the kernel writes to the addresses they give). Raises
+    ``out``: samples along axis 0, C-contiguous and writable; ``positions``: ints in
+    ``range(len(out))``, distinct (a repeated one gets one of its samples), checked by
+    :func:`check_positions` (the kernel writes to the addresses they give). Raises
     CorruptStoreError if the file ends early, StoreReadError for a failed read."""
+    check_positions(out, positions, len(positions))
     k = len(positions)
     if k == 0:
         return
-    if not out.flags.c_contiguous or not out.flags.writeable:
-        raise ArgumentError("read_scattered needs a writable C-contiguous buffer")
-    size = out.strides[0] if out.ndim else out.itemsize
-    lo, hi = int(positions.min()), int(positions.max())
-    if lo < 0 or hi >= len(out):
-        raise ArgumentError(f"positions {lo}..{hi} outside a buffer of {len(out)} samples")
+    size = out.itemsize * math.prod(out.shape[1:])  # (not strides[0]: any for one sample)
     if _PREADV is None:  # no libc preadv: one Python buffer per segment
         flat = memoryview(out.reshape(-1).view(np.uint8))  # type: ignore[arg-type]  # numpy arrays are buffers
         segments = [flat[q * size : (q + 1) * size] for q in positions.tolist()]
@@ -180,6 +177,8 @@ def read_scattered(fd: int, offset: int, out: np.ndarray, positions: np.ndarray,
         got = _PREADV(fd, iov_address + 16 * i, count, offset)
         if got < 0:
             err = ctypes.get_errno()
+            if err == errno.EINTR:  # (retried, as os.preadv does)
+                continue
             raise os_error(OSError(err, os.strerror(err)), where)
         if got == 0:
             missing = int(iov[i:, 1].sum())
@@ -195,6 +194,21 @@ def read_scattered(fd: int, offset: int, out: np.ndarray, positions: np.ndarray,
             got -= take
             if iov[i, 1] == 0:
                 i += 1
+
+
+def check_positions(out: np.ndarray, positions: np.ndarray, rows: int) -> None:
+    """Raise ArgumentError unless ``out`` is a writable C-contiguous array with a sample axis
+    and ``positions`` a 1-D integer array of ``rows`` ints in ``range(len(out))``."""
+    if out.ndim == 0 or not out.flags.c_contiguous or not out.flags.writeable:
+        raise ArgumentError("samples are scattered into a writable C-contiguous array with a sample axis")
+    if not isinstance(positions, np.ndarray) or positions.ndim != 1 or positions.dtype.kind not in "iu":
+        raise ArgumentError(f"positions must be a 1-D integer array, got {type(positions).__name__}")
+    if len(positions) != rows:
+        raise ArgumentError(f"{rows} samples to place, {len(positions)} positions")
+    if rows and (int(positions.min()) < 0 or int(positions.max()) >= len(out)):
+        raise ArgumentError(
+            f"positions {int(positions.min())}..{int(positions.max())} outside a buffer of {len(out)} samples"
+        )
 
 
 def _read_segments(fd: int, offset: int, segments: list[memoryview], where: Place) -> None:

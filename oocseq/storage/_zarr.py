@@ -246,17 +246,20 @@ class ZarrReader(StorageReader):
     def read_chunk_scattered(
         self, name: str, c: int, start: int, stop: int, out: np.ndarray, positions: np.ndarray
     ) -> bool:
-        if not self.fast or self._kinds.get(name) != "raw" or out[:1].nbytes < SCATTER_MIN_BYTES:
-            return False  # (a field's kind is known once read_chunk_fast has opened it)
+        if not self.fast or self._kinds.get(name) != "raw":  # (known once the layout was checked)
+            return False
         arr = self._array(name)
-        nbytes = arr.chunks[0] * out[:1].nbytes  # files hold whole chunks, the last one padded
+        sample_bytes = math.prod(arr.shape[1:]) * arr.dtype.itemsize
+        if sample_bytes < SCATTER_MIN_BYTES:
+            return False
+        nbytes = arr.chunks[0] * sample_bytes  # files hold whole chunks, the last one padded
         fd, size, where = self._open_chunk(name, c)
         try:
             if size != nbytes:
                 raise CorruptStoreError(
                     f"{where}: uncompressed chunk file has {size} bytes, expected {nbytes}"
                 )
-            read_scattered(fd, 0, out, positions[: stop - start], where)
+            read_scattered(fd, 0, out, positions, where)
         finally:
             os.close(fd)
         return True
