@@ -405,15 +405,6 @@ class WindowCache:
         for window in dropped:
             self._recycle(window)
 
-    def retain(self, keys: Iterable[Hashable]) -> None:
-        """Drop every window not in ``keys`` (decodes already running finish, then their
-        buffers are reused)."""
-        keep = set(keys)
-        with self._lock:
-            dropped = [self._items.pop(k) for k in [k for k in self._items if k not in keep]]
-        for window in dropped:
-            self._recycle(window)
-
     def __len__(self) -> int:
         return len(self._items)
 

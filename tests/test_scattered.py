@@ -8,6 +8,7 @@ this way is refused, naming it."""
 
 from __future__ import annotations
 
+import itertools
 import shutil
 import threading
 
@@ -304,3 +305,72 @@ def test_placing_a_chunk_checks_out_and_positions(tmp_path, suffix) -> None:
             assert not big[1:].any()
     finally:
         store.close()
+
+
+OPS = st.one_of(
+    st.tuples(st.just("peek"), st.integers(0, 1000)),
+    st.tuples(st.just("iter"), st.integers(0, 12)),
+    st.tuples(st.just("keras_pass"), st.booleans()),  # Keras's shuffle of the indices it asks
+    st.tuples(st.just("resume"), st.integers(0, 12)),
+)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    source=st.sampled_from([".zarr", ".h5"]),
+    shuffle=st.booleans(),
+    seed=st.integers(0, 100),
+    workers=st.sampled_from([1, oocseq.WorkerOptions(2)]),
+    ops=st.lists(OPS, min_size=1, max_size=6),
+)
+def test_the_cursor_serves_shared_batches_exactly_once_in_any_order_of_calls(
+    sources, source, shuffle, seed, workers, ops
+) -> None:
+    """The orders of calls users make, on a store whose batches share their window: peeks,
+    iteration, Keras passes (in order, as ``predict`` asks, or shuffled, as ``fit`` does) and a
+    resume from ``state_dict`` in a new sequence, every batch written to once checked. A pass
+    serves each sample once; iteration and a resume go on exactly where the cursor stood."""
+    store = sources[source]
+
+    def new_seq() -> ChunkedSequence:
+        return ChunkedSequence(store, 8, window=2, shuffle=shuffle, seed=seed, workers=workers)
+
+    def checked(batch) -> list[int]:
+        x, y = batch
+        np.testing.assert_array_equal(x, x_of(y))
+        ids = y.tolist()
+        x[...] = -1.0  # the user's in-place work: no later batch may see it
+        y[...] = -1
+        return ids
+
+    seq = new_seq()
+    try:
+        served: list[int] = []  # by iteration, within the current epoch
+        for op, arg in ops:
+            if op == "peek":
+                i = arg % len(seq)
+                assert checked(seq[i]) == seq.batch_indices(i).tolist()
+            elif op == "keras_pass":
+                seq.on_epoch_begin()
+                order = np.random.default_rng(seed).permutation(len(seq)) if arg else range(len(seq))
+                got = [i for k in order for i in checked(seq[int(k)])]
+                seq.on_epoch_end()
+                assert sorted(got) == list(range(N))
+                if not shuffle and not arg:
+                    assert got == list(range(N))  # predict's rows, in store order
+                served = []
+            else:  # iteration, or iteration then a resume in a new sequence
+                if seq.state_dict()["position"] == len(seq):
+                    served = []  # (a new iteration moves on to the next epoch)
+                for batch in itertools.islice(seq, arg):  # (stops at the epoch's end)
+                    served += checked(batch)
+                if op == "resume":
+                    state = seq.state_dict()
+                    seq.close()
+                    seq = new_seq()
+                    seq.load_state_dict(state)
+                    rest = [i for b in seq for i in checked(b)]
+                    assert sorted(served + rest) == list(range(N))
+                    served = []
+    finally:
+        seq.close()
