@@ -366,6 +366,8 @@ def test_the_cursor_serves_shared_batches_exactly_once_in_any_order_of_calls(
                     served += checked(batch)
                 if op == "resume":
                     state = seq.state_dict()
+                    if state["position"] == len(seq):
+                        served = []  # (the epoch was done: the resumed one serves the next)
                     seq.close()
                     seq = new_seq()
                     seq.load_state_dict(state)
