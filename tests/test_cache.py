@@ -162,6 +162,74 @@ def test_a_waiting_thread_decodes_the_chunks_no_pool_thread_started():
     cache.close()
 
 
+def test_a_thread_waiting_for_a_chunk_in_flight_decodes_a_read_ahead_window_meanwhile():
+    """Window A's last chunk is in the pool's one thread; the thread that needs A decodes A's
+    other chunks, then (instead of idling) the chunks of read-ahead window B, which the pool
+    thread would only start after. Each chunk is decoded once; B's failure is B's alone."""
+    started, b_done = threading.Event(), threading.Event()
+    by: dict[int, str] = {}
+
+    def decode(field: str, c: int, out: np.ndarray, positions: np.ndarray | None = None) -> None:
+        by[c] = threading.current_thread().name
+        if c == 0:
+            started.set()
+            b_done.wait(10)  # (without the help: the pool thread does B after this)
+        if c == 7:
+            raise OSError("bad chunk 7")
+        if {4, 5, 6, 7} <= set(by):
+            b_done.set()
+        out[...] = c + 1
+
+    cache = new_cache(decode, threads=1, window=4)
+    a, b = np.arange(4), np.arange(4, 8)
+    cache.prefetch("A", a)
+    assert started.wait(10)
+    cache.prefetch("B", b)
+    result: dict[str, np.ndarray] = {}
+    getter = threading.Thread(target=lambda: result.update(cache.get("A", a)), name="getter")
+    getter.start()
+    getter.join(20)
+    assert not getter.is_alive()
+    assert np.array_equal(result["x"][:, 0, 0, 0], np.repeat(a + 1, CHUNK))
+    assert {c: name == "getter" for c, name in sorted(by.items())} == {
+        0: False,
+        1: True,
+        2: True,
+        3: True,
+        4: True,
+        5: True,
+        6: True,
+        7: True,
+    }
+    assert cache.decodes == 7  # (chunk 7 failed: it counts no decode)
+    with pytest.raises(OSError, match="bad chunk 7"):  # raised to B's reader, when it reads B
+        cache.get("B", b)
+    cache.close()
+
+
+def test_a_waiting_thread_helps_only_with_windows_still_wanted():
+    """A read-ahead window dropped meanwhile (no hold keeps it) is not decoded by a waiting
+    thread: nothing is left in the cache to help with."""
+    release = threading.Event()
+    seen: list[int] = []
+
+    def decode(field: str, c: int, out: np.ndarray, positions: np.ndarray | None = None) -> None:
+        seen.append(c)
+        if c == 0:
+            release.wait(10)
+        out[...] = c + 1
+
+    cache = new_cache(decode, threads=1, window=1)
+    with cache.hold(["A"]):
+        cache.prefetch("A", np.arange(1))
+        cache.prefetch("B", np.arange(5, 6))
+        cache.drop_unheld()  # B goes: its decode is cancelled
+        threading.Timer(0.2, release.set).start()
+        assert cache.get("A", np.arange(1))["x"][0, 0, 0, 0] == 1
+    assert seen == [0]
+    cache.close()
+
+
 def test_a_failed_decode_is_raised_and_the_window_decoded_again():
     calls: list[int] = []
 
