@@ -314,7 +314,7 @@ class WindowCache:
         thread has started (the earliest such window, its last such chunk; the decoding
         threads take chunks from the first up). False if there is none."""
         with self._lock:
-            for window in self._items.values():
+            for key, window in self._items.items():
                 if window is busy:
                     continue
                 for j in range(len(window.claimed) - 1, -1, -1):
@@ -326,6 +326,13 @@ class WindowCache:
             else:
                 return False
         self._run(window, j)
+        fut = window.futures[j]
+        error = None if fut.cancelled() else fut.exception()
+        if error is not None and not isinstance(error, Exception):
+            # A Ctrl-C (or exit) that came while this thread decoded another window's chunk
+            # is this thread's, now; that window is dropped rather than kept to raise it again.
+            self._forget(key, window)
+            raise error
         return True
 
     def _hand_out(self, window: _Window, rows: tuple[int, int], shared: bool) -> bool:

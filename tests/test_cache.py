@@ -207,6 +207,34 @@ def test_a_thread_waiting_for_a_chunk_in_flight_decodes_a_read_ahead_window_mean
     cache.close()
 
 
+def test_a_ctrl_c_while_helping_another_window_stops_the_caller_at_once():
+    """A KeyboardInterrupt raised while the waiting thread decodes a read-ahead window's chunk
+    reaches that thread now (not a later batch), and the read-ahead window is not kept with
+    it: read later, it decodes afresh."""
+    release = threading.Event()
+    interrupted: list[int] = []
+
+    def decode(field: str, c: int, out: np.ndarray, positions: np.ndarray | None = None) -> None:
+        if c == 0:
+            release.wait(10)
+        if c == 5 and not interrupted:
+            interrupted.append(c)
+            release.set()
+            raise KeyboardInterrupt
+        out[...] = c + 1
+
+    cache = new_cache(decode, threads=1, window=1)
+    cache.prefetch("A", np.arange(1))
+    cache.prefetch("B", np.arange(5, 6))
+    with pytest.raises(KeyboardInterrupt):
+        cache.get("A", np.arange(1))
+    assert interrupted == [5]
+    assert "B" not in cache
+    assert cache.get("B", np.arange(5, 6))["x"][0, 0, 0, 0] == 6
+    assert cache.get("A", np.arange(1))["x"][0, 0, 0, 0] == 1
+    cache.close()
+
+
 def test_a_waiting_thread_helps_only_with_windows_still_wanted():
     """A read-ahead window dropped meanwhile (no hold keeps it) is not decoded by a waiting
     thread: nothing is left in the cache to help with."""
