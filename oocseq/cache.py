@@ -313,18 +313,16 @@ class WindowCache:
         """Decode, in the calling thread, one chunk of a window other than ``busy`` that no
         thread has started (the earliest such window, its last such chunk; the decoding
         threads take chunks from the first up). False if there is none."""
+        found = None
         with self._lock:
             for key, window in self._items.items():
-                if window is busy:
-                    continue
-                for j in range(len(window.claimed) - 1, -1, -1):
-                    if not window.claimed[j]:
-                        break
-                else:
-                    continue
-                break
-            else:
-                return False
+                if window is not busy and not all(window.claimed):
+                    j = len(window.claimed) - 1 - window.claimed[::-1].index(False)
+                    found = key, window, j
+                    break
+        if found is None:
+            return False
+        key, window, j = found
         self._run(window, j)
         fut = window.futures[j]
         error = None if fut.cancelled() else fut.exception()
