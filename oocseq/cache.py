@@ -202,22 +202,24 @@ class WindowCache:
             self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="oocseq-decode")
         return self._pool
 
-    def _run(self, window: _Window, j: int) -> None:
+    def _run(self, window: _Window, j: int) -> bool:
         """Decode chunk ``j`` of ``window`` unless another thread claimed it or the window was
-        dropped first; the outcome goes to ``window.futures[j]``."""
+        dropped first; the outcome goes to ``window.futures[j]``. Returns whether this call
+        ran the decode."""
         with self._lock:
             if window.claimed[j]:
-                return
+                return False
             window.claimed[j] = True
         fut = window.futures[j]
         if not fut.set_running_or_notify_cancel():
-            return  # the window was dropped before its decode started
+            return False  # the window was dropped before its decode started
         try:
             self._decode_chunk(window, j)
         except BaseException as e:
             fut.set_exception(e)
         else:
             fut.set_result(None)
+        return True
 
     def advise(self, key: Hashable, chunks: np.ndarray) -> None:
         """Tell the kernel that a window's chunks will be read soon (asynchronous read-ahead
@@ -323,12 +325,14 @@ class WindowCache:
         if found is None:
             return False
         key, window, j = found
-        self._run(window, j)
-        fut = window.futures[j]
-        error = None if fut.cancelled() else fut.exception()
+        if not self._run(window, j):
+            return True  # another thread claimed it first, or the window was dropped
+        error = window.futures[j].exception()
         if error is not None and not isinstance(error, Exception):
             # A Ctrl-C (or exit) that came while this thread decoded another window's chunk
-            # is this thread's, now; that window is dropped rather than kept to raise it again.
+            # is this thread's, now; that window is dropped rather than kept to raise it again
+            # (a thread already waiting for it sees the same exception, as for a window this
+            # thread needed itself).
             self._forget(key, window)
             raise error
         return True

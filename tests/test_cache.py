@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -232,6 +232,60 @@ def test_a_ctrl_c_while_helping_another_window_stops_the_caller_at_once():
     assert "B" not in cache
     assert cache.get("B", np.arange(5, 6))["x"][0, 0, 0, 0] == 6
     assert cache.get("A", np.arange(1))["x"][0, 0, 0, 0] == 1
+    cache.close()
+
+
+def test_a_chunk_claimed_by_another_thread_between_the_helpers_look_and_its_claim():
+    """The helper picks a read-ahead chunk, but the pool thread claims it first and the
+    window is then dropped (it is not held): the helper goes on (it neither waits for that
+    chunk nor raises its cancellation), and the held window it asked for is served."""
+    a0_go, pool_claimed, pool_go, helper_at_gap = (threading.Event() for _ in range(4))
+
+    def decode(field: str, c: int, out: np.ndarray, positions: np.ndarray | None = None) -> None:
+        if c == 0:
+            a0_go.wait(10)
+        out[...] = c + 1
+
+    cache = new_cache(decode, threads=1, window=2)
+
+    class SlowStart(Future):  # the pool thread pauses between its claim and its start
+        def set_running_or_notify_cancel(self) -> bool:
+            if threading.current_thread().name.startswith("oocseq-decode"):
+                pool_claimed.set()
+                pool_go.wait(10)
+            return super().set_running_or_notify_cancel()
+
+    run = cache._run
+
+    def paused_run(window, j):  # the helper pauses between its look and its claim
+        if threading.current_thread().name == "helper" and window is cache._items.get("B"):
+            helper_at_gap.set()
+            a0_go.set()
+            pool_claimed.wait(10)
+        return run(window, j)
+
+    cache._run = paused_run
+    hold = cache.hold(["A"])
+    cache.prefetch("A", np.array([0, 1]))
+    cache.prefetch("B", np.array([5]))
+    cache._items["B"].futures[0] = SlowStart()
+    out: dict[str, object] = {}
+
+    def helper() -> None:
+        try:
+            out["x"] = cache.get("A", np.array([0, 1]))["x"][:, 0, 0, 0].tolist()
+        except BaseException as e:  # (reported below)
+            out["error"] = e
+
+    thread = threading.Thread(target=helper, name="helper")
+    thread.start()
+    assert helper_at_gap.wait(10) and pool_claimed.wait(10)
+    thread.join(2)  # with A decoded, the helper is done without waiting for B's chunk
+    cache.drop_unheld()  # B goes, its chunk's decode cancelled before it starts
+    thread.join(10)
+    pool_go.set()
+    assert out == {"x": [1] * CHUNK + [2] * CHUNK}
+    hold.release()
     cache.close()
 
 
