@@ -138,8 +138,8 @@ def child_read(spec: dict[str, Any]) -> dict[str, Any]:
         files = first + [p for p in files_of(path) if p not in seen]
     else:
         files = [path]
-    # Page-aligned: the kernel copies into a buffer 1-31 bytes past the file offset's place
-    # in its page ~10x slower, and malloc puts a large bytearray 16 bytes past a page.
+    # Page-aligned, as oocseq's buffers (see oocseq.storage._raw.ALIGNMENT: in a bytearray
+    # the baseline would be slow by chance).
     view = memoryview(aligned_empty((READ_BYTES,), np.uint8))  # type: ignore[arg-type]  # numpy arrays are buffers
     total = 0
     t = time.perf_counter()

@@ -174,9 +174,8 @@ class DecodeLimit:
                     fh.seek(offset)
                     self.raws.append(fh.read(size))
         self.threads = os.cpu_count() or 1
-        # Page-aligned and touched, as oocseq's own buffers: the kernel copies into a buffer
-        # 1-31 bytes past the page offset of the data ~10x slower (where malloc puts a large
-        # bytearray: 16 bytes past a page), which would make the limit slow by chance.
+        # Page-aligned and touched, as oocseq's own buffers (see oocseq.storage._raw.ALIGNMENT:
+        # in a bytearray the limit would be slow by chance).
         self.buffers = [aligned_empty((chunk_bytes,), np.uint8) for _ in range(self.threads)]
         self.inputs = [
             aligned_empty((max(s for _, _, s in self.where),), np.uint8) for _ in range(self.threads)

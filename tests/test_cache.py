@@ -163,7 +163,7 @@ def test_a_waiting_thread_decodes_the_chunks_no_pool_thread_started():
 
 
 def test_a_thread_waiting_for_a_chunk_in_flight_decodes_a_read_ahead_window_meanwhile():
-    """Window A's last chunk is in the pool's one thread; the thread that needs A decodes A's
+    """Window A's first chunk is in the pool's one thread; the thread that needs A decodes A's
     other chunks, then (instead of idling) the chunks of read-ahead window B, which the pool
     thread would only start after. Each chunk is decoded once; B's failure is B's alone."""
     started, b_done = threading.Event(), threading.Event()
@@ -211,11 +211,12 @@ def test_a_ctrl_c_while_helping_another_window_stops_the_caller_at_once():
     """A KeyboardInterrupt raised while the waiting thread decodes a read-ahead window's chunk
     reaches that thread now (not a later batch), and the read-ahead window is not kept with
     it: read later, it decodes afresh."""
-    release = threading.Event()
+    started, release = threading.Event(), threading.Event()
     interrupted: list[int] = []
 
     def decode(field: str, c: int, out: np.ndarray, positions: np.ndarray | None = None) -> None:
         if c == 0:
+            started.set()
             release.wait(10)
         if c == 5 and not interrupted:
             interrupted.append(c)
@@ -225,6 +226,7 @@ def test_a_ctrl_c_while_helping_another_window_stops_the_caller_at_once():
 
     cache = new_cache(decode, threads=1, window=1)
     cache.prefetch("A", np.arange(1))
+    assert started.wait(10)  # A's chunk is the pool thread's: the caller can only help
     cache.prefetch("B", np.arange(5, 6))
     with pytest.raises(KeyboardInterrupt):
         cache.get("A", np.arange(1))
@@ -239,10 +241,11 @@ def test_a_chunk_claimed_by_another_thread_between_the_helpers_look_and_its_clai
     """The helper picks a read-ahead chunk, but the pool thread claims it first and the
     window is then dropped (it is not held): the helper goes on (it neither waits for that
     chunk nor raises its cancellation), and the held window it asked for is served."""
-    a0_go, pool_claimed, pool_go, helper_at_gap = (threading.Event() for _ in range(4))
+    a0_started, a0_go, pool_claimed, pool_go, helper_at_gap = (threading.Event() for _ in range(5))
 
     def decode(field: str, c: int, out: np.ndarray, positions: np.ndarray | None = None) -> None:
         if c == 0:
+            a0_started.set()
             a0_go.wait(10)
         out[...] = c + 1
 
@@ -267,6 +270,7 @@ def test_a_chunk_claimed_by_another_thread_between_the_helpers_look_and_its_clai
     cache._run = paused_run
     hold = cache.hold(["A"])
     cache.prefetch("A", np.array([0, 1]))
+    assert a0_started.wait(10)  # the pool thread is in A's chunk 0
     cache.prefetch("B", np.array([5]))
     cache._items["B"].futures[0] = SlowStart()
     out: dict[str, object] = {}
