@@ -13,7 +13,9 @@ default window and read options.
 2. Blosc-lz4 store, the same epoch vs the read + decode limit: every chunk of the store read
    from its file (``os.preadv`` from the page cache into a reused buffer) and decoded once by
    ``numcodecs.blosc.decompress`` into a preallocated buffer, on ``os.cpu_count()`` threads:
-   >= 0.6 (the decode limit alone, compressed bytes already in memory, is reported beside it);
+   >= 0.6 (the decode limit alone, compressed bytes already in memory, is reported beside it,
+   and so is the floor of this design: the same reads, decodes and gathers as the epoch with
+   nothing else, :class:`GatherFloor`);
 3. Keras's call order (``seq[i]`` for a random permutation of ``i``) vs requests in order:
    >= 0.8, and chunk decodes per epoch <= 1.05 x chunks;
 6. the Keras-order epoch vs h5py ``ds[np.sort(idx)]`` / zarr ``arr.oindex[np.sort(idx)]``
@@ -38,6 +40,7 @@ import argparse
 import os
 import resource
 import sys
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -55,6 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _data
 from _data import (
     SAMPLE_BYTES,
+    SAMPLE_SHAPE,
     STORE_KINDS,
     Runs,
     Target,
@@ -212,6 +216,103 @@ class DecodeLimit:
         self.pool.shutdown()
 
 
+class GatherFloor:
+    """The least work an epoch of this design does on a Blosc store, with nothing else: each
+    window's chunks (the epoch plan's windows) read from their files and decoded into a window
+    buffer by one decoding thread and the serving thread, as ChunkedSequence shares them on 2
+    cores (the decoding thread takes chunks from the first up, one window ahead; the serving
+    thread decodes its window's chunks no thread has started, from the last down, and the next
+    window's while it would wait), then the window's samples gathered in the plan's serving
+    order (``np.take`` into a new page-aligned batch array). What ChunkedSequence costs above
+    this floor is its own work: plan, cache, checks and Python per batch and per chunk."""
+
+    def __init__(self, store: Any, bs: int, where: list[tuple[Path, int, int]]) -> None:
+        import oocseq
+
+        self.n, self.bs, self.where = len(store), bs, where
+        chunk_len = store.chunk_len
+        probe = oocseq.ChunkedSequence(store, bs, y=None, seed=0)
+        plan = probe.plan
+        probe.close()
+        # Per window: its chunks, and the gather index of its serving order (rows of its
+        # chunks' samples back to back, as buffer positions: every chunk has a full slot).
+        self.windows: list[tuple[list[int], np.ndarray]] = []
+        for w in range(plan.num_windows):
+            chunks = plan.window_chunks(w).tolist()
+            sizes = [min(chunk_len, self.n - c * chunk_len) for c in chunks]
+            slots = np.concatenate([j * chunk_len + np.arange(k) for j, k in enumerate(sizes)])
+            self.windows.append((chunks, slots[plan.window_rows(w)]))
+        rows = plan.window * chunk_len
+        self.buffers = [aligned_empty((rows, *SAMPLE_SHAPE), np.uint8) for _ in range(3)]
+        self.inputs = [aligned_empty((max(s for _, _, s in where),), np.uint8) for _ in range(2)]
+        self.chunk_bytes = chunk_len * SAMPLE_BYTES
+        for b in self.buffers + self.inputs:
+            b.fill(1)
+
+    def _decode(self, k: int, w: int, j: int) -> None:
+        import numcodecs.blosc
+
+        path, offset, size = self.where[self.windows[w][0][j]]
+        buf = memoryview(self.inputs[k])  # type: ignore[arg-type]  # numpy arrays are buffers
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.preadv(fd, [buf[:size]], offset)
+        finally:
+            os.close(fd)
+        out = self.buffers[w % 3].reshape(-1)[j * self.chunk_bytes : (j + 1) * self.chunk_bytes]
+        numcodecs.blosc.decompress(buf[:size], out)
+
+    def __call__(self, run: int = 0) -> Result:
+        count = len(self.windows)
+        lock = threading.Lock()
+        claimed = [[False] * len(chunks) for chunks, _ in self.windows]
+        done = [[threading.Event() for _ in chunks] for chunks, _ in self.windows]
+        started = [threading.Event() for _ in range(count)]
+
+        def claim(w: int, last: bool) -> int | None:
+            with lock:
+                order = range(len(claimed[w]) - 1, -1, -1) if last else range(len(claimed[w]))
+                for j in order:
+                    if not claimed[w][j]:
+                        claimed[w][j] = True
+                        return j
+            return None
+
+        def decoding_thread() -> None:
+            for w in range(count):
+                started[w].wait()
+                while (j := claim(w, False)) is not None:
+                    self._decode(0, w, j)
+                    done[w][j].set()
+
+        started[0].set()
+        thread = threading.Thread(target=decoding_thread)
+        samples = 0
+        c, t = _cpu(), time.perf_counter()
+        thread.start()
+        for w, (_, gather) in enumerate(self.windows):
+            if w + 1 < count:
+                started[w + 1].set()
+            while (j := claim(w, True)) is not None:
+                self._decode(1, w, j)
+                done[w][j].set()
+            for event in done[w]:
+                while not event.is_set():
+                    if w + 1 < count and (j := claim(w + 1, True)) is not None:
+                        self._decode(1, w + 1, j)
+                        done[w + 1][j].set()
+                    else:
+                        event.wait()
+            window = self.buffers[w % 3]
+            for a in range(0, len(gather), self.bs):
+                idx = gather[a : a + self.bs]
+                window.take(idx, axis=0, out=aligned_empty((len(idx), *SAMPLE_SHAPE), np.uint8))
+                samples += len(idx)
+        thread.join()
+        seconds, cpu = time.perf_counter() - t, _cpu() - c
+        return Result(samples / seconds, cpu / samples * 1e6)
+
+
 # --- model.fit (target 7) -------------------------------------------------------------------
 
 
@@ -351,6 +452,9 @@ def measure(
                 limits.append(DecodeLimit(store, with_read))
                 measurements[name, kind] = limits[-1]
                 warmups[name, kind] = limits[-1]
+            floor = GatherFloor(store, bs, limits[-1].where)
+            measurements["floor", kind] = floor
+            warmups["floor", kind] = floor
     print(f"\nreads: {len(measurements)} measurements x {args.runs} rounds", flush=True)
     try:
         runs = interleaved(measurements, warmups, args.runs)
@@ -386,6 +490,7 @@ def measure(
         "keras": "ChunkedSequence, requests in random order (Keras)",
         "decode limit": f"decode limit (numcodecs, {os.cpu_count()} threads, bytes in RAM)",
         "read + decode": f"read + decode limit (pread from the page cache + numcodecs, {os.cpu_count()} threads)",
+        "floor": "decode + gather floor (the same reads, decodes and gathers as the epoch, nothing else)",
         "fancy": f"fancy-index random batches ({args.fancy_batches} timed)",
     }
     for row, label in row_names.items():
@@ -425,7 +530,9 @@ def measure(
                     r >= 0.6,
                     f"{fmt_rate(rate['in order', kind])} vs {fmt_rate(rate['read + decode', kind])} samples/s "
                     f"(decode alone {fmt_rate(rate['decode limit', kind])}); CPU {cpu['in order', kind]:.2f} vs "
-                    f"{cpu['read + decode', kind]:.2f} us/sample; {rounds}",
+                    f"{cpu['read + decode', kind]:.2f} us/sample; {rounds}; decode + gather floor "
+                    f"{fmt_ratio(ratio(('floor', kind), ('read + decode', kind))[0])} of the limit "
+                    f"(ChunkedSequence {fmt_ratio(ratio(('in order', kind), ('floor', kind))[0])} of the floor)",
                 )
             )
     for kind in stores:
