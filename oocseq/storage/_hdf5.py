@@ -177,7 +177,6 @@ class HDF5Reader(StorageReader):
         self, name: str, c: int, start: int, stop: int, out: np.ndarray | None = None
     ) -> np.ndarray | None:
         table = self._table(name)
-        ds = self._dataset(name)
         where = f"{self.path}: chunk {c} of field {name!r}"
         offset, size, skipped_filter = table.lookup(start)
         if offset < 0:
@@ -188,10 +187,9 @@ class HDF5Reader(StorageReader):
             raise CorruptStoreError(
                 f"{where}: chunk at bytes {offset}..{offset + size} lies outside the file"
             )
-        shape = (ds.chunks[0], *ds.shape[1:])  # HDF5 stores whole chunks, the last one padded
-        nbytes = math.prod(shape) * ds.dtype.itemsize
+        shape, nbytes = table.shape, table.nbytes  # HDF5 stores whole chunks, the last one padded
         # Decoded straight into the window buffer when the chunk fills it.
-        chunk = out if out is not None and stop - start == shape[0] else aligned_empty(shape, ds.dtype)
+        chunk = out if out is not None and stop - start == shape[0] else aligned_empty(shape, table.dtype)
         if table.blosc and not skipped_filter:
             if size > nbytes + BLOSC_MAX_OVERHEAD:
                 raise CorruptStoreError(
@@ -208,15 +206,15 @@ class HDF5Reader(StorageReader):
     def read_chunk_scattered(
         self, name: str, c: int, start: int, stop: int, out: np.ndarray, positions: np.ndarray
     ) -> bool:
-        ds = self._dataset(name)
-        sample_bytes = math.prod(ds.shape[1:]) * ds.dtype.itemsize
-        if not self.fast or sample_bytes < SCATTER_MIN_BYTES:
+        if not self.fast:
             return False
         table = self._table(name)
+        if table.sample_nbytes < SCATTER_MIN_BYTES:
+            return False
         offset, size, skipped_filter = table.lookup(start)
         if offset < 0 or (table.blosc and not skipped_filter):
             return False  # (a missing chunk is reported by the usual read)
-        nbytes = ds.chunks[0] * sample_bytes  # whole chunks, the last one padded
+        nbytes = table.nbytes  # whole chunks, the last one padded
         where = f"{self.path}: chunk {c} of field {name!r}"
         if size != nbytes:
             raise CorruptStoreError(f"{where}: stored chunk has {size} bytes, expected {nbytes}")
@@ -268,6 +266,12 @@ class _ChunkTable:
     def __init__(self, ds: Any) -> None:
         num = -(-ds.shape[0] // ds.chunks[0]) if ds.shape[0] else 0
         self.chunk_len = ds.chunks[0]
+        # A chunk's shape as stored (whole chunks, the last one padded) and its dtype, asked
+        # of h5py once: its properties cost ~10 us a call, several a chunk.
+        self.shape: tuple[int, ...] = (ds.chunks[0], *ds.shape[1:])
+        self.dtype = ds.dtype
+        self.sample_nbytes = math.prod(ds.shape[1:]) * ds.dtype.itemsize
+        self.nbytes = self.chunk_len * self.sample_nbytes
         self.offsets = np.full(num, -1, dtype=np.int64)
         self.sizes = np.zeros(num, dtype=np.int64)
         self.masks = np.zeros(num, dtype=np.int64)

@@ -101,6 +101,7 @@ class ZarrReader(StorageReader):
         self._chunk_dirs: dict[str, int] = {}
         self._kinds: dict[str, str] = {}
         self._ndims: dict[str, int] = {}
+        self._chunk_layouts: dict[str, tuple[tuple[int, ...], int, np.dtype[Any]]] = {}
         self._lock = threading.Lock()
 
     def manifest_doc(self) -> Any:
@@ -215,15 +216,24 @@ class ZarrReader(StorageReader):
             finally:
                 os.close(fd)
 
+    def _chunk_layout(self, name: str) -> tuple[tuple[int, ...], int, np.dtype[Any]]:
+        """``(shape, nbytes, dtype)`` of a chunk file's decoded contents (whole chunks, the
+        last one padded), asked of zarr's metadata once: its properties cost several us a
+        call, every chunk."""
+        layout = self._chunk_layouts.get(name)
+        if layout is None:
+            arr = self._array(name)
+            shape = (arr.chunks[0], *arr.shape[1:])
+            layout = self._chunk_layouts[name] = (shape, math.prod(shape) * arr.dtype.itemsize, arr.dtype)
+        return layout
+
     def read_chunk_fast(
         self, name: str, c: int, start: int, stop: int, out: np.ndarray | None = None
     ) -> np.ndarray | None:
-        arr = self._array(name)
         kind = self._kinds[name]
-        shape = (arr.chunks[0], *arr.shape[1:])  # files hold whole chunks, the last one padded
-        nbytes = math.prod(shape) * arr.dtype.itemsize
+        shape, nbytes, dtype = self._chunk_layout(name)
         # Decoded straight into the window buffer when the chunk fills it.
-        chunk = out if out is not None and stop - start == shape[0] else aligned_empty(shape, arr.dtype)
+        chunk = out if out is not None and stop - start == shape[0] else aligned_empty(shape, dtype)
         fd, size, where = self._open_chunk(name, c)
         try:
             if kind == "raw":
@@ -248,11 +258,9 @@ class ZarrReader(StorageReader):
     ) -> bool:
         if not self.fast or self._kinds.get(name) != "raw":  # (known once the layout was checked)
             return False
-        arr = self._array(name)
-        sample_bytes = math.prod(arr.shape[1:]) * arr.dtype.itemsize
-        if sample_bytes < SCATTER_MIN_BYTES:
+        shape, nbytes, _ = self._chunk_layout(name)  # files hold whole chunks, the last one padded
+        if nbytes // shape[0] < SCATTER_MIN_BYTES:
             return False
-        nbytes = arr.chunks[0] * sample_bytes  # files hold whole chunks, the last one padded
         fd, size, where = self._open_chunk(name, c)
         try:
             if size != nbytes:
