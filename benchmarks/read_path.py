@@ -306,7 +306,9 @@ class GatherFloor:
             window = self.buffers[w % 3]
             for a in range(0, len(gather), self.bs):
                 idx = gather[a : a + self.bs]
-                window.take(idx, axis=0, out=aligned_empty((len(idx), *SAMPLE_SHAPE), np.uint8))
+                # (mode="clip", as the sequence gathers: "raise" with out= takes into a temporary
+                # copy first, a second copy of every sample)
+                window.take(idx, axis=0, out=aligned_empty((len(idx), *SAMPLE_SHAPE), np.uint8), mode="clip")
                 samples += len(idx)
         thread.join()
         seconds, cpu = time.perf_counter() - t, _cpu() - c
