@@ -256,9 +256,11 @@ class GatherFloor:
         buf = memoryview(self.inputs[k])  # type: ignore[arg-type]  # numpy arrays are buffers
         fd = os.open(path, os.O_RDONLY)
         try:
-            os.preadv(fd, [buf[:size]], offset)
+            got = os.preadv(fd, [buf[:size]], offset)
         finally:
             os.close(fd)
+        if got != size:
+            raise RuntimeError(f"{path}: read {got} of the {size} bytes at {offset}")
         out = self.buffers[w % 3].reshape(-1)[j * self.chunk_bytes : (j + 1) * self.chunk_bytes]
         numcodecs.blosc.decompress(buf[:size], out)
 
@@ -278,39 +280,60 @@ class GatherFloor:
                         return j
             return None
 
+        errors: list[BaseException] = []
+
+        def stop_all() -> None:
+            """Wake every wait: the decoding thread finds nothing left to claim and ends."""
+            with lock:
+                for flags in claimed:
+                    flags[:] = [True] * len(flags)
+            for event in started + [e for events in done for e in events]:
+                event.set()
+
         def decoding_thread() -> None:
-            for w in range(count):
-                started[w].wait()
-                while (j := claim(w, False)) is not None:
-                    self._decode(0, w, j)
-                    done[w][j].set()
+            try:
+                for w in range(count):
+                    started[w].wait()
+                    while (j := claim(w, False)) is not None:
+                        self._decode(0, w, j)
+                        done[w][j].set()
+            except BaseException as e:  # (reported by the serving thread, which would wait)
+                errors.append(e)
+                stop_all()
 
         started[0].set()
-        thread = threading.Thread(target=decoding_thread)
+        thread = threading.Thread(target=decoding_thread, daemon=True)
         samples = 0
         c, t = _cpu(), time.perf_counter()
         thread.start()
-        for w, (_, gather) in enumerate(self.windows):
-            if w + 1 < count:
-                started[w + 1].set()
-            while (j := claim(w, True)) is not None:
-                self._decode(1, w, j)
-                done[w][j].set()
-            for event in done[w]:
-                while not event.is_set():
-                    if w + 1 < count and (j := claim(w + 1, True)) is not None:
-                        self._decode(1, w + 1, j)
-                        done[w + 1][j].set()
-                    else:
-                        event.wait()
-            window = self.buffers[w % 3]
-            for a in range(0, len(gather), self.bs):
-                idx = gather[a : a + self.bs]
-                # (mode="clip", as the sequence gathers: "raise" with out= takes into a temporary
-                # copy first, a second copy of every sample)
-                window.take(idx, axis=0, out=aligned_empty((len(idx), *SAMPLE_SHAPE), np.uint8), mode="clip")
-                samples += len(idx)
-        thread.join()
+        try:
+            for w, (_, gather) in enumerate(self.windows):
+                if w + 1 < count:
+                    started[w + 1].set()
+                while (j := claim(w, True)) is not None:
+                    self._decode(1, w, j)
+                    done[w][j].set()
+                for event in done[w]:
+                    while not event.is_set():
+                        if w + 1 < count and (j := claim(w + 1, True)) is not None:
+                            self._decode(1, w + 1, j)
+                            done[w + 1][j].set()
+                        else:
+                            event.wait()
+                if errors:
+                    raise errors[0]
+                window = self.buffers[w % 3]
+                for a in range(0, len(gather), self.bs):
+                    idx = gather[a : a + self.bs]
+                    # (mode="clip", as the sequence gathers: "raise" with out= takes into a
+                    # temporary copy first, a second copy of every sample)
+                    window.take(
+                        idx, axis=0, out=aligned_empty((len(idx), *SAMPLE_SHAPE), np.uint8), mode="clip"
+                    )
+                    samples += len(idx)
+        finally:
+            stop_all()
+            thread.join()
         seconds, cpu = time.perf_counter() - t, _cpu() - c
         return Result(samples / seconds, cpu / samples * 1e6)
 
