@@ -144,6 +144,32 @@ class _Local:
         #: ``(epoch, first window, read-ahead stop, horizon, readahead)`` of the last batch
         #: whose read-ahead was asked for.
         self.setup: tuple[int, int, int, int, bool] | None = None
+        #: ``.current``: the window the thread's last batch came from (a :class:`_Current`).
+        self.thread = threading.local()
+
+
+class _Current:
+    """The decoded window that one thread's last batch came from: positions ``lo:hi`` of the
+    epoch plan, the cache's window (key and entry) and its serving order (rows). A batch that
+    lies inside it, asked for with the same read-ahead while the cache still holds that window,
+    needs no plan lookup, hold, read-ahead request or cache lookup: the batch before it made
+    them (about 20 of 21 batches of an in-order epoch)."""
+
+    __slots__ = ("entry", "hi", "key", "lo", "request", "rows")
+
+    def __init__(
+        self,
+        request: tuple[int, bool, int | None],
+        key: tuple[int, ...],
+        entry: object,
+        lo: int,
+        hi: int,
+        rows: np.ndarray,
+    ) -> None:
+        self.request = request  # (epoch, readahead, until): the read-ahead asked for with it
+        self.key, self.entry = key, entry
+        self.lo, self.hi = lo, hi
+        self.rows = rows
 
 
 class ChunkedBatches:
@@ -373,10 +399,40 @@ class ChunkedBatches:
             InvalidSourceError: raised by ``transform`` (a bad label in
                 :mod:`oocseq.transforms`), as it is.
         """
+        local = self._local
+        current: _Current | None = getattr(local.thread, "current", None)
+        buffers = None
+        if (
+            current is not None
+            and type(i) is int
+            and current.request == (epoch, readahead, until)
+            and current.lo <= i * self.batch_size
+            and (i + 1) * self.batch_size <= current.hi
+        ):
+            buffers = local.cache.still(current.key, current.entry)
+        if current is not None and buffers is not None:
+            a = i * self.batch_size - current.lo
+            rows = current.rows[a : a + self.batch_size]
+            batch = {name: self._gather(buffers[name], rows, local.layouts[name]) for name in self.fields}
+            n = self.batch_size
+            plan = self.plan(epoch) if self.transform is not None else None
+        else:
+            batch, n, plan = self._get(local, epoch, i, readahead, until)
+        if plan is not None:
+            # Sample indices only where they are used: ~40 us a batch.
+            start = i * self.batch_size
+            indices = plan.indices(start, start + self.batch_size)
+            batch = self._apply_transform(batch, indices, epoch, n)
+        return self._assemble(batch)
+
+    def _get(
+        self, local: _Local, epoch: int, i: int, readahead: bool, until: int | None
+    ) -> tuple[Batch, int, EpochPlan | None]:
+        """Batch ``i`` of ``epoch`` through the plan and the cache: ``(batch before the
+        transform, its length, the plan if there is a transform)``."""
         self.check_index(i)
         plan = self.plan(epoch)
         start = i * self.batch_size
-        local = self._local
         cache = local.cache
         pieces = plan.window_slices(start, start + self.batch_size)
         # The highest window, not the last piece's: a padded rank's last batch wraps round to
@@ -428,6 +484,12 @@ class ChunkedBatches:
                     if rows is None:
                         rows = plan.window_rows(w)[a:b]
                     batch[name] = self._gather(buffers[name], rows, local.layouts[name])
+                if not scattered and lap == 0:  # (a scattered field's positions go out once)
+                    key = _key(epoch, w, lap, local)
+                    lo, hi = plan.window_offsets[w : w + 2].tolist()
+                    local.thread.current = _Current(
+                        (epoch, readahead, until), key, cache.entry(key), lo, hi, plan.window_rows(w)
+                    )
             else:  # across windows (or round a padded rank's end): one copy per sample
                 n = sum(b - a for _, a, b, _ in pieces)
                 for name, layout in local.layouts.items():  # not source.fields: it builds a dict per call
@@ -445,11 +507,7 @@ class ChunkedBatches:
                         else:
                             buffers[name].take(piece, axis=0, out=out, mode="clip")
                     pos += b - a
-        if self.transform is not None:
-            # Sample indices only where they are used: ~40 us a batch.
-            indices = plan.indices(start, start + self.batch_size)
-            batch = self._apply_transform(batch, indices, epoch, n)
-        return self._assemble(batch)
+        return batch, n, (plan if self.transform is not None else None)
 
     @staticmethod
     def _gather(buffer: np.ndarray, rows: np.ndarray, layout: FieldSpec) -> np.ndarray:

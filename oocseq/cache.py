@@ -311,6 +311,24 @@ class WindowCache:
         window.ready = True
         return window.buffers
 
+    def entry(self, key: Hashable) -> object:
+        """A token for window ``key`` as it is cached now, for :meth:`still`."""
+        return self._items.get(key)
+
+    def still(self, key: Hashable, entry: object) -> dict[str, np.ndarray] | None:
+        """The buffers of window ``key`` if it is still the decoded window that ``entry``
+        (from :meth:`entry`) stands for, counted as a hit; else None (it was dropped, or is
+        being decoded again). The caller's reference to the returned dict keeps the buffers
+        from reuse (see :func:`_in_use`) however long it reads them."""
+        if not isinstance(entry, _Window):
+            return None
+        buffers = entry.buffers  # (taken first: a window leaves _items before it gives them up)
+        if self._items.get(key) is not entry or not entry.ready:
+            return None
+        with self._lock:
+            self.hits += 1
+        return buffers
+
     def _help(self, busy: _Window) -> bool:
         """Decode, in the calling thread, one chunk of a window other than ``busy`` that no
         thread has started (the earliest such window, its last such chunk; the decoding

@@ -524,3 +524,80 @@ def test_a_failed_read_ahead_is_asked_for_again(ahead_store) -> None:
         assert (0, 1) in cache
     finally:
         core.close()
+
+
+def test_a_threads_next_batch_in_its_window_needs_no_cache_lookup(ahead_store) -> None:
+    """A batch in the window of its thread's last batch is gathered from that window's
+    buffers without a plan or cache lookup while the cache still holds the window (other
+    threads' batches in the same window do not change that); once another thread has moved
+    the cache on (dropping the window), it goes through the cache again, and is right."""
+    # (no decoding threads: every decode is one a batch asked for, so the counts are exact)
+    core = ChunkedBatches(ahead_store, 4, y=None, window=3, seed=5, read=ReadOptions(threads=0))
+    cache = core._local.cache
+    x = ahead_store["x"][:]
+    plan = core.plan(0)
+    first = [i for i in range(len(core)) if (i + 1) * 4 <= plan.window_offsets[1]]
+    assert len(first) >= 3
+    looked_up: list[int] = []
+    slow = core._get
+
+    def counting_get(local, epoch, i, readahead, until):
+        looked_up.append(i)
+        return slow(local, epoch, i, readahead, until)
+
+    core._get = counting_get  # type: ignore[method-assign]
+
+    def check(i: int) -> None:
+        (got,) = core.get(0, i, readahead=True)
+        np.testing.assert_array_equal(got, x[core.batch_indices(0, i)])
+
+    def in_other_thread(batches: list[int]) -> None:
+        thread = threading.Thread(target=lambda: [check(i) for i in batches])
+        thread.start()
+        thread.join()
+
+    try:
+        check(first[0])
+        in_other_thread(first[:2])  # the same window: nothing dropped
+        decodes, hits = cache.decodes, cache.hits
+        looked_up.clear()
+        for i in first[1:]:
+            check(i)
+        assert looked_up == [] and cache.decodes == decodes  # from the thread's window
+        assert cache.hits == hits + len(first) - 1  # each counted as a window served from memory
+        in_other_thread(list(range(len(core) - 3, len(core))))  # the last windows: window 0 dropped
+        assert (0, 0) not in cache
+        looked_up.clear()
+        check(first[0])
+        assert looked_up == [first[0]] and cache.decodes > decodes  # through the cache, decoded again
+        core.get(1, first[1], readahead=True)  # another epoch: through the cache
+        assert looked_up[-1] == first[1]
+    finally:
+        core.close()
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    requests=st.lists(
+        st.tuples(st.integers(0, 1), st.integers(0, 1), st.integers(0, 60), st.booleans()), max_size=40
+    ),
+    threads=st.integers(0, 1),
+)
+def test_batches_right_whichever_thread_asks_in_any_order(ahead_store, requests, threads: int) -> None:
+    """Two threads take turns asking for batches (any epoch, index and read-ahead): every
+    batch is the plan's, whether it is served from the asking thread's last window or through
+    the cache."""
+    core = ChunkedBatches(
+        ahead_store, 6, y=None, window=2, seed=7, read=ReadOptions(threads=threads, readahead=1)
+    )
+    x = ahead_store["x"][:]
+    pools = [ThreadPoolExecutor(1), ThreadPoolExecutor(1)]
+    try:
+        for who, epoch, i, readahead in requests:
+            i %= len(core)
+            (got,) = pools[who].submit(core.get, epoch, i, readahead=readahead).result()
+            np.testing.assert_array_equal(got, x[core.batch_indices(epoch, i)])
+    finally:
+        for pool in pools:
+            pool.shutdown()
+        core.close()

@@ -29,6 +29,7 @@ import pytest
 
 import oocseq
 from oocseq import CorruptStoreError, NotAStoreError, OocseqError
+from oocseq.storage import _raw
 
 FORMATS = [".zarr", ".h5"]
 X = (np.arange(40 * 6, dtype=np.float32) * 0.5).reshape(40, 6)
@@ -611,3 +612,38 @@ def test_worker_processes_check_chunks_too(tmp_path: Path, fmt: str) -> None:
         assert "chunk 2" in str(e.value) and "'x'" in str(e.value)
     finally:
         seq.close()
+
+
+@pytest.fixture(params=["openat2", "walk"])
+def chunk_opener(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Chunk files opened by one ``openat2`` call where the kernel has it, or by the walk one
+    path component at a time: both refuse the same files."""
+    if request.param == "walk":
+        monkeypatch.setattr(_raw, "_OPENAT2", [None])
+    elif _raw._OPENAT2[0] is None:
+        pytest.skip("no openat2 here")
+    return str(request.param)
+
+
+@pytest.mark.parametrize("attack", sorted(SYMLINK_ATTACKS))
+def test_zarr_links_refused_by_either_opener(tmp_path: Path, attack: str, chunk_opener: str) -> None:
+    """As above, by either way of opening chunk files; a chunk file reached through a link is
+    refused when it is read, also after a read-ahead hint opened the others for their reads,
+    and every other chunk is served right."""
+    path, other = tmp_path / "s.zarr", tmp_path / "o.zarr"
+    make(path, None).close()
+    make(other, None).close()
+    SYMLINK_ATTACKS[attack](path, other)
+    err = refused(path)
+    assert "link" in str(err) or "missing" in str(err), str(err)
+    if not attack.startswith("chunk"):
+        return
+    bad = 3 if attack == "chunk-to-own-chunk" else 2
+    with oocseq.open_store(path) as store:
+        store.advise_chunks("x", np.arange(store.num_chunks))
+        for c in range(store.num_chunks):
+            if c == bad:
+                with pytest.raises(CorruptStoreError, match=f"chunk {c} .*link"):
+                    store.read_chunk("x", c)
+            else:
+                np.testing.assert_array_equal(store.read_chunk("x", c), X[c * 8 : (c + 1) * 8])

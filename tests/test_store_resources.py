@@ -189,3 +189,52 @@ def test_zarr_open_refused_by_the_system_is_a_store_read_error(tmp_path: Path, m
     with pytest.raises(oocseq.StoreReadError, match="too many open files"):
         oocseq.open_store(path)
     assert _fds() == before
+
+
+def test_zarr_chunk_files_opened_once_each_and_few_kept_open(tmp_path: Path, monkeypatch) -> None:
+    """A read-ahead hint opens a Zarr chunk file and keeps it for the read that follows (one
+    open per chunk, in one ``openat2`` call where the kernel has it); however many chunks are
+    hinted, at most a few windows' worth of files stay open, and reading them, or closing the
+    store, closes them."""
+    from oocseq.storage import _raw, _zarr
+
+    path = tmp_path / "s.zarr"
+    x = np.arange(300 * 4, dtype=np.float32).reshape(300, 4)
+    oocseq.ingest_arrays(path, {"x": x}, chunk_len=2, preshuffle=False).close()
+    opened: list[list[str]] = []
+    walk = _zarr.open_sized_beneath
+
+    def counting(dir_fd: int, parts: list[str], where: object) -> tuple[int, int]:
+        opened.append(parts)
+        return walk(dir_fd, parts, where)
+
+    monkeypatch.setattr(_zarr, "open_sized_beneath", counting)
+    real = _raw._OPENAT2[0]
+    if real is not None:
+        calls: list[bytes] = []
+        monkeypatch.setattr(_raw, "_OPENAT2", [lambda dir_fd, p: calls.append(p) or real(dir_fd, p)])
+    gc.collect()
+    start = _fds()
+    with oocseq.open_store(path) as store:
+        store.read_chunk("x", 0)  # (opens the store's own directories first)
+        before, opened[:] = _fds(), []
+        chunks = np.arange(1, store.num_chunks)
+        store.advise_chunks("x", chunks)  # more than are kept open
+        assert _fds() - before == _zarr._ADVISED_FILES < len(chunks)
+        for c in chunks.tolist():
+            np.testing.assert_array_equal(store.read_chunk("x", c), x[2 * c : 2 * c + 2])
+        assert _fds() == before
+        opened[:] = []
+        if real is not None:
+            calls[:] = []
+        for window in np.array_split(chunks, 20):  # hinted a window ahead, as the batches do
+            store.advise_chunks("x", window)
+            for c in window.tolist():
+                np.testing.assert_array_equal(store.read_chunk("x", c), x[2 * c : 2 * c + 2])
+        assert len(opened) == len(chunks)  # one open per chunk
+        assert _fds() == before
+        if real is not None:
+            assert len(calls) == len(chunks)  # each in one system call
+        store.advise_chunks("x", chunks[:10])
+        assert _fds() == before + 10
+    assert _fds() == start

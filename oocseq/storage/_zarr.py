@@ -25,6 +25,7 @@ from ._raw import (
     SCATTER_MIN_BYTES,
     SYSTEM_ERRNOS,
     Handles,
+    OpenFiles,
     Where,
     aligned_empty,
     blosc_decode_into,
@@ -44,6 +45,10 @@ from ._raw import (
 #: writes them). Fields allow exactly what oocseq writes: see :func:`_check_field_codecs`.
 _AUX_CODECS = (["vlen-utf8", "zstd"], ["vlen-utf8"], ["bytes", "zstd"], ["bytes"])
 
+
+#: Chunk files advise_chunks keeps open for their reads, at most (the oldest closed first):
+#: several windows' worth.
+_ADVISED_FILES = 64
 
 #: Bytes one auxiliary string (a source path) may take, decoded, with its length prefix.
 _MAX_AUX_STR_BYTES = 4 + 65536
@@ -103,6 +108,8 @@ class ZarrReader(StorageReader):
         self._ndims: dict[str, int] = {}
         self._chunk_layouts: dict[str, tuple[tuple[int, ...], int, np.dtype[Any]]] = {}
         self._lock = threading.Lock()
+        #: Chunk files opened by advise_chunks, for the reads that follow.
+        self._advised = self._handles.add(OpenFiles(_ADVISED_FILES))
 
     def manifest_doc(self) -> Any:
         self._no_link("zarr.json", missing=f"{self.path}: not a Zarr v3 store (no zarr.json)")
@@ -189,9 +196,13 @@ class ZarrReader(StorageReader):
         return f"{self.path}: chunk {c} of field {name!r} ({self.chunk_location(name, c)})"
 
     def _open_chunk(self, name: str, c: int) -> tuple[int, int, Where]:
-        """``(fd, size, where)`` of chunk ``c``'s file, opened without following links. A
-        missing chunk file is corruption (zarr would serve the fill value)."""
+        """``(fd, size, where)`` of chunk ``c``'s file, opened without following links (or
+        by :meth:`advise_chunks` before). A missing chunk file is corruption (zarr would serve
+        the fill value)."""
         where = Where(self._chunk_words, name, c)
+        opened = self._advised.take((name, c))
+        if opened is not None:
+            return opened[0], opened[1], where
         try:
             fd, size = open_sized_beneath(self._chunk_dir(name), self._chunk_parts(name, c), where)
         except CorruptStoreError as e:
@@ -206,6 +217,8 @@ class ZarrReader(StorageReader):
         if not self.fast or not hasattr(os, "posix_fadvise"):
             return
         for c in chunks.tolist():
+            if (name, c) in self._advised:
+                continue
             try:
                 fd, size = open_sized_beneath(self._chunk_dir(name), self._chunk_parts(name, c), "")
             except Exception:
@@ -213,8 +226,11 @@ class ZarrReader(StorageReader):
             try:
                 if not in_page_cache(fd, 0, size):
                     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-            finally:
+            except BaseException:
                 os.close(fd)
+                raise
+            # Kept open for the read that follows (one open a chunk, not two).
+            self._advised.put((name, c), (fd, size))
 
     def _chunk_layout(self, name: str) -> tuple[tuple[int, ...], int, np.dtype[Any]]:
         """``(shape, nbytes, dtype)`` of a chunk file's decoded contents (whole chunks, the
@@ -332,7 +348,7 @@ class ZarrReader(StorageReader):
     def close(self) -> None:
         self._arrays.clear()
         self._chunk_dirs.clear()
-        self._handles.close()
+        self._handles.close()  # (closes the advised files too)
 
 
 def _system_error(e: BaseException) -> OSError | None:
