@@ -217,9 +217,10 @@ class EpochPlan:
     def window_samples(self, w: int) -> np.ndarray:
         """Sample indices of window ``w`` in buffer order: its chunks' ranges back to back."""
         chunks = self.window_chunks(w)
-        starts = chunks * self.chunk_len
-        stops = np.minimum(starts + self.chunk_len, self.n)
-        return np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in zip(starts, stops, strict=True)])
+        samples: np.ndarray = (chunks[:, None] * self.chunk_len + np.arange(self.chunk_len)).reshape(-1)
+        if len(chunks) and (int(chunks.max()) + 1) * self.chunk_len > self.n:
+            samples = samples[samples < self.n]  # the short last chunk is in this window
+        return samples
 
     def window_indices(self, w: int) -> np.ndarray:
         """Sample indices of window ``w`` in the order they are served (int64)."""

@@ -45,11 +45,13 @@ def _mix_int(x: int) -> int:
 def mix_array(x: np.ndarray) -> np.ndarray:
     """SplitMix64 finaliser on a uint64 array (wrapping arithmetic)."""
     with np.errstate(over="ignore"):
-        x = x + _GOLDEN
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        out: np.ndarray = x ^ (x >> np.uint64(31))
-        return out
+        x = x + _GOLDEN  # (a new array: the rest works in place, without a temporary per step)
+        x ^= x >> np.uint64(30)
+        x *= np.uint64(0xBF58476D1CE4E5B9)
+        x ^= x >> np.uint64(27)
+        x *= np.uint64(0x94D049BB133111EB)
+        x ^= x >> np.uint64(31)
+        return x
 
 
 def hash_keys(seed: int, epoch: int, stream: int, ids: np.ndarray) -> np.ndarray:
