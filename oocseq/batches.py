@@ -267,6 +267,7 @@ class ChunkedBatches:
         self._local_pid = -1
         self.plan(0)  # checks the ranks against the source now, not at the first batch
         self._length = rank_length(len(src), src.chunk_len, self.shard.world_size, self.shard.balance)
+        self._num_batches = num_batches(self._length, self.batch_size, self.drop_remainder)
 
     # -- per-process state --------------------------------------------------------------------
     @property
@@ -307,7 +308,7 @@ class ChunkedBatches:
     # -- the plan -----------------------------------------------------------------------------
     def __len__(self) -> int:
         """Batches per epoch (of this rank; the same on every rank)."""
-        return num_batches(self._length, self.batch_size, self.drop_remainder)
+        return self._num_batches
 
     @property
     def samples_per_epoch(self) -> int:
@@ -352,9 +353,9 @@ class ChunkedBatches:
             ArgumentTypeError: ``i`` is not an int.
             BatchIndexError: ``i`` is out of range.
         """
-        if not isinstance(i, (int, np.integer)) or isinstance(i, bool):
+        if type(i) is not int and (not isinstance(i, (int, np.integer)) or isinstance(i, bool)):
             raise ArgumentTypeError(f"batch index must be an int, got {type(i).__name__}")
-        n = len(self)
+        n = self._num_batches
         if not 0 <= i < n:
             raise BatchIndexError(f"batch index {i} out of range: this sequence has {n} batches (len(seq))")
         return int(i)
@@ -452,13 +453,14 @@ class ChunkedBatches:
             # decoded when a batch needs it).
             setup = (epoch, pieces[0][0], ahead.stop, horizon, readahead)
             if setup != local.setup:
-                if readahead:  # disk read-ahead one window beyond the decoded read-ahead
-                    for w in range(last + 1, min(ahead.stop + 1, horizon)):
-                        cache.advise((epoch, w), plan.window_chunks(w))
+                # This batch's windows first: their decodes start before the hints below are made.
                 for w, _, _, lap in pieces:
                     cache.prefetch(
                         _key(epoch, w, lap, local), plan.window_chunks(w), partial(plan.window_positions, w)
                     )
+                if readahead:  # disk read-ahead one window beyond the decoded read-ahead
+                    for w in range(last + 1, min(ahead.stop + 1, horizon)):
+                        cache.advise((epoch, w), plan.window_chunks(w))
                 for w in ahead:
                     if (epoch, w) not in cache and w - last <= _ROWS_AHEAD:
                         # Its serving order (a sort, ~0.25 ms) is worked out off this thread

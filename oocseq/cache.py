@@ -25,6 +25,7 @@ one field read and decoded), ``hits`` (window requests served from the cache),
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 import threading
@@ -75,19 +76,20 @@ class _Window:
     thread has started, so no core idles while the window it waits for has work left)."""
 
     def __init__(
-        self, bases: dict[str, np.ndarray], chunks: np.ndarray, sizes: np.ndarray, order: Order | None
+        self, bases: dict[str, np.ndarray], chunks: np.ndarray, sizes: list[int], order: Order | None
     ) -> None:
-        total = int(sizes.sum())
+        # (Python ints for the few chunks of a window: small numpy arrays cost more per call.)
+        self.offsets = [0, *itertools.accumulate(sizes)]
+        total = self.offsets[-1]
         self.bases = bases  # full-size buffers, returned to the pool when the window is dropped
         self.buffers = {f: b[:total] for f, b in bases.items()}
-        self.chunks = chunks
-        self.offsets = np.r_[0, np.cumsum(sizes)]
+        self.chunks = chunks.tolist()
         self.order = order
         self.positions: np.ndarray | None = None  # order(), once a decoding thread asked
-        self.futures: list[Future[None]] = [Future() for _ in range(len(chunks))]
-        self.claimed = [False] * len(chunks)
+        self.futures: list[Future[None]] = [Future() for _ in sizes]
+        self.claimed = [False] * len(sizes)
         self.ready = False  # every decode done and checked by a get()
-        self.served = np.zeros(total, dtype=bool)  # positions handed out in batches
+        self.served: np.ndarray | None = None  # positions handed out in batches (made when asked)
 
 
 def _in_use(bases: dict[str, np.ndarray]) -> bool:
@@ -155,8 +157,8 @@ class WindowCache:
         return sum(len(w.chunks) for w in self._items.values()) * len(self._fields)
 
     def _decode_chunk(self, window: _Window, j: int) -> None:
-        c = int(window.chunks[j])
-        a, b = int(window.offsets[j]), int(window.offsets[j + 1])
+        c = window.chunks[j]
+        a, b = window.offsets[j], window.offsets[j + 1]
         order = window.order  # (read once: another thread may set it to None meanwhile)
         if window.positions is None and order is not None and self._scattered:
             window.positions = order()  # (two threads may both ask: the same array)
@@ -183,16 +185,19 @@ class WindowCache:
             window = self._items.get(key)
             if window is not None:
                 return window, False
-            starts = chunks * self._chunk_len
-            sizes = np.minimum(starts + self._chunk_len, self._n) - starts
+            cl, n = self._chunk_len, self._n
+            sizes = [min(cl, n - c * cl) for c in chunks.tolist()]
             window = _Window(self._buffers(), chunks, sizes, order)
             self._items[key] = window
             self.peak_resident = max(self.peak_resident, self._resident_chunks())
             self._peak_windows = max(self._peak_windows, len(self._items))
             pool = self._get_pool()
             if pool is not None:
-                for j in range(len(chunks)):
-                    pool.submit(self._run, window, j)
+                # One task per decoding thread (not per chunk: a pool task and its future cost
+                # ~20 us each on the serving thread), each decoding the chunks no thread has
+                # claimed, from the first up.
+                for _ in range(min(self._threads, len(sizes))):
+                    pool.submit(self._run_window, window)
             return window, True
 
     def _get_pool(self) -> ThreadPoolExecutor | None:
@@ -202,6 +207,17 @@ class WindowCache:
             self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="oocseq-decode")
         return self._pool
 
+    def _run_window(self, window: _Window) -> None:
+        """A decoding thread's task: decode the chunks of ``window`` that no thread has
+        claimed, from the first up (the serving thread claims from the last down)."""
+        while True:
+            with self._lock:
+                if all(window.claimed):
+                    return
+                j = window.claimed.index(False)
+                window.claimed[j] = True
+            self._execute(window, j)
+
     def _run(self, window: _Window, j: int) -> bool:
         """Decode chunk ``j`` of ``window`` unless another thread claimed it or the window was
         dropped first; the outcome goes to ``window.futures[j]``. Returns whether this call
@@ -210,6 +226,10 @@ class WindowCache:
             if window.claimed[j]:
                 return False
             window.claimed[j] = True
+        return self._execute(window, j)
+
+    def _execute(self, window: _Window, j: int) -> bool:
+        """Decode claimed chunk ``j`` of ``window`` unless the window was dropped first."""
         fut = window.futures[j]
         if not fut.set_running_or_notify_cancel():
             return False  # the window was dropped before its decode started
@@ -360,6 +380,8 @@ class WindowCache:
         and with ``shared`` they are recorded as handed out."""
         a, b = rows
         with self._lock:
+            if window.served is None:
+                window.served = np.zeros(window.offsets[-1], dtype=bool)
             if window.served[a:b].any():
                 return False
             if shared:

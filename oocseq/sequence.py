@@ -468,14 +468,15 @@ class ChunkedSequence:
                 self._peeked.add(i)
                 return i, self._epoch
             i = self.core.check_index(i)
-            if i >= self.num_batches:
+            n = len(self.core)
+            if i >= n - self._keras_offset:
                 raise BatchIndexError(
                     f"batch index {i} out of range: Keras is shown {self.num_batches} batches "
-                    f"(the rest of a resumed epoch of {len(self)})"
+                    f"(the rest of a resumed epoch of {n})"
                 )
             k = self._taken.get(i)
             if k is None:
-                if self._position >= len(self):  # more than an epoch in one pass: the next epoch
+                if self._position >= n:  # more than an epoch in one pass: the next epoch
                     self._next_epoch_locked()
                 k = self._keras_offset + i if self.keras_order == "index" else self._position
                 self._taken[i] = k
