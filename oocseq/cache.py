@@ -229,7 +229,8 @@ class WindowCache:
         return self._execute(window, j)
 
     def _execute(self, window: _Window, j: int) -> bool:
-        """Decode claimed chunk ``j`` of ``window`` unless the window was dropped first."""
+        """Decode chunk ``j`` of ``window``, claimed by the caller, unless the window was
+        dropped first; the outcome goes to ``window.futures[j]``. Returns whether it ran."""
         fut = window.futures[j]
         if not fut.set_running_or_notify_cancel():
             return False  # the window was dropped before its decode started
