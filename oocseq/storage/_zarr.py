@@ -74,9 +74,11 @@ class ZarrReader(StorageReader):
     """Reads a Zarr v3 directory store.
 
     The store's directory is opened once; zarr reads its metadata through that open directory
-    (``/proc/self/fd/N`` where there is one) and chunk files are opened relative to it, one path
-    component at a time with ``O_NOFOLLOW``: a symbolic link anywhere below the store's root is
-    refused, and a store replaced on disk after it was opened is never mixed with this one."""
+    (``/proc/self/fd/N`` where there is one) and chunk files are opened relative to it without
+    following links (one ``openat2`` call where the kernel has it, else one path component at a
+    time with ``O_NOFOLLOW``): a symbolic link anywhere below the store's root is refused, and a
+    store replaced on disk after it was opened is never mixed with this one. A chunk file
+    opened for a read-ahead hint is kept open for the read that follows."""
 
     format = "zarr"
 
