@@ -287,6 +287,8 @@ class ChunkedBatches:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        if "_num_batches" not in state:  # (pickled by a version that did not keep it)
+            self._num_batches = num_batches(self._length, self.batch_size, self.drop_remainder)
 
     def for_processes(self) -> ChunkedBatches:
         """A copy for worker processes: no read-ahead (a process decodes only the windows of

@@ -29,6 +29,7 @@ import itertools
 import os
 import sys
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -333,18 +334,23 @@ class WindowCache:
         return window.buffers
 
     def entry(self, key: Hashable) -> object:
-        """A token for window ``key`` as it is cached now, for :meth:`still`."""
-        return self._items.get(key)
+        """A token for window ``key`` as it is cached now, for :meth:`still`. A weak
+        reference: a token kept does not keep a dropped window's buffers."""
+        window = self._items.get(key)
+        return None if window is None else weakref.ref(window)
 
     def still(self, key: Hashable, entry: object) -> dict[str, np.ndarray] | None:
         """The buffers of window ``key`` if it is still the decoded window that ``entry``
         (from :meth:`entry`) stands for, counted as a hit; else None (it was dropped, or is
         being decoded again). The caller's reference to the returned dict keeps the buffers
         from reuse (see :func:`_in_use`) however long it reads them."""
-        if not isinstance(entry, _Window):
+        window = entry() if isinstance(entry, weakref.ref) else None
+        if not isinstance(window, _Window):
             return None
-        buffers = entry.buffers  # (taken first: a window leaves _items before it gives them up)
-        if self._items.get(key) is not entry or not entry.ready:
+        buffers: dict[str, np.ndarray] = (
+            window.buffers
+        )  # (first: a window leaves _items before it gives them up)
+        if self._items.get(key) is not window or not window.ready:
             return None
         with self._lock:
             self.hits += 1

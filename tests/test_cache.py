@@ -601,3 +601,26 @@ def test_batches_right_whichever_thread_asks_in_any_order(ahead_store, requests,
         for pool in pools:
             pool.shutdown()
         core.close()
+
+
+@pytest.mark.parametrize("threads", [0, 1])
+def test_close_frees_every_decoded_window(ahead_store, threads: int) -> None:
+    """After ``close()`` no decoded window's buffers stay alive: not the cached ones, not the
+    free ones, not the window a serving thread's last batch came from."""
+    import gc
+    import weakref
+
+    core = ChunkedBatches(ahead_store, 4, y=None, window=2, seed=1, read=ReadOptions(threads=threads))
+    cache = core._local.cache
+    for i in range(4):
+        core.get(0, i, readahead=True)
+    alive = [weakref.ref(w.bases["x"].base) for w in cache._items.values()]
+    alive += [weakref.ref(f["x"].base) for f in cache._free]
+    assert alive
+    core.close()
+    for _ in range(50):  # (a decode still running lets go of its window when it ends)
+        gc.collect()
+        if not any(r() is not None for r in alive):
+            break
+        threading.Event().wait(0.05)
+    assert [r() is not None for r in alive] == [False] * len(alive)

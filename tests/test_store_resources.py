@@ -238,3 +238,70 @@ def test_zarr_chunk_files_opened_once_each_and_few_kept_open(tmp_path: Path, mon
         store.advise_chunks("x", chunks[:10])
         assert _fds() == before + 10
     assert _fds() == start
+
+
+def test_zarr_hint_in_flight_when_the_store_closes_leaks_no_file(tmp_path: Path, monkeypatch) -> None:
+    """A read-ahead hint that opened a chunk file while another thread closed the store
+    closes that file itself: no descriptor outlives the store."""
+    import threading
+
+    from oocseq.storage import _zarr
+
+    path = tmp_path / "s.zarr"
+    oocseq.ingest_arrays(path, {"x": np.arange(64, dtype=np.float32).reshape(32, 2)}, chunk_len=2).close()
+    gc.collect()
+    start = _fds()
+    store = oocseq.open_store(path)
+    store.read_chunk("x", 0)
+    opened, closed = threading.Event(), threading.Event()
+    real = _zarr.in_page_cache
+
+    def slow(fd: int, offset: int, nbytes: int) -> bool:  # the hint, between its open and its keep
+        opened.set()
+        closed.wait(10)
+        return real(fd, offset, nbytes)
+
+    monkeypatch.setattr(_zarr, "in_page_cache", slow)
+    hint = threading.Thread(target=store.advise_chunks, args=("x", np.arange(1, 4)))
+    hint.start()
+    assert opened.wait(10)
+    store.close()
+    closed.set()
+    hint.join(10)
+    del store
+    gc.collect()
+    assert _fds() == start
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_zarr_forked_while_a_thread_holds_the_kept_files_lock(tmp_path: Path) -> None:
+    """A process forked while another thread of its parent was inside the kept-files map
+    (its lock held) reads the store with handles of its own, and neither hangs nor touches the
+    parent's map."""
+    path = tmp_path / "s.zarr"
+    x = np.arange(64, dtype=np.float32).reshape(32, 2)
+    oocseq.ingest_arrays(path, {"x": x}, chunk_len=2, preshuffle=False).close()
+    store = oocseq.open_store(path)
+    store.read_chunk("x", 0)
+    store.advise_chunks("x", np.arange(1, 3))
+    kept = store._open_handles()[0]._advised
+    kept._lock.acquire()  # (as if a decoding thread were in take() at the fork)
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child: its first read opens handles of its own, dropping the parent's
+            status = 1
+            try:
+                import faulthandler
+
+                faulthandler.dump_traceback_later(20, exit=True)
+                ok = np.array_equal(store.read_chunk("x", 1), x[2:4])
+                gc.collect()
+                status = 0 if ok else 2
+            finally:
+                os._exit(status)
+    finally:
+        kept._lock.release()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    np.testing.assert_array_equal(store.read_chunk("x", 2), x[4:6])  # (the parent's kept file)
+    store.close()

@@ -380,34 +380,51 @@ def _sized_regular(fd: int, where: Place) -> tuple[int, int]:
 
 class OpenFiles:
     """Open files kept for a later read, by key: ``(fd, size)``. At most ``limit`` (the oldest
-    closed first); :meth:`take` hands one over to the caller, who closes it. Thread-safe."""
+    closed first); :meth:`take` hands one over to the caller, who closes it. Thread-safe; once
+    closed, a file put is closed at once. In a process forked from the one that made it, it
+    hands nothing out and takes no lock (another thread may have held it at the fork): it only
+    closes that process's copies of the files."""
 
     def __init__(self, limit: int) -> None:
         self._files: OrderedDict[Hashable, tuple[int, int]] = OrderedDict()
         self._limit = limit
         self._lock = threading.Lock()
+        self._pid = os.getpid()
+        self._closed = False
 
     def __contains__(self, key: Hashable) -> bool:
         return key in self._files  # (a dict lookup is atomic: no lock)
 
     def put(self, key: Hashable, file: tuple[int, int]) -> None:
+        if self._pid != os.getpid():
+            os.close(file[0])
+            return
         with self._lock:
-            old = self._files.pop(key, None)
-            self._files[key] = file
-            dropped = [self._files.popitem(last=False)[1] for _ in range(len(self._files) - self._limit)]
-        for fd, _ in ([old] if old is not None else []) + dropped:
+            if self._closed:
+                dropped = [file]
+            else:
+                old = self._files.pop(key, None)
+                self._files[key] = file
+                dropped = [self._files.popitem(last=False)[1] for _ in range(len(self._files) - self._limit)]
+                if old is not None:
+                    dropped.append(old)
+        for fd, _ in dropped:
             os.close(fd)
 
     def take(self, key: Hashable) -> tuple[int, int] | None:
-        if key not in self._files:  # (the usual miss, without the lock)
+        if key not in self._files or self._pid != os.getpid():  # (the usual miss, without the lock)
             return None
         with self._lock:
             return self._files.pop(key, None)
 
     def close(self) -> None:
-        with self._lock:
-            files = list(self._files.values())
-            self._files.clear()
+        if self._pid != os.getpid():
+            files = list(self._files.values())  # (this process's copies; the lock may be stuck)
+        else:
+            with self._lock:
+                self._closed = True
+                files = list(self._files.values())
+        self._files.clear()
         for fd, _ in files:
             try:
                 os.close(fd)

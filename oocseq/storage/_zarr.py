@@ -78,7 +78,9 @@ class ZarrReader(StorageReader):
     following links (one ``openat2`` call where the kernel has it, else one path component at a
     time with ``O_NOFOLLOW``): a symbolic link anywhere below the store's root is refused, and a
     store replaced on disk after it was opened is never mixed with this one. A chunk file
-    opened for a read-ahead hint is kept open for the read that follows."""
+    opened for a read-ahead hint is kept open for the read that follows, which then reads the
+    file as it was when the hint opened it (checked then: no link, a regular file; its size
+    then), not whatever has taken its name since."""
 
     format = "zarr"
 
