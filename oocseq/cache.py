@@ -347,9 +347,8 @@ class WindowCache:
         window = entry() if isinstance(entry, weakref.ref) else None
         if not isinstance(window, _Window):
             return None
-        buffers: dict[str, np.ndarray] = (
-            window.buffers
-        )  # (first: a window leaves _items before it gives them up)
+        # (Taken first: a window leaves _items before it gives its buffers up.)
+        buffers: dict[str, np.ndarray] = window.buffers
         if self._items.get(key) is not window or not window.ready:
             return None
         with self._lock:
