@@ -403,36 +403,44 @@ class ChunkedBatches:
                 :mod:`oocseq.transforms`), as it is.
         """
         local = self._local
-        current: _Current | None = getattr(local.thread, "current", None)
-        buffers = None
-        if (
-            current is not None
-            and type(i) is int
-            and current.request == (epoch, readahead, until)
-            and current.lo <= i * self.batch_size
-            and (i + 1) * self.batch_size <= current.hi
-        ):
-            buffers = local.cache.still(current.key, current.entry)
-        if current is not None and buffers is not None:
-            a = i * self.batch_size - current.lo
-            rows = current.rows[a : a + self.batch_size]
-            batch = {name: self._gather(buffers[name], rows, local.layouts[name]) for name in self.fields}
-            n = self.batch_size
-            plan = self.plan(epoch) if self.transform is not None else None
-        else:
-            batch, n, plan = self._get(local, epoch, i, readahead, until)
-        if plan is not None:
+        batch = self._from_current(local, epoch, i, readahead, until)
+        n = self.batch_size
+        if batch is None:
+            batch, n = self._get(local, epoch, i, readahead, until)
+        if self.transform is not None:
             # Sample indices only where they are used: ~40 us a batch.
             start = i * self.batch_size
-            indices = plan.indices(start, start + self.batch_size)
+            indices = self.plan(epoch).indices(start, start + self.batch_size)
             batch = self._apply_transform(batch, indices, epoch, n)
         return self._assemble(batch)
 
+    def _from_current(
+        self, local: _Local, epoch: int, i: Any, readahead: bool, until: int | None
+    ) -> Batch | None:
+        """Batch ``i`` gathered from the window this thread's last batch came from (see
+        :class:`_Current`), or None if it does not lie wholly inside it or the cache no longer
+        holds that window."""
+        current: _Current | None = getattr(local.thread, "current", None)
+        if (
+            current is None
+            or type(i) is not int
+            or current.request != (epoch, readahead, until)
+            or not current.lo <= i * self.batch_size
+            or (i + 1) * self.batch_size > current.hi
+        ):
+            return None
+        buffers = local.cache.still(current.key, current.entry)
+        if buffers is None:
+            return None
+        a = i * self.batch_size - current.lo
+        rows = current.rows[a : a + self.batch_size]
+        return {name: self._gather(buffers[name], rows, local.layouts[name]) for name in self.fields}
+
     def _get(
         self, local: _Local, epoch: int, i: int, readahead: bool, until: int | None
-    ) -> tuple[Batch, int, EpochPlan | None]:
+    ) -> tuple[Batch, int]:
         """Batch ``i`` of ``epoch`` through the plan and the cache: ``(batch before the
-        transform, its length, the plan if there is a transform)``."""
+        transform, its length)``."""
         self.check_index(i)
         plan = self.plan(epoch)
         start = i * self.batch_size
@@ -511,7 +519,7 @@ class ChunkedBatches:
                         else:
                             buffers[name].take(piece, axis=0, out=out, mode="clip")
                     pos += b - a
-        return batch, n, (plan if self.transform is not None else None)
+        return batch, n
 
     @staticmethod
     def _gather(buffer: np.ndarray, rows: np.ndarray, layout: FieldSpec) -> np.ndarray:

@@ -213,7 +213,7 @@ class WindowCache:
         claimed, from the first up (the serving thread claims from the last down)."""
         while True:
             with self._lock:
-                if all(window.claimed):
+                if False not in window.claimed:
                     return
                 j = window.claimed.index(False)
                 window.claimed[j] = True
