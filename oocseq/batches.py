@@ -141,11 +141,15 @@ class _Local:
         self.lock = threading.Lock()
         self.plans: OrderedDict[int, EpochPlan] = OrderedDict()
         self.latest = -1  # the epoch of the plan used last (the last of ``plans``)
-        #: ``(epoch, first window, read-ahead stop, horizon, readahead)`` of the last batch
-        #: whose read-ahead was asked for.
-        self.setup: tuple[int, int, int, int, bool] | None = None
+        #: ``(epoch, first window, windows read ahead as (epoch, window), how many of them
+        #: decoded, readahead)`` of the last batch whose read-ahead was asked for.
+        self.setup: tuple[int, int, tuple[tuple[int, int], ...], int, bool] | None = None
         #: ``.current``: the window the thread's last batch came from (a :class:`_Current`).
         self.thread = threading.local()
+
+
+#: ``(epoch, readahead, until, next_epoch)`` of :meth:`ChunkedBatches.get`.
+_Request = tuple[int, bool, int | None, bool]
 
 
 class _Current:
@@ -159,14 +163,14 @@ class _Current:
 
     def __init__(
         self,
-        request: tuple[int, bool, int | None],
+        request: _Request,
         key: tuple[int, ...],
         entry: object,
         lo: int,
         hi: int,
         rows: np.ndarray,
     ) -> None:
-        self.request = request  # (epoch, readahead, until): the read-ahead asked for with it
+        self.request = request  # the read-ahead asked for with it
         self.key, self.entry = key, entry
         self.lo, self.hi = lo, hi
         self.rows = rows
@@ -386,7 +390,13 @@ class ChunkedBatches:
 
     # -- batches ------------------------------------------------------------------------------
     def get(
-        self, epoch: int, i: int, *, readahead: bool = False, until: int | None = None
+        self,
+        epoch: int,
+        i: int,
+        *,
+        readahead: bool = False,
+        until: int | None = None,
+        next_epoch: bool = False,
     ) -> tuple[Any, ...]:
         """Batch ``i`` of ``epoch``: ``(x, y)``, ``(x, y, sample_weight)`` or ``(x,)``.
 
@@ -395,6 +405,9 @@ class ChunkedBatches:
                 for a caller that goes on in order.
             until: the caller's batches end before batch ``until`` (a DataLoader worker's
                 range): read ahead no window past that batch's.
+            next_epoch: with ``readahead`` and no ``until``, the read-ahead goes on into the
+                first windows of ``epoch + 1`` where this epoch's run out, for a caller that
+                goes on to the next epoch (its first batch then waits for no decode).
 
         Raises:
             BatchIndexError: ``i`` outside ``range(len(self))``.
@@ -403,10 +416,11 @@ class ChunkedBatches:
                 :mod:`oocseq.transforms`), as it is.
         """
         local = self._local
-        batch = self._from_current(local, epoch, i, readahead, until)
+        request = (epoch, readahead, until, next_epoch)
+        batch = self._from_current(local, request, i)
         n = self.batch_size
         if batch is None:
-            batch, n = self._get(local, epoch, i, readahead, until)
+            batch, n = self._get(local, request, i)
         if self.transform is not None:
             # Sample indices only where they are used: ~40 us a batch.
             start = i * self.batch_size
@@ -414,9 +428,7 @@ class ChunkedBatches:
             batch = self._apply_transform(batch, indices, epoch, n)
         return self._assemble(batch)
 
-    def _from_current(
-        self, local: _Local, epoch: int, i: Any, readahead: bool, until: int | None
-    ) -> Batch | None:
+    def _from_current(self, local: _Local, request: _Request, i: Any) -> Batch | None:
         """Batch ``i`` gathered from the window this thread's last batch came from (see
         :class:`_Current`), or None if it does not lie wholly inside it or the cache no longer
         holds that window."""
@@ -424,7 +436,7 @@ class ChunkedBatches:
         if (
             current is None
             or type(i) is not int
-            or current.request != (epoch, readahead, until)
+            or current.request != request
             or not current.lo <= i * self.batch_size
             or (i + 1) * self.batch_size > current.hi
         ):
@@ -436,11 +448,10 @@ class ChunkedBatches:
         rows = current.rows[a : a + self.batch_size]
         return {name: self._gather(buffers[name], rows, local.layouts[name]) for name in self.fields}
 
-    def _get(
-        self, local: _Local, epoch: int, i: int, readahead: bool, until: int | None
-    ) -> tuple[Batch, int]:
-        """Batch ``i`` of ``epoch`` through the plan and the cache: ``(batch before the
-        transform, its length)``."""
+    def _get(self, local: _Local, request: _Request, i: int) -> tuple[Batch, int]:
+        """Batch ``i`` of ``request``'s epoch through the plan and the cache: ``(batch before
+        the transform, its length)``."""
+        epoch, readahead, until, next_epoch = request
         self.check_index(i)
         plan = self.plan(epoch)
         start = i * self.batch_size
@@ -454,29 +465,41 @@ class ChunkedBatches:
             stop = min(until * self.batch_size, len(plan))
             if stop <= plan.own:  # (past its own samples, a padded rank serves every window)
                 horizon = min(horizon, plan.window_of(stop - 1) + 1)
-        ahead = range(last + 1, min(last + 1 + (self.read.readahead if readahead else 0), horizon))
-        keys = [_key(epoch, w, lap, local) for w, _, _, lap in pieces] + [(epoch, w) for w in ahead]
+        depth = self.read.readahead if readahead else 0
+        # The windows to decode ahead, then one more for the kernel to read ahead: (plan,
+        # epoch, window, windows from this batch's last).
+        ahead = [(plan, epoch, w, w - last) for w in range(last + 1, min(last + 2 + depth, horizon))]
+        if not readahead:
+            ahead = []
+        elif next_epoch and depth and until is None and len(ahead) <= depth:
+            following = self.plan(epoch + 1)
+            gone = plan.num_windows - last - 1
+            ahead += [
+                (following, epoch + 1, w, gone + w + 1)
+                for w in range(min(depth + 1 - len(ahead), following.num_windows))
+            ]
+        decode = ahead[:depth]
+        keys = [_key(epoch, w, lap, local) for w, _, _, lap in pieces] + [(e, w) for _, e, w, _ in decode]
         with cache.hold(keys) as hold:
             cache.drop_unheld(hold)
             # Read-ahead is asked for once per window the batches move into, not per batch
             # (another thread's new window asks again; a window no thread asked for is
             # decoded when a batch needs it).
-            setup = (epoch, pieces[0][0], ahead.stop, horizon, readahead)
+            setup = (epoch, pieces[0][0], tuple((e, w) for _, e, w, _ in ahead), len(decode), readahead)
             if setup != local.setup:
                 # This batch's windows first: their decodes start before the hints below are made.
                 for w, _, _, lap in pieces:
                     cache.prefetch(
                         _key(epoch, w, lap, local), plan.window_chunks(w), partial(plan.window_positions, w)
                     )
-                if readahead:  # disk read-ahead one window beyond the decoded read-ahead
-                    for w in range(last + 1, min(ahead.stop + 1, horizon)):
-                        cache.advise((epoch, w), plan.window_chunks(w))
-                for w in ahead:
-                    if (epoch, w) not in cache and w - last <= _ROWS_AHEAD:
+                for p, e, w, _ in ahead:  # the kernel reads one window beyond the decoded ones
+                    cache.advise((e, w), p.window_chunks(w))
+                for p, e, w, distance in decode:
+                    if (e, w) not in cache and distance <= _ROWS_AHEAD:
                         # Its serving order (a sort, ~0.25 ms) is worked out off this thread
                         # too, before its chunks are read (the threads take work in order).
-                        cache.background(plan.window_positions, w)
-                    cache.prefetch((epoch, w), plan.window_chunks(w), partial(plan.window_positions, w))
+                        cache.background(p.window_positions, w)
+                    cache.prefetch((e, w), p.window_chunks(w), partial(p.window_positions, w))
                 local.setup = setup  # (only once asked: a failed hint is asked again)
             batch: Batch = {}
             scattered = local.scattered
@@ -500,7 +523,7 @@ class ChunkedBatches:
                     key = _key(epoch, w, lap, local)
                     lo, hi = plan.window_offsets[w : w + 2].tolist()
                     local.thread.current = _Current(
-                        (epoch, readahead, until), key, cache.entry(key), lo, hi, plan.window_rows(w)
+                        request, key, cache.entry(key), lo, hi, plan.window_rows(w)
                     )
             else:  # across windows (or round a padded rank's end): one copy per sample
                 n = sum(b - a for _, a, b, _ in pieces)

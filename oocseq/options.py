@@ -40,7 +40,9 @@ class ReadOptions:
 
     Attributes:
         readahead: windows decoded in the background ahead of the one being served, when
-            batches are served in order (0: none).
+            batches are served in order (0: none). Once an epoch's first batch has followed
+            the epoch before's last, the read-ahead goes on past that epoch's end into the
+            next epoch's first windows.
         threads: decoding threads (default: the cores less one, 1 to 4); 0 decodes in the calling
             thread only. numcodecs releases the GIL, so threads decode in parallel.
         keras_order: during a Keras pass, ``"plan"`` (default): the k-th distinct index Keras

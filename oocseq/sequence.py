@@ -61,6 +61,22 @@ class _Runtime:
         self.lock = threading.RLock()
         self.prefetcher: Prefetcher | None = None
         self.last_served = (-1, -1)  # (epoch, plan batch) served last: to tell in-order requests
+        self.finished: int | None = None  # the last epoch whose last batch was served in order
+        #: Whether the current epoch's first batch followed the last epoch's last one: the
+        #: caller goes on from epoch to epoch, so the read-ahead goes on into the next one.
+        self.goes_on = False
+
+    def in_order(self, epoch: int, k: int, n: int) -> tuple[bool, bool]:
+        """Record that plan batch ``k`` of ``epoch`` (of ``n``) is served; return whether it
+        follows the batch served before it, and whether to read ahead into the next epoch.
+        Call with the lock held."""
+        in_order = k == 0 or self.last_served == (epoch, k - 1)
+        self.last_served = (epoch, k)
+        if k == 0:
+            self.goes_on = self.finished == epoch - 1
+        if in_order and k == n - 1:
+            self.finished = epoch
+        return in_order, in_order and self.goes_on
 
 
 _KERAS_CLASSES: weakref.WeakKeyDictionary[type, type] = weakref.WeakKeyDictionary()
@@ -507,8 +523,7 @@ class ChunkedSequence:
         rt = self._rt
         opts = self.worker_options
         with rt.lock:
-            in_order = k == 0 or rt.last_served == (epoch, k - 1)
-            rt.last_served = (epoch, k)
+            in_order, next_epoch = rt.in_order(epoch, k, len(self.core))
             prefetcher = None
             if opts.parallel and in_order and os.getpid() == self._owner_pid:
                 if rt.prefetcher is None:
@@ -518,7 +533,7 @@ class ChunkedSequence:
         if prefetcher is not None and current:
             return prefetcher.get(epoch, k, len(self))  # type: ignore[no-any-return]
         # Read ahead only when batches come in order: a random-access caller would waste it.
-        return self.core.get(epoch, k, readahead=in_order)
+        return self.core.get(epoch, k, readahead=in_order, next_epoch=next_epoch)
 
     def batch(self, i: int) -> tuple[Any, ...]:
         """Plan batch ``i`` of the current epoch (the same as ``seq[i]`` outside a Keras pass),
@@ -526,9 +541,8 @@ class ChunkedSequence:
         epoch = self._epoch
         rt = self._rt
         with rt.lock:
-            in_order = i == 0 or rt.last_served == (epoch, i - 1)
-            rt.last_served = (epoch, i)
-        return self.core.get(epoch, i, readahead=in_order)
+            in_order, next_epoch = rt.in_order(epoch, i, len(self.core))
+        return self.core.get(epoch, i, readahead=in_order, next_epoch=next_epoch)
 
     def __iter__(self) -> Iterator[tuple[Any, ...]]:
         """The rest of the current epoch's batches, in plan order; if the current epoch has
