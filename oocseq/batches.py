@@ -460,20 +460,27 @@ class ChunkedBatches:
         # The highest window, not the last piece's: a padded rank's last batch wraps round to
         # the epoch's first window.
         last = max(w for w, _, _, _ in pieces)
-        horizon = plan.num_windows
+        # Read ahead no window past the last one served: the caller's (a DataLoader worker's
+        # range ends before batch ``until``), or the epoch's (``drop_remainder`` drops the rest).
+        end = self._num_batches * self.batch_size
         if until is not None and until > i:
-            stop = min(until * self.batch_size, len(plan))
-            if stop <= plan.own:  # (past its own samples, a padded rank serves every window)
-                horizon = min(horizon, plan.window_of(stop - 1) + 1)
+            end = min(end, until * self.batch_size)
+        end = min(end, len(plan))
+        # (past its own samples, a padded rank serves every window)
+        horizon = plan.window_of(end - 1) + 1 if end <= plan.own else plan.num_windows
         depth = self.read.readahead if readahead else 0
         # The windows to decode ahead, then one more for the kernel to read ahead: (plan,
         # epoch, window, windows from this batch's last).
-        ahead = [(plan, epoch, w, w - last) for w in range(last + 1, min(last + 2 + depth, horizon))]
-        if not readahead:
-            ahead = []
-        elif next_epoch and depth and until is None and len(ahead) <= depth:
+        ahead: list[tuple[EpochPlan, int, int, int]] = []
+        onward = next_epoch and depth > 0 and until is None
+        # A padded rank's batches past its own samples come back to the epoch's first
+        # windows; going on to the next epoch, what follows them is that epoch's.
+        padding = start >= plan.own
+        if readahead and not (onward and padding):
+            ahead = [(plan, epoch, w, w - last) for w in range(last + 1, min(last + 2 + depth, horizon))]
+        if onward and len(ahead) <= depth:
             following = self.plan(epoch + 1)
-            gone = plan.num_windows - last - 1
+            gone = 0 if padding else horizon - last - 1
             ahead += [
                 (following, epoch + 1, w, gone + w + 1)
                 for w in range(min(depth + 1 - len(ahead), following.num_windows))

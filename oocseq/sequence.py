@@ -396,6 +396,7 @@ class ChunkedSequence:
             self._peeked = set()
             self._continuing = False
             rt.last_served = (-1, -1)
+            rt.goes_on = False  # (until its first batch follows the last epoch's last)
             prefetcher = rt.prefetcher
         if prefetcher is not None:  # outside rt.lock: the prefetcher takes its lock, then rt.lock
             prefetcher.reset()

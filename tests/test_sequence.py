@@ -128,7 +128,8 @@ def test_arrival_order_keeps_locality(store_cache, fmt, n, chunk_len, batch_size
 def test_read_ahead_goes_on_into_the_next_epoch_once_epochs_follow_one_another(store):
     """A first pass (an epoch, ``predict``) reads nothing of the epoch after it; once an epoch's
     first batch has followed the last one's in order, its last batches read the next epoch's
-    first window ahead; batches served out of order read nothing ahead."""
+    first window ahead; batches served out of order, or an epoch set and served from its
+    middle (a resumed one), read nothing of the next."""
     seq = ChunkedSequence(store, 8, window=2, seed=1)
     cache = seq.core._local.cache
 
@@ -147,6 +148,14 @@ def test_read_ahead_goes_on_into_the_next_epoch_once_epochs_follow_one_another(s
         seq.on_epoch_end()
         # the epoch after one served out of order: its first batch did not follow a last one
         for i in range(len(seq)):
+            seq[i]
+        assert ahead_of_next_epoch() == set()
+        seq.on_epoch_end()
+        for i in range(len(seq)):
+            seq[i]
+        assert ahead_of_next_epoch() == {(seq.epoch + 1, 0)}
+        seq.set_epoch(seq.epoch + 5)  # served from its middle on
+        for i in range(3, len(seq)):
             seq[i]
         assert ahead_of_next_epoch() == set()
     finally:
