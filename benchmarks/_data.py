@@ -328,20 +328,35 @@ def interleaved(
     runs: int,
     seed: int = 2,
     label: str = "",
+    group: Callable[[Any], Hashable] | None = None,
 ) -> Runs:
     """Run every measurement ``runs`` times, interleaved: one run of each, in a new random
     order every round, so that a slow moment of this shared machine does not land on one
     measurement only, and ratios can be taken between runs of the same round. Each timed run
     waits for the machine to be quiet (:func:`wait_quiet`) and follows an untimed warm-up of
     the same kind (a core that was idle is slow for a while on a small VM).
-    ``measurements[k](run)`` returns a result."""
+    ``measurements[k](run)`` returns a result.
+
+    ``group(k)``: measurements of one group run one after another in each round (the groups,
+    and the measurements within each, in a new random order every round), so that the two
+    sides of a ratio taken within a group run seconds apart, not a whole round apart: the
+    machine's speed drifts over a round, which spread those ratios."""
     out = Runs({k: [] for k in measurements}, {k: [] for k in measurements})
     keys = list(measurements)
+    groups: dict[Hashable, list[Any]] = {}
+    for k in keys:
+        groups.setdefault(group(k) if group is not None else k, []).append(k)
+    blocks = list(groups.values())
     rng = np.random.default_rng(seed)
     for run in range(runs):
         t = time.perf_counter()
-        for j in rng.permutation(len(keys)):
-            k = keys[j]
+        if group is None:
+            order = [keys[j] for j in rng.permutation(len(keys))]
+        else:
+            order = []
+            for i in rng.permutation(len(blocks)):
+                order += [blocks[i][j] for j in rng.permutation(len(blocks[i]))]
+        for k in order:
             wait_quiet()
             if k in warmups:
                 warmups[k]()
