@@ -23,7 +23,8 @@ default window and read options.
 6. the Keras-order epoch vs h5py ``ds[np.sort(idx)]`` / zarr ``arr.oindex[np.sort(idx)]``
    random batches of the same store (``--fancy-batches`` timed): >= 100;
 7. ``model.fit`` for one epoch (Keras, JAX backend; Rescaling + GlobalAveragePooling2D + Dense)
-   from a ChunkedSequence vs from the arrays in RAM (``shuffle=True``): time ratio <= 1.15.
+   from a ChunkedSequence vs from the arrays in RAM (``shuffle=True``, timed beside each
+   store's fit in every round): time ratio <= 1.15.
 
 Every ChunkedSequence epoch is timed by :func:`oocseq.bench.time_epoch` (the one epoch timer
 of ``oocseq bench`` and of the scripts here). As the limits keep their threads and buffers
@@ -344,9 +345,10 @@ class GatherFloor:
 
 
 def fit_phase(x: np.ndarray, y: np.ndarray, stores: dict[str, Any], bs: int, runs: int) -> Runs:
-    """Seconds of one ``model.fit`` epoch per source: ``"numpy"`` (the arrays in RAM) and each
-    store through a ChunkedSequence (x and y). One untimed epoch per source first (jit
-    compilation), then the timed epochs, interleaved."""
+    """Seconds of one ``model.fit`` epoch, keyed ``(source, store)``: each store through a
+    ChunkedSequence (x and y) as ``(store, store)``, and the arrays in RAM beside it as
+    ``("numpy", store)``. One untimed epoch per source first (jit compilation), then the timed
+    epochs, interleaved, each store's two fits one after the other."""
     os.environ.setdefault("KERAS_BACKEND", "jax")
     import keras
 
@@ -366,15 +368,16 @@ def fit_phase(x: np.ndarray, y: np.ndarray, stores: dict[str, Any], bs: int, run
         model.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         return model
 
-    fits: dict[str, Callable[[], None]] = {}
     model = new_model()
-    fits["numpy"] = partial(model.fit, x, y, batch_size=bs, shuffle=True, epochs=1, verbose=0)
+    sources: dict[str, Callable[[], None]] = {
+        "numpy": partial(model.fit, x, y, batch_size=bs, shuffle=True, epochs=1, verbose=0)
+    }
     for name, store in stores.items():
         seq = oocseq.ChunkedSequence(store, bs, seed=0)  # a keras.utils.PyDataset: Keras is imported
         assert isinstance(seq, keras.utils.PyDataset)
         model = new_model()
-        fits[name] = partial(model.fit, seq, epochs=1, verbose=0)
-    for name, fit in fits.items():
+        sources[name] = partial(model.fit, seq, epochs=1, verbose=0)
+    for name, fit in sources.items():
         t = time.perf_counter()
         fit()
         print(f"  warm-up epoch {name}: {time.perf_counter() - t:.1f} s", flush=True)
@@ -384,7 +387,13 @@ def fit_phase(x: np.ndarray, y: np.ndarray, stores: dict[str, Any], bs: int, run
         fit()
         return time.perf_counter() - t
 
-    return interleaved({k: partial(timed, f) for k, f in fits.items()}, {}, runs, seed=3, label="fit ")
+    # (source, store): each store's fit and a numpy fit beside it, one after the other in
+    # every round, so that each ratio's two sides run seconds apart.
+    fits: dict[tuple[str, str], Callable[[int], float]] = {}
+    for name in stores:
+        fits["numpy", name] = partial(timed, sources["numpy"])
+        fits[name, name] = partial(timed, sources[name])
+    return interleaved(fits, {}, runs, seed=3, label="fit ", group=lambda key: key[1])
 
 
 # --- main -----------------------------------------------------------------------------------
@@ -610,15 +619,17 @@ def measure(
         fit_stores = {k.strip(): stores[k.strip()] for k in args.fit_stores.split(",") if k.strip()}
         fit = fit_phase(x, y, fit_stores, bs, args.fit_runs)
         seconds = fit.results
-        t_np = median(seconds["numpy"])
+        by_source: dict[str, list[float]] = {}
+        for (source, _), v in seconds.items():
+            by_source.setdefault(source, []).extend(v)
         lines.append(
-            "\nmodel.fit, seconds per epoch, median (min-max): "
-            + "; ".join(f"{k} {median(v):.2f} ({min(v):.2f}-{max(v):.2f})" for k, v in seconds.items())
+            "\nmodel.fit, seconds per epoch, median (min-max; numpy beside each store): "
+            + "; ".join(f"{k} {median(v):.2f} ({min(v):.2f}-{max(v):.2f})" for k, v in by_source.items())
             + f"; {load_summary(fit.all_others())}"
         )
         for kind in fit_stores:
-            t = median(seconds[kind])
-            rs = paired_ratios(seconds[kind], seconds["numpy"])
+            t, t_np = median(seconds[kind, kind]), median(seconds["numpy", kind])
+            rs = paired_ratios(seconds[kind, kind], seconds["numpy", kind])
             r = median(rs)
             targets.append(
                 Target(

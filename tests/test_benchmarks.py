@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 CASES = {
     "checksums.py": ["--size", "4", "--rounds", "1"],
     "ingest.py": ["--images", "40", "--csv-rows", "2000", "--npy-mb", "2", "--runs", "1"],
-    "read_path.py": ["--size-mb", "4", "--runs", "1", "--epochs", "1", "--no-fit", "--fancy-batches", "2"],
+    "read_path.py": ["--size-mb", "4", "--runs", "1", "--epochs", "1", "--fit-runs", "1", "--fancy-batches", "2"],
     "larger_than_ram.py": ["--size-mb", "4", "--runs", "1", "--skip-cgroup", "--skip-rss"],
     "throughput.py": ["--size-mb", "4", "--runs", "1", "--epochs", "1", "--fancy-batches", "2"],
     "workers.py": ["--size-mb", "4", "--runs", "1"],
