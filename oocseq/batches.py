@@ -407,7 +407,8 @@ class ChunkedBatches:
                 range): read ahead no window past that batch's.
             next_epoch: with ``readahead`` and no ``until``, the read-ahead goes on into the
                 first windows of ``epoch + 1`` where this epoch's run out, for a caller that
-                goes on to the next epoch (its first batch then waits for no decode).
+                goes on to the next epoch (its first batch then does not wait for a window
+                decoded from scratch).
 
         Raises:
             BatchIndexError: ``i`` outside ``range(len(self))``.

@@ -66,7 +66,7 @@ class _Runtime:
         #: caller goes on from epoch to epoch, so the read-ahead goes on into the next one.
         self.goes_on = False
 
-    def in_order(self, epoch: int, k: int, n: int) -> tuple[bool, bool]:
+    def record(self, epoch: int, k: int, n: int) -> tuple[bool, bool]:
         """Record that plan batch ``k`` of ``epoch`` (of ``n``) is served; return whether it
         follows the batch served before it, and whether to read ahead into the next epoch.
         Call with the lock held."""
@@ -524,7 +524,7 @@ class ChunkedSequence:
         rt = self._rt
         opts = self.worker_options
         with rt.lock:
-            in_order, next_epoch = rt.in_order(epoch, k, len(self.core))
+            in_order, next_epoch = rt.record(epoch, k, len(self.core))
             prefetcher = None
             if opts.parallel and in_order and os.getpid() == self._owner_pid:
                 if rt.prefetcher is None:
@@ -542,7 +542,7 @@ class ChunkedSequence:
         epoch = self._epoch
         rt = self._rt
         with rt.lock:
-            in_order, next_epoch = rt.in_order(epoch, i, len(self.core))
+            in_order, next_epoch = rt.record(epoch, i, len(self.core))
         return self.core.get(epoch, i, readahead=in_order, next_epoch=next_epoch)
 
     def __iter__(self) -> Iterator[tuple[Any, ...]]:
