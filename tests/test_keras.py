@@ -160,6 +160,25 @@ def test_fit_default_shuffle_keeps_chunk_locality(tmp_path):
     )
 
 
+def test_fit_epochs_read_the_next_epoch_ahead_and_decode_each_chunk_once(tmp_path):
+    """Over several fit epochs (Keras's calls: a batch read to build the model, shuffled
+    requests, on_epoch_end), each epoch's last windows read the next epoch's first one ahead,
+    and it is used, not decoded again: three epochs decode each chunk once each, plus the
+    model-building peek and the fourth epoch's first window."""
+    store = make_store(tmp_path / "s.h5", 400, 4)  # 100 chunks, 25 windows of 4 chunks
+    seq = ChunkedSequence(store, 4, window=4, seed=0)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(10)])
+    model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    try:
+        model.fit(seq, epochs=3, verbose=0)
+        assert (seq.epoch, 0) in seq.core._local.cache  # read ahead by the last fit epoch
+        fields = 2
+        peek = (2 * seq.window + 1) * fields
+        assert seq.stats["chunk_decodes"] <= (3 * store.num_chunks + seq.window) * fields + peek
+    finally:
+        seq.close()
+
+
 # -- adapters ------------------------------------------------------------------------------------
 def test_as_pydataset_on_a_keras_sequence_is_identity(store):
     seq = ChunkedSequence(store, 8)
